@@ -1,0 +1,46 @@
+# octssl: `make demo` and `make test` create/refresh .venv themselves.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.octssl-installed
+export DS_ACCELERATOR ?= cpu
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo test test-all bench lint prometheus clean
+
+venv: $(STAMP)
+
+# torch first (the pinned CPU wheel; GPU users install their CUDA torch before `pip install -e .`),
+# then the project, then DeepSpeed rebuilt with its CPU shared-memory comm op compiled at install time
+# (otherwise every first deepspeed.initialize JIT-compiles it for ~55 s).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(BIN)/pip install -q --no-build-isolation \
+	  --no-deps --force-reinstall --no-cache-dir "deepspeed==$$($(BIN)/python -c 'import deepspeed; print(deepspeed.__version__)')"
+	touch $(STAMP)
+
+# A real Prometheus server for the monitoring integration test (Debian package).
+prometheus:
+	@command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) || echo "prometheus not installable: its test will skip"
+
+demo: venv
+	$(BIN)/octssl demo --out runs/demo
+
+test: venv prometheus
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: venv prometheus
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/python benchmarks/run_cpu.py
+
+lint: venv
+	$(BIN)/ruff check platform tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
