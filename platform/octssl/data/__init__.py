@@ -1,0 +1,1 @@
+"""Data: corpus format, synthetic corpora, shards, sources, transforms."""

@@ -1,0 +1,1 @@
+"""Device-file ingest: one reader module per device family plus the append pipeline."""

@@ -1,0 +1,1 @@
+"""Models: the FPN and its baselines behind one registry."""

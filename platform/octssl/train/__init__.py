@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine, the one loop, the Ray launcher, checkpoints."""

@@ -1,0 +1,1 @@
+"""Ray Tune fan-out of fine-tuning jobs."""
