@@ -1,0 +1,181 @@
+"""Typed job configurations (pydantic): YAML files plus dotted ``--set a.b=c`` overrides.
+
+Unknown keys are rejected with the key named. Checks that need no cluster run here, at load time;
+checks that need the corpus or the cluster run in :func:`octssl.train.launch.preflight` before any
+worker starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from octssl.errors import ConfigError
+
+RECONSTRUCTION_TARGETS = ("faf", "slo")
+SEGMENTATION_TASKS = ("ga", "rpd")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    corpus: str | None = Field(None, description="corpus directory (manifest.parquet + volumes.zarr)")
+    shards: str | None = Field(None, description="WebDataset shard directory (for source=stream)")
+    source: Literal["zarr", "stream"] = "zarr"
+    crop: tuple[int, int] = Field((32, 64), description="training crop (nB, W); depth is kept whole")
+    batch_size: int = Field(2, ge=1, description="per worker")
+    loader_workers: int = Field(0, ge=0)
+    crops_per_volume: int = Field(4, ge=1, description="random crops per training volume per epoch")
+    augment: bool = True
+    val_volumes: int | None = Field(None, ge=1, description="cap on val volumes per evaluation")
+
+
+class ModelConfig(_Section):
+    name: str = "fpn"
+    width: float = Field(1.0, gt=0)
+    checkpointing: bool = False
+
+
+class ObjectiveConfig(_Section):
+    kind: Literal["reconstruction", "segmentation"] = "reconstruction"
+    target: Literal["faf", "slo", "ga", "rpd"] = "faf"
+    label_fraction: float = Field(1.0, gt=0, le=1, description="share of labelled train patients")
+    l1_weight: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _target_fits_kind(self) -> ObjectiveConfig:
+        allowed = RECONSTRUCTION_TARGETS if self.kind == "reconstruction" else SEGMENTATION_TASKS
+        if self.target not in allowed:
+            raise ValueError(f"objective.target={self.target!r} does not fit kind={self.kind!r}: use {allowed}")
+        return self
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+
+
+class DeepSpeedSection(_Section):
+    zero_stage: int = Field(1, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class RunSection(_Section):
+    max_steps: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    log_every: int = Field(5, ge=1)
+    eval_every: int = Field(50, ge=1)
+    ckpt_every: int = Field(50, ge=1)
+    keep_last: int = Field(2, ge=1, description="checkpoints kept for resume; the best weights are kept too")
+    seed: int = 1234
+    storage_path: str = "runs"
+    name: str | None = None
+    init: str = Field("scratch", description="'scratch' or a path to model.safetensors")
+    init_scope: Literal["all", "encoder"] = "all"
+    max_bad_steps: int = Field(5, ge=1, description="consecutive non-finite losses before the run stops")
+
+    @model_validator(mode="after")
+    def _length_given(self) -> RunSection:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("run: give max_steps or epochs")
+        return self
+
+
+class ScalingSection(_Section):
+    workers: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = unlimited")
+
+
+class JobConfig(_Section):
+    kind: Literal["pretrain", "finetune"] = "pretrain"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    optim: OptimConfig = OptimConfig()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    run: RunSection = RunSection(max_steps=100)
+    scaling: ScalingSection = ScalingSection()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        if self.data.source == "zarr" and not self.data.corpus:
+            raise ValueError("data.corpus is required for source=zarr")
+        if self.data.source == "stream" and not self.data.shards:
+            raise ValueError("data.shards is required for source=stream")
+        if self.objective.kind == "segmentation" and self.data.source == "stream":
+            raise ValueError("segmentation fine-tuning reads labelled subsets: use data.source=zarr")
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.run.storage_path.rstrip('/')}/{self.run.name}"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides; values are parsed as YAML (``0.1`` -> float, ``[1,2]`` -> list)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=0.05")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"{key}: {e['msg']}")
+    return f"{source}: invalid config: " + "; ".join(lines)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a YAML job config (or start from defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return parse_config(apply_overrides(raw, overrides or []), source)
+
+
+def dump_config(config: JobConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,92 @@
+"""Checkpoints: DeepSpeed state + per-rank trainer state (step, data position, RNG), and weight export.
+
+A checkpoint directory holds DeepSpeed's files under the tag ``state`` (model, optimiser, LR schedule;
+ZeRO shards from every rank, merged by Ray Train) and ``trainer_rank{r}.json`` per rank. RNG states are
+stored as base64 bytes in JSON: nothing here is ever unpickled except by DeepSpeed's own loader.
+Exported weights are safetensors plus a ``model.json`` model card.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TAG = "state"
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    raw = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
+    torch.set_rng_state(torch.from_numpy(raw))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def save_trainer_state(ckpt_dir: Path, rank: int, state: dict[str, Any]) -> None:
+    state = {**state, "rng": rng_state()}
+    (ckpt_dir / f"trainer_rank{rank}.json").write_text(json.dumps(state))
+
+
+def load_trainer_state(ckpt_dir: Path, rank: int) -> dict[str, Any]:
+    """This rank's state; after a change of world size a new rank takes rank 0's position."""
+    path = ckpt_dir / f"trainer_rank{rank}.json"
+    if not path.exists():
+        path = ckpt_dir / "trainer_rank0.json"
+    state = json.loads(path.read_text())
+    if path.name == f"trainer_rank{rank}.json":
+        set_rng_state(state["rng"])
+    return state
+
+
+def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on every rank's call; returned on rank 0 only. Collective under ZeRO-3."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    stage3 = engine.zero_optimization_stage() == 3
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage3 else _null()
+    with ctx:
+        if engine.global_rank != 0:
+            return None
+        return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def export_weights(
+    engine: Any, out_dir: Path, model_name: str, model_options: dict[str, Any], card: dict[str, Any]
+) -> Path | None:
+    """Write ``model.safetensors`` + ``model.json`` into ``out_dir`` (rank 0); all ranks must call."""
+    from octssl.models.transfer import save_state_dict
+
+    state = full_state_dict(engine)
+    if state is None:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.safetensors"
+    save_state_dict(state, path, {"model": model_name, "options": model_options})
+    (out_dir / "model.json").write_text(json.dumps({"model": model_name, "options": model_options, **card}, indent=2))
+    return path

@@ -1,0 +1,245 @@
+"""Launcher: checks a job before any worker starts, then runs it under Ray Train (or one process).
+
+With no ``RAY_ADDRESS`` a local Ray sized to this machine is started. Runs live in
+``RUN_DIR = storage_path/name``; a new run refuses an existing RUN_DIR (Ray would silently resume it),
+and ``resume=True`` continues one, also after the driver died: Ray Train finds the latest reported
+checkpoint under the same name and storage path (``TorchTrainer.restore`` is deprecated in Train V2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from octssl.config import JobConfig, dump_config
+from octssl.errors import ConfigError, OctsslError
+from octssl.train.engine import resolve_precision
+
+
+def name_run(config: JobConfig, resume: bool) -> JobConfig:
+    """Give the run an absolute storage path and a name; check RUN_DIR against ``resume``."""
+    config = config.model_copy(deep=True)
+    config.run.storage_path = str(Path(config.run.storage_path).expanduser().resolve())
+    if config.run.name is None:
+        if resume:
+            raise ConfigError("--resume needs the run's name: --set run.name=NAME")
+        config.run.name = f"{config.kind}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(config.run_dir)
+    if resume and not run_dir.exists():
+        raise ConfigError(f"{run_dir}: no such run to resume")
+    if not resume and run_dir.exists():
+        raise ConfigError(f"{run_dir} already exists: pass --resume to continue it, or choose another run.name")
+    return config
+
+
+def preflight(config: JobConfig) -> dict[str, Any]:
+    """Everything that can be checked without workers: data, labels, model shapes, init weights, precision."""
+    from octssl.data.corpus import Corpus
+    from octssl.models import build_model
+
+    c = config
+    facts: dict[str, Any] = {}
+    resolve_precision(c.deepspeed.precision, gpu=c.scaling.gpus_per_worker > 0)
+    target = c.objective.target
+    segmentation = c.objective.kind == "segmentation"
+    if c.data.corpus:
+        corpus = Corpus.open(c.data.corpus)
+        train_ids = corpus.ids(split="train", label=target if segmentation else None, require=("oct", target))
+        if not train_ids:
+            what = f"labelled '{target}'" if segmentation else f"'{target}'"
+            raise ConfigError(f"{c.data.corpus}: no train volumes with {what}: nothing to train on")
+        facts["train_volumes"] = len(train_ids)
+        facts["val_volumes"] = len(corpus.ids(split="val", require=("oct", target)))
+        sample = corpus.read(train_ids[0])
+        nb, depth, w = sample["oct"].shape
+        crop_nb, crop_w = c.data.crop
+        if crop_nb > nb or crop_w > w:
+            raise ConfigError(f"data.crop={tuple(c.data.crop)} is larger than the corpus volumes (nB={nb}, W={w})")
+        model = build_model(c.model.name, width=c.model.width, out_channels=1)
+        model.check_input_shape((c.data.batch_size, 1, crop_nb, depth, crop_w))
+        if c.run.init != "scratch":
+            from octssl.models.transfer import load_weights
+
+            if not Path(c.run.init).is_file():
+                raise ConfigError(f"run.init={c.run.init}: no such weights file")
+            load_weights(model, c.run.init, scope=c.run.init_scope)
+    if c.data.source == "stream":
+        index = Path(c.data.shards) / "index.json"
+        if not index.is_file():
+            raise ConfigError(f"data.shards={c.data.shards}: no index.json (run `octssl export-shards` first)")
+    return facts
+
+
+def _ray_up(config: JobConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    resources = ray.cluster_resources()
+    need_cpu = config.scaling.workers * config.scaling.cpus_per_worker
+    need_gpu = config.scaling.workers * config.scaling.gpus_per_worker
+    if need_cpu > resources.get("CPU", 0) or need_gpu > resources.get("GPU", 0):
+        raise ConfigError(
+            f"scaling asks {config.scaling.workers} workers x ({config.scaling.cpus_per_worker} CPU, "
+            f"{config.scaling.gpus_per_worker} GPU) but the cluster has {resources.get('CPU', 0):g} CPU, "
+            f"{resources.get('GPU', 0):g} GPU"
+        )
+
+
+def _worker_env(config: JobConfig) -> dict[str, str]:
+    env = {"OMP_NUM_THREADS": str(max(1, int(config.scaling.cpus_per_worker)))}
+    if config.scaling.gpus_per_worker == 0:
+        env["DS_ACCELERATOR"] = "cpu"
+    for key in ("OCTSSL_FAULT_NAN_STEPS",):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def run(
+    config: JobConfig, *, resume: bool = False, progress: bool = True, metrics_port: int | None = None
+) -> dict[str, Any]:
+    """Run a pretraining or fine-tuning job under Ray Train; returns summary.json's content."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from octssl.train.loop import train_loop_per_worker
+
+    config = name_run(config, resume)
+    preflight(config)
+    _ray_up(config)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    gpu = config.scaling.gpus_per_worker > 0
+    resources = {"CPU": config.scaling.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = config.scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": config.model_dump(mode="json"), "run_dir": str(run_dir), "metrics_port": metrics_port},
+        scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=config.run.storage_path,
+            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_last),
+            worker_runtime_env={"env_vars": _worker_env(config)},
+        ),
+    )
+    watcher = ProgressWatcher(run_dir, enabled=progress)
+    watcher.start()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray wraps worker errors; surface the cause's message
+        raise OctsslError(f"{run_dir}: training failed: {_root_cause(err)}") from err
+    finally:
+        watcher.stop()
+    if getattr(result, "error", None):
+        raise OctsslError(f"{run_dir}: training failed: {_root_cause(result.error)}")
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
+
+
+def run_single_process(config: JobConfig, *, resume_from: Path | None = None) -> dict[str, Any]:
+    """The same Trainer in this process (world size 1, no Ray): benchmarks and single-GPU checks."""
+    import torch.distributed as dist
+
+    from octssl.train.loop import Trainer, WorkerContext
+
+    config = name_run(config, resume=False)
+    preflight(config)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    ckpts = run_dir / "checkpoints"
+
+    def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        import shutil
+
+        if ckpt_dir is not None:
+            shutil.copytree(ckpt_dir, ckpts / f"step{metrics['step']:08d}", dirs_exist_ok=True)
+
+    ctx = WorkerContext(rank=0, world_size=1, run_dir=run_dir, report=report, resume_from=resume_from)
+    return Trainer(config, ctx).train()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ProgressWatcher:
+    """Shows step, loss, samples/s and ETA on the terminal by tailing RUN_DIR/metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, interval: float = 0.5) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled, self.interval = enabled, interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = (
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        )
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task(self.path.parent.name, total=None, info="starting workers...")
+            while not self._stop.wait(self.interval):
+                last = _last_record(self.path)
+                if last:
+                    info = f"loss {last['loss']:.4f}  {last['samples_per_s']:.1f} samples/s" if last.get("loss") is not None else ""
+                    bar.update(task, completed=last["step"], total=last["total_steps"], info=info)
+            last = _last_record(self.path)
+            if last:
+                bar.update(task, completed=last["step"], total=last["total_steps"])
+
+
+def _last_record(path: Path) -> dict[str, Any] | None:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return None
+

@@ -1,0 +1,408 @@
+"""train_loop_per_worker: the ONE loop for pretraining and fine-tuning (Ray stays at the edges).
+
+:class:`Trainer` reads as the story of a run: ``setup`` (data, model, engine), ``batches`` (a resumable
+stream of batches), ``train_step``, ``validate``, ``save``/``restore`` and ``train``. Ray appears only in
+:func:`train_loop_per_worker`, which hands the Trainer a :class:`WorkerContext` (rank, report, the
+checkpoint to resume from); :func:`octssl.train.launch.run_single_process` drives the same Trainer
+without Ray (benchmarks, GPU checks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from octssl.config import JobConfig, parse_config
+from octssl.errors import OctsslError
+from octssl.train import batches as batching
+from octssl.train import checkpoint as ckpt
+from octssl.train.engine import build_engine, resolve_precision
+
+FAULT_NAN_STEPS = "OCTSSL_FAULT_NAN_STEPS"  # testing hook: comma-separated steps whose loss is made NaN
+
+
+class NonFiniteLossError(OctsslError):
+    """Too many consecutive steps with a NaN/inf loss."""
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    run_dir: Path
+    report: Callable[[dict[str, Any], Path | None], None]
+    resume_from: Path | None = None  # a checkpoint directory
+    metrics_port: int | None = None
+
+
+class Trainer:
+    def __init__(self, config: JobConfig, ctx: WorkerContext) -> None:
+        self.config, self.ctx = config, ctx
+        self.run_dir = ctx.run_dir
+        self.step = 0  # optimiser steps taken (skipped non-finite steps count: they consume data)
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.skipped = 0
+        self.bad_in_row = 0
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self.best_metric: float | None = None
+        self.last_val: dict[str, float] = {}
+        self.started = time.time()
+        self._nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        from octssl.data.sources import ZarrSource
+        from octssl.data.transforms import EvalTransform, TrainTransform, collate
+        from octssl.models import build_model
+        from octssl.monitor import TrainMetrics, serve
+        from octssl.objectives import build_objective
+
+        c = self.config
+        torch.manual_seed(c.run.seed + self.ctx.rank)
+        np.random.seed((c.run.seed + self.ctx.rank) % 2**32)
+        random.seed(c.run.seed + self.ctx.rank)
+        self.precision = resolve_precision(c.deepspeed.precision)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.precision.channels_last else None
+        self.objective = build_objective(c.objective.kind, target=c.objective.target, l1_weight=c.objective.l1_weight)
+        target = c.objective.target
+        segmentation = c.objective.kind == "segmentation"
+        self.collate = collate
+        self.train_transform = TrainTransform(crop=tuple(c.data.crop), targets=(target,), augment=c.data.augment)
+        if c.data.source == "zarr":
+            self.train_source = ZarrSource(
+                c.data.corpus,
+                split="train",
+                label=target if segmentation else None,
+                label_fraction=c.objective.label_fraction if segmentation else None,
+                require=("oct", target),
+            )
+        self.val_source = None
+        if c.data.corpus:
+            self.val_source = ZarrSource(
+                c.data.corpus, split="val", require=("oct", target), transform=EvalTransform(targets=(target,))
+            )
+        self.model_options = {"width": c.model.width, "checkpointing": c.model.checkpointing, "out_channels": 1}
+        model = build_model(c.model.name, **self.model_options)
+        if c.run.init != "scratch":
+            from octssl.models.transfer import load_weights
+
+            load_weights(model, c.run.init, scope=c.run.init_scope)
+        self.total_steps = self._total_steps()
+        self.engine, self.scheduler = build_engine(model, c, self.total_steps, self.precision)
+        self.metrics = TrainMetrics(rank=self.ctx.rank, run=c.run.name or "run")
+        if self.ctx.metrics_port:
+            serve(self.ctx.metrics_port + self.ctx.rank)
+
+    def _total_steps(self) -> int:
+        c = self.config
+        if c.run.max_steps is not None:
+            return c.run.max_steps
+        return c.run.epochs * self.steps_per_epoch()
+
+    def steps_per_epoch(self) -> int:
+        c = self.config
+        if c.data.source == "zarr":
+            return batching.steps_per_epoch(
+                len(self.train_source), c.data.crops_per_volume, self.ctx.world_size, c.data.batch_size
+            )
+        return self.stream_steps_per_epoch
+
+    # ---------------------------------------------------------------- data
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """Endless batches from the saved position: (epoch, step_in_epoch) advance as they are consumed."""
+        c = self.config
+        while True:
+            if c.data.source == "zarr":
+                epoch_iter = batching.zarr_batches(
+                    self.train_source,
+                    self.train_transform,
+                    self.collate,
+                    batch_size=c.data.batch_size,
+                    crops_per_volume=c.data.crops_per_volume,
+                    seed=c.run.seed,
+                    epoch=self.epoch,
+                    start_step=self.step_in_epoch,
+                    rank=self.ctx.rank,
+                    world_size=self.ctx.world_size,
+                    loader_workers=c.data.loader_workers,
+                )
+            else:
+                epoch_iter = self._stream_epoch()
+            yield from epoch_iter
+            self.epoch += 1
+            self.step_in_epoch = 0
+
+    def _stream_epoch(self) -> Iterator[dict[str, Any]]:
+        from torch.utils.data import DataLoader
+
+        self.stream.load_state_dict({"epoch": self.epoch, "step": self.step_in_epoch})
+        loader = DataLoader(
+            self.stream, batch_size=None, num_workers=self.config.data.loader_workers, collate_fn=None
+        )
+        return iter(loader)
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = dict(batch)
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                if self.device is not None:
+                    value = value.to(self.device, non_blocking=True)
+                if key == "oct" and self.precision.channels_last:
+                    value = value.contiguous(memory_format=torch.channels_last_3d)
+                out[key] = value
+        return out
+
+    # ---------------------------------------------------------------- steps
+    def train_step(self, batch: dict[str, Any]) -> float | None:
+        """One optimiser step; returns the loss, or None when a non-finite loss made every rank skip it."""
+        logits = self.engine(batch["oct"])
+        loss = self.objective.loss(logits.float(), batch)
+        if self.step + 1 in self._nan_steps:
+            loss = loss * float("nan")
+        bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+        if self.ctx.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            self.engine.zero_grad()
+            return None
+        self.engine.backward(loss)
+        self.engine.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss and the objective's metrics on the val split, volumes sharded over ranks."""
+        if self.val_source is None or len(self.val_source) == 0:
+            return {}
+        self.engine.eval()
+        n = len(self.val_source)
+        if self.config.data.val_volumes:
+            n = min(n, self.config.data.val_volumes)
+        rows: list[dict[str, float]] = []
+        for i in range(self.ctx.rank, n, self.ctx.world_size):
+            batch = self.to_device(self.collate([self.val_source[i]]))
+            logits = self.engine(batch["oct"]).float()
+            loss = float(self.objective.loss(logits, batch))
+            for row in self.objective.per_volume(logits, batch):
+                rows.append({"val_loss": loss, **{k: float(v) for k, v in row.items() if _is_number(v)}})
+        self.engine.train()
+        if self.ctx.world_size > 1:
+            gathered: list[Any] = [None] * self.ctx.world_size
+            dist.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        keys = sorted({k for r in rows for k in r})
+        return {k: float(np.nanmean([r.get(k, np.nan) for r in rows])) for k in keys}
+
+    @property
+    def val_key(self) -> str:
+        return "ssim" if self.config.objective.kind == "reconstruction" else "dice"
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "skipped": self.skipped,
+            "first_loss": self.first_loss,
+            "best_metric": self.best_metric,
+            "world_size": self.ctx.world_size,
+        }
+
+    def restore(self, ckpt_dir: Path) -> None:
+        self.engine.load_checkpoint(str(ckpt_dir), tag=ckpt.TAG)
+        state = ckpt.load_trainer_state(ckpt_dir, self.ctx.rank)
+        for key in ("step", "epoch", "step_in_epoch", "skipped", "first_loss", "best_metric"):
+            setattr(self, key, state[key])
+        if self.ctx.rank == 0:
+            _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+        _truncate_jsonl(self.run_dir / "samples" / f"rank{self.ctx.rank}.jsonl", self.step)
+        self.metrics.restart()
+
+    def save(self, metrics: dict[str, Any]) -> None:
+        """Checkpoint on every rank and report it (the same number of reports on every rank)."""
+        t0 = time.time()
+        tmp = Path(tempfile.mkdtemp(prefix=f"octssl-ckpt-r{self.ctx.rank}-"))
+        try:
+            self.engine.save_checkpoint(str(tmp), tag=ckpt.TAG)
+            ckpt.save_trainer_state(tmp, self.ctx.rank, self.state_dict())
+            self.metrics.checkpoint(time.time() - t0)
+            self.ctx.report(metrics, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def export(self, name: str) -> Path | None:
+        c = self.config
+        card = {
+            "objective": c.objective.model_dump(),
+            "normalisation": "z-score per B-scan (float32)",
+            "crop": list(c.data.crop),
+            "grid": getattr(self.train_source, "grid", None) if c.data.source == "zarr" else None,
+            "summary": {"step": self.step, "best_metric": self.best_metric, self.val_key: self.last_val.get(self.val_key)},
+        }
+        return ckpt.export_weights(self.engine, self.run_dir / name, c.model.name, self.model_options, card)
+
+    # ---------------------------------------------------------------- the run
+    def train(self) -> dict[str, Any]:
+        c = self.config
+        self.setup()
+        if self.ctx.resume_from is not None:
+            self.restore(self.ctx.resume_from)
+        log_path = self.run_dir / "metrics.jsonl"
+        samples_path = self.run_dir / "samples" / f"rank{self.ctx.rank}.jsonl"
+        samples_path.parent.mkdir(parents=True, exist_ok=True)
+        heartbeat = self.run_dir / "workers" / f"rank{self.ctx.rank}.json"
+        heartbeat.parent.mkdir(parents=True, exist_ok=True)
+        stream = self.batches()
+        window_t, window_n, window_wait = time.time(), 0, 0.0
+        while self.step < self.total_steps:
+            t0 = time.time()
+            batch = self.to_device(next(stream))
+            wait = time.time() - t0
+            loss = self.train_step(batch)
+            self.step += 1
+            self.step_in_epoch += 1
+            step_s = time.time() - t0
+            with samples_path.open("a") as f:
+                f.write(json.dumps({"step": self.step, "epoch": self.epoch, "ids": list(batch["id"])}) + "\n")
+            heartbeat.write_text(json.dumps({"pid": os.getpid(), "step": self.step, "time": time.time()}))
+            if loss is None:
+                self.skipped += 1
+                self.bad_in_row += 1
+                self.metrics.skipped_step()
+                if self.bad_in_row >= c.run.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{self.run_dir}: {self.bad_in_row} consecutive non-finite losses at step {self.step}: "
+                        "lower optim.lr, enable optim.grad_clip, or check the data"
+                    )
+            else:
+                self.bad_in_row = 0
+                self.first_loss = loss if self.first_loss is None else self.first_loss
+                self.last_loss = loss
+            window_n += len(batch["id"])
+            window_wait += wait
+            if self.step % c.run.log_every == 0 or self.step == self.total_steps:
+                self._log(log_path, window_n / max(time.time() - window_t, 1e-9), step_s, wait, window_wait)
+                window_t, window_n, window_wait = time.time(), 0, 0.0
+            if self.step % c.run.eval_every == 0 or self.step == self.total_steps:
+                self._evaluate()
+            if self.step % c.run.ckpt_every == 0 or self.step == self.total_steps:
+                self.save({"step": self.step, "loss": self.last_loss, **self.last_val})
+        return self.finish()
+
+    def _log(self, path: Path, samples_per_s: float, step_s: float, wait: float, window_wait: float) -> None:
+        lr = float(self.scheduler.get_last_lr()[0])
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        memory = _memory_bytes(self.device)
+        self.metrics.update(
+            step=self.step, loss=self.last_loss if self.last_loss is not None else float("nan"), lr=lr,
+            samples_per_s=samples_per_s, step_s=step_s, data_wait_s=wait, grad_norm=grad_norm,
+            memory_bytes=memory,
+        )
+        if self.ctx.rank != 0:
+            return
+        record = {
+            "step": self.step, "epoch": self.epoch, "loss": self.last_loss, "lr": lr,
+            "samples_per_s": samples_per_s * self.ctx.world_size, "data_wait_s": wait, "step_s": step_s,
+            "grad_norm": grad_norm, "skipped": self.skipped, "total_steps": self.total_steps,
+            "time": time.time(),
+        }
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _evaluate(self) -> None:
+        self.last_val = self.validate()
+        value = self.last_val.get(self.val_key)
+        improved = value is not None and not math.isnan(value) and (
+            self.best_metric is None or value > self.best_metric
+        )
+        if improved:
+            self.best_metric = value
+            self.export("best")  # collective under ZeRO-3: every rank takes the same branch
+        if self.ctx.rank == 0 and self.last_val:
+            with (self.run_dir / "val.jsonl").open("a") as f:
+                f.write(json.dumps({"step": self.step, **self.last_val}) + "\n")
+
+    def finish(self) -> dict[str, Any]:
+        weights = self.export("final")
+        summary = {
+            "steps": self.step,
+            "skipped_steps": self.skipped,
+            "first_loss": self.first_loss,
+            "final_loss": self.last_loss,
+            "best_metric": self.best_metric,
+            "best_metric_name": self.val_key,
+            "val": self.last_val,
+            "weights": str(weights) if weights else None,
+            "best_weights": str(self.run_dir / "best" / "model.safetensors") if self.best_metric is not None else None,
+            "wall_s": time.time() - self.started,
+            "world_size": self.ctx.world_size,
+        }
+        if self.ctx.rank == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+
+
+def _memory_bytes(device: torch.device | None) -> float:
+    if device is not None and device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records past ``step``: steps after the checkpoint are replayed by the resumed run."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The function Ray Train runs on every worker: config is ``{"job": JobConfig dict, "run_dir": str}``."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    job = parse_config(config["job"])
+    rctx = ray.train.get_context()
+
+    def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        clean = {k: v for k, v in metrics.items() if v is not None}
+        ray.train.report(clean, checkpoint=Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
+
+    checkpoint = ray.train.get_checkpoint()
+    ctx = WorkerContext(
+        rank=rctx.get_world_rank(),
+        world_size=rctx.get_world_size(),
+        run_dir=Path(config["run_dir"]),
+        report=report,
+        metrics_port=config.get("metrics_port"),
+    )
+    trainer = Trainer(job, ctx)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            ctx.resume_from = Path(path)
+            trainer.train()
+    else:
+        trainer.train()
