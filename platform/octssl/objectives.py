@@ -1,0 +1,191 @@
+"""Training objectives and metrics: inter-modal reconstruction (SSIM) and en-face segmentation (Dice + BCE).
+
+Both take logits `(B, K, nB, W)` from a model and a collated batch (`octssl.data.transforms.collate`):
+targets `(B, 1, nB, W)` float in [0, 1] under the target's key, `id` (list) and `spacing_mm` `(B, 3)` in
+(nB, D, W) order. Losses and metrics are computed in fp32 whatever the autocast state.
+
+Conventions (documented in the README):
+- reconstruction loss = 1 - SSIM(sigmoid(logits), target) (+ l1_weight * mean |sigmoid(logits) - target|):
+  MONAI's SSIMLoss, 11x11 Gaussian window, sigma 1.5, data range 1. It is the paper's negative SSIM
+  shifted by 1 (same gradients), so 0 means a perfect reconstruction. The FAF target is inverted
+  (1 - faf: GA shows bright); SLO is used as is.
+- segmentation loss = (soft Dice + BCE) / 2 on logits (MONAI DiceLoss(sigmoid=True) + BCEWithLogits).
+- Dice per volume at threshold 0.5; both masks empty -> 1.0.
+- HD95 in millimetres on the en-face grid (spacing nB, W from `spacing_mm`); both masks empty -> 0.0;
+  exactly one empty -> nan (undefined). `metrics()` averages HD95 over the volumes where it is defined
+  and reports how many were not as `hd95_undefined`; `hd95_mm` is nan when none is defined.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from monai.losses import DiceLoss, SSIMLoss
+from monai.metrics import SSIMMetric, compute_dice, compute_hausdorff_distance
+
+from octssl.errors import ConfigError, SampleError
+
+TARGETS = {"reconstruction": ("faf", "slo"), "segmentation": ("ga", "rpd")}
+SSIM_OPTIONS = {"spatial_dims": 2, "data_range": 1.0, "win_size": 11, "kernel_sigma": 1.5}
+
+
+def _ids(batch: dict[str, Any], n: int) -> list[str]:
+    ids = batch.get("id")
+    return [str(i) for i in ids] if ids is not None else [f"#{i}" for i in range(n)]
+
+
+def average(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean of each per-volume metric over the volumes where it is defined (nan when none is)."""
+    out = {}
+    for key in [k for k in rows[0] if k != "id"]:
+        values = [r[key] for r in rows if not math.isnan(r[key])]
+        out[key] = sum(values) / len(values) if values else math.nan
+    return out
+
+
+class Objective:
+    """A loss on (logits, batch) plus its evaluation metrics; `target` is the batch key it reads."""
+
+    kind = "objective"
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def target_tensor(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's target as fp32 on the logits' device, checked against the logits' shape."""
+        if self.target not in batch:
+            raise SampleError(f"batch {_ids(batch, logits.shape[0])} has no {self.target!r} target for "
+                              f"{self.kind}; keys: {sorted(batch)}")
+        target = torch.as_tensor(batch[self.target]).to(device=logits.device, dtype=torch.float32)
+        if target.shape != logits.shape:
+            raise SampleError(f"batch {_ids(batch, logits.shape[0])}: target {self.target!r} has shape "
+                              f"{tuple(target.shape)}, logits have {tuple(logits.shape)}")
+        return target
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def per_volume(self, logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def metrics(self, logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, float]:
+        """Per-volume metrics averaged over the batch (nan-aware where a metric can be undefined)."""
+        return average(self.per_volume(logits, batch))
+
+
+class Reconstruction(Objective):
+    """1 - SSIM between sigmoid(logits) and the (inverted FAF | SLO) image, optionally + L1."""
+
+    kind = "reconstruction"
+
+    def __init__(self, target: str = "faf", l1_weight: float = 0.0) -> None:
+        super().__init__(target)
+        self.invert = target == "faf"
+        self.l1_weight = float(l1_weight)
+        self.ssim_loss = SSIMLoss(**SSIM_OPTIONS)
+        self.ssim_metric = SSIMMetric(**SSIM_OPTIONS, reduction="none")
+
+    def target_tensor(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        target = super().target_tensor(logits, batch)
+        window = SSIM_OPTIONS["win_size"]
+        if min(target.shape[-2:]) < window:
+            raise SampleError(f"batch {_ids(batch, logits.shape[0])}: en-face size {tuple(target.shape[-2:])} "
+                              f"is smaller than the {window}x{window} SSIM window")
+        return 1.0 - target if self.invert else target
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        target = self.target_tensor(logits, batch)
+        image = torch.sigmoid(logits.float())
+        loss = self.ssim_loss(image, target)
+        if self.l1_weight:
+            loss = loss + self.l1_weight * (image - target).abs().mean()
+        return loss
+
+    @torch.no_grad()
+    def per_volume(self, logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        target = self.target_tensor(logits, batch)
+        image = torch.sigmoid(logits.float())
+        ssim = self.ssim_metric(image, target).mean(dim=1)
+        l1 = (image - target).abs().flatten(1).mean(dim=1)
+        return [{"id": i, "ssim": float(s), "l1": float(a)}
+                for i, s, a in zip(_ids(batch, len(ssim)), ssim, l1, strict=True)]
+
+
+class Segmentation(Objective):
+    """(soft Dice + BCE) / 2 on logits; Dice at 0.5 and HD95 (mm) per volume."""
+
+    kind = "segmentation"
+
+    def __init__(self, target: str = "ga") -> None:
+        super().__init__(target)
+        self.dice_loss = DiceLoss(sigmoid=True)
+        self.bce = torch.nn.BCEWithLogitsLoss()
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        target = self.target_tensor(logits, batch)
+        logits = logits.float()
+        return (self.dice_loss(logits, target) + self.bce(logits, target)) / 2
+
+    def enface_spacing(self, batch: dict[str, Any], n: int) -> torch.Tensor:
+        """(B, 2) millimetres per pixel along (nB, W) from the batch's (nB, D, W) `spacing_mm`."""
+        if "spacing_mm" not in batch:
+            raise SampleError(f"batch {_ids(batch, n)} has no spacing_mm: HD95 in millimetres needs it")
+        spacing = torch.as_tensor(batch["spacing_mm"], dtype=torch.float64).reshape(-1, 3)
+        if spacing.shape[0] != n or not bool((spacing[:, [0, 2]] > 0).all()):
+            raise SampleError(f"batch {_ids(batch, n)}: spacing_mm {spacing.tolist()} must be {n} positive triples")
+        return spacing[:, [0, 2]]
+
+    @torch.no_grad()
+    def per_volume(self, logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        target = self.target_tensor(logits, batch) > 0.5
+        pred = logits.float() > 0  # sigmoid(logits) > 0.5
+        dice = compute_dice(pred.float(), target.float(), include_background=True, ignore_empty=False)
+        spacing = self.enface_spacing(batch, len(pred))
+        rows = []
+        for i, sample_id in enumerate(_ids(batch, len(pred))):
+            rows.append({"id": sample_id, "dice": float(dice[i].mean()),
+                         "hd95_mm": hd95_mm(pred[i], target[i], tuple(spacing[i].tolist()))})
+        return rows
+
+    def metrics(self, logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, float]:
+        rows = self.per_volume(logits, batch)
+        out = average(rows)
+        out["hd95_undefined"] = float(sum(math.isnan(r["hd95_mm"]) for r in rows))
+        return out
+
+
+def hd95_mm(pred: torch.Tensor, target: torch.Tensor, spacing: tuple[float, float]) -> float:
+    """HD95 in mm between two (K, nB, W) boolean masks, averaged over channels; see module docstring for empties."""
+    values = []
+    for p, t in zip(pred, target, strict=True):
+        p_any, t_any = bool(p.any()), bool(t.any())
+        if not p_any and not t_any:
+            values.append(0.0)
+        elif p_any != t_any:
+            values.append(math.nan)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                hd = compute_hausdorff_distance(p[None, None].float(), t[None, None].float(),
+                                                include_background=True, percentile=95, spacing=spacing)
+            values.append(float(hd))
+    return math.nan if any(math.isnan(v) for v in values) else sum(values) / len(values)
+
+
+def build_objective(kind: str = "reconstruction", target: str | None = None, l1_weight: float = 0.0) -> Objective:
+    """Objective for `kind` ('reconstruction' | 'segmentation') reading batch[`target`]."""
+    if kind not in TARGETS:
+        raise ConfigError(f"objective kind {kind!r} is unknown; known: {', '.join(TARGETS)}")
+    target = target or TARGETS[kind][0]
+    if target not in TARGETS[kind]:
+        raise ConfigError(f"objective {kind} cannot use target {target!r}; it takes {' or '.join(TARGETS[kind])}")
+    if kind == "reconstruction":
+        if l1_weight < 0:
+            raise ConfigError(f"objective reconstruction: l1_weight={l1_weight} must be >= 0")
+        return Reconstruction(target, l1_weight)
+    if l1_weight:
+        raise ConfigError("objective segmentation takes no l1_weight (it is a reconstruction option)")
+    return Segmentation(target)
