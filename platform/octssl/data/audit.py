@@ -1,0 +1,107 @@
+"""Whole-corpus checks and summaries: `octssl verify` (every problem in one pass) and `octssl info`."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from octssl.data import manifest as mf
+from octssl.data.journal import Journal
+from octssl.errors import CorpusError
+from octssl.sample import ARRAY_KEYS, VOLUME_KEY
+
+if TYPE_CHECKING:
+    from octssl.data.corpus import Corpus
+
+WARNING = "warning: "
+
+
+def verify_corpus(corpus: Corpus) -> list[str]:
+    """Recompute every checksum and check structure; problems name file and sample.
+
+    Problems that do not put committed data at risk (data without a manifest row) start with
+    ``"warning: "``.
+    """
+    problems = mf.row_problems(corpus.manifest, corpus.manifest_path)
+    referenced: dict[str, set[int]] = {}
+    for row in corpus._rows:
+        referenced.setdefault(row["grid"], set()).add(row["index"])
+        for key in [*row["modalities"], *row["labels"]]:
+            problems += _check_array(corpus, key, row)
+    for grid in sorted(set(referenced) | set(_stored_grids(corpus))):
+        problems += _check_bucket(corpus, grid, referenced.get(grid, set()))
+    return problems
+
+
+def _check_array(corpus: Corpus, key: str, row: dict[str, Any]) -> list[str]:
+    try:
+        data = corpus.read_array(key, row)
+    except CorpusError as err:
+        return [str(err)]
+    where = corpus.shard_file(key, row["grid"], row["index"])
+    expected = (row["shape"][0], row["shape"][2]) if key != VOLUME_KEY else tuple(row["shape"])
+    if data.shape != tuple(expected) or data.dtype.name != "uint8":
+        return [f"{where}: sample {row['id']}: '{key}' is {data.dtype}{data.shape}, expected uint8{expected}"]
+    digest = mf.array_sha256(data)
+    if digest != (row["sha256"] or {}).get(key):
+        return [f"{where}: sample {row['id']}: '{key}' checksum mismatch (manifest "
+                f"{str((row['sha256'] or {}).get(key))[:12]}..., data {digest[:12]}...)"]
+    return []
+
+
+def _stored_grids(corpus: Corpus) -> list[str]:
+    root = corpus.zarr_path / VOLUME_KEY
+    return [p.name for p in root.iterdir() if (p / "zarr.json").is_file()] if root.is_dir() else []
+
+
+def _check_bucket(corpus: Corpus, grid: str, referenced: set[int]) -> list[str]:
+    """Array shapes, dtypes and equal lengths in one grid bucket; slots no manifest row refers to."""
+    problems, lengths = [], {}
+    nb, depth, width = (int(n) for n in grid.split("x"))
+    for key in ARRAY_KEYS:
+        path = corpus.zarr_path / key / grid
+        if not (path / "zarr.json").is_file():
+            continue
+        arr = corpus.array(key, grid)
+        expected = (nb, depth, width) if key == VOLUME_KEY else (nb, width)
+        if tuple(arr.shape[1:]) != expected or arr.dtype.name != "uint8":
+            problems.append(f"{path}: array is {arr.dtype}{arr.shape}, expected uint8[N, {expected}]")
+        lengths[key] = arr.shape[0]
+    if len(set(lengths.values())) > 1:
+        problems.append(f"{corpus.zarr_path}: arrays of grid {grid} differ in length: {lengths}")
+    if Journal(corpus.path, corpus.zarr_path).pending:
+        return problems  # slots past the committed rows belong to an append still in progress
+    stored = max(lengths.values(), default=0)
+    orphans = sorted(set(range(stored)) - referenced)
+    if orphans:
+        shown = ", ".join(str(i) for i in orphans[:10]) + (" ..." if len(orphans) > 10 else "")
+        problems.append(f"{WARNING}{corpus.zarr_path / VOLUME_KEY / grid}: {len(orphans)} slot(s) hold data "
+                        f"without a manifest row (orphans, never served): {shown}")
+    return problems
+
+
+def summarize(corpus: Corpus) -> dict[str, Any]:
+    """Counts for `octssl info`."""
+    rows = corpus._rows
+    size = sum(p.stat().st_size for p in corpus.path.rglob("*") if p.is_file())
+    non_raster = Counter(r["raster_reason"] or r["scan_pattern"] for r in rows if not r["raster"])
+    return {
+        "path": str(corpus.path),
+        "volumes": len(rows),
+        "patients": len({r["patient"] for r in rows}),
+        "eyes": len({(r["patient"], r["eye"]) for r in rows}),
+        "grids": dict(sorted(Counter(r["grid"] for r in rows).items())),
+        "splits": {s: sum(r["split"] == s for r in rows) for s in mf.SPLITS},
+        "patients_per_split": {s: len({r["patient"] for r in rows if r["split"] == s}) for s in mf.SPLITS},
+        "modalities": {k: sum(k in r["modalities"] for r in rows) for k in mf.IMAGE_KEYS},
+        "labels": {k: sum(k in r["labels"] for r in rows) for k in mf.LABEL_KEYS},
+        "labels_train_patients": {
+            k: len({r["patient"] for r in rows if r["split"] == "train" and k in r["labels"]})
+            for k in mf.LABEL_KEYS
+        },
+        "raster": sum(r["raster"] for r in rows),
+        "non_raster": dict(non_raster),
+        "devices": dict(Counter(r["device"] for r in rows)),
+        "bytes_on_disk": size,
+        "settings": {k: v for k, v in corpus.settings.items() if k != "append_token"},
+    }

@@ -1,0 +1,332 @@
+"""Corpus: create/open a manifest.parquet + volumes.zarr pair, append atomically, read samples, split.
+
+Layout: ``volumes.zarr`` holds per grid bucket (volumes of one shape ``nBxDxW``) the arrays ``oct/<grid>``
+``[N, nB, D, W]`` and ``faf|slo|ga|rpd/<grid>`` ``[N, nB, W]``, uint8, one volume per chunk, many chunks
+per shard (sharding codec, ~256 MiB shards), zstd with a content checksum. A missing modality leaves the
+fill value (0) in its slot and is absent from the row's ``modalities``/``labels``. The manifest is the
+commit point; see ``octssl.data.journal`` for how a crashed append is undone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import zarr
+from zarr.storage import LocalStore
+
+from octssl.data import manifest as mf
+from octssl.data.journal import Journal, WriterLock
+from octssl.errors import CorpusError, SampleError
+from octssl.sample import ARRAY_KEYS, MASKS, VOLUME_KEY, validate_sample
+
+ZARR_NAME = "volumes.zarr"
+MAX_CHUNKS_PER_SHARD = 1024  # bounds the shard index (16 bytes per chunk) for small en-face arrays
+REQUIRED_META = ("patient", "eye", "visit", "device", "scan_pattern", "spacing_mm")
+
+
+def assign_split(patient: str, ratios: list[float] | tuple[float, ...]) -> str:
+    """Deterministic split of a patient pseudonym from a hash: the same patient always lands the same."""
+    digest = hashlib.sha256(f"octssl-split:{patient}".encode()).digest()
+    position = int.from_bytes(digest[:8], "big") / 2**64
+    total, bound = float(sum(ratios)), 0.0
+    for name, ratio in zip(mf.SPLITS, ratios, strict=True):
+        bound += ratio / total
+        if position < bound:
+            return name
+    return mf.SPLITS[-1]
+
+
+def shard_length(bytes_per_volume: int, shard_bytes: int) -> int:
+    """Volumes per shard so that a full shard holds about ``shard_bytes`` before compression."""
+    return int(min(MAX_CHUNKS_PER_SHARD, max(1, shard_bytes // max(1, bytes_per_volume))))
+
+
+def array_path(key: str, grid: str) -> str:
+    return f"{key}/{grid}"
+
+
+class Corpus:
+    """One corpus directory. Readers see committed rows only; one writer appends at a time."""
+
+    # Test seam: called with "flushed" (a shard slab written), "written" (all data written, manifest not yet
+    # replaced) and "committed" (manifest replaced, journal not yet dropped); crash tests kill the process here.
+    append_hook: ClassVar[Callable[[str], None] | None] = None
+
+    def __init__(self, path: Path, table: pa.Table) -> None:
+        self.path = path
+        self.manifest_path = path / mf.MANIFEST_NAME
+        self.zarr_path = path / ZARR_NAME
+        self._set_table(table)
+        self._arrays: dict[str, zarr.Array] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        split_ratios: tuple[float, float, float] = (0.6, 0.2, 0.2),
+        shard_bytes: int = 256 * 2**20,
+        fraction_seed: int = 0,
+    ) -> Corpus:
+        """A new empty corpus at ``path`` (CorpusError if a corpus is already there)."""
+        path = Path(path)
+        if (path / mf.MANIFEST_NAME).exists() or (path / ZARR_NAME).exists():
+            raise CorpusError(f"{path}: a corpus already exists here")
+        if len(split_ratios) != 3 or min(split_ratios) < 0 or sum(split_ratios) <= 0:
+            raise CorpusError(f"{path}: split_ratios must be 3 non-negative numbers, got {split_ratios}")
+        path.mkdir(parents=True, exist_ok=True)
+        with WriterLock(path):
+            zarr.open_group(LocalStore(path / ZARR_NAME), mode="w", zarr_format=3)
+            settings = {"split_ratios": list(split_ratios), "shard_bytes": int(shard_bytes),
+                        "fraction_seed": int(fraction_seed)}
+            table = mf.empty_table(settings)
+            mf.write_manifest(table, path / mf.MANIFEST_NAME)
+        return cls(path, table)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Corpus:
+        """Open a committed corpus; an interrupted append is undone first when no writer is active."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CorpusError(f"{path}: no corpus directory here")
+        if not (path / ZARR_NAME / "zarr.json").is_file():
+            raise CorpusError(f"{path / ZARR_NAME}: missing (a corpus needs manifest.parquet and volumes.zarr)")
+        journal = Journal(path, path / ZARR_NAME)
+        if journal.pending:
+            lock = WriterLock(path)
+            if lock.try_acquire():
+                try:
+                    journal.recover(mf.settings_of(mf.read_manifest(path / mf.MANIFEST_NAME))["append_token"])
+                finally:
+                    lock.release()
+        return cls(path, mf.read_manifest(path / mf.MANIFEST_NAME))
+
+    def _set_table(self, table: pa.Table) -> None:
+        self._table = table
+        self.settings = mf.settings_of(table)
+        self._rows = table.to_pylist()
+        self._row_of = {row["id"]: i for i, row in enumerate(self._rows)}
+
+    # ---- queries ---------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> pa.Table:
+        """Committed rows only."""
+        return self._table
+
+    @property
+    def grids(self) -> list[str]:
+        return sorted({row["grid"] for row in self._rows})
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def row(self, sample_id: str) -> dict[str, Any]:
+        """The manifest row of ``sample_id`` as a dict."""
+        try:
+            return self._rows[self._row_of[sample_id]]
+        except KeyError:
+            raise CorpusError(f"{self.manifest_path}: no sample {sample_id!r}") from None
+
+    def ids(
+        self,
+        split: str | None = None,
+        label: str | None = None,
+        label_fraction: float | None = None,
+        require: Iterable[str] = (VOLUME_KEY,),
+        raster_only: bool = True,
+    ) -> list[str]:
+        """Sample ids in manifest order that match every filter."""
+        if split is not None and split not in mf.SPLITS:
+            raise CorpusError(f"{self.path}: unknown split {split!r}; expected one of {mf.SPLITS}")
+        patients: set[str] | None = None
+        if label_fraction is not None:
+            if label is None:
+                raise CorpusError(f"{self.path}: label_fraction needs a label (ga or rpd)")
+            if split not in (None, "train"):
+                raise CorpusError(f"{self.path}: label fractions subset the train split, not {split!r}")
+            split = "train"
+            patients = set(self.label_fraction_patients(label, label_fraction))
+        needed = set(require) | ({label} if label else set())
+        return [
+            row["id"]
+            for row in self._rows
+            if (split is None or row["split"] == split)
+            and needed <= set(row["modalities"]) | set(row["labels"])
+            and (row["raster"] or not raster_only)
+            and (patients is None or row["patient"] in patients)
+        ]
+
+    def label_fraction_patients(self, label: str, fraction: float) -> list[str]:
+        """Nested, deterministic subset of the train patients having ``label``: round(f x n), at least 1.
+
+        Patients are ranked by a seeded hash, and a fraction takes a prefix of that ranking, so the
+        patients of fraction 0.1 are among those of 0.2, and so on.
+        """
+        if label not in MASKS:
+            raise CorpusError(f"{self.path}: unknown label {label!r}; expected one of {MASKS}")
+        if not 0 < fraction <= 1:
+            raise CorpusError(f"{self.path}: label fraction must lie in (0, 1], got {fraction}")
+        labelled = {r["patient"] for r in self._rows if r["split"] == "train" and label in r["labels"]}
+        if not labelled:
+            raise CorpusError(f"{self.path}: no train patient has label {label!r}")
+        seed = self.settings["fraction_seed"]
+        ranked = sorted(labelled, key=lambda p: hashlib.sha256(f"{seed}:{label}:{p}".encode()).hexdigest())
+        count = max(1, math.floor(fraction * len(ranked) + 0.5))
+        return sorted(ranked[:count])
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def array(self, key: str, grid: str) -> zarr.Array:
+        """The Zarr array ``<key>/<grid>`` (cached handle; CorpusError when missing)."""
+        name = array_path(key, grid)
+        if name not in self._arrays:
+            try:
+                self._arrays[name] = zarr.open_array(LocalStore(self.zarr_path, read_only=True), path=name)
+            except (FileNotFoundError, zarr.errors.NodeNotFoundError) as err:
+                raise CorpusError(f"{self.zarr_path / name}: array missing") from err
+        return self._arrays[name]
+
+    def shard_file(self, key: str, grid: str, index: int) -> Path:
+        """Path of the shard file that holds slot ``index`` of ``<key>/<grid>``."""
+        arr = self.array(key, grid)
+        return self.zarr_path / array_path(key, grid) / "c" / str(index // arr.shards[0]) / "/".join(
+            ["0"] * (arr.ndim - 1)
+        )
+
+    def read_array(self, key: str, row: dict[str, Any]) -> np.ndarray:
+        """One stored array of one manifest row; CorpusError naming the file and sample on failure."""
+        arr = self.array(key, row["grid"])
+        if row["index"] >= arr.shape[0]:
+            raise CorpusError(
+                f"{self.zarr_path / array_path(key, row['grid'])}: sample {row['id']}: manifest index "
+                f"{row['index']} is beyond the array's {arr.shape[0]} volumes (row without data)"
+            )
+        try:
+            return arr[row["index"]]
+        except Exception as err:  # any codec failure means the stored bytes are damaged
+            where = self.shard_file(key, row["grid"], row["index"])
+            raise CorpusError(f"{where}: sample {row['id']}: cannot decode '{key}': {err}") from err
+
+    def read(self, sample_id: str, *, verify: bool = False) -> dict[str, Any]:
+        """The sample dict of ``sample_id`` (uint8 arrays, ``meta`` from the manifest).
+
+        ``verify=True`` also recomputes each array's sha256 (about halves the read rate).
+        """
+        row = self.row(sample_id)
+        sample: dict[str, Any] = {"id": sample_id}
+        for key in [*row["modalities"], *row["labels"]]:
+            data = self.read_array(key, row)
+            if verify and mf.array_sha256(data) != row["sha256"][key]:
+                where = self.shard_file(key, row["grid"], row["index"])
+                raise CorpusError(f"{where}: sample {sample_id}: '{key}' checksum mismatch")
+            sample[key] = data
+        sample["meta"] = meta_of(row)
+        return sample
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def append(self, samples: Iterable[dict[str, Any]], *, progress: bool = True) -> list[str]:
+        """Append samples atomically: all of them commit, or the corpus stays as it was. Returns the ids."""
+        from octssl.data.writer import AppendWriter
+
+        with WriterLock(self.path):
+            journal = Journal(self.path, self.zarr_path)
+            journal.recover(mf.settings_of(mf.read_manifest(self.manifest_path))["append_token"])
+            self._set_table(mf.read_manifest(self.manifest_path))
+            self._arrays.clear()
+            token = journal.begin()
+            try:
+                writer = AppendWriter(self, journal)
+                rows = writer.write_all(samples, progress=progress)
+                self._hook("written")
+                settings = {**self.settings, "append_token": token}
+                table = pa.concat_tables([self._table, mf.rows_table(rows, settings)]).replace_schema_metadata(
+                    mf.with_settings(self._table.slice(0, 0), settings).schema.metadata
+                )
+                mf.write_manifest(table, self.manifest_path)
+            except BaseException:
+                journal.rollback()
+                self._arrays.clear()
+                raise
+            self._hook("committed")
+            journal.finish()
+        self._set_table(table)
+        self._arrays.clear()
+        return [row["id"] for row in rows]
+
+    def _hook(self, stage: str) -> None:
+        if Corpus.append_hook is not None:
+            Corpus.append_hook(stage)
+
+    # ---- checks ----------------------------------------------------------------------------------
+    def verify(self) -> list[str]:
+        """Every problem found (checksums, structure, orphans), each naming file and sample."""
+        from octssl.data.audit import verify_corpus
+
+        return verify_corpus(self)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per grid, split, modality and label; patients; raster reasons; bytes on disk."""
+        from octssl.data.audit import summarize
+
+        return summarize(self)
+
+
+def meta_of(row: dict[str, Any]) -> dict[str, Any]:
+    """The sample ``meta`` dict of a manifest row."""
+    acquired = row["acquired"]
+    return {
+        "patient": row["patient"],
+        "eye": row["eye"],
+        "visit": row["visit"],
+        "device": row["device"],
+        "scan_pattern": row["scan_pattern"],
+        "spacing_mm": tuple(row["spacing_mm"]),
+        "split": row["split"],
+        "grid": row["grid"],
+        "labels": list(row["labels"]),
+        "modalities": list(row["modalities"]),
+        "raster": row["raster"],
+        "source": row["source"],
+        "acquired": acquired.isoformat() if isinstance(acquired, dt.date) else None,
+    }
+
+
+def to_uint8(key: str, array: np.ndarray, at: str) -> np.ndarray:
+    """Stored form of a sample array: uint8 as is; float32 in [0, 1] scaled to 0..255 (masks: >= 0.5)."""
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+    if low < 0.0 or high > 1.0:
+        raise SampleError(f"{at}: float32 '{key}' must lie in [0, 1] to be stored as uint8, got [{low}, {high}]")
+    if key in MASKS:
+        return (array >= 0.5).astype(np.uint8)
+    return np.rint(array * 255.0).astype(np.uint8)
+
+
+def prepared_sample(sample: dict[str, Any], where: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Validate a sample for appending; returns its uint8 arrays and its checked meta."""
+    validate_sample(sample, where)
+    at = f"{where}: sample {sample['id']}"
+    meta = dict(sample.get("meta") or {})
+    missing = [k for k in REQUIRED_META if meta.get(k) is None]
+    if missing:
+        raise SampleError(f"{at}: meta lacks {missing}")
+    if meta["eye"] not in mf.EYES:
+        raise SampleError(f"{at}: meta 'eye' is {meta['eye']!r}, expected one of {mf.EYES}")
+    if meta.get("split") is not None and meta["split"] not in mf.SPLITS:
+        raise SampleError(f"{at}: meta 'split' is {meta['split']!r}, expected one of {mf.SPLITS}")
+    spacing = [float(s) for s in meta["spacing_mm"]]
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise SampleError(f"{at}: meta 'spacing_mm' must be 3 positive numbers, got {meta['spacing_mm']}")
+    meta["spacing_mm"] = spacing
+    if min(np.shape(sample[VOLUME_KEY])) < 1:
+        raise SampleError(f"{at}: 'oct' has an empty axis, shape {np.shape(sample[VOLUME_KEY])}")
+    arrays = {k: to_uint8(k, np.asarray(sample[k]), at) for k in ARRAY_KEYS if k in sample}
+    return arrays, meta

@@ -1,0 +1,195 @@
+"""The manifest.parquet of a corpus: its Arrow schema, validation, atomic writes and checksums.
+
+One row per volume. The manifest is the corpus's commit point: a volume exists when its row does.
+Corpus-wide settings (format version, split ratios, shard size, the token of the last committed append)
+live in the Parquet schema metadata under the key ``octssl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from octssl.errors import CorpusError
+from octssl.sample import ARRAY_KEYS, ENFACE_IMAGES, MASKS, VOLUME_KEY
+
+MANIFEST_NAME = "manifest.parquet"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+EYES = ("OD", "OS")
+IMAGE_KEYS = (VOLUME_KEY, *ENFACE_IMAGES)
+LABEL_KEYS = MASKS
+
+SHA256_TYPE = pa.struct([(key, pa.string()) for key in ARRAY_KEYS])
+
+SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("patient", pa.string(), nullable=False),
+        pa.field("eye", pa.string(), nullable=False),
+        pa.field("visit", pa.int32(), nullable=False),
+        pa.field("device", pa.string(), nullable=False),
+        pa.field("scan_pattern", pa.string(), nullable=False),
+        pa.field("raster", pa.bool_(), nullable=False),
+        pa.field("raster_reason", pa.string()),  # why a volume is not a raster scan; null when it is
+        pa.field("shape", pa.list_(pa.int32(), 3), nullable=False),  # (nB, D, W)
+        pa.field("spacing_mm", pa.list_(pa.float64(), 3), nullable=False),  # along nB, D, W
+        pa.field("modalities", pa.list_(pa.string()), nullable=False),  # images present: oct, faf, slo
+        pa.field("labels", pa.list_(pa.string()), nullable=False),  # masks present: ga, rpd
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("grid", pa.string(), nullable=False),  # bucket name "nBxDxW"
+        pa.field("index", pa.int64(), nullable=False),  # row in the bucket's arrays
+        pa.field("sha256", SHA256_TYPE, nullable=False),  # hex digest of each array's uint8 bytes
+        pa.field("source", pa.string(), nullable=False),  # hash of the device file, or "synth:<seed>"
+        pa.field("acquired", pa.date32()),  # acquisition day; null when unknown
+    ]
+)
+
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "format": FORMAT_VERSION,
+    "split_ratios": [0.6, 0.2, 0.2],
+    "shard_bytes": 256 * 2**20,
+    "fraction_seed": 0,
+    "append_token": None,
+}
+
+_GRID_RE = re.compile(r"^\d+x\d+x\d+$")
+_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def grid_name(shape: tuple[int, ...] | list[int]) -> str:
+    """Bucket name of a volume shape, e.g. ``(16, 64, 64) -> "16x64x64"``."""
+    return "x".join(str(int(n)) for n in shape)
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """Hex sha256 of an array's C-order bytes (the checksum stored per array in the manifest)."""
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+
+
+def empty_table(settings: dict[str, Any] | None = None) -> pa.Table:
+    """A manifest with no rows, carrying ``settings`` (defaults filled in)."""
+    return with_settings(SCHEMA.empty_table(), {**DEFAULT_SETTINGS, **(settings or {})})
+
+
+def settings_of(table: pa.Table) -> dict[str, Any]:
+    """The corpus settings stored in the manifest's schema metadata (defaults for absent keys)."""
+    raw = (table.schema.metadata or {}).get(b"octssl")
+    stored = json.loads(raw) if raw else {}
+    return {**DEFAULT_SETTINGS, **stored}
+
+
+def with_settings(table: pa.Table, settings: dict[str, Any]) -> pa.Table:
+    """``table`` cast to SCHEMA with ``settings`` as its schema metadata."""
+    schema = SCHEMA.with_metadata({b"octssl": json.dumps(settings).encode()})
+    return table.cast(schema)
+
+
+def rows_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> pa.Table:
+    """Build a manifest table from row dicts (keys = SCHEMA names)."""
+    return with_settings(pa.Table.from_pylist(rows, schema=SCHEMA), settings)
+
+
+def read_manifest(path: Path) -> pa.Table:
+    """Read and validate ``path``; CorpusError naming the file (and column) when it is missing or bad."""
+    if not path.is_file():
+        raise CorpusError(f"{path}: manifest is missing (not an octssl corpus, or it was never committed)")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise CorpusError(f"{path}: cannot read manifest as Parquet: {err}") from err
+    problems = schema_problems(table, path)
+    if problems:
+        raise CorpusError("; ".join(problems))
+    return with_settings(table.select(SCHEMA.names), settings_of(table))
+
+
+def schema_problems(table: pa.Table, where: Path | str) -> list[str]:
+    """Every column of SCHEMA that is missing or has a type that cannot be read as the expected one."""
+    problems = []
+    for field in SCHEMA:
+        if field.name not in table.column_names:
+            problems.append(f"{where}: column '{field.name}' is missing")
+            continue
+        actual = table.schema.field(field.name).type
+        if actual != field.type:
+            try:
+                table.column(field.name).cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                problems.append(f"{where}: column '{field.name}' has type {actual}, expected {field.type}")
+                continue
+        if not field.nullable and table.column(field.name).null_count:
+            problems.append(f"{where}: column '{field.name}' has null values")
+    return problems
+
+
+def row_problems(table: pa.Table, where: Path | str) -> list[str]:
+    """Value problems of a schema-valid manifest: every bad row named by id and column."""
+    problems: list[str] = []
+    seen_ids: set[str] = set()
+    seen_slots: dict[tuple[str, int], str] = {}
+    for row in table.to_pylist():
+        sid = row["id"]
+        at = f"{where}: sample {sid}"
+        if sid in seen_ids:
+            problems.append(f"{at}: duplicate id")
+        seen_ids.add(sid)
+        if row["eye"] not in EYES:
+            problems.append(f"{at}: column 'eye' is {row['eye']!r}, expected one of {EYES}")
+        if row["split"] not in SPLITS:
+            problems.append(f"{at}: column 'split' is {row['split']!r}, expected one of {SPLITS}")
+        if not _GRID_RE.match(row["grid"]) or row["grid"] != grid_name(row["shape"]):
+            problems.append(f"{at}: column 'grid' is {row['grid']!r} but shape is {row['shape']}")
+        if row["index"] < 0:
+            problems.append(f"{at}: column 'index' is negative ({row['index']})")
+        slot = (row["grid"], row["index"])
+        if slot in seen_slots:
+            problems.append(f"{at}: grid {slot[0]} index {slot[1]} also used by sample {seen_slots[slot]}")
+        seen_slots[slot] = sid
+        present = list(row["modalities"]) + list(row["labels"])
+        if VOLUME_KEY not in row["modalities"]:
+            problems.append(f"{at}: column 'modalities' lacks 'oct'")
+        bad = [k for k in row["modalities"] if k not in IMAGE_KEYS] + [
+            k for k in row["labels"] if k not in LABEL_KEYS
+        ]
+        if bad:
+            problems.append(f"{at}: unknown modality or label {bad}")
+        for key in present:
+            digest = (row["sha256"] or {}).get(key)
+            if digest is None or not _HEX_RE.match(digest):
+                problems.append(f"{at}: column 'sha256' has no valid digest for '{key}'")
+        if any(not (s > 0 and np.isfinite(s)) for s in row["spacing_mm"]):
+            problems.append(f"{at}: column 'spacing_mm' must hold 3 positive numbers, got {row['spacing_mm']}")
+    return problems
+
+
+def write_manifest(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` atomically: a temp file, fsync, then os.replace (the commit point)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with tmp.open("wb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
