@@ -1,0 +1,128 @@
+"""Find ingest units under the given paths and tell their format from their content (magic bytes).
+
+A unit is one device file, or one B-scan stack folder (PNG/BMP/TIFF images + one JSON sidecar).
+Formats: Heidelberg ``.vol`` ("HSF-OCT-" at 0), Heidelberg ``.e2e`` ("CMDb" at 0), Topcon ``.fds`` /
+``.fda`` ("FOCT" at 0, then "FDS" / "FDA" / "FAA"), DICOM ("DICM" at 128; the reader then checks the SOP
+class is ophthalmic tomography). Extensions are only a hint for walking folders: a file named ``.vol``
+without the Heidelberg header is rejected as "not a recognised format", and a DICOM file without an
+extension is found by its preamble.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from octssl.errors import IngestError
+
+VOL, E2E, FDS, FDA, DICOM, STACK = "heidelberg-vol", "heidelberg-e2e", "topcon-fds", "topcon-fda", "dicom", "stack"
+FORMATS = (VOL, E2E, FDS, FDA, DICOM, STACK)
+DEVICE_SUFFIXES = {".vol", ".e2e", ".sdb", ".fds", ".fda", ".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff"}
+_HEAD = 132
+
+
+def sniff(head: bytes) -> str | None:
+    """The format named by a file's first bytes, or None."""
+    if head.startswith(b"HSF-OCT-"):
+        return VOL
+    if head.startswith(b"CMDb"):
+        return E2E
+    if head.startswith(b"FOCT"):
+        kind = head[4:7]
+        return FDS if kind == b"FDS" else FDA if kind in (b"FDA", b"FAA") else None
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return DICOM
+    return None
+
+
+def detect_format(path: Path) -> str:
+    """Format of the unit at ``path``; IngestError with a specific reason when there is none."""
+    if path.is_dir():
+        stack_sidecar(path)  # raises with the reason when the folder is not a valid stack
+        return STACK
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(_HEAD)
+    except OSError as err:
+        raise IngestError(f"{path}: cannot read ({err.strerror})") from err
+    if size == 0:
+        raise IngestError(f"{path}: empty file (0 bytes)")
+    found = sniff(head)
+    if found is None:
+        hint = f" although named {path.suffix}" if path.suffix.lower() in DEVICE_SUFFIXES else ""
+        raise IngestError(
+            f"{path}: not a recognised format{hint} (first bytes {head[:8]!r}; expected a Heidelberg "
+            "'HSF-OCT-'/'CMDb', Topcon 'FOCT' or DICOM 'DICM' header)"
+        )
+    return found
+
+
+def stack_sidecar(folder: Path) -> Path:
+    """The one JSON sidecar of a B-scan stack folder (IngestError naming what is wrong)."""
+    sidecars = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".json" and not p.name.startswith("."))
+    images = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise IngestError(f"{folder}: a stack folder needs PNG/BMP/TIFF B-scans; none found")
+    if len(sidecars) != 1:
+        raise IngestError(f"{folder}: a stack folder needs exactly one JSON sidecar, found {len(sidecars)}")
+    return sidecars[0]
+
+
+def _is_stack(folder: Path, names: list[str]) -> bool:
+    suffixes = {Path(n).suffix.lower() for n in names}
+    return ".json" in suffixes and bool(suffixes & IMAGE_SUFFIXES)
+
+
+def discover(sources: list[Path]) -> list[Path]:
+    """Ingest units under ``sources``, sorted and unique.
+
+    Paths named directly are always units. Walking a folder, a sub-folder with a JSON sidecar and images
+    is one stack unit; other files are units when their extension is a device one or their magic bytes
+    are recognised (so README/LICENSE files beside the data are not reported as rejects).
+    """
+    units: set[Path] = set()
+    for source in sources:
+        source = Path(source)
+        if not source.exists():
+            raise IngestError(f"{source}: no such file or folder")
+        if source.is_file():
+            units.add(source.resolve())
+            continue
+        for root, dirs, files in os.walk(source):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            folder = Path(root)
+            if _is_stack(folder, files):
+                units.add(folder.resolve())
+                dirs[:] = []
+                continue
+            for name in files:
+                if name.startswith("."):
+                    continue
+                path = folder / name
+                if path.suffix.lower() in DEVICE_SUFFIXES or _sniff_file(path) is not None:
+                    units.add(path.resolve())
+    return sorted(units)
+
+
+def _sniff_file(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            return sniff(handle.read(_HEAD))
+    except OSError:
+        return None
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file's bytes, or of a stack folder's (name, bytes) pairs in name order."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.name.encode("utf-8") + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

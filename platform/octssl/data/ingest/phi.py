@@ -1,0 +1,42 @@
+"""Keyed patient pseudonyms: the only form in which a device's patient id may reach a corpus.
+
+``patient = "p" + HMAC-SHA256(key, device patient id)[:24 hex]``. The key comes from the environment
+variable ``OCTSSL_PSEUDONYM_KEY`` so that the same patient maps to the same pseudonym across ingests (and
+patient-level splits stay patient-level). Without a key ingest refuses, unless the caller asks for an
+ephemeral random key: pseudonyms are then valid for that one run only and a later ingest of the same
+patient lands under a different pseudonym (possibly in a different split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+
+from octssl.errors import IngestError
+
+KEY_ENV = "OCTSSL_PSEUDONYM_KEY"
+EPHEMERAL_WARNING = (
+    f"no {KEY_ENV} set: using an EPHEMERAL pseudonym key. Patients ingested now will NOT match the same "
+    "patients in any other ingest (splits by patient can leak across runs). Set the key for real data."
+)
+
+
+def load_key(ephemeral: bool = False) -> tuple[bytes, bool]:
+    """The pseudonym key and whether it is ephemeral; IngestError when absent and not ``ephemeral``."""
+    value = os.environ.get(KEY_ENV, "")
+    if value:
+        return value.encode("utf-8"), False
+    if not ephemeral:
+        raise IngestError(
+            f"ingest refuses to run without a pseudonym key: set {KEY_ENV} (any secret string, kept "
+            "outside the corpus) or pass --ephemeral-key for a throw-away run"
+        )
+    return secrets.token_bytes(32), True
+
+
+def pseudonym(device_patient_id: str, key: bytes) -> str:
+    """Keyed, stable pseudonym of a device patient id (no way back without the key)."""
+    digest = hmac.new(key, device_patient_id.strip().encode("utf-8"), hashlib.sha256).hexdigest()
+    return "p" + digest[:24]

@@ -1,0 +1,92 @@
+"""Where ingest results land: the corpus (through one small adapter) and ``rejects.parquet`` beside it.
+
+``rejects.parquet`` (path, sha256, reason, time UTC) lists every unit an ingest could not use, one row per
+(path, sha256); a file rejected again keeps its first row. It is replaced atomically. Paths are stored as
+given: name files without patient names if the corpus will be shared.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from octssl.errors import CorpusError, IngestError
+
+if TYPE_CHECKING:
+    from octssl.data.corpus import Corpus
+    from octssl.data.ingest.convert import Record
+
+REJECTS_NAME = "rejects.parquet"
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("time", pa.timestamp("s", tz="UTC"), nullable=False),
+    ]
+)
+
+
+def open_corpus(path: Path) -> Corpus:
+    """Open the corpus at ``path``, creating an empty one when nothing is there yet."""
+    from octssl.data.corpus import ZARR_NAME, Corpus
+    from octssl.data.manifest import MANIFEST_NAME
+
+    if (path / MANIFEST_NAME).exists() or (path / ZARR_NAME).exists():
+        return Corpus.open(path)
+    return Corpus.create(path)
+
+
+def ingested_sources(corpus: Corpus) -> set[str]:
+    """Content hashes of every source file already in the corpus (the manifest's ``source`` column)."""
+    if "source" not in corpus.manifest.column_names:
+        raise CorpusError(f"{corpus.path}: manifest has no 'source' column; re-ingest cannot skip files")
+    return {s for s in corpus.manifest.column("source").to_pylist() if s}
+
+
+def append_records(corpus: Corpus, records: list[Record]) -> list[str]:
+    """The adapter to ``Corpus.append``: one atomic append of ``records``' sample dicts.
+
+    The native-resolution localizer (``Record.localizer``) has no place in the corpus yet: only its
+    registered trace (``slo`` on the volume's grid) is stored.
+    """
+    if not records:
+        return []
+    return corpus.append([record.sample for record in records], progress=False)
+
+
+def read_rejects(corpus_dir: Path) -> pa.Table:
+    path = corpus_dir / REJECTS_NAME
+    if not path.exists():
+        return REJECTS_SCHEMA.empty_table()
+    try:
+        return pq.read_table(path).cast(REJECTS_SCHEMA)
+    except (pa.ArrowException, OSError) as err:
+        raise IngestError(f"{path}: unreadable rejects table ({err})") from err
+
+
+def record_rejects(corpus_dir: Path, rejects: list[tuple[str, str, str]]) -> pa.Table:
+    """Add (path, sha256, reason) rows not already listed; rewrites the table only when it changes."""
+    table = read_rejects(corpus_dir)
+    known = set(zip(table.column("path").to_pylist(), table.column("sha256").to_pylist(), strict=True))
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    fresh = [
+        {"path": p, "sha256": s, "reason": r, "time": now} for p, s, r in rejects if (p, s) not in known
+    ]
+    if not fresh:
+        return table
+    table = pa.concat_tables([table, pa.Table.from_pylist(fresh, schema=REJECTS_SCHEMA)])
+    target = corpus_dir / REJECTS_NAME
+    tmp = target.with_name(f".{REJECTS_NAME}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return table
