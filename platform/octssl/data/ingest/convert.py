@@ -146,4 +146,7 @@ def convert_unit(
 
 
 def _strip(message: str, path: str) -> str:
-    return message[len(path) + 2 :] if message.startswith(path + ": ") else message
+    """The reason without the unit's path (kept: a file inside a stack folder, named relative to it)."""
+    if message.startswith(path + ": "):
+        return message[len(path) + 2 :]
+    return message[len(path) + 1 :] if message.startswith(path + "/") else message
