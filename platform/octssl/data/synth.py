@@ -88,6 +88,8 @@ class EyeModel:
         self.rpd_radii = rng.uniform(0.12, 0.22, 60)
         self.rpd_keep = rng.random(60) < 0.5 + 0.5 * np.exp(-((self.rpd_centres[:, 0] + 1.5) ** 2))
         self.field_seeds = rng.integers(0, 2**31, 6)
+        self.vessel_paths = _vessel_tree(rng, self.nasal)
+        self._vessel_cache: dict[tuple[Any, ...], np.ndarray] = {}
 
     def field(self, which: int, yy: np.ndarray, xx: np.ndarray, cycles_per_mm: float) -> np.ndarray:
         return smooth_field(np.random.default_rng(self.field_seeds[which]), yy, xx, cycles_per_mm)
@@ -97,7 +99,7 @@ class EyeModel:
             return np.zeros(yy.shape, bool)
         blobs = sum(np.exp(-((yy - c[0]) ** 2 + (xx - c[1]) ** 2) / (2 * s**2))
                     for c, s in zip(self.ga_centres, self.ga_sizes, strict=True))
-        lesion = blobs + 0.25 * self.field(0, yy, xx, 0.6)
+        lesion = blobs * (1.0 + 0.45 * self.field(0, yy, xx, 0.6))  # irregular edges, no far islands
         return lesion > self.ga_threshold - 0.08 * visit
 
     def rpd_height(self, yy: np.ndarray, xx: np.ndarray, visit: int) -> np.ndarray:
@@ -110,9 +112,42 @@ class EyeModel:
         return 0.05 * domes.max(axis=0, initial=0.0)
 
     def vessels(self, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-        big = np.exp(-((self.field(1, yy, xx, 0.25) / 0.12) ** 2))
-        small = np.exp(-((self.field(2, yy, xx, 0.45) / 0.08) ** 2))
-        return np.maximum(big, 0.6 * small)
+        """Vessel density in [0, 1]: Gaussian profiles around the tree's centre lines."""
+        key = (yy.shape, float(yy[0, 0]), float(xx[0, 0]))
+        if key not in self._vessel_cache:  # the tree does not change between visits
+            self._vessel_cache[key] = self._vessel_density(yy, xx)
+        return self._vessel_cache[key]
+
+    def _vessel_density(self, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        density = np.zeros(yy.shape)
+        grid = np.stack([yy.ravel(), xx.ravel()], axis=1)
+        grid_sq = (grid**2).sum(axis=1)[:, None]
+        for points, width in self.vessel_paths:  # |g - p|^2 as a matrix product: fast for many points
+            d2 = np.clip((grid_sq + (points**2).sum(axis=1)[None, :] - 2.0 * grid @ points.T).min(axis=1), 0, None)
+            density = np.maximum(density, np.exp(-d2 / width**2).reshape(yy.shape))
+        return density
+
+
+def _vessel_tree(rng: np.random.Generator, nasal: float) -> list[tuple[np.ndarray, float]]:
+    """Centre lines (points in mm, width in mm): two arcades from the off-scan disc around the fovea, and
+    branches leaving them."""
+    disc = np.array([rng.normal(0.0, 0.2), nasal * 4.3])
+    t = np.linspace(0.0, 1.0, 320)
+    paths = []
+    for side in (-1.0, 1.0):
+        wiggle = sum(rng.normal(0, 0.08) * np.sin(rng.uniform(4, 12) * t + rng.uniform(0, 6)) for _ in range(3))
+        arcade = np.column_stack([disc[0] + side * (0.3 + rng.uniform(1.8, 2.4) * np.sin(np.pi * 0.85 * t)) + wiggle,
+                                  disc[1] - nasal * 9.0 * t])
+        paths.append((arcade, 0.11))
+        for _ in range(int(rng.integers(3, 6))):
+            start = arcade[int(rng.integers(40, 260))]
+            angle = rng.uniform(0.3, 1.3) * (side if rng.random() < 0.6 else -side) + (0 if nasal > 0 else np.pi)
+            bend = rng.normal(0.0, 0.6)
+            s = np.linspace(0.0, rng.uniform(1.0, 3.0), 90)[:, None]
+            heading = angle + bend * s[:, 0] / 3.0
+            steps = np.column_stack([np.sin(heading), -np.cos(heading)]) * (s[1, 0] - s[0, 0])
+            paths.append((start + np.cumsum(steps, axis=0), 0.07))
+    return [(p[(np.abs(p) < 3.6).all(axis=1)], w) for p, w in paths if (np.abs(p) < 3.6).all(axis=1).any()]
 
 
 def _blur(image: np.ndarray, sigma_mm: float, spacing: tuple[float, float]) -> np.ndarray:
@@ -144,8 +179,10 @@ def render(eye: EyeModel, visit: int, grid: tuple[int, int, int], noise_seed: li
     inl, ipl = opl - 0.025 - 0.1 * inner, opl - 0.025 - 0.3 * inner
     rnfl = opl - 0.025 - (0.8 - 0.25 * (1 + eye.nasal * np.tanh(xx / 2))) * inner
     ilm = opl - 0.025 - inner
-    choroid_end = bm + 0.22 + 0.04 * eye.field(5, yy, xx, 0.4) + 0.12 * g
-    shadow = 1.0 - 0.5 * vessel  # retinal vessels shade everything below them
+    choroid_end = bm + 0.22 + 0.04 * eye.field(5, yy, xx, 0.4) + 0.08 * g
+    # Confounders of the en-face mean: choroidal brightness varies, and media opacity dims whole A-scans.
+    choroid = 0.45 + 0.08 * eye.field(4, yy + 11.0, xx, 0.35) + 0.2 * g
+    shadow = (1.0 - 0.5 * vessel) * (1.0 + 0.12 * eye.field(5, yy - 11.0, xx, 0.25))
 
     # (surface, intensity below it): intensities are display values before speckle.
     layers = [
@@ -154,22 +191,23 @@ def render(eye: EyeModel, visit: int, grid: tuple[int, int, int], noise_seed: li
         (ez, (0.75 * (1 - g) + 0.25 * g) * shadow),
         (rpe_top - rpd_h, np.where(rpd_h > 0, 0.62, 0.4) * shadow),
         (rpe_top, (0.9 * (1 - g) + 0.35 * g) * shadow),
-        (bm, (0.45 + 0.4 * g) * shadow), (choroid_end, (0.15 + 0.25 * g) * shadow),
+        (bm, choroid * shadow), (choroid_end, (0.15 + 0.12 * g) * shadow),
     ]
-    z = ((np.arange(depth) + 0.5) * sz)[None, :, None]
-    softness = 0.6 * sz
-    volume = np.full((nb, depth, width), 0.04)
-    below_prev = np.full((nb, 1, width), 0.04)
+    z = ((np.arange(depth, dtype=np.float32) + 0.5) / depth)[None, :, None]  # in units of DEPTH_MM
+    volume = np.full((nb, depth, width), 0.04, np.float32)
+    below_prev = np.full((nb, 1, width), 0.04, np.float32)
     for surface, intensity in layers:
-        step = 1.0 / (1.0 + np.exp(-(z - surface[:, None, :]) / softness))
-        intensity = np.broadcast_to(intensity, surface.shape)[:, None, :]
+        # A linear ramp one pixel wide: a partial-volume edge, cheaper than a sigmoid.
+        edge = (surface[:, None, :] / DEPTH_MM).astype(np.float32)
+        step = np.clip((z - edge) * depth + 0.5, 0.0, 1.0)
+        intensity = np.broadcast_to(intensity, surface.shape)[:, None, :].astype(np.float32)
         volume += (intensity - below_prev) * step
         below_prev = intensity
-    speckle = rng.gamma(5.0, 1.0 / 5.0, volume.shape)
+    speckle = rng.gamma(5.0, 1.0 / 5.0, volume.shape).astype(np.float32)
     volume = volume * speckle * rng.normal(1.0, 0.05, (nb, 1, 1)) * rng.uniform(0.85, 1.15)
-    volume += rng.normal(0.03, 0.03, volume.shape) + rng.uniform(-0.05, 0.05)
+    volume += rng.normal(0.03, 0.03, volume.shape).astype(np.float32) + np.float32(rng.uniform(-0.05, 0.05))
 
-    ring = np.clip(_blur(ga, 0.2, (sy, sx)) - ga, 0.0, 1.0)
+    ring = np.clip(1.6 * _blur(ga, 0.15, (sy, sx)) - ga, 0.0, 1.0) * (1 - ga)
     faf = (0.55 + 0.08 * eye.field(0, yy + 7.0, xx, 0.2) - 0.22 * pit) * (1 - 0.55 * vessel)
     faf = faf * (1 - 0.85 * np.clip(_blur(ga, 0.08, (sy, sx)) * 1.2, 0, 1)) + 0.35 * ring
     slo = (0.45 + 0.06 * eye.field(1, yy - 7.0, xx, 0.2)) * (1 - 0.35 * vessel)
@@ -190,8 +228,11 @@ def samples(volumes: int, grid: tuple[int, int, int], seed: int, labelled: float
     """Sample dicts of a synthetic corpus, in patient, eye, visit order (generated lazily)."""
     nb, depth, width = grid
     base_day = np.datetime64("2015-01-01")
+    eyes: dict[tuple[int, str], EyeModel] = {}
     for plan in plan_volumes(volumes, seed, labelled):
-        eye = EyeModel(seed, plan.patient, plan.eye)
+        if (plan.patient, plan.eye) not in eyes:
+            eyes[(plan.patient, plan.eye)] = EyeModel(seed, plan.patient, plan.eye)
+        eye = eyes[(plan.patient, plan.eye)]
         arrays = render(eye, plan.visit, grid, [seed, plan.patient, 0 if plan.eye == "OD" else 1, plan.visit, 1])
         if not plan.labelled:
             del arrays["ga"], arrays["rpd"]
@@ -207,6 +248,19 @@ def samples(volumes: int, grid: tuple[int, int, int], seed: int, labelled: float
                 "split": plan.split, "source": f"synth:{seed}", "acquired": acquired,
             },
         }
+
+
+class _Counted:
+    """A generator with a known length (so the progress bar can show a total)."""
+
+    def __init__(self, items: Iterator[dict[str, Any]], count: int) -> None:
+        self.items, self.count = items, count
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.items
+
+    def __len__(self) -> int:
+        return self.count
 
 
 def synthesize(
@@ -225,7 +279,7 @@ def synthesize(
         raise CorpusError(f"{out}: need volumes >= 1, 0 <= labelled <= 1 and a grid of 3 sizes >= 4; "
                           f"got volumes={volumes}, labelled={labelled}, grid={grid}")
     corpus = Corpus.create(out)
-    corpus.append(samples(volumes, tuple(grid), seed, labelled), progress=progress)
+    corpus.append(_Counted(samples(volumes, tuple(grid), seed, labelled), volumes), progress=progress)
     if preview:
         from octssl.data.preview import write_preview
 
