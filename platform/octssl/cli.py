@@ -81,3 +81,104 @@ def ingest(
     if strict and report.rejected:
         console.print(f"[bold red]--strict:[/] {len(report.rejected)} file(s) rejected")
         raise typer.Exit(1)
+
+
+# ---- corpus: synth, info, verify ------------------------------------------------------------------
+_SYNTH_OUT = typer.Argument(..., help="new corpus directory to write")
+_SYNTH_VOLUMES = typer.Option(100, "--volumes", help="number of volumes (patients x eyes x visits)")
+_SYNTH_GRID = typer.Option("16,64,64", "--grid", help="volume shape NB,D,W (B-scans, depth, A-scans)")
+_SYNTH_SEED = typer.Option(0, "--seed", help="random seed: the same seed gives identical arrays")
+_SYNTH_LABELLED = typer.Option(0.5, "--labelled", help="share of volumes (per split) with GA/RPD masks")
+_SYNTH_PREVIEW = typer.Option(False, "--preview", help="also write OUT/preview.png")
+_INFO_CORPUS = typer.Argument(..., help="corpus directory")
+_INFO_JSON = typer.Option(False, "--json", help="print JSON instead of a table")
+_VERIFY_PATH = typer.Argument(..., help="corpus directory, or a shard directory holding index.json")
+_VERIFY_STRICT = typer.Option(False, "--strict", help="also fail on warnings (orphan data slots)")
+
+
+def _parse_grid(text: str) -> tuple[int, int, int]:
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise typer.BadParameter(f"grid must be NB,D,W (three integers), got {text!r}")
+    nb, depth, width = (int(p) for p in parts)
+    return nb, depth, width
+
+
+@app.command()
+def synth(
+    out: Path = _SYNTH_OUT,
+    volumes: int = _SYNTH_VOLUMES,
+    grid: str = _SYNTH_GRID,
+    seed: int = _SYNTH_SEED,
+    labelled: float = _SYNTH_LABELLED,
+    preview: bool = _SYNTH_PREVIEW,
+) -> None:
+    """Write a synthetic corpus: OCT volumes with registered FAF/SLO and GA/RPD masks."""
+    from octssl.data.synth import synthesize
+
+    shape = _parse_grid(grid)
+    try:
+        corpus = synthesize(out, volumes=volumes, grid=shape, seed=seed, labelled=labelled, preview=preview,
+                            progress=True)
+    except OctsslError as err:
+        _fail(err)
+    summary = corpus.summary()
+    console.print(f"[green]wrote[/] {summary['volumes']} volumes of {grid} ({summary['patients']} patients, "
+                  f"{summary['labels']['ga']} labelled) to {out}" + (f"; preview {out}/preview.png" if preview else ""))
+
+
+@app.command()
+def info(corpus: Path = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
+    """Counts per grid, split, modality and label; patients; raster scans; size on disk."""
+    import json
+
+    from octssl.data.corpus import Corpus
+
+    try:
+        summary = Corpus.open(corpus).summary()
+    except OctsslError as err:
+        _fail(err)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"corpus {corpus}", show_header=False)
+    table.add_row("volumes", str(summary["volumes"]))
+    table.add_row("patients / eyes", f"{summary['patients']} / {summary['eyes']}")
+    for name in ("grids", "splits", "patients_per_split", "modalities", "labels", "labels_train_patients",
+                 "devices"):
+        table.add_row(name.replace("_", " "), ", ".join(f"{k}: {v}" for k, v in summary[name].items()) or "-")
+    reasons = ", ".join(f"{k}: {v}" for k, v in summary["non_raster"].items())
+    table.add_row("raster / non-raster", f"{summary['raster']} / {summary['volumes'] - summary['raster']}"
+                  + (f" ({reasons})" if reasons else ""))
+    table.add_row("size on disk", f"{summary['bytes_on_disk'] / 2**20:.1f} MiB")
+    Console().print(table)
+
+
+@app.command()
+def verify(path: Path = _VERIFY_PATH, strict: bool = _VERIFY_STRICT) -> None:
+    """Recompute every checksum of a corpus (or shard directory); print every problem; exit 1 if any."""
+    from octssl.errors import CorpusError
+
+    if (path / "index.json").is_file():
+        from octssl.data.shards import verify_shards
+
+        try:
+            problems = verify_shards(path)
+        except OctsslError as err:
+            problems = [str(err)]
+    else:
+        from octssl.data.corpus import Corpus
+
+        try:
+            problems = Corpus.open(path).verify()
+        except CorpusError as err:
+            problems = [str(err)]
+    for problem in problems:
+        print(problem)
+    errors = [p for p in problems if not p.startswith("warning: ")]
+    if errors or (strict and problems):
+        console.print(f"[bold red]verify failed:[/] {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/] {path}" + (f" ({len(problems)} warning(s))" if problems else ""))
