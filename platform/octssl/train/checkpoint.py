@@ -9,6 +9,7 @@ Exported weights are safetensors plus a ``model.json`` model card.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -54,39 +55,20 @@ def load_trainer_state(ckpt_dir: Path, rank: int) -> dict[str, Any]:
     return state
 
 
-def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
-    """The whole model's weights on every rank's call; returned on rank 0 only. Collective under ZeRO-3."""
+def export_weights(engine: Any, out_dir: Path, card: dict[str, Any]) -> Path | None:
+    """Write ``model.safetensors`` + ``model.json`` into ``out_dir`` on rank 0; every rank must call
+    (under ZeRO-3 the partitioned parameters are gathered collectively first)."""
     import deepspeed
 
+    from octssl.models.transfer import save_weights
+
     module = engine.module
-    params = list(module.parameters())
     stage3 = engine.zero_optimization_stage() == 3
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage3 else _null()
-    with ctx:
+    gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    with gather if stage3 else contextlib.nullcontext():
         if engine.global_rank != 0:
             return None
-        return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def export_weights(
-    engine: Any, out_dir: Path, model_name: str, model_options: dict[str, Any], card: dict[str, Any]
-) -> Path | None:
-    """Write ``model.safetensors`` + ``model.json`` into ``out_dir`` (rank 0); all ranks must call."""
-    from octssl.models.transfer import save_state_dict
-
-    state = full_state_dict(engine)
-    if state is None:
-        return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.safetensors"
-    save_state_dict(state, path, {"model": model_name, "options": model_options})
-    (out_dir / "model.json").write_text(json.dumps({"model": model_name, "options": model_options, **card}, indent=2))
+        path = save_weights(module, out_dir / "model.safetensors", {"card": card})
+    meta = {"model": getattr(module, "name", type(module).__name__), "options": getattr(module, "options", {})}
+    (out_dir / "model.json").write_text(json.dumps({**meta, **card}, indent=2, default=str))
     return path

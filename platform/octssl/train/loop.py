@@ -82,7 +82,11 @@ class Trainer:
         target = c.objective.target
         segmentation = c.objective.kind == "segmentation"
         self.collate = collate
-        self.train_transform = TrainTransform(crop=tuple(c.data.crop), targets=(target,), augment=c.data.augment)
+        augment = c.data.augment
+        transform = TrainTransform(
+            crop=tuple(c.data.crop), targets=(target,), seed=c.run.seed, flips=augment, rot180=augment,
+            intensity=augment,
+        )
         if c.data.source == "zarr":
             self.train_source = ZarrSource(
                 c.data.corpus,
@@ -90,6 +94,15 @@ class Trainer:
                 label=target if segmentation else None,
                 label_fraction=c.objective.label_fraction if segmentation else None,
                 require=("oct", target),
+                transform=transform,
+                repeats=c.data.crops_per_volume,
+            )
+        else:
+            from octssl.data.sources import StreamSource
+
+            self.stream = StreamSource(
+                c.data.shards, split="train", rank=self.ctx.rank, world_size=self.ctx.world_size,
+                seed=c.run.seed, batch_size=c.data.batch_size, transform=transform,
             )
         self.val_source = None
         if c.data.corpus:
@@ -117,10 +130,8 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         c = self.config
         if c.data.source == "zarr":
-            return batching.steps_per_epoch(
-                len(self.train_source), c.data.crops_per_volume, self.ctx.world_size, c.data.batch_size
-            )
-        return self.stream_steps_per_epoch
+            return batching.steps_per_epoch(len(self.train_source), self.ctx.world_size, c.data.batch_size)
+        return self.stream.batches_per_epoch
 
     # ---------------------------------------------------------------- data
     def batches(self) -> Iterator[dict[str, Any]]:
@@ -128,12 +139,10 @@ class Trainer:
         c = self.config
         while True:
             if c.data.source == "zarr":
-                epoch_iter = batching.zarr_batches(
+                epoch_iter = batching.zarr_epoch(
                     self.train_source,
-                    self.train_transform,
                     self.collate,
                     batch_size=c.data.batch_size,
-                    crops_per_volume=c.data.crops_per_volume,
                     seed=c.run.seed,
                     epoch=self.epoch,
                     start_step=self.step_in_epoch,
@@ -142,19 +151,11 @@ class Trainer:
                     loader_workers=c.data.loader_workers,
                 )
             else:
-                epoch_iter = self._stream_epoch()
+                self.stream.load_state_dict({"epoch": self.epoch, "step": self.step_in_epoch})
+                epoch_iter = iter(self.stream.loader(num_workers=c.data.loader_workers, collate_fn=self.collate))
             yield from epoch_iter
             self.epoch += 1
             self.step_in_epoch = 0
-
-    def _stream_epoch(self) -> Iterator[dict[str, Any]]:
-        from torch.utils.data import DataLoader
-
-        self.stream.load_state_dict({"epoch": self.epoch, "step": self.step_in_epoch})
-        loader = DataLoader(
-            self.stream, batch_size=None, num_workers=self.config.data.loader_workers, collate_fn=None
-        )
-        return iter(loader)
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = dict(batch)
@@ -255,7 +256,7 @@ class Trainer:
             "grid": getattr(self.train_source, "grid", None) if c.data.source == "zarr" else None,
             "summary": {"step": self.step, "best_metric": self.best_metric, self.val_key: self.last_val.get(self.val_key)},
         }
-        return ckpt.export_weights(self.engine, self.run_dir / name, c.model.name, self.model_options, card)
+        return ckpt.export_weights(self.engine, self.run_dir / name, card)
 
     # ---------------------------------------------------------------- the run
     def train(self) -> dict[str, Any]:

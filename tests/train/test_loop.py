@@ -1,0 +1,93 @@
+"""The one train loop in a single process: outputs, resume per ZeRO stage, NaN policy, transfer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from octssl.train.launch import run_single_process
+from octssl.train.loop import FAULT_NAN_STEPS, NonFiniteLossError
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_outputs_of_a_run(job) -> None:
+    config = job("pretrain.yaml", "run.name=outputs", "run.eval_every=3")
+    summary = run_single_process(config)
+    run_dir = Path(config.run.storage_path) / "outputs"
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 0
+    assert set(summary) >= {"steps", "first_loss", "final_loss", "best_metric", "weights", "wall_s"}
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for r in records:
+        assert set(r) >= {"step", "loss", "lr", "samples_per_s", "data_wait_s", "step_s"}
+        assert r["samples_per_s"] > 0 and r["step_s"] >= r["data_wait_s"] >= 0
+    assert (run_dir / "config.yaml").read_text().count("reconstruction") == 1
+    card = json.loads((run_dir / "final" / "model.json").read_text())
+    assert card["model"] == "fpn" and card["objective"]["target"] == "faf"
+    assert (run_dir / "final" / "model.safetensors").stat().st_size > 10_000
+    assert (run_dir / "best" / "model.safetensors").exists()  # val ran at steps 3 and 6
+    assert 0 < summary["best_metric"] <= 1  # SSIM
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step00000003", "step00000006"]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_each_zero_stage_saves_and_resumes_on_the_same_trajectory(job, stage: int) -> None:
+    full = job("pretrain.yaml", f"run.name=full{stage}", f"deepspeed.zero_stage={stage}")
+    run_single_process(full)
+    full_dir = Path(full.run.storage_path) / f"full{stage}"
+    resumed = job("pretrain.yaml", f"run.name=resumed{stage}", f"deepspeed.zero_stage={stage}")
+    summary = run_single_process(resumed, resume_from=full_dir / "checkpoints" / "step00000003")
+    resumed_dir = Path(resumed.run.storage_path) / f"resumed{stage}"
+    assert summary["steps"] == 6
+    reference, continued = _losses(full_dir), _losses(resumed_dir)
+    assert sorted(continued) == [4, 5, 6]  # steps 1-3 came from the checkpoint, not replayed
+    for step in (4, 5, 6):
+        assert continued[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-5)
+    samples = lambda d: (d / "samples" / "rank0.jsonl").read_text().splitlines()  # noqa: E731
+    assert samples(resumed_dir) == samples(full_dir)[3:]  # the same crops, none twice, none skipped
+
+
+def test_nonfinite_loss_is_skipped_and_counted(job, monkeypatch) -> None:
+    monkeypatch.setenv(FAULT_NAN_STEPS, "2")
+    summary = run_single_process(job("pretrain.yaml", "run.name=nan1"))
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 1
+    assert summary["final_loss"] == summary["final_loss"]  # finite, training went on
+
+
+def test_too_many_nonfinite_losses_stop_the_run(job, monkeypatch) -> None:
+    monkeypatch.setenv(FAULT_NAN_STEPS, "2,3,4")
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses at step 4"):
+        run_single_process(job("pretrain.yaml", "run.name=nan3", "run.max_bad_steps=3"))
+
+
+def test_finetune_from_pretrained_beats_frozen_random(job, train_corpus: Path) -> None:
+    """Fine-tuning (here from SSL weights) must beat the untrained network it starts from."""
+    from octssl.data.sources import ZarrSource
+    from octssl.data.transforms import EvalTransform, collate
+    from octssl.models import build_model
+    from octssl.objectives import build_objective
+
+    pre = job("pretrain.yaml", "run.name=pre", "run.max_steps=8")
+    weights = run_single_process(pre)["weights"]
+    fine = job(
+        "finetune_ga.yaml", "run.name=ft", f"run.init={weights}", "run.max_steps=30", "run.eval_every=30",
+        "objective.label_fraction=1.0", "data.val_volumes=100", "optim.lr=0.01",
+    )
+    tuned = run_single_process(fine)["best_metric"]
+
+    torch.manual_seed(0)
+    random_model = build_model("fpn", width=0.25).eval()
+    objective = build_objective("segmentation", target="ga")
+    val = ZarrSource(train_corpus, split="val", require=("oct", "ga"), transform=EvalTransform(targets=("ga",)))
+    with torch.no_grad():
+        dices = [objective.per_volume(random_model(b["oct"]), b)[0]["dice"] for b in (collate([s]) for s in val)]
+    frozen = sum(dices) / len(dices)
+    assert tuned > frozen + 0.1, (tuned, frozen)
