@@ -202,7 +202,11 @@ class Corpus:
 
     def read_array(self, key: str, row: dict[str, Any]) -> np.ndarray:
         """One stored array of one manifest row; CorpusError naming the file and sample on failure."""
-        arr = self.array(key, row["grid"])
+        try:
+            arr = self.array(key, row["grid"])
+        except CorpusError:
+            raise CorpusError(f"{self.zarr_path / array_path(key, row['grid'])}: sample {row['id']}: "
+                              f"array missing") from None
         if row["index"] >= arr.shape[0]:
             raise CorpusError(
                 f"{self.zarr_path / array_path(key, row['grid'])}: sample {row['id']}: manifest index "

@@ -158,7 +158,7 @@ def render(eye: EyeModel, visit: int, grid: tuple[int, int, int], noise_seed: li
     """All arrays of one visit of ``eye`` on ``grid`` = (nB, D, W)."""
     nb, depth, width = grid
     rng = np.random.default_rng(noise_seed)
-    sy, sz, sx = SCAN_MM / nb, DEPTH_MM / depth, SCAN_MM / width
+    sy, sx = SCAN_MM / nb, SCAN_MM / width
     yy, xx = np.meshgrid((np.arange(nb) + 0.5) * sy - 3.0, (np.arange(width) + 0.5) * sx - 3.0, indexing="ij")
     r2 = (yy - eye.fovea[0]) ** 2 + (xx - eye.fovea[1]) ** 2
     pit = np.exp(-r2 / (2 * 0.45**2))

@@ -53,7 +53,11 @@ class AppendWriter:
                 raise SampleError(f"{corpus.path}: sample {sid}: id already in the corpus or this append")
             seen.add(sid)
             patient = str(meta["patient"])
-            split = split_of.get(patient) or meta.get("split") or assign_split(patient, ratios)
+            given = meta.get("split")
+            if given and split_of.get(patient, given) != given:
+                raise SampleError(f"{corpus.path}: sample {sid}: meta split {given!r} contradicts patient "
+                                  f"{patient}'s split {split_of[patient]!r} (splits are per patient)")
+            split = split_of.get(patient) or given or assign_split(patient, ratios)
             split_of[patient] = split
             grid = mf.grid_name(arrays[VOLUME_KEY].shape)
             rows.append(_row(sid, meta, arrays, split, grid, self.add(grid, arrays)))
