@@ -69,7 +69,7 @@ def read_vol(path: Path) -> list[Scan]:
         parsed = HeVolReader(path).parsed_file
     except construct.StreamError as err:
         raise IngestError(f"{where}: truncated file ({_short(err)})") from err
-    except construct.ConstructError as err:
+    except (construct.ConstructError, OverflowError, ValueError) as err:  # e.g. a date field out of range
         raise IngestError(f"{where}: corrupt .vol header ({_short(err)})") from err
     n_bscans = int(parsed.n_bscans)
     if n_bscans < 1 or len(parsed.bscans) != n_bscans:

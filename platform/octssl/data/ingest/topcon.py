@@ -1,82 +1,157 @@
-"""Topcon readers: ``.fds`` (Triton / Maestro raw) and ``.fda`` (3D OCT-1000/2000) via oct-converter.
+"""Topcon readers: ``.fds`` (Triton / Maestro raw) and ``.fda`` (3D OCT-1000/2000), on oct-converter's formats.
 
-Intensity: ``.fda`` B-scans stored as JPEG (``@IMG_JPEG``) are already the device's 8-bit display images
-and are kept as they are. 16-bit B-scans (``.fds`` ``@IMG_SCAN_03``, ``.fda`` ``@IMG_MOT_COMP_03``) are
-scaled linearly from their recorded bit depth to 8 bits (Topcon documents no other display curve).
+oct-converter 0.7.0 (the latest release) reads these files with ``np.fromstring``'s binary mode, which
+numpy 2.3 removed (numpy PR #28254), so its ``FDS``/``FDA`` readers fail on every file here. We keep its
+chunk header definitions (``fds_binary``/``fda_binary``) and its metadata and spacing methods, and do the
+byte reading ourselves with ``np.frombuffer``: a 15-byte 'FOCT' header, then chunks of (u8 name length,
+name, u32 size, data).
 
-Localizer: the grey IR-like ``@IMG_TRC_02`` image when present, otherwise the colour fundus converted to
-luma (ITU-R 601). Registration: ``@REGIST_INFO`` gives the scan area's bounding box on the fundus
-(x0, y0, x1, y1 in pixels); B-scan i runs from x0 to x1 at row y0 + i (y1 - y0) / (nB - 1). Its pixel
-size follows from the scan width in mm over the box width. Without that chunk the scan keeps no
-registration (no ``slo``). No real Topcon file is in the test data: this reader is exercised by format
-detection only.
+Intensity: ``.fda`` B-scans stored as JPEG (``@IMG_JPEG``) are the device's 8-bit display images and are
+kept as they are. 16-bit B-scans (``.fds`` ``@IMG_SCAN_03``, ``.fda`` ``@IMG_MOT_COMP_03``) are scaled
+linearly from their recorded bit depth to 8 bits (Topcon documents no other display curve).
+Localizer: the grey ``@IMG_TRC_02`` image when present, else the colour fundus as luma (ITU-R 601).
+Registration: ``@REGIST_INFO`` gives the scan area's box on the fundus (x0, y0, x1, y1 pixels); B-scan i
+runs from x0 to x1 at row y0 + i (y1 - y0) / (nB - 1); pixel size = scan width in mm / box width.
+No real Topcon file is in the test data: only malformed files are tested (they must be rejected).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
-from octssl.data.ingest.scan import LINE, RADIAL, RASTER, Scan, day, normalise_laterality
+from octssl.data.ingest.scan import LINE, RADIAL, RASTER, Scan, normalise_laterality
 from octssl.errors import IngestError
 
 #: Topcon ``scan_mode`` in the OCT header: 2 = 3D, 3 = radial, 4 = cross (two lines).
 PATTERNS = {2: RASTER, 3: RADIAL, 4: LINE}
+HEADER_BYTES = 15
 
 
-def _to_uint8(slices: list[np.ndarray], bits: int | None) -> np.ndarray:
-    volume = np.stack([np.asarray(s) for s in slices])
-    if volume.dtype == np.uint8:
-        return volume
-    top = float(2 ** int(bits) - 1) if bits else float(max(volume.max(), 1))
-    return np.clip(np.rint(volume.astype(np.float32) * (255.0 / top)), 0, 255).astype(np.uint8)
+def chunk_index(data: bytes, where: str) -> dict[bytes, tuple[int, int]]:
+    """{chunk name: (offset of its data, size)} of a 'FOCT' file (first occurrence of repeated names)."""
+    chunks: dict[bytes, tuple[int, int]] = {}
+    pos = HEADER_BYTES
+    while pos < len(data):
+        length = data[pos]
+        if length == 0:
+            break
+        name = data[pos + 1 : pos + 1 + length]
+        if pos + 5 + length > len(data):
+            raise IngestError(f"{where}: truncated file (chunk table ends inside chunk {name!r})")
+        size = int(np.frombuffer(data, "<u4", 1, pos + 1 + length)[0])
+        start = pos + 5 + length
+        if start + size > len(data):
+            raise IngestError(f"{where}: truncated file (chunk {name.decode(errors='replace')} needs {size} "
+                              f"bytes, {len(data) - start} left)")
+        chunks.setdefault(name, (start, size))
+        pos = start + size
+    return chunks
+
+
+def _uint16_volume(data: bytes, start: int, header, where: str) -> tuple[np.ndarray, int]:
+    count = header.width * header.height * header.number_slices
+    pixels = np.frombuffer(data, "<u2", count, start)  # raises ValueError when the chunk is short
+    volume = pixels.reshape(header.number_slices, header.height, header.width).astype(np.float32)
+    bits = int(header.bits_per_pixel) or 16
+    return np.clip(np.rint(volume * (255.0 / (2**bits - 1))), 0, 255).astype(np.uint8), bits
+
+
+def _bscans(data: bytes, chunks: dict, fds: bool, where: str) -> tuple[np.ndarray, dict]:
+    from oct_converter.readers.binary_structs import fda_binary, fds_binary
+    from PIL import Image
+
+    if fds and b"@IMG_SCAN_03" in chunks:
+        start, _ = chunks[b"@IMG_SCAN_03"]
+        header = fds_binary.oct_header.parse(data[start : start + fds_binary.oct_header.sizeof()])
+        return _uint16_volume(data, start + fds_binary.oct_header.sizeof(), header, where)[0], dict(header)
+    if not fds and b"@IMG_JPEG" in chunks:
+        start, _ = chunks[b"@IMG_JPEG"]
+        header = fda_binary.oct_header.parse(data[start : start + fda_binary.oct_header.sizeof()])
+        pos, slices = start + fda_binary.oct_header.sizeof(), []
+        for _ in range(header.number_slices):
+            size = int(np.frombuffer(data, "<i4", 1, pos)[0])
+            with Image.open(io.BytesIO(data[pos + 4 : pos + 4 + size])) as image:
+                slices.append(np.asarray(image.convert("L")))
+            pos += 4 + size
+        return np.stack(slices), dict(header)
+    if not fds and b"@IMG_MOT_COMP_03" in chunks:
+        start, _ = chunks[b"@IMG_MOT_COMP_03"]
+        size = fda_binary.oct_header_2.sizeof()
+        header = fda_binary.oct_header_2.parse(data[start : start + size])
+        return _uint16_volume(data, start + size, header, where)[0], dict(header)
+    raise IngestError(f"{where}: no OCT B-scan chunk (@IMG_SCAN_03, @IMG_JPEG or @IMG_MOT_COMP_03)")
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 3:  # oct-converter stores RGB order
+    if image.ndim == 3:  # RGB
         image = image[..., 0] * 0.299 + image[..., 1] * 0.587 + image[..., 2] * 0.114
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
+def _localizer(reader, data: bytes, chunks: dict, fds: bool) -> np.ndarray | None:
+    from oct_converter.readers.binary_structs import fds_binary
+
+    if fds and b"@IMG_OBS" in chunks:
+        start, _ = chunks[b"@IMG_OBS"]
+        header = fds_binary.fundus_header.parse(data[start : start + fds_binary.fundus_header.sizeof()])
+        pixels = np.frombuffer(data, np.uint8, header.size, start + fds_binary.fundus_header.sizeof())
+        return _grey(pixels.reshape(header.height, header.width, 3)[..., ::-1])  # stored BGR
+    if not fds:
+        for key, read in ((b"@IMG_TRC_02", reader.read_fundus_image_gray_scale), (b"@IMG_FUNDUS", reader.read_fundus_image)):
+            if key in chunks:
+                return _grey(read().image)
+    return None
+
+
+def _info(reader, chunks: dict, *names: str) -> dict:
+    for name in names:
+        key = f"@{name}".encode()
+        if key in chunks:
+            return reader.read_any_info_and_make_dict(key) or {}
+    return {}
+
+
 def read_topcon(path: Path) -> list[Scan]:
     """Read a Topcon ``.fds`` or ``.fda`` file (chosen by its 'FOCT' header type)."""
+    from construct import ConstructError
     from oct_converter.readers import FDA, FDS
 
     where = str(path)
-    with open(path, "rb") as handle:
-        kind = handle.read(7)[4:7]
-    reader_cls = FDS if kind == b"FDS" else FDA
+    data = path.read_bytes()
+    fds = data[4:7] == b"FDS"
+    chunks = chunk_index(data, where)
+    reader = (FDS if fds else FDA).__new__(FDS if fds else FDA)  # skip __init__: it needs np.fromstring
+    reader.filepath, reader.chunk_dict, reader.header = path, {k: list(v) for k, v in chunks.items()}, {}
     try:
-        reader = reader_cls(path)
-        oct_volume = reader.read_oct_volume()
-        meta = reader.read_all_metadata()
-    except (ValueError, IndexError, KeyError, EOFError) as err:
+        bscans, header = _bscans(data, chunks, fds, where)
+        localizer = _localizer(reader, data, chunks, fds)
+        has_params = b"@PARAM_SCAN_04" in chunks or b"@PARAM_SCAN_02" in chunks
+        spacing = reader.read_scan_params(header) if has_params else [0.0, 0.0, 0.0]  # (W, nB, D) in mm
+        patient = _info(reader, chunks, "PATIENT_INFO_02", "PATIENT_INFO")
+        capture = _info(reader, chunks, "CAPTURE_INFO_02", "CAPTURE_INFO")
+        hardware = _info(reader, chunks, "HW_INFO_03", "HW_INFO_02")
+        regist = _info(reader, chunks, "REGIST_INFO")
+    except (ValueError, IndexError, KeyError, EOFError, OSError, ConstructError) as err:
         raise IngestError(f"{where}: truncated or unreadable Topcon file ({err})") from err
-    if not oct_volume.volume:
-        raise IngestError(f"{where}: no OCT B-scans in the Topcon file")
-    header = oct_volume.oct_header or {}
-    bscans = _to_uint8(oct_volume.volume, header.get("bits_per_pixel"))
     mode = int(header.get("scan_mode", 2))
-    pattern = PATTERNS.get(mode)
-    if pattern is None:
-        raise IngestError(f"{where}: unsupported Topcon scan mode {mode} (known: {sorted(PATTERNS)})")
-    if pattern == RASTER and bscans.shape[0] == 1:
-        pattern = LINE
-    spacing = oct_volume.pixel_spacing or [0.0, 0.0, 0.0]  # (W, nB, D) per oct-converter
-    localizer = _localizer(reader, kind)
-    positions, loc_spacing = _registration(meta, localizer, bscans.shape[0], float(spacing[0]) * bscans.shape[2])
-    model = str((meta.get("hw_info_03") or meta.get("hw_info_02") or {}).get("model_name", "")).strip()
+    if mode not in PATTERNS:
+        raise IngestError(f"{where}: unsupported scan pattern {mode} (Topcon scan modes: {sorted(PATTERNS)})")
+    pattern = LINE if PATTERNS[mode] == RASTER and bscans.shape[0] == 1 else PATTERNS[mode]
+    date = capture.get("cap_date")
+    positions, loc_spacing = _registration(regist, localizer, bscans.shape[0], float(spacing[0]) * bscans.shape[2])
     return [
         Scan(
             bscans=bscans,
             spacing_mm=(float(spacing[1]), float(spacing[2]), float(spacing[0])),
             scan_pattern=pattern,
-            laterality=normalise_laterality(oct_volume.laterality or ""),
-            device=f"Topcon {model}".strip(),
-            acquired=day(oct_volume.acquisition_date),
-            device_patient_id=str(oct_volume.patient_id or "").strip() or None,
+            laterality=normalise_laterality({0: "OD", 1: "OS"}.get(capture.get("eye"), "")),
+            device=f"Topcon {str(hardware.get('model_name', '')).strip()}".strip(),
+            acquired=f"{date[0]:04d}-{date[1]:02d}-{date[2]:02d}" if date and date[0] else None,
+            device_patient_id=str(patient.get("patient_id", "")).strip() or None,
             localizer=localizer if positions is not None else None,
             localizer_spacing_mm=loc_spacing,
             positions_mm=positions,
@@ -84,28 +159,15 @@ def read_topcon(path: Path) -> list[Scan]:
     ]
 
 
-def _localizer(reader, kind: bytes) -> np.ndarray | None:
-    try:
-        if kind != b"FDS":
-            grey = reader.read_fundus_image_gray_scale()
-            if grey is not None:
-                return _grey(grey.image)
-        fundus = reader.read_fundus_image()
-        return None if fundus is None else _grey(fundus.image)
-    except (ValueError, KeyError, OSError):
-        return None
-
-
-def _registration(meta: dict, localizer: np.ndarray | None, n_bscans: int, width_mm: float):
-    info = meta.get("regist_info")
-    if localizer is None or not info or width_mm <= 0:
+def _registration(regist: dict, localizer: np.ndarray | None, n_bscans: int, width_mm: float):
+    box = regist.get("bounding_box_in_fundus_pixels")
+    if localizer is None or not box or width_mm <= 0:
         return None, None
-    x0, y0, x1, y1 = (float(v) for v in info["bounding_box_in_fundus_pixels"])
+    x0, y0, x1, y1 = (float(v) for v in box)
     if x1 <= x0:
         return None, None
     mm_per_px = width_mm / (x1 - x0)
     rows = np.linspace(y0, y1, n_bscans) if n_bscans > 1 else np.array([(y0 + y1) / 2])
-    positions = np.stack(
-        [np.stack([np.full_like(rows, x0), rows], 1), np.stack([np.full_like(rows, x1), rows], 1)], 1
-    )
-    return positions * mm_per_px, (mm_per_px, mm_per_px)
+    start = np.stack([np.full_like(rows, x0), rows], 1)
+    end = np.stack([np.full_like(rows, x1), rows], 1)
+    return np.stack([start, end], 1) * mm_per_px, (mm_per_px, mm_per_px)
