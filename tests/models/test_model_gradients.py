@@ -9,6 +9,7 @@ import torch
 
 from octssl.models import build_model
 from octssl.models.blocks import BatchNorm3d
+from octssl.models.profile import count_flops, saved_activation_bytes
 
 SMALL = {
     "fpn": (2, 1, 4, 64, 32),
@@ -37,19 +38,6 @@ def test_gradients_reach_every_parameter(name: str) -> None:
     assert not dead, f"{name}: parameters without gradient: {dead}"
 
 
-def saved_bytes(model: torch.nn.Module, volume: torch.Tensor) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward during one forward."""
-    seen: dict[tuple[int, int], int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        seen[(tensor.untyped_storage().data_ptr(), tensor.storage_offset())] = tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(volume)
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("name", ["fpn", "lachinov"])
 def test_checkpointing_same_results_less_saved_memory(name: str) -> None:
     torch.manual_seed(1)
@@ -69,7 +57,7 @@ def test_checkpointing_same_results_less_saved_memory(name: str) -> None:
     for (key, b1), b2 in zip(plain.named_buffers(), checkpointed.buffers(), strict=True):
         torch.testing.assert_close(b2, b1, msg=f"buffer {key}")
 
-    ratio = saved_bytes(checkpointed, volume) / saved_bytes(plain, volume)
+    ratio = saved_activation_bytes(checkpointed, volume) / saved_activation_bytes(plain, volume)
     print(f"{name}: saved-for-backward bytes with/without checkpointing = {ratio:.3f}")
     assert ratio < 0.6
 
@@ -102,3 +90,10 @@ def test_batchnorm_runs_in_fp32_under_bf16_autocast() -> None:
     stats = [buf.dtype for m in model.modules() if isinstance(m, BatchNorm3d) for buf in (m.running_mean, m.running_var)]
     assert set(stats) == {torch.float32}
     assert logits.shape == (2, 1, 4, 16)
+
+
+def test_fpn_flops_match_the_paper() -> None:
+    # PAPER.md: "One fwd+bwd is 228 GFLOP per volume at this crop" (32 B-scans x 128 depth x 256 A-scans).
+    flops = count_flops("fpn", (32, 128, 256))
+    assert flops["forward_backward"] / 1e9 == pytest.approx(228, abs=0.5)
+    assert 2.5 < flops["forward_backward"] / flops["forward"] < 3.0  # backward ~ 2x forward

@@ -30,6 +30,8 @@ class _Fp32NormMixin:
         dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32  # type: ignore[attr-defined]
         if self.weight is not None:  # type: ignore[attr-defined]
             dtype = self.weight.dtype  # type: ignore[attr-defined]
+        if not torch.amp.is_autocast_available(x.device.type):  # e.g. "meta", used to count FLOPs
+            return super().forward(x.to(dtype))  # type: ignore[misc]
         with torch.autocast(device_type=x.device.type, enabled=False):
             return super().forward(x.to(dtype))  # type: ignore[misc]
 

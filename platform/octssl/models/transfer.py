@@ -29,7 +29,7 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any] | 
     path = Path(path)
     model = _unwrap(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    header = {key: json.dumps(value) for key, value in (metadata or {}).items()}
+    header = {key: json.dumps(value, default=str) for key, value in (metadata or {}).items()}
     if hasattr(model, "name") and hasattr(model, "options"):
         header[MODEL_KEY] = str(model.name)
         header[OPTIONS_KEY] = json.dumps(model.options)
