@@ -30,6 +30,11 @@ PATTERNS = {2: RASTER, 3: RADIAL, 4: LINE}
 HEADER_BYTES = 15
 
 
+def _name(raw: bytes) -> str:
+    text = raw.decode("ascii", errors="replace")
+    return text if text.isprintable() and "\ufffd" not in text else repr(raw[:16])
+
+
 def chunk_index(data: bytes, where: str) -> dict[bytes, tuple[int, int]]:
     """{chunk name: (offset of its data, size)} of a 'FOCT' file (first occurrence of repeated names)."""
     chunks: dict[bytes, tuple[int, int]] = {}
@@ -40,11 +45,11 @@ def chunk_index(data: bytes, where: str) -> dict[bytes, tuple[int, int]]:
             break
         name = data[pos + 1 : pos + 1 + length]
         if pos + 5 + length > len(data):
-            raise IngestError(f"{where}: truncated file (chunk table ends inside chunk {name!r})")
+            raise IngestError(f"{where}: truncated file (chunk table ends inside chunk {_name(name)})")
         size = int(np.frombuffer(data, "<u4", 1, pos + 1 + length)[0])
         start = pos + 5 + length
         if start + size > len(data):
-            raise IngestError(f"{where}: truncated file (chunk {name.decode(errors='replace')} needs {size} "
+            raise IngestError(f"{where}: truncated file (chunk {_name(name)} needs {size} "
                               f"bytes, {len(data) - start} left)")
         chunks.setdefault(name, (start, size))
         pos = start + size
