@@ -213,3 +213,86 @@ def verify(path: Path = _VERIFY_PATH, strict: bool = _VERIFY_STRICT) -> None:
         console.print(f"[bold red]verify failed:[/] {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
         raise typer.Exit(1)
     console.print(f"[green]ok[/] {path}" + (f" ({len(problems)} warning(s))" if problems else ""))
+
+
+# ---------------------------------------------------------------- Ray jobs (submit, status, logs, stop)
+jobs_app = typer.Typer(no_args_is_help=True, help="Follow jobs on a Ray cluster: status, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
+
+_ADDRESS = typer.Option(
+    "http://127.0.0.1:8265", "--address", "-a", envvar="RAY_API_SERVER_ADDRESS",
+    help="Ray dashboard URL of the cluster head (env RAY_API_SERVER_ADDRESS)",
+)
+
+
+_SUBMIT_CONFIG = typer.Argument(..., help="job YAML inside this checkout (see jobs/)")
+_SUBMIT_SET = typer.Option([], "--set", help="override a config key on the cluster (repeatable)")
+_SUBMIT_PORT = typer.Option(None, "--metrics-port", help="workers serve Prometheus /metrics on PORT+rank")
+_SUBMIT_WAIT = typer.Option(False, "--wait", help="wait for the end, print the logs, exit 1 unless SUCCEEDED")
+_SUBMIT_TIMEOUT = typer.Option(None, "--timeout", help="with --wait: give up after SECONDS")
+
+
+@app.command()
+def submit(
+    config: Path = _SUBMIT_CONFIG,
+    address: str = _ADDRESS,
+    set_: list[str] = _SUBMIT_SET,
+    metrics_port: int | None = _SUBMIT_PORT,
+    wait: bool = _SUBMIT_WAIT,
+    timeout: float | None = _SUBMIT_TIMEOUT,
+) -> None:
+    """Submit `python -m octssl.jobs CONFIG` to a Ray cluster, uploading this checkout as the working dir."""
+    from octssl import jobs_client
+
+    extra = ["--metrics-port", str(metrics_port)] if metrics_port is not None else []
+    try:
+        job_id = jobs_client.submit(config, address, overrides=set_, extra_args=extra)
+        print(job_id)
+        if not wait:
+            console.print(f"submitted; follow with `octssl jobs logs {job_id} --address {address}`")
+            return
+        state = jobs_client.wait(job_id, address, timeout_s=timeout)
+        print(jobs_client.logs(job_id, address), end="")
+    except OctsslError as err:
+        _fail(err)
+    console.print(f"job {job_id}: {state}")
+    if state != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: str = _ADDRESS) -> None:
+    """Print a job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and the cluster's message."""
+    from octssl import jobs_client
+
+    try:
+        details = jobs_client.info(job_id, address)
+    except OctsslError as err:
+        _fail(err)
+    print(details["status"])
+    if details["message"]:
+        console.print(details["message"])
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: str = _ADDRESS) -> None:
+    """Print everything the job's driver has written so far."""
+    from octssl import jobs_client
+
+    try:
+        text = jobs_client.logs(job_id, address)
+    except OctsslError as err:
+        _fail(err)
+    print(text, end="")
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: str = _ADDRESS) -> None:
+    """Ask the cluster to stop a job."""
+    from octssl import jobs_client
+
+    try:
+        stopped = jobs_client.stop(job_id, address)
+    except OctsslError as err:
+        _fail(err)
+    console.print(f"job {job_id}: " + ("stop requested" if stopped else "already finished"))
