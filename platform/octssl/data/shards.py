@@ -323,7 +323,7 @@ def decode_sample(members: dict[str, memoryview], sample_id: str, digests: dict[
                 with Image.open(io.BytesIO(members[f"{key}.png"])) as image:
                     if image.mode != "L":
                         raise ShardError(f"{at}: '{key}' PNG is mode {image.mode}, expected 8-bit grey (L)")
-                    sample[key] = np.asarray(image)
+                    sample[key] = np.array(image)  # writable, like the corpus's arrays
         meta = json.loads(bytes(members["json"])) if "json" in members else {}
     except (ValueError, OSError) as err:
         raise ShardError(f"{at}: cannot decode: {err}") from err
