@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shutil
 import struct
@@ -118,13 +119,16 @@ def main() -> None:
     logging.getLogger("octssl.ingest").setLevel(logging.ERROR)  # the ephemeral-key warning, once per run
     worker_counts = [int(w) for w in args.workers.split(",")]
     results: dict[str, Any] = {
-        "benchmark": "ingest", "device": f"CPU: {cpu_name()}", "cpu_count": __import__("os").cpu_count(),
+        "benchmark": "ingest", "device": f"CPU: {cpu_name()}", "cpu_count": os.cpu_count(),
+        "load_avg_1m_before": round(os.getloadavg()[0], 2),
         "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         if (SHARED_VOL / REAL_FILES[0]).is_file():
             real_copies(work / "real", args.repeats)
+            # warm-up: imports (eyepy, construct, zarr) are paid here, not by the first measurement
+            ingest([sorted((work / "real").iterdir())[0]], work / "warmup", ephemeral_key=True, progress=False)
             results["real_vol"] = [measure(work / "real", work, w, (49, 128, 512)) for w in worker_counts]
             results["real_vol_phases_one_file"] = phases(sorted((work / "real").iterdir())[0], work)
         else:
@@ -132,6 +136,7 @@ def main() -> None:
         synthetic_stacks(work / "stacks", args.stacks)
         results["raster_stack_49x496x512"] = [measure(work / "stacks", work, w, (49, 128, 512)) for w in worker_counts]
         results["raster_stack_phases_one_stack"] = phases(work / "stacks" / "stack_000", work)
+    results["load_avg_1m_after"] = round(os.getloadavg()[0], 2)  # the machine is shared: read numbers with it
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
