@@ -281,8 +281,11 @@ def test_verify_reports_every_problem_in_one_pass(make_corpus, tmp_path: Path) -
     assert str(orphan["index"]) in text
     missing = [p for p in problems if "rpd/8x32x32: sample " in p and "array missing" in p]
     assert len(missing) == len(rows)  # every sample named, not just the first
+    damaged = Corpus.open(path)
     with pytest.raises(CorpusError, match=f"sample {victim}: cannot decode 'oct'"):
-        Corpus.open(path).read(victim)
+        damaged.read_array("oct", damaged.row(victim))
+    with pytest.raises(CorpusError, match=f"sample {victim}: array missing"):  # rpd is gone too
+        damaged.read(victim)
 
 
 def test_verify_flags_a_manifest_that_points_past_a_bucket(corpus: Corpus) -> None:

@@ -9,6 +9,7 @@ commit point; see ``octssl.data.journal`` for how a crashed append is undone.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import math
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import zarr
+from zarr.core.sync import sync as zarr_sync
 from zarr.storage import LocalStore
 
 from octssl.data import manifest as mf
@@ -202,21 +204,32 @@ class Corpus:
 
     def read_array(self, key: str, row: dict[str, Any]) -> np.ndarray:
         """One stored array of one manifest row; CorpusError naming the file and sample on failure."""
-        try:
-            arr = self.array(key, row["grid"])
-        except CorpusError:
-            raise CorpusError(f"{self.zarr_path / array_path(key, row['grid'])}: sample {row['id']}: "
-                              f"array missing") from None
-        if row["index"] >= arr.shape[0]:
-            raise CorpusError(
-                f"{self.zarr_path / array_path(key, row['grid'])}: sample {row['id']}: manifest index "
-                f"{row['index']} is beyond the array's {arr.shape[0]} volumes (row without data)"
-            )
-        try:
-            return arr[row["index"]]
-        except Exception as err:  # any codec failure means the stored bytes are damaged
-            where = self.shard_file(key, row["grid"], row["index"])
-            raise CorpusError(f"{where}: sample {row['id']}: cannot decode '{key}': {err}") from err
+        return self._read_arrays([key], row)[key]
+
+    def _read_arrays(self, keys: list[str], row: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Several arrays of one row, fetched concurrently in one trip through Zarr's event loop (a
+        separate trip per array costs about a third of the read rate on small volumes)."""
+        arrays = []
+        for key in keys:
+            where = self.zarr_path / array_path(key, row["grid"])
+            try:
+                arr = self.array(key, row["grid"])
+            except CorpusError:
+                raise CorpusError(f"{where}: sample {row['id']}: array missing") from None
+            if row["index"] >= arr.shape[0]:
+                raise CorpusError(f"{where}: sample {row['id']}: manifest index {row['index']} is beyond the "
+                                  f"array's {arr.shape[0]} volumes (row without data)")
+            arrays.append(arr.async_array)
+
+        async def fetch() -> list[Any]:
+            return await asyncio.gather(*(a.getitem(row["index"]) for a in arrays), return_exceptions=True)
+
+        results = dict(zip(keys, zarr_sync(fetch()), strict=True))
+        for key, result in results.items():
+            if isinstance(result, BaseException):  # any codec failure means the stored bytes are damaged
+                where = self.shard_file(key, row["grid"], row["index"])
+                raise CorpusError(f"{where}: sample {row['id']}: cannot decode '{key}': {result}") from result
+        return results
 
     def read(self, sample_id: str, *, verify: bool = False) -> dict[str, Any]:
         """The sample dict of ``sample_id`` (uint8 arrays, ``meta`` from the manifest).
@@ -225,8 +238,7 @@ class Corpus:
         """
         row = self.row(sample_id)
         sample: dict[str, Any] = {"id": sample_id}
-        for key in [*row["modalities"], *row["labels"]]:
-            data = self.read_array(key, row)
+        for key, data in self._read_arrays([*row["modalities"], *row["labels"]], row).items():
             if verify and mf.array_sha256(data) != row["sha256"][key]:
                 where = self.shard_file(key, row["grid"], row["index"])
                 raise CorpusError(f"{where}: sample {sample_id}: '{key}' checksum mismatch")
