@@ -227,7 +227,7 @@ def is_shard_dir(path: str | Path) -> bool:
     return (Path(path) / INDEX_NAME).is_file()
 
 
-def split_members(chunk: bytes | bytearray, where: str) -> dict[str, dict[str, memoryview]]:
+def split_members(chunk: bytes | bytearray | memoryview, where: str) -> dict[str, dict[str, memoryview]]:
     """Tar records in ``chunk`` grouped as ``{key: {extension: data}}`` (data are views into ``chunk``).
 
     Parses the ustar headers our exporter writes directly (no copy of the chunk, ~10x faster than
@@ -265,7 +265,7 @@ def _octal(field: bytes) -> int:
     return int(field.strip(b" \0") or b"0", 8)
 
 
-def _split_members_tarfile(chunk: bytes | bytearray, where: str) -> dict[str, dict[str, memoryview]]:
+def _split_members_tarfile(chunk: bytes | bytearray | memoryview, where: str) -> dict[str, dict[str, memoryview]]:
     view = memoryview(chunk)
     grouped: dict[str, dict[str, memoryview]] = {}
     try:
@@ -342,8 +342,10 @@ def read_sample(handle: BinaryIO, entry: dict[str, Any], sample_id: str, where: 
                 verify: bool = True) -> dict[str, Any]:
     """Read one sample at its index byte range from an open shard file."""
     handle.seek(entry["offset"])
-    chunk = bytearray(entry["size"])
-    got = handle.readinto(chunk)
+    chunk = memoryview(np.empty(entry["size"], dtype=np.uint8))  # no zero-fill: readinto overwrites it
+    got = 0
+    while got < entry["size"] and (count := handle.readinto(chunk[got:])):
+        got += count
     if got != entry["size"]:
         raise ShardError(f"{where}: sample {sample_id}: truncated tar ({got} of {entry['size']} bytes readable)")
     members = split_members(chunk, f"{where}: sample {sample_id}").get(sample_id)

@@ -23,6 +23,7 @@ corpus manifest's sha256. The shards remain ordinary WebDataset tars for any oth
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -129,6 +130,7 @@ class StreamSource(IterableDataset):
         shuffle_window: int = 64,
         verify: bool = True,
         open_files: int = 4,
+        prefetch: int = 4,
     ) -> None:
         super().__init__()
         self.shards_dir = Path(shards_dir)
@@ -148,6 +150,7 @@ class StreamSource(IterableDataset):
         self.split, self.rank, self.world_size, self.seed = split, rank, world_size, int(seed)
         self.batch_size, self.transform = batch_size, transform
         self.shuffle_window, self.verify, self.open_files = max(1, shuffle_window), verify, max(1, open_files)
+        self.prefetch = max(0, prefetch)  # samples whose reads are started ahead (posix_fadvise WILLNEED)
         default = self.total // (world_size * batch_size)
         self.batches_per_epoch = default if batches_per_epoch is None else int(batches_per_epoch)
         if self.batches_per_epoch < 1:
@@ -200,26 +203,30 @@ class StreamSource(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         order = self.epoch_order(self.epoch)
+        draws = [draw for batch in range(self.step + worker, self.batches_per_epoch, workers)
+                 for draw in range(batch * self.batch_size, (batch + 1) * self.batch_size)]
         files: OrderedDict[str, BinaryIO] = OrderedDict()
         try:
-            for batch in range(self.step + worker, self.batches_per_epoch, workers):
-                for draw in range(batch * self.batch_size, (batch + 1) * self.batch_size):
-                    sample = _with_draw(self._read(order[draw], files), self.epoch, draw)
-                    yield self.transform(sample) if self.transform else sample
+            for position, draw in enumerate(draws):
+                if self.prefetch:
+                    for ahead in draws[position + (self.prefetch if position else 1):position + self.prefetch + 1]:
+                        self._prefetch(order[ahead], files)
+                sample = _with_draw(self._read(order[draw], files), self.epoch, draw)
+                yield self.transform(sample) if self.transform else sample
         finally:
             for handle in files.values():
                 handle.close()
 
-    def _read(self, sample_id: str, files: OrderedDict[str, BinaryIO]) -> dict[str, Any]:
-        entry = self.entries[sample_id]
-        name = entry["shard"]
-        path = self.shards_dir / name
+    def _handle(self, sample_id: str, files: OrderedDict[str, BinaryIO]) -> BinaryIO:
+        """The open shard file holding ``sample_id`` (a few stay open); ShardError if missing or truncated."""
+        name = self.entries[sample_id]["shard"]
         if name not in files:
+            path = self.shards_dir / name
             try:
-                handle = open(path, "rb")
+                handle = open(path, "rb", buffering=0)
             except FileNotFoundError:
                 raise ShardError(f"{path}: shard missing (needed for sample {sample_id})") from None
-            size = Path(path).stat().st_size
+            size = os.fstat(handle.fileno()).st_size
             if size != self.shard_bytes[name]:
                 handle.close()
                 raise ShardError(f"{path}: truncated or altered tar ({size} bytes, index says "
@@ -228,7 +235,19 @@ class StreamSource(IterableDataset):
             if len(files) > self.open_files:
                 files.popitem(last=False)[1].close()
         files.move_to_end(name)
-        return read_sample(files[name], entry, sample_id, str(path), verify=self.verify)
+        return files[name]
+
+    def _prefetch(self, sample_id: str, files: OrderedDict[str, BinaryIO]) -> None:
+        """Ask the kernel to start reading a coming sample, so disk reads overlap decoding."""
+        if hasattr(os, "posix_fadvise"):
+            entry = self.entries[sample_id]
+            os.posix_fadvise(self._handle(sample_id, files).fileno(), entry["offset"], entry["size"],
+                             os.POSIX_FADV_WILLNEED)
+
+    def _read(self, sample_id: str, files: OrderedDict[str, BinaryIO]) -> dict[str, Any]:
+        handle = self._handle(sample_id, files)
+        where = str(self.shards_dir / self.entries[sample_id]["shard"])
+        return read_sample(handle, self.entries[sample_id], sample_id, where, verify=self.verify)
 
     def loader(self, num_workers: int = 0, collate_fn: Callable | None = collate, **kwargs: Any) -> StreamLoader:
         """A DataLoader over this source that keeps ``state_dict()`` in step with the batches consumed."""
