@@ -298,3 +298,14 @@ def test_verify_flags_a_manifest_that_points_past_a_bucket(corpus: Corpus) -> No
     problems = Corpus.open(corpus.path).verify()
     assert any("oct/2x6x10: sample a: array missing" in p for p in problems)
     assert any(p.startswith("warning: ") and "oct/4x8x8" in p for p in problems)  # its old slot is orphaned
+
+
+def test_verify_flags_arrays_of_the_wrong_shape_or_dtype(corpus: Corpus) -> None:
+    corpus.append([sample("a"), sample("b")], progress=False)
+    import shutil
+
+    shutil.rmtree(corpus.zarr_path / "faf" / "4x8x8")
+    zarr.create_array(zarr.storage.LocalStore(corpus.zarr_path), name="faf/4x8x8", shape=(2, 4, 9), dtype="uint16")
+    problems = Corpus.open(corpus.path).verify()
+    assert any("faf/4x8x8: array is uint16(2, 4, 9), expected uint8[N, (4, 8)]" in p for p in problems)
+    assert any("faf/4x8x8/c/0/0/0: sample a: 'faf' is uint16(4, 9)" in p for p in problems)

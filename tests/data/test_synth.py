@@ -220,3 +220,13 @@ def test_cli_verify_dispatches_to_shard_directories(tiny_corpus: Path, tmp_path:
     tar.write_bytes(tar.read_bytes()[:-2048])
     result = runner.invoke(app, ["verify", str(tmp_path / "shards")])
     assert result.exit_code == 1 and tar.name in result.stdout
+
+
+def test_cli_verify_names_the_bad_manifest_column(make_corpus) -> None:
+    import pyarrow.parquet as pq
+
+    path = make_corpus(volumes=3)
+    table = pq.read_table(path / "manifest.parquet")
+    pq.write_table(table.drop_columns(["split"]), path / "manifest.parquet")
+    result = runner.invoke(app, ["verify", str(path)])
+    assert result.exit_code == 1 and "manifest.parquet: column 'split' is missing" in result.stdout

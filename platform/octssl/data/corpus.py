@@ -198,7 +198,8 @@ class Corpus:
     def shard_file(self, key: str, grid: str, index: int) -> Path:
         """Path of the shard file that holds slot ``index`` of ``<key>/<grid>``."""
         arr = self.array(key, grid)
-        return self.zarr_path / array_path(key, grid) / "c" / str(index // arr.shards[0]) / "/".join(
+        per_file = (arr.shards or arr.chunks)[0]  # a foreign unsharded array stores one chunk per file
+        return self.zarr_path / array_path(key, grid) / "c" / str(index // per_file) / "/".join(
             ["0"] * (arr.ndim - 1)
         )
 

@@ -119,13 +119,13 @@ class EyeModel:
         return self._vessel_cache[key]
 
     def _vessel_density(self, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-        density = np.zeros(yy.shape)
-        grid = np.stack([yy.ravel(), xx.ravel()], axis=1)
-        grid_sq = (grid**2).sum(axis=1)[:, None]
-        for points, width in self.vessel_paths:  # |g - p|^2 as a matrix product: fast for many points
-            d2 = np.clip((grid_sq + (points**2).sum(axis=1)[None, :] - 2.0 * grid @ points.T).min(axis=1), 0, None)
-            density = np.maximum(density, np.exp(-d2 / width**2).reshape(yy.shape))
-        return density
+        density = np.zeros(yy.size, np.float32)
+        gy, gx = yy.ravel().astype(np.float32)[:, None], xx.ravel().astype(np.float32)[:, None]
+        for points, width in self.vessel_paths:  # plain broadcasting: BLAS threads stall on a busy machine
+            py, px = points[:, 0].astype(np.float32)[None, :], points[:, 1].astype(np.float32)[None, :]
+            d2 = ((gy - py) ** 2 + (gx - px) ** 2).min(axis=1)
+            density = np.maximum(density, np.exp(-d2 / np.float32(width**2)))
+        return density.reshape(yy.shape).astype(np.float64)
 
 
 def _vessel_tree(rng: np.random.Generator, nasal: float) -> list[tuple[np.ndarray, float]]:

@@ -37,6 +37,7 @@ class AppendWriter:
         self.lengths: dict[str, int] = {}  # grid -> slots written so far (committed + this append)
         self.buffers: dict[str, list[dict[str, np.ndarray]]] = {}
         self.arrays: dict[str, zarr.Array] = {}
+        self.shard_lens: dict[str, int] = {}  # grid -> volumes per oct shard
 
     def write_all(self, samples: Iterable[dict[str, Any]], progress: bool) -> list[dict[str, Any]]:
         from octssl.data.corpus import assign_split, prepared_sample
@@ -73,8 +74,9 @@ class AppendWriter:
         buffer = self.buffers[grid]
         index = self.lengths[grid] + len(buffer)
         buffer.append(arrays)
-        shard_len = self._shard_len(grid, VOLUME_KEY, arrays[VOLUME_KEY].nbytes)
-        if (index + 1) % shard_len == 0:
+        if grid not in self.shard_lens:
+            self.shard_lens[grid] = self._shard_len(grid, VOLUME_KEY, arrays[VOLUME_KEY].nbytes)
+        if (index + 1) % self.shard_lens[grid] == 0:
             self.flush(grid)
         return index
 
@@ -89,7 +91,7 @@ class AppendWriter:
         targets = [(key, self._open_or_create(key, grid, volume_shape if key == VOLUME_KEY else enface_shape))
                    for key in ARRAY_KEYS]
         for key, arr in targets:  # journal first (a no-op for arrays this append created), then write
-            self.journal.protect(f"{key}/{grid}", arr.shape[0], arr.shards[0], exists=True)
+            self.journal.protect(f"{key}/{grid}", arr.shape[0], (arr.shards or arr.chunks)[0], exists=True)
         for key, arr in targets:
             arr.resize((stop, *arr.shape[1:]))
             present = [i for i, arrays in enumerate(buffer) if key in arrays]
@@ -118,7 +120,8 @@ class AppendWriter:
         from octssl.data.corpus import shard_length
 
         try:
-            return self._open(key, grid).shards[0]
+            arr = self._open(key, grid)
+            return (arr.shards or arr.chunks)[0]
         except CorpusError:
             return shard_length(nbytes, self.corpus.settings["shard_bytes"])
 
