@@ -222,12 +222,16 @@ class Corpus:
                                   f"array's {arr.shape[0]} volumes (row without data)")
             arrays.append(arr.async_array)
 
-        async def fetch() -> list[Any]:
-            return await asyncio.gather(*(a.getitem(row["index"]) for a in arrays), return_exceptions=True)
+        async def fetch(chosen: list[Any]) -> list[Any]:
+            return await asyncio.gather(*(a.getitem(row["index"]) for a in chosen), return_exceptions=True)
 
-        results = dict(zip(keys, zarr_sync(fetch()), strict=True))
+        results = dict(zip(keys, zarr_sync(fetch(arrays)), strict=True))
+        failed = [k for k, r in results.items() if isinstance(r, Exception)]
+        if failed:
+            # Once more: a writer may have replaced the shard file between Zarr's index and chunk reads.
+            results.update(zip(failed, zarr_sync(fetch([arrays[keys.index(k)] for k in failed])), strict=True))
         for key, result in results.items():
-            if isinstance(result, BaseException):  # any codec failure means the stored bytes are damaged
+            if isinstance(result, Exception):  # any codec failure means the stored bytes are damaged
                 where = self.shard_file(key, row["grid"], row["index"])
                 raise CorpusError(f"{where}: sample {row['id']}: cannot decode '{key}': {result}") from result
         return results

@@ -36,8 +36,7 @@ def write_preview(corpus: Corpus, out: Path, rows: int = 3) -> Path:
         volume = sample["oct"]
         ga = sample.get("ga")
         bscan = int(np.argmax(ga.sum(axis=1))) if ga is not None and ga.any() else volume.shape[0] // 2
-        nb, depth, width = volume.shape
-        sy, sz, sx = sample["meta"]["spacing_mm"]
+        sy, _, sx = sample["meta"]["spacing_mm"]
         panels = [volume[bscan], volume.mean(axis=1), sample.get("faf"), sample.get("slo"), ga, sample.get("rpd")]
         for c, (title, image) in enumerate(zip(PANELS, panels, strict=True)):
             ax = axes[r, c]
@@ -50,7 +49,7 @@ def write_preview(corpus: Corpus, out: Path, rows: int = 3) -> Path:
             if image is None:
                 ax.text(0.5, 0.5, "absent", ha="center", va="center", transform=ax.transAxes)
                 continue
-            aspect = sz / sx if c == 0 else sy / sx
+            aspect = "auto" if c == 0 else sy / sx  # B-scans are ~5x wider than deep: stretch depth
             ax.imshow(image, cmap="gray", aspect=aspect, interpolation="nearest",
                       vmin=0, vmax=1 if c >= 4 else None)
     figure.tight_layout()
