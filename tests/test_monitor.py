@@ -243,6 +243,39 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
-@pytest.mark.skip(reason="needs octssl.train: `octssl pretrain --metrics-port` from the training launcher")
-def test_real_prometheus_scrapes_octssl_pretrain():
-    """Placeholder: switch to a short `octssl pretrain ... --metrics-port P` run once the launcher exists."""
+@pytest.mark.slow
+def test_real_prometheus_scrapes_octssl_pretrain(prometheus_binary, tmp_path):
+    """`octssl pretrain --metrics-port P` (2 Ray Train workers, DeepSpeed on CPU) scraped by Prometheus."""
+    from octssl.data.synth import synthesize
+
+    corpus = tmp_path / "corpus"
+    synthesize(corpus, volumes=12, grid=(16, 64, 64), seed=3, labelled=0.5)
+    run = _run_name()
+    port = _free_port()
+    while not _port_is_free(port + 1):
+        port = _free_port()
+    prom, base = _start_prometheus(prometheus_binary, tmp_path, [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"])
+    octssl = Path(sys.executable).parent / "octssl"
+    overrides = [f"data.corpus={corpus}", f"run.storage_path={tmp_path / 'runs'}", f"run.name={run}",
+                 "data.crop=[16, 64]", "data.batch_size=2", "data.crops_per_volume=2", "data.val_volumes=2",
+                 "model.width=0.25", "run.max_steps=30", "run.log_every=1", "run.eval_every=1000",
+                 "run.ckpt_every=1000", "optim.warmup_steps=0", "scaling.workers=2"]
+    command = [str(octssl), "pretrain", "--config", str(Path(__file__).parents[1] / "jobs" / "pretrain.yaml"),
+               "--metrics-port", str(port)]
+    for item in overrides:
+        command += ["--set", item]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        time.sleep(2)  # one more scrape interval
+        # The run has ended: range queries still see every sample it exported.
+        rates = _query(base, f'max_over_time(octssl_samples_per_second{{run="{run}"}}[10m]) > 0')
+        losses = _query(base, f'max_over_time(octssl_loss{{run="{run}"}}[10m])')
+        scrapes = _query(base, f'count_over_time(octssl_step{{run="{run}"}}[10m])')
+        assert sorted(r["metric"]["rank"] for r in rates) == ["0", "1"], (rates, done.stderr[-2000:])
+        assert sorted(r["metric"]["rank"] for r in losses) == ["0", "1"], losses
+        assert all(math.isfinite(float(r["value"][1])) for r in losses)
+        assert min(float(r["value"][1]) for r in scrapes) >= 3  # scraped while it trained, not once at the end
+    finally:
+        prom.terminate()
+        prom.wait(timeout=20)

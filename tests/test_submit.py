@@ -10,7 +10,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -33,13 +35,17 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _env() -> dict[str, str]:
+TOKEN = uuid.uuid4().hex  # the head runs with token authentication, as Ray 2.60 local clusters do
+
+
+def _env(token: str = TOKEN) -> dict[str, str]:
     # The job's `python` must be this venv's: put it first on the head's PATH.
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(monkeypatch_module):
     """A Ray head of our own on loopback ports (every port chosen free), stopped by its process group."""
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("the ray CLI is not installed in this environment")
@@ -54,12 +60,15 @@ def ray_head():
     log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - closed in teardown
     head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
+    monkeypatch_module.setenv("RAY_AUTH_TOKEN", TOKEN)  # what the in-process client sends
     try:
         deadline = time.time() + 90
         while True:
             try:
-                if urllib.request.urlopen(f"{address}/api/version", timeout=2).status == 200:
-                    break
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # it answers (401 when ~/.ray/auth_token made it a token-auth cluster)
             except OSError:
                 pass
             if head.poll() is not None or time.time() > deadline:
@@ -70,6 +79,12 @@ def ray_head():
         _stop_group(head)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -103,9 +118,9 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def _octssl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _octssl(*args: str, timeout: float = 120, token: str = TOKEN) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "octssl"), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, env=_env())
+                          cwd=REPO, env=_env(token))
 
 
 def test_tiny_job_succeeds_with_the_checkout_shipped(ray_head):
@@ -134,6 +149,12 @@ def test_submit_runs_octssl_jobs_and_reports_its_failure(ray_head):
     assert status.returncode == 0 and status.stdout.strip() == "FAILED", status.stderr
     logs = _octssl("jobs", "logs", job_id, "--address", ray_head)
     assert "python -m octssl.jobs jobs/pretrain.yaml --set data.corpus=/nonexistent/corpus" in logs.stdout
+
+
+def test_wrong_token_is_a_clear_error(ray_head):
+    done = _octssl("jobs", "status", "raysubmit_x", "--address", ray_head, token="not-the-token")
+    assert done.returncode == 2 and "rejected the token" in done.stderr and "RAY_AUTH_TOKEN" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_unknown_job_id_is_a_clear_error(ray_head):

@@ -30,21 +30,44 @@ def repo_root() -> Path:
     return candidate if (candidate / "pyproject.toml").is_file() else Path.cwd()
 
 
+def auth_token() -> str | None:
+    """Ray's token for clusters with token authentication (Ray 2.52+): $RAY_AUTH_TOKEN, the file named by
+    $RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, where `ray start`/`ray.init` keep it on this machine."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if path.is_file():
+        return path.read_text().strip() or None
+    return None
+
+
 def _client(address: str) -> Any:
     from ray.job_submission import JobSubmissionClient
 
-    # Ray 2.60 clusters started with token auth need the client to send the token (~/.ray/auth_token).
-    if "RAY_AUTH_MODE" not in os.environ and (
-        os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file()
-    ):
-        os.environ["RAY_AUTH_MODE"] = "token"
+    # Sent explicitly: Ray reads RAY_AUTH_MODE once per process, so setting it here would come too late.
+    # A cluster without token authentication ignores the header.
+    token = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=headers)
     except Exception as err:  # ray raises ConnectionError, ValueError or its own errors, by version
+        if _is_auth_error(err):
+            raise JobSubmitError(_auth_message(address, token, err)) from None
         raise JobSubmitError(
             f"cannot reach the Ray dashboard at {address}: {_first_line(err)} "
             "(is the head running and its dashboard port, usually 8265, forwarded?)"
         ) from None
+
+
+def _is_auth_error(err: Exception) -> bool:
+    text = str(err).lower()
+    return "authentication" in text or "unauthorized" in text or "401" in text
+
+
+def _auth_message(address: str, token: str | None, err: Exception) -> str:
+    problem = "rejected the token sent" if token else "requires a token and none was found"
+    return (f"the Ray cluster at {address} {problem} ({_first_line(err)}): set RAY_AUTH_TOKEN, or "
+            "RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (on Kubernetes: the cluster's token Secret)")
 
 
 def _first_line(err: Exception) -> str:
@@ -58,6 +81,8 @@ def _call(address: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     except JobSubmitError:
         raise
     except Exception as err:
+        if _is_auth_error(err):
+            raise JobSubmitError(_auth_message(address, auth_token(), err)) from None
         raise JobSubmitError(f"{address}: {what} failed: {_first_line(err)}") from None
 
 
