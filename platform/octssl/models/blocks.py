@@ -27,9 +27,9 @@ class _Fp32NormMixin:
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32  # type: ignore[attr-defined]
-        if self.weight is not None:  # type: ignore[attr-defined]
-            dtype = self.weight.dtype  # type: ignore[attr-defined]
+        # The parameters' dtype: fp32 unless the whole model was cast down on purpose.
+        state = (self.weight, self.running_mean)  # type: ignore[attr-defined]
+        dtype = next((t.dtype for t in state if t is not None), torch.float32)
         if not torch.amp.is_autocast_available(x.device.type):  # e.g. "meta", used to count FLOPs
             return super().forward(x.to(dtype))  # type: ignore[misc]
         with torch.autocast(device_type=x.device.type, enabled=False):
