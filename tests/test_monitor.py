@@ -225,6 +225,7 @@ def test_real_prometheus_scrapes_two_training_ranks(prometheus_binary, tmp_path)
         assert all(math.isfinite(float(r["value"][1])) and float(r["value"][1]) > 0 for r in losses)
         up = _query(base, 'up{job="octssl"}')
         assert sorted(float(u["value"][1]) for u in up) == [1.0, 1.0]
+        _dashboard_queries_work(base, run)
     finally:
         for p in ranks:
             p.kill()
@@ -232,6 +233,18 @@ def test_real_prometheus_scrapes_two_training_ranks(prometheus_binary, tmp_path)
         if prom is not None:
             prom.terminate()
             prom.wait(timeout=20)
+
+
+def _dashboard_queries_work(base: str, run: str) -> None:
+    """Every Grafana panel query parses in a real Prometheus; those on update()'s metrics show both ranks."""
+    dashboard = json.loads((Path(__file__).parents[1] / "k8s" / "base" / "grafana-dashboard.json").read_text())
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = (target["expr"].replace("$run", run).replace("$namespace", ".*")
+                    .replace("$__rate_interval", "1m").replace("$__range", "5m"))
+            result = _query(base, expr)  # asserts status == success
+            if any(name in expr for name in ("octssl_samples_per_second", "octssl_loss{", "octssl_grad_norm")):
+                assert sorted(r["metric"]["rank"] for r in result) == ["0", "1"], (panel["title"], result)
 
 
 def _port_is_free(port: int) -> bool:
