@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -29,6 +27,129 @@ def main() -> None:
 
 # Commands are added below, one block per area; each imports its library lazily so that
 # `octssl --help` stays fast.
+
+
+# ---------------------------------------------------------------- training
+def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int | None, kind: str) -> None:
+    from octssl.config import load_config
+    from octssl.train.launch import run
+
+    try:
+        job = load_config(config, overrides)
+        if job.kind != kind:
+            raise OctsslError(f"{config}: kind is '{job.kind}', not '{kind}': use `octssl {job.kind}`")
+        summary = run(job, resume=resume, metrics_port=metrics_port)
+    except OctsslError as err:
+        _fail(err)
+    console.print(
+        f"[green]done[/] {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
+        f"best {summary['best_metric_name']} {summary['best_metric']}, weights {summary['weights']}"
+    )
+
+
+_CONFIG = typer.Option(..., "--config", "-c", help="job YAML (see jobs/)")
+_SET = typer.Option([], "--set", help="override a config key: --set optim.lr=0.01 (repeatable)")
+_RESUME = typer.Option(False, "--resume", help="continue the run named by run.name from its last checkpoint")
+_PORT = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics on PORT+rank per worker")
+
+
+@app.command()
+def pretrain(
+    config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT
+) -> None:
+    """Self-supervised pretraining (reconstruct FAF or SLO from OCT) under Ray Train + DeepSpeed."""
+    _train(config, set_, resume, metrics_port, "pretrain")
+
+
+@app.command()
+def finetune(
+    config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT
+) -> None:
+    """Fine-tune for GA/RPD segmentation at a label fraction, from scratch or pretrained weights."""
+    _train(config, set_, resume, metrics_port, "finetune")
+
+
+# ---------------------------------------------------------------- Ray jobs (submit, status, logs, stop)
+jobs_app = typer.Typer(no_args_is_help=True, help="Follow jobs on a Ray cluster: status, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
+
+_ADDRESS = typer.Option(
+    "http://127.0.0.1:8265", "--address", "-a", envvar="RAY_API_SERVER_ADDRESS",
+    help="Ray dashboard URL of the cluster head (env RAY_API_SERVER_ADDRESS)",
+)
+
+
+_SUBMIT_CONFIG = typer.Argument(..., help="job YAML inside this checkout (see jobs/)")
+_SUBMIT_SET = typer.Option([], "--set", help="override a config key on the cluster (repeatable)")
+_SUBMIT_PORT = typer.Option(None, "--metrics-port", help="workers serve Prometheus /metrics on PORT+rank")
+_SUBMIT_WAIT = typer.Option(False, "--wait", help="wait for the end, print the logs, exit 1 unless SUCCEEDED")
+_SUBMIT_TIMEOUT = typer.Option(None, "--timeout", help="with --wait: give up after SECONDS")
+
+
+@app.command()
+def submit(
+    config: Path = _SUBMIT_CONFIG,
+    address: str = _ADDRESS,
+    set_: list[str] = _SUBMIT_SET,
+    metrics_port: int | None = _SUBMIT_PORT,
+    wait: bool = _SUBMIT_WAIT,
+    timeout: float | None = _SUBMIT_TIMEOUT,
+) -> None:
+    """Submit `python -m octssl.jobs CONFIG` to a Ray cluster, uploading this checkout as the working dir."""
+    from octssl import jobs_client
+
+    extra = ["--metrics-port", str(metrics_port)] if metrics_port is not None else []
+    try:
+        job_id = jobs_client.submit(config, address, overrides=set_, extra_args=extra)
+        print(job_id)
+        if not wait:
+            console.print(f"submitted; follow with `octssl jobs logs {job_id} --address {address}`")
+            return
+        state = jobs_client.wait(job_id, address, timeout_s=timeout)
+        print(jobs_client.logs(job_id, address), end="")
+    except OctsslError as err:
+        _fail(err)
+    console.print(f"job {job_id}: {state}")
+    if state != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: str = _ADDRESS) -> None:
+    """Print a job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and the cluster's message."""
+    from octssl import jobs_client
+
+    try:
+        details = jobs_client.info(job_id, address)
+    except OctsslError as err:
+        _fail(err)
+    print(details["status"])
+    if details["message"]:
+        console.print(details["message"])
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: str = _ADDRESS) -> None:
+    """Print everything the job's driver has written so far."""
+    from octssl import jobs_client
+
+    try:
+        text = jobs_client.logs(job_id, address)
+    except OctsslError as err:
+        _fail(err)
+    print(text, end="")
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: str = _ADDRESS) -> None:
+    """Ask the cluster to stop a job."""
+    from octssl import jobs_client
+
+    try:
+        stopped = jobs_client.stop(job_id, address)
+    except OctsslError as err:
+        _fail(err)
+    console.print(f"job {job_id}: " + ("stop requested" if stopped else "already finished"))
 
 
 # ---------------------------------------------------------------- shards
@@ -213,86 +334,3 @@ def verify(path: Path = _VERIFY_PATH, strict: bool = _VERIFY_STRICT) -> None:
         console.print(f"[bold red]verify failed:[/] {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
         raise typer.Exit(1)
     console.print(f"[green]ok[/] {path}" + (f" ({len(problems)} warning(s))" if problems else ""))
-
-
-# ---------------------------------------------------------------- Ray jobs (submit, status, logs, stop)
-jobs_app = typer.Typer(no_args_is_help=True, help="Follow jobs on a Ray cluster: status, logs, stop.")
-app.add_typer(jobs_app, name="jobs")
-
-_ADDRESS = typer.Option(
-    "http://127.0.0.1:8265", "--address", "-a", envvar="RAY_API_SERVER_ADDRESS",
-    help="Ray dashboard URL of the cluster head (env RAY_API_SERVER_ADDRESS)",
-)
-
-
-_SUBMIT_CONFIG = typer.Argument(..., help="job YAML inside this checkout (see jobs/)")
-_SUBMIT_SET = typer.Option([], "--set", help="override a config key on the cluster (repeatable)")
-_SUBMIT_PORT = typer.Option(None, "--metrics-port", help="workers serve Prometheus /metrics on PORT+rank")
-_SUBMIT_WAIT = typer.Option(False, "--wait", help="wait for the end, print the logs, exit 1 unless SUCCEEDED")
-_SUBMIT_TIMEOUT = typer.Option(None, "--timeout", help="with --wait: give up after SECONDS")
-
-
-@app.command()
-def submit(
-    config: Path = _SUBMIT_CONFIG,
-    address: str = _ADDRESS,
-    set_: list[str] = _SUBMIT_SET,
-    metrics_port: int | None = _SUBMIT_PORT,
-    wait: bool = _SUBMIT_WAIT,
-    timeout: float | None = _SUBMIT_TIMEOUT,
-) -> None:
-    """Submit `python -m octssl.jobs CONFIG` to a Ray cluster, uploading this checkout as the working dir."""
-    from octssl import jobs_client
-
-    extra = ["--metrics-port", str(metrics_port)] if metrics_port is not None else []
-    try:
-        job_id = jobs_client.submit(config, address, overrides=set_, extra_args=extra)
-        print(job_id)
-        if not wait:
-            console.print(f"submitted; follow with `octssl jobs logs {job_id} --address {address}`")
-            return
-        state = jobs_client.wait(job_id, address, timeout_s=timeout)
-        print(jobs_client.logs(job_id, address), end="")
-    except OctsslError as err:
-        _fail(err)
-    console.print(f"job {job_id}: {state}")
-    if state != "SUCCEEDED":
-        raise typer.Exit(1)
-
-
-@jobs_app.command("status")
-def jobs_status(job_id: str, address: str = _ADDRESS) -> None:
-    """Print a job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and the cluster's message."""
-    from octssl import jobs_client
-
-    try:
-        details = jobs_client.info(job_id, address)
-    except OctsslError as err:
-        _fail(err)
-    print(details["status"])
-    if details["message"]:
-        console.print(details["message"])
-
-
-@jobs_app.command("logs")
-def jobs_logs(job_id: str, address: str = _ADDRESS) -> None:
-    """Print everything the job's driver has written so far."""
-    from octssl import jobs_client
-
-    try:
-        text = jobs_client.logs(job_id, address)
-    except OctsslError as err:
-        _fail(err)
-    print(text, end="")
-
-
-@jobs_app.command("stop")
-def jobs_stop(job_id: str, address: str = _ADDRESS) -> None:
-    """Ask the cluster to stop a job."""
-    from octssl import jobs_client
-
-    try:
-        stopped = jobs_client.stop(job_id, address)
-    except OctsslError as err:
-        _fail(err)
-    console.print(f"job {job_id}: " + ("stop requested" if stopped else "already finished"))

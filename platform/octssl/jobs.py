@@ -17,7 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m octssl.jobs", description=__doc__)
     parser.add_argument("config", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="continue run.name from its last checkpoint")
+    parser.add_argument(
+        "--resume-if-exists", action="store_true",
+        help="continue run.name if it exists, else start it (what a retried RayJob wants)",
+    )
     parser.add_argument("--metrics-port", type=int, default=None)
     args = parser.parse_args(argv)
 
@@ -34,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             from octssl.train.launch import run
 
             config = load_config(args.config, args.overrides)
-            summary = run(config, resume=args.resume, progress=False, metrics_port=args.metrics_port)
+            resume = "auto" if args.resume_if_exists else args.resume
+            summary = run(config, resume=resume, progress=False, metrics_port=args.metrics_port)
     except (OctsslError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -23,9 +23,14 @@ from octssl.errors import ConfigError, OctsslError
 from octssl.train.engine import resolve_precision
 
 
-def name_run(config: JobConfig, resume: bool) -> JobConfig:
-    """Give the run an absolute storage path and a name; check RUN_DIR against ``resume``."""
+def name_run(config: JobConfig, resume: bool | str) -> JobConfig:
+    """Give the run an absolute storage path and a name; check RUN_DIR against ``resume``
+    (True: it must exist; False: it must not; "auto": continue it if it exists, e.g. a RayJob retry)."""
     config = config.model_copy(deep=True)
+    if resume == "auto":
+        if config.run.name is None:
+            raise ConfigError("resume=auto needs a fixed run.name")
+        resume = Path(config.run.storage_path, config.run.name).expanduser().resolve().exists()
     config.run.storage_path = str(Path(config.run.storage_path).expanduser().resolve())
     if config.run.name is None:
         if resume:
@@ -80,12 +85,11 @@ def preflight(config: JobConfig) -> dict[str, Any]:
 def _ray_up(config: JobConfig) -> None:
     import ray
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     resources = ray.cluster_resources()
     need_cpu = config.scaling.workers * config.scaling.cpus_per_worker
     need_gpu = config.scaling.workers * config.scaling.gpus_per_worker
@@ -108,7 +112,7 @@ def _worker_env(config: JobConfig) -> dict[str, str]:
 
 
 def run(
-    config: JobConfig, *, resume: bool = False, progress: bool = True, metrics_port: int | None = None
+    config: JobConfig, *, resume: bool | str = False, progress: bool = True, metrics_port: int | None = None
 ) -> dict[str, Any]:
     """Run a pretraining or fine-tuning job under Ray Train; returns summary.json's content."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

@@ -45,7 +45,8 @@ class WorkerContext:
     run_dir: Path
     report: Callable[[dict[str, Any], Path | None], None]
     resume_from: Path | None = None  # a checkpoint directory
-    metrics_port: int | None = None
+    metrics_port: int | None = None  # each worker serves /metrics on metrics_port + local_rank
+    local_rank: int = 0
 
 
 class Trainer:
@@ -119,7 +120,7 @@ class Trainer:
         self.engine, self.scheduler = build_engine(model, c, self.total_steps, self.precision)
         self.metrics = TrainMetrics(rank=self.ctx.rank, run=c.run.name or "run")
         if self.ctx.metrics_port:
-            serve(self.ctx.metrics_port + self.ctx.rank)
+            serve(self.ctx.metrics_port + self.ctx.local_rank)
 
     def _total_steps(self) -> int:
         c = self.config
@@ -233,7 +234,7 @@ class Trainer:
         if self.ctx.rank == 0:
             _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
         _truncate_jsonl(self.run_dir / "samples" / f"rank{self.ctx.rank}.jsonl", self.step)
-        self.metrics.restart()
+        self.metrics.restart(from_step=self.step)
 
     def save(self, metrics: dict[str, Any]) -> None:
         """Checkpoint on every rank and report it (the same number of reports on every rank)."""
@@ -312,7 +313,7 @@ class Trainer:
         grad_norm = float(grad_norm) if grad_norm is not None else None
         memory = _memory_bytes(self.device)
         self.metrics.update(
-            step=self.step, loss=self.last_loss if self.last_loss is not None else float("nan"), lr=lr,
+            step=self.step, loss=self.last_loss, lr=lr,
             samples_per_s=samples_per_s, step_s=step_s, data_wait_s=wait, grad_norm=grad_norm,
             memory_bytes=memory,
         )
@@ -396,6 +397,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = WorkerContext(
         rank=rctx.get_world_rank(),
         world_size=rctx.get_world_size(),
+        local_rank=rctx.get_local_rank(),
         run_dir=Path(config["run_dir"]),
         report=report,
         metrics_port=config.get("metrics_port"),

@@ -1,0 +1,118 @@
+"""The launcher under a real local Ray: 2 DeepSpeed workers, a worker killed mid-run, preflight errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from octssl.errors import ConfigError, ModelError
+from octssl.train.launch import preflight, run
+
+
+def _records(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+
+def _kill_after_checkpoint(run_dir: Path, rank: int, timeout: float = 240.0) -> dict:
+    """SIGKILL worker ``rank`` (by pid, from outside) once Ray has registered a checkpoint and the worker
+    has stepped past it, so the resumed run must replay steps. Returns what it did."""
+    done: dict = {}
+
+    def watch() -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+                ckpt_step = snapshot["latest_checkpoint_result"]["metrics"]["step"]
+                beat = json.loads((run_dir / "workers" / f"rank{rank}.json").read_text())
+            except (OSError, json.JSONDecodeError, KeyError, TypeError):
+                time.sleep(0.02)
+                continue
+            if beat["step"] > ckpt_step:
+                os.kill(beat["pid"], signal.SIGKILL)
+                done.update(killed_at=beat["step"], checkpoint=ckpt_step)
+                return
+            time.sleep(0.02)
+
+    done["thread"] = threading.Thread(target=watch, daemon=True)
+    done["thread"].start()
+    return done
+
+
+TWO_WORKERS = ("scaling.workers=2", "run.max_steps=12", "run.ckpt_every=3", "optim.lr=0.01", "optim.name=sgd")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(local_ray, train_corpus: Path, tmp_path_factory) -> Path:
+    from octssl.config import load_config
+
+    from .conftest import JOBS
+
+    storage = tmp_path_factory.mktemp("runs")
+    config = load_config(JOBS / "pretrain.yaml", [
+        f"data.corpus={train_corpus}", f"run.storage_path={storage}", "data.crop=[16, 64]", "data.batch_size=2",
+        "data.crops_per_volume=2", "model.width=0.25", "run.log_every=1", "run.eval_every=100", "run.name=full",
+        "optim.warmup_steps=0", *TWO_WORKERS,
+    ])
+    run(config, progress=False)
+    return storage / "full"
+
+
+def test_two_workers_train_and_report(uninterrupted: Path) -> None:
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["world_size"] == 2
+    losses = [r["loss"] for r in _records(uninterrupted)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # loss decreases
+    steps = [len(_records(uninterrupted, f"samples/rank{r}.jsonl")) for r in (0, 1)]
+    assert steps == [12, 12]  # every rank ran the same number of steps
+    ckpts = sorted(p for p in uninterrupted.glob("checkpoint_*") if p.is_dir())
+    assert len(ckpts) == 2  # keep_last=2 of the 4 reported
+    assert {p.name for p in ckpts[-1].glob("trainer_rank*.json")} == {"trainer_rank0.json", "trainer_rank1.json"}
+
+
+def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_samples(
+    uninterrupted: Path, job
+) -> None:
+    config = job("pretrain.yaml", "run.name=killed", "scaling.max_failures=1", *TWO_WORKERS)
+    run_dir = Path(config.run.storage_path) / "killed"
+    killer = _kill_after_checkpoint(run_dir, rank=1)
+    summary = run(config, progress=False)
+    killer["thread"].join(timeout=1)
+    assert killer.get("killed_at", 99) < 12, "the worker was never killed mid-run"
+    assert summary["steps"] == 12
+    restarts = [json.loads(p.read_text()) for p in (run_dir / "workers").glob("rank*.json")]
+    assert all(r["step"] == 12 for r in restarts)
+    for rank in (0, 1):  # after resume, the sample log is exactly the uninterrupted run's
+        got = _records(run_dir, f"samples/rank{rank}.jsonl")
+        want = _records(uninterrupted, f"samples/rank{rank}.jsonl")
+        assert [(r["step"], r["ids"]) for r in got] == [(r["step"], r["ids"]) for r in want]
+    got, want = _records(run_dir), _records(uninterrupted)
+    assert [r["step"] for r in got] == list(range(1, 13))
+    for a, b in zip(got, want, strict=True):  # the same loss trajectory as the uninterrupted run
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-4)
+
+
+def test_bad_configs_fail_before_any_worker_starts(job, local_ray) -> None:
+    with pytest.raises(ModelError, match="W=40 must be a multiple of 16"):
+        preflight(job("pretrain.yaml", "data.crop=[16, 40]"))
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        preflight(job("pretrain.yaml", "deepspeed.precision=fp16"))
+    t0 = time.time()
+    with pytest.raises(ConfigError, match="cluster has 2 CPU"):
+        run(job("pretrain.yaml", "scaling.workers=3"), progress=False)
+    assert time.time() - t0 < 30
+    with pytest.raises(ConfigError, match="no such weights file"):
+        preflight(job("finetune_ga.yaml", "run.init=/nonexistent/model.safetensors"))
+
+
+def test_existing_run_is_not_silently_resumed(job, uninterrupted: Path) -> None:
+    config = job("pretrain.yaml", "run.name=full")
+    config.run.storage_path = str(uninterrupted.parent)
+    with pytest.raises(ConfigError, match="already exists: pass --resume"):
+        run(config, progress=False)
