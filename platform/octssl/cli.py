@@ -9,7 +9,11 @@ from rich.console import Console
 
 from octssl.errors import OctsslError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="octssl: self-supervised 3D-to-2D OCT pretraining (Ray + DeepSpeed), fine-tuning sweeps and corpora.",
+)
 console = Console(stderr=True)
 
 
@@ -334,3 +338,4 @@ def verify(path: Path = _VERIFY_PATH, strict: bool = _VERIFY_STRICT) -> None:
         console.print(f"[bold red]verify failed:[/] {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
         raise typer.Exit(1)
     console.print(f"[green]ok[/] {path}" + (f" ({len(problems)} warning(s))" if problems else ""))
+

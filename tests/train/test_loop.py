@@ -91,3 +91,21 @@ def test_finetune_from_pretrained_beats_frozen_random(job, train_corpus: Path) -
         dices = [objective.per_volume(random_model(b["oct"]), b)[0]["dice"] for b in (collate([s]) for s in val)]
     frozen = sum(dices) / len(dices)
     assert tuned > frozen + 0.1, (tuned, frozen)
+
+
+def test_loop_updates_prometheus_metrics(job, monkeypatch) -> None:
+    from octssl.monitor import TrainMetrics
+
+    monkeypatch.setenv(FAULT_NAN_STEPS, "2")
+    config = job("pretrain.yaml", "run.name=metrics-run", "run.log_every=2")
+    summary = run_single_process(config)
+    values = TrainMetrics(rank=0, run="metrics-run").values()
+    assert values["octssl_steps_total"] == 6
+    assert values["octssl_skipped_steps_total"] == 1
+    assert values["octssl_checkpoints_total"] == 2
+    assert values["octssl_loss"] == pytest.approx(summary["final_loss"])
+    assert values["octssl_samples_per_second"] > 0
+    assert values["octssl_step_seconds"] >= values["octssl_data_wait_seconds"] >= 0
+    assert values["octssl_learning_rate"] > 0
+    assert values["octssl_grad_norm"] > 0
+    assert values["octssl_device_memory_bytes"] > 1e6

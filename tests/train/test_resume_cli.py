@@ -1,0 +1,50 @@
+"""`octssl pretrain --resume` continues a run whose driver died (slow: two Ray start-ups)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import JOBS
+
+
+@pytest.mark.slow
+def test_resume_after_the_driver_died(train_corpus: Path, tmp_path: Path) -> None:
+    storage = tmp_path / "runs"
+    args = [
+        sys.executable, "-m", "octssl", "pretrain", "--config", str(JOBS / "pretrain.yaml"),
+        "--set", f"data.corpus={train_corpus}", "--set", f"run.storage_path={storage}", "--set", "run.name=driver",
+        "--set", "data.crop=[16, 64]", "--set", "data.batch_size=2", "--set", "model.width=0.25",
+        "--set", "run.max_steps=40", "--set", "run.ckpt_every=4", "--set", "run.log_every=1",
+        "--set", "run.eval_every=100", "--set", "scaling.workers=1",
+    ]
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    driver = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    snapshot = storage / "driver" / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 300
+    checkpointed = 0
+    while time.time() < deadline and driver.poll() is None:
+        try:
+            checkpointed = json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["step"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            checkpointed = 0
+        if checkpointed >= 8:
+            break
+        time.sleep(0.1)
+    assert driver.poll() is None and checkpointed >= 8, "the driver finished or never checkpointed"
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    driver.wait()
+    resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((storage / "driver" / "summary.json").read_text())
+    assert summary["steps"] == 40
+    steps = [json.loads(line)["step"] for line in (storage / "driver" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))  # replayed steps replaced, none missing, none twice
