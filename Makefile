@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(BIN)/pip install -q --no-build-isolation \
-	  --no-deps --force-reinstall --no-cache-dir "deepspeed==$$($(BIN)/python -c 'import deepspeed; print(deepspeed.__version__)')"
+	  --no-deps --force-reinstall --no-cache-dir "deepspeed==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("deepspeed"))')"
 	touch $(STAMP)
 
 # A real Prometheus server for the monitoring integration test (Debian package).
