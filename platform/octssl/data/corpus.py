@@ -3,7 +3,10 @@
 Layout: ``volumes.zarr`` holds per grid bucket (volumes of one shape ``nBxDxW``) the arrays ``oct/<grid>``
 ``[N, nB, D, W]`` and ``faf|slo|ga|rpd/<grid>`` ``[N, nB, W]``, uint8, one volume per chunk, many chunks
 per shard (sharding codec, ~256 MiB shards), zstd with a content checksum. A missing modality leaves the
-fill value (0) in its slot and is absent from the row's ``modalities``/``labels``. The manifest is the
+fill value (0) in its slot and is absent from the row's ``modalities``/``labels``. A volume's optional
+native-resolution localizer (SLO / fundus) lives in buckets of its own, ``localizer/<H>x<W>`` ``[N, H, W]``
+(same chunking and codecs), found by the row's ``localizer_grid``/``localizer_index``; it is read only when
+asked (``read(id, localizer=True)``), so the training sample dict never carries it. The manifest is the
 commit point; see ``octssl.data.journal`` for how a crashed append is undone.
 """
 
@@ -145,7 +148,7 @@ class Corpus:
         require: Iterable[str] = (VOLUME_KEY,),
         raster_only: bool = True,
     ) -> list[str]:
-        """Sample ids in manifest order that match every filter."""
+        """Sample ids in manifest order that match every filter (``require`` may name ``"localizer"``)."""
         if split is not None and split not in mf.SPLITS:
             raise CorpusError(f"{self.path}: unknown split {split!r}; expected one of {mf.SPLITS}")
         patients: set[str] | None = None
@@ -161,7 +164,7 @@ class Corpus:
             row["id"]
             for row in self._rows
             if (split is None or row["split"] == split)
-            and needed <= set(row["modalities"]) | set(row["labels"])
+            and needed <= _present(row)
             and (row["raster"] or not raster_only)
             and (patients is None or row["patient"] in patients)
         ]
@@ -195,6 +198,13 @@ class Corpus:
                 raise CorpusError(f"{self.zarr_path / name}: array missing") from err
         return self._arrays[name]
 
+    @staticmethod
+    def slot(key: str, row: dict[str, Any]) -> tuple[str, int]:
+        """(grid, index) of array ``key`` of a manifest row: the localizer has buckets of its own."""
+        if key == mf.LOCALIZER_KEY:
+            return row["localizer_grid"], row["localizer_index"]
+        return row["grid"], row["index"]
+
     def shard_file(self, key: str, grid: str, index: int) -> Path:
         """Path of the shard file that holds slot ``index`` of ``<key>/<grid>``."""
         arr = self.array(key, grid)
@@ -210,45 +220,56 @@ class Corpus:
     def _read_arrays(self, keys: list[str], row: dict[str, Any]) -> dict[str, np.ndarray]:
         """Several arrays of one row, fetched concurrently in one trip through Zarr's event loop (a
         separate trip per array costs about a third of the read rate on small volumes)."""
-        arrays = []
-        for key in keys:
-            where = self.zarr_path / array_path(key, row["grid"])
+        arrays, slots = [], [self.slot(key, row) for key in keys]
+        for key, (grid, index) in zip(keys, slots, strict=True):
+            where = self.zarr_path / array_path(key, grid)
             try:
-                arr = self.array(key, row["grid"])
+                arr = self.array(key, grid)
             except CorpusError:
                 raise CorpusError(f"{where}: sample {row['id']}: array missing") from None
-            if row["index"] >= arr.shape[0]:
-                raise CorpusError(f"{where}: sample {row['id']}: manifest index {row['index']} is beyond the "
+            if index >= arr.shape[0]:
+                raise CorpusError(f"{where}: sample {row['id']}: manifest index {index} is beyond the "
                                   f"array's {arr.shape[0]} volumes (row without data)")
             arrays.append(arr.async_array)
 
-        async def fetch(chosen: list[Any]) -> list[Any]:
-            return await asyncio.gather(*(a.getitem(row["index"]) for a in chosen), return_exceptions=True)
+        async def fetch(chosen: list[int]) -> list[Any]:
+            return await asyncio.gather(*(arrays[i].getitem(slots[i][1]) for i in chosen), return_exceptions=True)
 
-        results = dict(zip(keys, zarr_sync(fetch(arrays)), strict=True))
+        results = dict(zip(keys, zarr_sync(fetch(list(range(len(keys))))), strict=True))
         failed = [k for k, r in results.items() if isinstance(r, Exception)]
         if failed:
             # Once more: a writer may have replaced the shard file between Zarr's index and chunk reads.
-            results.update(zip(failed, zarr_sync(fetch([arrays[keys.index(k)] for k in failed])), strict=True))
+            results.update(zip(failed, zarr_sync(fetch([keys.index(k) for k in failed])), strict=True))
         for key, result in results.items():
             if isinstance(result, Exception):  # any codec failure means the stored bytes are damaged
-                where = self.shard_file(key, row["grid"], row["index"])
+                where = self.shard_file(key, *self.slot(key, row))
                 raise CorpusError(f"{where}: sample {row['id']}: cannot decode '{key}': {result}") from result
         return results
 
-    def read(self, sample_id: str, *, verify: bool = False) -> dict[str, Any]:
+    def read(self, sample_id: str, *, verify: bool = False, localizer: bool = False) -> dict[str, Any]:
         """The sample dict of ``sample_id`` (uint8 arrays, ``meta`` from the manifest).
 
         ``verify=True`` also recomputes each array's sha256 (about halves the read rate).
+        ``localizer=True`` adds the native-resolution localizer as ``sample["localizer"]`` ``(H, W)`` uint8
+        (absent when the volume has none) and ``meta["localizer_spacing_mm"]`` (row, column mm) and
+        ``meta["positions_mm"]`` (``(nB, 2, 2)`` float64; both None when unknown). Such a dict is not a
+        training sample (``validate_sample`` rejects the extra key); the default read is one.
         """
         row = self.row(sample_id)
+        keys = [*row["modalities"], *row["labels"]]
+        if localizer and row["localizer_grid"] is not None:
+            keys.append(mf.LOCALIZER_KEY)
         sample: dict[str, Any] = {"id": sample_id}
-        for key, data in self._read_arrays([*row["modalities"], *row["labels"]], row).items():
+        for key, data in self._read_arrays(keys, row).items():
             if verify and mf.array_sha256(data) != row["sha256"][key]:
-                where = self.shard_file(key, row["grid"], row["index"])
+                where = self.shard_file(key, *self.slot(key, row))
                 raise CorpusError(f"{where}: sample {sample_id}: '{key}' checksum mismatch")
             sample[key] = data
         sample["meta"] = meta_of(row)
+        if localizer:
+            spacing, positions = row["localizer_spacing_mm"], row["positions_mm"]
+            sample["meta"]["localizer_spacing_mm"] = None if spacing is None else tuple(spacing)
+            sample["meta"]["positions_mm"] = None if positions is None else np.asarray(positions, np.float64)
         return sample
 
     # ---- writing ---------------------------------------------------------------------------------
@@ -266,7 +287,7 @@ class Corpus:
                 writer = AppendWriter(self, journal)
                 rows = writer.write_all(samples, progress=progress)
                 self._hook("written")
-                settings = {**self.settings, "append_token": token}
+                settings = {**self.settings, "append_token": token, "format": mf.FORMAT_VERSION}
                 table = pa.concat_tables([self._table, mf.rows_table(rows, settings)]).replace_schema_metadata(
                     mf.with_settings(self._table.slice(0, 0), settings).schema.metadata
                 )
@@ -297,6 +318,12 @@ class Corpus:
         from octssl.data.audit import summarize
 
         return summarize(self)
+
+
+def _present(row: dict[str, Any]) -> set[str]:
+    """Array keys a manifest row holds data for (images, masks, and the localizer when stored)."""
+    extra = {mf.LOCALIZER_KEY} if row["localizer_grid"] is not None else set()
+    return set(row["modalities"]) | set(row["labels"]) | extra
 
 
 def meta_of(row: dict[str, Any]) -> dict[str, Any]:

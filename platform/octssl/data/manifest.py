@@ -3,6 +3,10 @@
 One row per volume. The manifest is the corpus's commit point: a volume exists when its row does.
 Corpus-wide settings (format version, split ratios, shard size, the token of the last committed append)
 live in the Parquet schema metadata under the key ``octssl``.
+
+Format 2 added the optional native-resolution localizer (SLO / fundus image) of a volume: the columns
+``localizer_grid``, ``localizer_index``, ``localizer_spacing_mm``, ``positions_mm`` and the ``localizer``
+digest in ``sha256``. A format-1 manifest lacks them; it is read as "no localizer" (nulls).
 """
 
 from __future__ import annotations
@@ -23,13 +27,18 @@ from octssl.errors import CorpusError
 from octssl.sample import ARRAY_KEYS, ENFACE_IMAGES, MASKS, VOLUME_KEY
 
 MANIFEST_NAME = "manifest.parquet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 EYES = ("OD", "OS")
 IMAGE_KEYS = (VOLUME_KEY, *ENFACE_IMAGES)
 LABEL_KEYS = MASKS
+#: The native-resolution localizer: its own buckets ``localizer/<H>x<W>``, never part of the sample dict
+#: unless asked for (``Corpus.read(id, localizer=True)``).
+LOCALIZER_KEY = "localizer"
+STORED_KEYS = (*ARRAY_KEYS, LOCALIZER_KEY)  # every array with a digest in ``sha256``
 
-SHA256_TYPE = pa.struct([(key, pa.string()) for key in ARRAY_KEYS])
+SHA256_TYPE = pa.struct([(key, pa.string()) for key in STORED_KEYS])
+POSITIONS_TYPE = pa.list_(pa.list_(pa.list_(pa.float64(), 2), 2))  # (nB, 2, 2)
 
 SCHEMA = pa.schema(
     [
@@ -51,8 +60,17 @@ SCHEMA = pa.schema(
         pa.field("sha256", SHA256_TYPE, nullable=False),  # hex digest of each array's uint8 bytes
         pa.field("source", pa.string(), nullable=False),  # hash of the device file, or "synth:<seed>"
         pa.field("acquired", pa.date32()),  # acquisition day; null when unknown
+        # The localizer at native resolution (format 2; all null when the volume has none):
+        pa.field("localizer_grid", pa.string()),  # bucket name "HxW" of localizer/<H>x<W>
+        pa.field("localizer_index", pa.int64()),  # row in that bucket
+        pa.field("localizer_spacing_mm", pa.list_(pa.float64(), 2)),  # mm per localizer row, column (y, x)
+        # registration, per stored B-scan [[start_x, start_y], [end_x, end_y]] in mm on the localizer (x right,
+        # y down; pixel = mm / spacing); circle scans: "end" is the circle's centre. Null when unknown.
+        pa.field("positions_mm", POSITIONS_TYPE),
     ]
 )
+#: Columns a format-1 manifest lacks; read as nulls.
+OPTIONAL_COLUMNS = ("localizer_grid", "localizer_index", "localizer_spacing_mm", "positions_mm")
 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "format": FORMAT_VERSION,
@@ -63,6 +81,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 }
 
 _GRID_RE = re.compile(r"^\d+x\d+x\d+$")
+_LOCALIZER_GRID_RE = re.compile(r"^\d+x\d+$")
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -107,10 +126,19 @@ def read_manifest(path: Path) -> pa.Table:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as err:
         raise CorpusError(f"{path}: cannot read manifest as Parquet: {err}") from err
+    table = with_optional_columns(table)
     problems = schema_problems(table, path)
     if problems:
         raise CorpusError("; ".join(problems))
     return with_settings(table.select(SCHEMA.names), settings_of(table))
+
+
+def with_optional_columns(table: pa.Table) -> pa.Table:
+    """``table`` with every absent OPTIONAL_COLUMNS column added as nulls (an older format read as new)."""
+    for name in OPTIONAL_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
+    return table
 
 
 def schema_problems(table: pa.Table, where: Path | str) -> list[str]:
@@ -169,6 +197,44 @@ def row_problems(table: pa.Table, where: Path | str) -> list[str]:
                 problems.append(f"{at}: column 'sha256' has no valid digest for '{key}'")
         if any(not (s > 0 and np.isfinite(s)) for s in row["spacing_mm"]):
             problems.append(f"{at}: column 'spacing_mm' must hold 3 positive numbers, got {row['spacing_mm']}")
+        problems += localizer_problems(row, at, seen_slots)
+    return problems
+
+
+def localizer_problems(row: dict[str, Any], at: str, seen_slots: dict[tuple[str, int], str]) -> list[str]:
+    """Value problems of one row's localizer columns (all null, or a consistent set)."""
+    grid = row.get("localizer_grid")
+    if grid is None:
+        given = [c for c in OPTIONAL_COLUMNS if row.get(c) is not None]
+        return [f"{at}: columns {given} are set but 'localizer_grid' is null"] if given else []
+    problems = []
+    if not _LOCALIZER_GRID_RE.match(grid):
+        problems.append(f"{at}: column 'localizer_grid' is {grid!r}, expected 'HxW'")
+    index = row.get("localizer_index")
+    if index is None or index < 0:
+        problems.append(f"{at}: column 'localizer_index' is {index!r}, expected a row >= 0")
+    else:
+        slot = (f"{LOCALIZER_KEY}/{grid}", index)
+        if slot in seen_slots:
+            problems.append(f"{at}: localizer grid {grid} index {index} also used by sample {seen_slots[slot]}")
+        seen_slots[slot] = row["id"]
+    digest = (row["sha256"] or {}).get(LOCALIZER_KEY)
+    if digest is None or not _HEX_RE.match(digest):
+        problems.append(f"{at}: column 'sha256' has no valid digest for '{LOCALIZER_KEY}'")
+    spacing = row.get("localizer_spacing_mm")
+    if spacing is not None and any(not (s is not None and s > 0 and np.isfinite(s)) for s in spacing):
+        problems.append(f"{at}: column 'localizer_spacing_mm' must hold 2 positive numbers, got {spacing}")
+    positions = row.get("positions_mm")
+    if positions is not None:
+        try:
+            array = np.asarray(positions, dtype=np.float64)  # a null number reads as NaN
+        except (TypeError, ValueError):  # a null pair or point: ragged
+            array = np.full((0,), np.nan)
+        expected = (row["shape"][0], 2, 2)
+        if array.shape != expected or not np.isfinite(array).all():
+            got = f"shape {array.shape}" if array.size else "null entries"
+            problems.append(f"{at}: column 'positions_mm' must be {expected} finite numbers (a start/end pair "
+                            f"per B-scan), got {got}")
     return problems
 
 

@@ -3,6 +3,10 @@
 Volumes are buffered until a shard boundary so that each shard file is written once per append (Zarr
 rewrites a whole shard whenever any chunk in it changes). Every array is registered with the undo journal
 before it is first resized or written. The manifest rows are returned; the caller commits them.
+
+Two kinds of bucket, each with its own slots and shard boundaries: a volume grid ``nBxDxW`` (``oct`` and
+the en-face arrays, one slot per volume) and a localizer grid ``HxW`` (``localizer``, one slot per volume
+that has a native localizer; volumes of one grid may have localizers of several sizes).
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ if TYPE_CHECKING:
     from octssl.data.corpus import Corpus
 
 ZSTD_LEVEL = 3
+LOCALIZER = mf.LOCALIZER_KEY
+#: The arrays of each kind of bucket, named by the array that sets its slots and shard boundaries.
+BUCKET_KEYS = {VOLUME_KEY: ARRAY_KEYS, LOCALIZER: (LOCALIZER,)}
+Bucket = tuple[str, str]  # (lead key, grid): ("oct", "49x128x512") or ("localizer", "768x768")
 
 
 class AppendWriter:
@@ -34,10 +42,10 @@ class AppendWriter:
         self.corpus = corpus
         self.journal = journal
         self.store = LocalStore(corpus.zarr_path)
-        self.lengths: dict[str, int] = {}  # grid -> slots written so far (committed + this append)
-        self.buffers: dict[str, list[dict[str, np.ndarray]]] = {}
+        self.lengths: dict[Bucket, int] = {}  # slots written so far (committed + this append)
+        self.buffers: dict[Bucket, list[dict[str, np.ndarray]]] = {}
         self.arrays: dict[str, zarr.Array] = {}
-        self.shard_lens: dict[str, int] = {}  # grid -> volumes per oct shard
+        self.shard_lens: dict[Bucket, int] = {}  # slots per shard of the bucket's lead array
 
     def write_all(self, samples: Iterable[dict[str, Any]], progress: bool) -> list[dict[str, Any]]:
         from octssl.data.corpus import assign_split, prepared_sample
@@ -48,8 +56,10 @@ class AppendWriter:
         ratios = corpus.settings["split_ratios"]
         rows: list[dict[str, Any]] = []
         for sample in _progress(samples, progress):
-            arrays, meta = prepared_sample(sample, str(corpus.path))
+            core = {k: v for k, v in sample.items() if k != LOCALIZER}  # the INTERFACES sample dict
+            arrays, meta = prepared_sample(core, str(corpus.path))
             sid = sample["id"]
+            localizer = prepared_localizer(sample, meta, f"{corpus.path}: sample {sid}")
             if sid in seen:
                 raise SampleError(f"{corpus.path}: sample {sid}: id already in the corpus or this append")
             seen.add(sid)
@@ -61,35 +71,43 @@ class AppendWriter:
             split = split_of.get(patient) or given or assign_split(patient, ratios)
             split_of[patient] = split
             grid = mf.grid_name(arrays[VOLUME_KEY].shape)
-            rows.append(_row(sid, meta, arrays, split, grid, self.add(grid, arrays)))
-        for grid in list(self.buffers):
-            self.flush(grid)
+            row = _row(sid, meta, arrays, split, grid, self.add((VOLUME_KEY, grid), arrays))
+            if localizer is not None:
+                loc_grid = mf.grid_name(localizer.shape)
+                row.update(localizer_grid=loc_grid, localizer_index=self.add((LOCALIZER, loc_grid),
+                                                                             {LOCALIZER: localizer}))
+                row["sha256"][LOCALIZER] = mf.array_sha256(localizer)
+            rows.append(row)
+        for bucket in list(self.buffers):
+            self.flush(bucket)
         return rows
 
-    def add(self, grid: str, arrays: dict[str, np.ndarray]) -> int:
-        """Buffer one sample's arrays; returns its slot index in the grid's arrays."""
-        if grid not in self.lengths:
-            self.lengths[grid] = self._existing_length(grid)
-            self.buffers[grid] = []
-        buffer = self.buffers[grid]
-        index = self.lengths[grid] + len(buffer)
+    def add(self, bucket: Bucket, arrays: dict[str, np.ndarray]) -> int:
+        """Buffer one sample's arrays of ``bucket``; returns its slot index in the bucket's arrays."""
+        lead, grid = bucket
+        if bucket not in self.lengths:
+            self.lengths[bucket] = self._existing_length(bucket)
+            self.buffers[bucket] = []
+        buffer = self.buffers[bucket]
+        index = self.lengths[bucket] + len(buffer)
         buffer.append(arrays)
-        if grid not in self.shard_lens:
-            self.shard_lens[grid] = self._shard_len(grid, VOLUME_KEY, arrays[VOLUME_KEY].nbytes)
-        if (index + 1) % self.shard_lens[grid] == 0:
-            self.flush(grid)
+        if bucket not in self.shard_lens:
+            self.shard_lens[bucket] = self._shard_len(grid, lead, arrays[lead].nbytes)
+        if (index + 1) % self.shard_lens[bucket] == 0:
+            self.flush(bucket)
         return index
 
-    def flush(self, grid: str) -> None:
-        buffer = self.buffers[grid]
+    def flush(self, bucket: Bucket) -> None:
+        buffer = self.buffers[bucket]
         if not buffer:
             return
-        start = self.lengths[grid]
+        lead, grid = bucket
+        start = self.lengths[bucket]
         stop = start + len(buffer)
-        volume_shape = buffer[0][VOLUME_KEY].shape
-        enface_shape = (volume_shape[0], volume_shape[2])
-        targets = [(key, self._open_or_create(key, grid, volume_shape if key == VOLUME_KEY else enface_shape))
-                   for key in ARRAY_KEYS]
+        lead_shape = buffer[0][lead].shape
+        enface_shape = (lead_shape[0], lead_shape[-1])
+        targets = [(key, self._open_or_create(key, grid, lead_shape if key == lead else enface_shape))
+                   for key in BUCKET_KEYS[lead]]
         for key, arr in targets:  # journal first (a no-op for arrays this append created), then write
             self.journal.protect(f"{key}/{grid}", arr.shape[0], (arr.shards or arr.chunks)[0], exists=True)
         for key, arr in targets:
@@ -101,16 +119,17 @@ class AppendWriter:
             for i in present:
                 slab[i] = buffer[i][key]
             arr[start:stop] = slab
-        self.lengths[grid] = stop
-        self.buffers[grid] = []
+        self.lengths[bucket] = stop
+        self.buffers[bucket] = []
         self.corpus._hook("flushed")
 
     # ---- arrays ----------------------------------------------------------------------------------
-    def _existing_length(self, grid: str) -> int:
-        rows = [r for r in self.corpus._rows if r["grid"] == grid]
-        committed = 1 + max((r["index"] for r in rows), default=-1)
+    def _existing_length(self, bucket: Bucket) -> int:
+        lead, grid = bucket
+        grid_col, index_col = ("grid", "index") if lead == VOLUME_KEY else ("localizer_grid", "localizer_index")
+        committed = 1 + max((r[index_col] for r in self.corpus._rows if r[grid_col] == grid), default=-1)
         try:
-            stored = self._open(VOLUME_KEY, grid).shape[0]
+            stored = self._open(lead, grid).shape[0]
         except CorpusError:
             stored = 0
         # A longer array holds orphan slots (data without manifest rows): never overwrite them.
@@ -177,10 +196,47 @@ def _row(sid: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], split: s
         "split": split,
         "grid": grid,
         "index": index,
-        "sha256": {k: (mf.array_sha256(arrays[k]) if k in arrays else None) for k in ARRAY_KEYS},
+        "sha256": {k: (mf.array_sha256(arrays[k]) if k in arrays else None) for k in mf.STORED_KEYS},
         "source": str(meta.get("source") or "unknown"),
         "acquired": acquired,
+        "localizer_grid": None,  # set by the caller when the sample has a localizer
+        "localizer_index": None,
+        "localizer_spacing_mm": meta.get("localizer_spacing_mm"),
+        "positions_mm": meta.get("positions_mm"),
     }
+
+
+def prepared_localizer(sample: dict[str, Any], meta: dict[str, Any], at: str) -> np.ndarray | None:
+    """The optional native localizer of a sample to append, as uint8 ``(H, W)``; checks and normalises its
+    meta (``localizer_spacing_mm``: 2 positive numbers, ``positions_mm``: ``(nB, 2, 2)`` finite, each optional)
+    in place. SampleError naming the sample when anything is off."""
+    from octssl.data.corpus import to_uint8
+
+    spacing, positions = meta.get("localizer_spacing_mm"), meta.get("positions_mm")
+    if sample.get(LOCALIZER) is None:
+        if spacing is not None or positions is not None:
+            raise SampleError(f"{at}: meta 'localizer_spacing_mm'/'positions_mm' given without a 'localizer'")
+        return None
+    localizer = np.asarray(sample[LOCALIZER])
+    if localizer.ndim != 2 or min(localizer.shape) < 1 or localizer.dtype not in (np.uint8, np.float32):
+        raise SampleError(f"{at}: 'localizer' must be a (H, W) uint8 or float32 image, got "
+                          f"{localizer.dtype}{localizer.shape}")
+    if localizer.dtype == np.float32 and not np.isfinite(localizer).all():
+        raise SampleError(f"{at}: 'localizer' contains NaN or inf")
+    if spacing is not None:
+        spacing = [float(v) for v in np.ravel(spacing)]
+        if len(spacing) != 2 or not all(np.isfinite(v) and v > 0 for v in spacing):
+            raise SampleError(f"{at}: meta 'localizer_spacing_mm' must be 2 positive numbers (row, column mm), "
+                              f"got {meta['localizer_spacing_mm']}")
+        meta["localizer_spacing_mm"] = spacing
+    if positions is not None:
+        array = np.asarray(positions, dtype=np.float64)
+        expected = (np.shape(sample[VOLUME_KEY])[0], 2, 2)
+        if array.shape != expected or not np.isfinite(array).all():
+            raise SampleError(f"{at}: meta 'positions_mm' must be {expected} finite numbers (per B-scan "
+                              f"[[start_x, start_y], [end_x, end_y]]), got shape {array.shape}")
+        meta["positions_mm"] = array.tolist()
+    return to_uint8(LOCALIZER, localizer, at)
 
 
 def _progress(samples: Iterable[dict[str, Any]], enabled: bool) -> Iterable[dict[str, Any]]:
