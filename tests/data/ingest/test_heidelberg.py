@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
+from octssl.cli import app
 from octssl.data.corpus import Corpus
 from octssl.data.ingest.heidelberg import display_uint8, read_vol
 from octssl.data.ingest.pipeline import ingest
@@ -75,6 +77,44 @@ def test_real_files_ingest_with_registered_slo(tmp_path: Path, vol_dir: Path, ke
         assert _shadow_correlation(sample["oct"][0], sample["slo"][0]) > 0.15
         assert _shadow_correlation(sample["oct"][0], sample["slo"][0][::-1]) < 0.05
     assert corpus.verify() == []
+
+
+def slo_and_positions(path: Path) -> tuple[np.ndarray, tuple[float, float], np.ndarray]:
+    """The SLO image, its (row, column) pixel size and the first B-scan's start/end in mm, straight from the
+    HSF-OCT-103 byte layout: a 2048-byte header, the SLO (uint8, row-major), then per B-scan a header
+    whose StartX, StartY, EndX, EndY doubles sit at byte 16."""
+    raw = path.read_bytes()
+    size_x_slo, size_y_slo = struct.unpack_from("<2I", raw, 48)
+    scale_x_slo, scale_y_slo = struct.unpack_from("<2d", raw, 56)
+    slo = np.frombuffer(raw, np.uint8, size_x_slo * size_y_slo, 2048).reshape(size_y_slo, size_x_slo)
+    start_x, start_y, end_x, end_y = struct.unpack_from("<4d", raw, 2048 + slo.size + 16)
+    return slo, (scale_y_slo, scale_x_slo), np.array([[[start_x, start_y], [end_x, end_y]]])
+
+
+def test_real_files_keep_the_native_localizer_and_registration(tmp_path: Path, vol_dir: Path, key: str) -> None:
+    ingest([vol_dir / LINE_FILE, vol_dir / CIRCLE_FILE], tmp_path / "corpus", workers=1, progress=False)
+    corpus = Corpus.open(tmp_path / "corpus")
+    by_source = {corpus.row(i)["source"]: i for i in corpus.ids(raster_only=False)}
+    for name in (LINE_FILE, CIRCLE_FILE):
+        sid = by_source[report_source(vol_dir / name)]
+        slo, spacing, positions = slo_and_positions(vol_dir / name)
+        sample = corpus.read(sid, localizer=True, verify=True)
+        assert sample["localizer"].shape == (768, 768) and sample["localizer"].dtype == np.uint8
+        np.testing.assert_array_equal(sample["localizer"], slo)
+        meta = sample["meta"]
+        assert meta["localizer_spacing_mm"] == pytest.approx(spacing)
+        assert meta["positions_mm"].shape == (1, 2, 2)  # nB of the stored volume
+        np.testing.assert_allclose(meta["positions_mm"], positions)
+        extent = np.array([768 * spacing[1], 768 * spacing[0]])  # x, y in mm
+        assert (meta["positions_mm"] >= 0).all() and (meta["positions_mm"] <= extent).all()
+        assert corpus.row(sid)["localizer_grid"] == "768x768"
+        assert set(corpus.read(sid)) == {"id", "oct", "slo", "meta"}  # the training read is unchanged
+    summary = corpus.summary()
+    assert summary["modalities"]["localizer"] == 2 and summary["localizer_grids"] == {"768x768": 2}
+    assert summary["localizers_registered"] == 2
+    assert corpus.verify() == []
+    shown = CliRunner().invoke(app, ["info", str(tmp_path / "corpus")], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "localizer: 2" in shown.output
 
 
 def report_source(path: Path) -> str:

@@ -20,16 +20,26 @@ ROWS = np.array([5, 17, 29, 41, 53, 65])  # localizer row of each B-scan
 COL0 = 10  # first A-scan's localizer column; A-scan j sits on column COL0 + j
 
 
+def plane() -> np.ndarray:
+    """The localizer: a plane (column + 2 x row), so bilinear sampling of it is exact."""
+    yy, xx = np.mgrid[0:LOC_ROWS, 0:LOC_COLS]
+    return (xx + 2 * yy).astype(np.uint8)
+
+
+def sidecar_positions() -> np.ndarray:
+    """B-scan i runs along localizer row ROWS[i] from column COL0 to COL0 + W - 1, in mm [[x, y], [x, y]]."""
+    return np.array([
+        [[COL0 * LOC_SPACING[1], r * LOC_SPACING[0]], [(COL0 + W - 1) * LOC_SPACING[1], r * LOC_SPACING[0]]]
+        for r in ROWS
+    ])
+
+
 def make_stack(folder: Path, patient: str = "PAT-STACK-7") -> Path:
     rng = np.random.default_rng(1)
     bscans = rng.integers(0, 30, (NB, D, W), dtype=np.uint8)
     bscans[:, BAND[0] : BAND[1], :] = 200
-    yy, xx = np.mgrid[0:LOC_ROWS, 0:LOC_COLS]
-    localizer = (xx + 2 * yy).astype(np.uint8)  # a plane: bilinear sampling of it is exact
-    positions = [
-        [[COL0 * LOC_SPACING[1], r * LOC_SPACING[0]], [(COL0 + W - 1) * LOC_SPACING[1], r * LOC_SPACING[0]]]
-        for r in ROWS
-    ]
+    localizer = plane()
+    positions = sidecar_positions().tolist()
     sidecar = {
         "spacing_mm": [0.12, DEPTH_UM / 1000, 0.02],
         "laterality": "OS",
@@ -62,6 +72,11 @@ def test_raster_stack_lands_on_the_grid_with_registered_slo(tmp_path: Path, key:
     assert meta["eye"] == "OS" and meta["acquired"] == "2021-03-04" and meta["visit"] == 20210304
     assert meta["raster"] is True and meta["scan_pattern"] == "raster"
     assert "PAT-STACK-7" not in str(corpus.manifest.to_pylist())
+    # the native localizer and, on an unchanged (nB, W) grid, the sidecar's registration as given
+    full = corpus.read(sid, localizer=True)
+    np.testing.assert_array_equal(full["localizer"], plane())
+    assert full["meta"]["localizer_spacing_mm"] == pytest.approx(LOC_SPACING)
+    np.testing.assert_allclose(full["meta"]["positions_mm"], sidecar_positions())
 
 
 def test_resampled_grid_and_training_sample(tmp_path: Path, key: str) -> None:
@@ -79,6 +94,17 @@ def test_resampled_grid_and_training_sample(tmp_path: Path, key: str) -> None:
     # the SLO plane rises by 2 per localizer row and 1 per column: still monotone after resampling
     slo = sample["slo"].astype(int)
     assert (np.diff(slo[:, 5:-5], axis=1) > 0).all() and (np.diff(slo[:, 16]) > 0).all()
+    # the stored registration follows the resize: the plane sampled along each stored B-scan's segment gives
+    # the stored SLO, up to uint8 rounding (B-scan-centre mapping: 6 -> 12 B-scans, 64 -> 32 A-scans)
+    positions = corpus.read(sid, localizer=True)["meta"]["positions_mm"]
+    assert positions.shape == (12, 2, 2)
+    along = np.linspace(0.0, 1.0, 32)[None, :, None]
+    points = positions[:, None, 0, :] + (positions[:, None, 1, :] - positions[:, None, 0, :]) * along  # (12, 32, 2)
+    expected = points[..., 0] / LOC_SPACING[1] + 2 * points[..., 1] / LOC_SPACING[0]
+    np.testing.assert_allclose(slo, expected, atol=0.6)
+    # B-scans stay within the native ones (rows 5..65) and A-scans within columns 10..73
+    assert positions[:, :, 1].min() >= ROWS[0] * LOC_SPACING[0] - 1e-9
+    assert positions[:, :, 1].max() <= ROWS[-1] * LOC_SPACING[0] + 1e-9
     train = TrainTransform(crop=(8, 16), targets=("slo",), seed=0)
     batch = collate([train(sample)])
     assert tuple(batch["oct"].shape) == (1, 1, 8, 64, 16) and tuple(batch["slo"].shape) == (1, 1, 8, 16)

@@ -73,6 +73,12 @@ def test_fds_volume_spacing_registration_and_no_phi(tmp_path: Path, key: str) ->
     rows = np.linspace(BOX[1], BOX[3], NB)
     expected = (BOX[0] + 2 * np.arange(W))[None, :] + rows[:, None]  # the fundus plane x + y under each A-scan
     np.testing.assert_allclose(sample["slo"], np.rint(expected), atol=1)
+    full = corpus.read(corpus.ids()[0], localizer=True)  # the fundus at native size, with the registration
+    np.testing.assert_array_equal(full["localizer"], grey)
+    mm_per_px = 6.0 / (BOX[2] - BOX[0])  # the scan's 6 mm width over the box's fundus columns
+    assert full["meta"]["localizer_spacing_mm"] == pytest.approx((mm_per_px, mm_per_px))
+    starts = full["meta"]["positions_mm"][:, 0, :] / mm_per_px  # back to fundus pixels (x, y)
+    np.testing.assert_allclose(starts, np.stack([np.full(NB, BOX[0]), rows], axis=1))
     blob = b"".join(p.read_bytes() for p in (tmp_path / "corpus").rglob("*") if p.is_file())
     blob += str(corpus.manifest.to_pylist()).encode()
     for phi in (b"TOPCON-PID-55", b"Ada", b"Lovelace", b"1915"):

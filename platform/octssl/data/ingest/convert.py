@@ -3,7 +3,8 @@
 ``convert_unit`` is what runs in a worker (process or Ray task). Its result holds either records or the
 reason the unit was rejected; it never raises for a bad file, so one broken file cannot stop an ingest.
 A record is the INTERFACES sample dict (``id``, ``oct``, optional ``slo``, ``meta``) plus, kept apart
-because the sample format has no key for it, the localizer at native resolution.
+because the sample format has no key for it, the localizer at native resolution with its registration to
+the stored B-scans (``positions_mm``, moved onto the grid for raster volumes).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from octssl.data.ingest import detect
-from octssl.data.ingest.grid import DEPTH_WINDOW_MM, localizer_trace, to_grid
+from octssl.data.ingest.grid import DEPTH_WINDOW_MM, grid_positions, localizer_trace, to_grid
 from octssl.data.ingest.phi import pseudonym
 from octssl.data.ingest.scan import NOT_RASTER_REASON, Scan
 from octssl.errors import IngestError, OctsslError
@@ -29,11 +30,13 @@ ID_PREFIX = {
 
 @dataclass
 class Record:
-    """One volume for the corpus: the sample dict and its native-resolution localizer (if any)."""
+    """One volume for the corpus: the sample dict, its native-resolution localizer (if any) and the
+    registration of the sample's B-scans on it (``(nB, 2, 2)`` mm, nB of the stored ``oct``)."""
 
     sample: dict[str, Any]
     localizer: np.ndarray | None = None
     localizer_spacing_mm: tuple[float, float] | None = None
+    positions_mm: np.ndarray | None = None
 
 
 @dataclass
@@ -91,11 +94,16 @@ def to_record(
         if not all(s > 0 for s in scan.spacing_mm):
             raise IngestError(f"{where}: spacing unknown (spacing_mm {scan.spacing_mm}); cannot grid the volume")
         volume, slo, spacing = to_grid(scan.bscans, trace, scan.spacing_mm, grid, depth_mm)
+        positions = None if scan.positions_mm is None else grid_positions(
+            scan.positions_mm, (n_b, width), (grid[0], grid[2])
+        )
     else:  # line / circle / radial: native size, their own bucket
         volume = scan.bscans
-        # B-scans of these patterns are not parallel planes: the nB spacing is nominal (the A-scan pitch).
+        # B-scans of these patterns are not parallel planes: the nB spacing is nominal (the A-scan pitch),
+        # kept positive so that every sample has 3 usable spacings; the geometry is in positions_mm.
         spacing = (scan.spacing_mm[2], scan.spacing_mm[1], scan.spacing_mm[2])
         slo = None if trace is None else np.clip(np.rint(trace), 0, 255).astype(np.uint8)
+        positions = scan.positions_mm
     patient_key = scan.device_patient_id or f"source:{source}"
     meta = {
         "patient": pseudonym(patient_key, key),
@@ -113,7 +121,10 @@ def to_record(
     if slo is not None:
         sample["slo"] = np.ascontiguousarray(slo, dtype=np.uint8)
     validate_sample(sample, where="ingest")
-    return Record(sample=sample, localizer=scan.localizer, localizer_spacing_mm=scan.localizer_spacing_mm)
+    if scan.localizer is None:
+        return Record(sample=sample)
+    return Record(sample=sample, localizer=scan.localizer, localizer_spacing_mm=scan.localizer_spacing_mm,
+                  positions_mm=positions)
 
 
 def convert_unit(

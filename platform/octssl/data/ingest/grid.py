@@ -18,6 +18,10 @@ Corpus grid (``to_grid``), raster volumes only:
 - then every axis is resized linearly to the grid ``(nB, D, W)`` with anti-aliasing when shrinking
   (``skimage.transform.resize``); the en-face ``slo`` follows the same (nB, W) resize. ``spacing_mm`` is
   rescaled to match, so it stays the physical size of a grid voxel.
+- the registration follows too (``grid_positions``): the resize maps pixel centres (``ndi.zoom`` with
+  ``grid_mode=True``: output index i sits at input coordinate ``(i + 0.5) * n / g - 0.5``, clamped to the
+  edge), so each stored B-scan's start/end is interpolated at those coordinates: B-scans linearly between
+  neighbouring native B-scans, the first/last stored A-scan along the native B-scan's segment.
 """
 
 from __future__ import annotations
@@ -90,6 +94,24 @@ def resize(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+
+
+def _centres(native: int, target: int) -> np.ndarray:
+    """Input coordinate of each output pixel centre of a ``native -> target`` resize (as ``resize`` samples)."""
+    return np.clip((np.arange(target) + 0.5) * native / target - 0.5, 0.0, native - 1.0)
+
+
+def grid_positions(positions_mm: np.ndarray, native: tuple[int, int], target: tuple[int, int]) -> np.ndarray:
+    """Raster registration ``(nB, 2, 2)`` of a native ``(nB, W)`` en-face grid moved to ``target`` (g_B, g_W)."""
+    positions = np.asarray(positions_mm, dtype=np.float64)
+    b = _centres(native[0], target[0])
+    low = np.floor(b).astype(int)
+    high = np.minimum(low + 1, native[0] - 1)
+    frac = (b - low)[:, None, None]
+    rows = positions[low] * (1.0 - frac) + positions[high] * frac  # (g_B, 2, 2): native segments between
+    ends = _centres(native[1], target[1])[[0, -1]] / max(native[1] - 1, 1)  # fraction along the segment
+    start, stop = rows[:, 0, :], rows[:, 1, :]
+    return np.stack([start + (stop - start) * ends[0], start + (stop - start) * ends[1]], axis=1)
 
 
 def to_grid(

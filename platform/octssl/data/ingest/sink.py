@@ -51,14 +51,20 @@ def ingested_sources(corpus: Corpus) -> set[str]:
 
 
 def append_records(corpus: Corpus, records: list[Record]) -> list[str]:
-    """The adapter to ``Corpus.append``: one atomic append of ``records``' sample dicts.
-
-    The native-resolution localizer (``Record.localizer``) has no place in the corpus yet: only its
-    registered trace (``slo`` on the volume's grid) is stored.
-    """
+    """The adapter to ``Corpus.append``: one atomic append of ``records``' sample dicts, each with its
+    native-resolution localizer (``localizer/<H>x<W>``) and registration (``positions_mm``) when it has one."""
     if not records:
         return []
-    return corpus.append([record.sample for record in records], progress=False)
+    return corpus.append([_with_localizer(record) for record in records], progress=False)
+
+
+def _with_localizer(record: Record) -> dict:
+    """The append form of a record: the sample dict plus ``localizer`` and its meta (see ``Corpus.append``)."""
+    if record.localizer is None:
+        return record.sample
+    meta = {**record.sample["meta"], "localizer_spacing_mm": record.localizer_spacing_mm,
+            "positions_mm": record.positions_mm}
+    return {**record.sample, "localizer": record.localizer, "meta": meta}
 
 
 def read_rejects(corpus_dir: Path) -> pa.Table:

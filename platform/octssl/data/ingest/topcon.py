@@ -157,7 +157,7 @@ def read_topcon(path: Path) -> list[Scan]:
             device=f"Topcon {str(hardware.get('model_name', '')).strip()}".strip(),
             acquired=f"{date[0]:04d}-{date[1]:02d}-{date[2]:02d}" if date and date[0] else None,
             device_patient_id=str(patient.get("patient_id", "")).strip() or None,
-            localizer=localizer if positions is not None else None,
+            localizer=localizer,  # kept at native size even when the registration is unknown
             localizer_spacing_mm=loc_spacing,
             positions_mm=positions,
         )
