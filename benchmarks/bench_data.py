@@ -8,6 +8,12 @@ It also times writing the shards with ``tarfile`` (what export_shards uses) agai
 ``webdataset.TarWriter``. Prints a table with the ratios to raw and per-worker rates, and writes JSON to
 ``benchmarks/results/data-<host>.json``. Targets (issue 2): >= 200 MB/s per loader worker, >= 0.5x raw.
 
+``--train-steps N`` (default 12; 0 skips it) also runs short real trainings (octssl's Trainer in this process,
+DeepSpeed, the FPN at ``--train-width``) fed by each source with 0..N loader workers, and reads the
+data-wait fraction from their metrics.jsonl: sum(data_wait_s) / sum(step_s) over the steps after the first
+two (data_wait_s is the time the loop waited for its next batch). Whether the loader keeps up depends on
+the step time: the rows record the step time they were measured against.
+
     python benchmarks/bench_data.py --volumes 48 --grid 32,128,256 --workers 2
 """
 
@@ -27,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+
+import common
 
 MB = 1e6
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -99,8 +107,37 @@ def bench_writers(corpus: Any, ids: list[str], work: Path) -> list[dict]:
     return out
 
 
+def training_wait(work: Path, source: str, workers: int, train: dict[str, Any]) -> dict[str, Any]:
+    """Data-wait fraction of a short real training run fed by ``source`` with ``workers`` loader workers."""
+    from octssl.config import load_config
+    from octssl.train.launch import run_single_process
+
+    name = f"wait-{source}-{workers}"
+    config = load_config(Path(__file__).resolve().parents[1] / "jobs" / "pretrain.yaml", [
+        f"data.corpus={work / 'corpus'}", f"data.shards={work / 'shards'}", f"data.source={source}",
+        f"data.loader_workers={workers}", f"data.batch_size={train['batch']}",
+        f"data.crop=[{train['crop'][0]}, {train['crop'][1]}]", f"model.width={train['width']}",
+        f"run.max_steps={train['steps']}", "run.log_every=1", f"run.eval_every={10 * train['steps']}",
+        f"run.ckpt_every={10 * train['steps']}", "data.val_volumes=1", f"run.storage_path={work / 'runs'}",
+        f"run.name={name}", "scaling.workers=1",
+    ])
+    row: dict[str, Any] = {"source": source, "loader_workers": workers, "steps": train["steps"],
+                           "batch": train["batch"], "crop": list(train["crop"]), "width": train["width"]}
+    try:
+        run_single_process(config)
+    except Exception as err:  # a failed configuration is a result too
+        return row | {"status": "failed", "error": f"{type(err).__name__}: {err}"[:300]}
+    records = [json.loads(line) for line in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in records if r["step"] > 2]
+    wait, step = sum(r["data_wait_s"] for r in steady), sum(r["step_s"] for r in steady)
+    return row | {"status": "ok", "data_wait_fraction": round(wait / step, 4), "step_s": round(step / len(steady), 4),
+                  "data_wait_s_per_step": round(wait / len(steady), 4)}
+
+
 def run(volumes: int, grid: tuple[int, int, int], max_workers: int, batch: int, repeats: int, cold: bool,
-        passes: int, work: Path) -> dict[str, Any]:
+        passes: int, work: Path, train: dict[str, Any] | None = None) -> dict[str, Any]:
+    train = train or {"steps": 0}
+    env = common.environment(torch.device("cpu"))
     from octssl.data.shards import export_shards
     from octssl.data.sources import StreamSource, ZarrSource
     from octssl.data.synth import synthesize
@@ -158,13 +195,15 @@ def run(volumes: int, grid: tuple[int, int, int], max_workers: int, batch: int, 
         rows.append(_rate("StreamSource", workers, streamed, streamed * int(np.prod(grid)),
                           _timed(read_stream, repeats), raw_mbs))
     rows += bench_writers(corpus, ids[: min(len(ids), 16)], work)
+    training = [training_wait(work, source, w, train) for source in ("zarr", "stream")
+                for w in range(0, max_workers + 1)] if train["steps"] else []
     return {
-        "host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
+        "env": common.finish(env), "host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "note": "shared machine: other users' load varies; best of repeats",
         "volumes": len(ids), "grid": list(grid), "MB_per_volume": round(np.prod(grid) / MB, 3),
         "batch": batch, "cold_cache": cold, "repeats": repeats, "passes": passes,
         "synth_s": round(synth_s, 2), "export_s": round(export_s, 2),
-        "export_MB_per_s": round(nbytes / MB / export_s, 1), "rows": rows,
+        "export_MB_per_s": round(nbytes / MB / export_s, 1), "rows": rows, "training": training,
         "targets": {"MB_per_s_per_worker": 200, "ratio_to_raw": 0.5},
     }
 
@@ -179,9 +218,13 @@ def print_table(result: dict[str, Any]) -> None:
         ratio = "" if row["ratio_to_raw"] is None else f"{row['ratio_to_raw']:.2f}"
         print(f"{row['path']:32s} {row['workers']:7d} {row['volumes_per_s']:8.1f} {row['MB_per_s']:8.1f} "
               f"{row['MB_per_s_per_worker']:9.1f} {ratio:>6s}")
+    for row in result.get("training", []):
+        what = (f"data wait {row['data_wait_fraction'] * 100:.1f}% of step ({row['data_wait_s_per_step']:.3f} of "
+                f"{row['step_s']:.3f} s)" if row["status"] == "ok" else f"failed: {row['error']}")
+        print(f"training fed by {row['source']:6s} {row['loader_workers']} loader workers: {what}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--volumes", type=int, default=48)
     parser.add_argument("--grid", default="32,128,256", help="nB,D,W of each synthetic volume")
@@ -190,18 +233,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--passes", type=int, default=4, help="reads of each volume per timed source epoch")
     parser.add_argument("--cold", action="store_true", help="evict this run's files from the page cache first")
+    parser.add_argument("--train-steps", type=int, default=12, help="steps of each data-wait training run (0: none)")
+    parser.add_argument("--train-width", type=float, default=0.25, help="FPN width of the data-wait runs")
+    parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--train-crop", default=None, help="nB,W crop of the data-wait runs (default: whole grid)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/data-<host>.json)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     grid = tuple(int(n) for n in args.grid.split(","))
+    crop = tuple(int(n) for n in args.train_crop.split(",")) if args.train_crop else (grid[0], grid[2])
+    train = {"steps": args.train_steps, "width": args.train_width, "batch": args.train_batch, "crop": crop}
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with tempfile.TemporaryDirectory(prefix="octssl-bench-data-") as tmp:
         result = run(args.volumes, grid, args.workers, args.batch, args.repeats, args.cold, args.passes,
-                     Path(tmp))
+                     Path(tmp), train)
     print_table(result)
     name = (socket.gethostname() or result["cpu"]).replace("/", "_")
     out = args.out or RESULTS / f"data-{name}{'-cold' if args.cold else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
+    return result
 
 
 if __name__ == "__main__":

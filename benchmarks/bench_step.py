@@ -1,0 +1,340 @@
+"""Train-step benchmark: the FPN at the paper's crop, the paper's setup against octssl's tuned path, one process.
+
+    python benchmarks/bench_step.py                     # the current device, its default sizes
+    python benchmarks/bench_step.py --device cpu --batch 1 --repeats 2
+
+Rows, each with and without activation checkpointing (``ckpt``):
+(a) ``paper``: fp32, default layout, plain PyTorch, SGD (lr 0.1, momentum 0.9, wd 1e-4), batch 8 on GPU
+    (cuDNN benchmark on, as PAPER.md measured it); the baseline every ratio refers to.
+(b) ``octssl``: what the platform's loop runs on this device: a DeepSpeed ZeRO-1 engine from
+    ``octssl.train.engine.build_engine`` with the precision ``auto`` resolves to (GPU: bf16 through
+    DeepSpeed's torch_autocast, channels_last_3d inputs, contiguous parameters; CPU: fp32), the same SGD.
+    On GPU also ``octssl+compile`` (``engine.compile()``) and the faster of the two at doubling batches up
+    to ``--max-batch`` (the largest that fits).
+Policy probes (plain PyTorch, ckpt off): every precision x layout pair, so that the fastest pair can be
+checked against what ``resolve_precision("auto")`` picks for this device.
+
+Per row: seconds per step (median, min, max over repeats after warm-up, device synchronised), volumes/s,
+peak memory, ratio to (a) and achieved model TFLOP/s (fwd+bwd FLOPs from ``octssl.models.profile``,
+recomputation under checkpointing not counted). A configuration that fails (e.g. out of memory) stays in
+the table as ``failed`` with its error; one not run for lack of time as ``skipped`` with the reason.
+Writes ``benchmarks/results/step-<device>.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import common
+
+PAPER_CROP = (32, 128, 256)  # nB x D x W
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    name: str
+    role: str  # baseline | tuned | probe
+    engine: str  # plain | deepspeed
+    precision: str  # fp32 | bf16
+    channels_last: bool
+    compile: bool
+    checkpointing: bool
+    batch: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} b{self.batch}{' ckpt' if self.checkpointing else ''}"
+
+
+def plan(device: torch.device, batch: int, compile_gpu: bool) -> list[StepConfig]:
+    """The configurations at the base batch, cheapest and most needed first (a time budget cuts the tail;
+    the batch sweep is planned after these ran)."""
+    from octssl.train.engine import resolve_precision
+
+    gpu = device.type == "cuda"
+    auto = resolve_precision("auto", gpu=gpu)
+
+    def paper(ckpt: bool) -> StepConfig:
+        return StepConfig("paper", "baseline", "plain", "fp32", False, False, ckpt, batch)
+
+    def octssl(ckpt: bool, compiled: bool = False) -> StepConfig:
+        name = "octssl+compile" if compiled else "octssl"
+        return StepConfig(name, "tuned", "deepspeed", auto.name, auto.channels_last, compiled, ckpt, batch)
+
+    rows = [paper(False), octssl(False)]
+    for precision, channels_last in (("fp32", True), ("bf16", False), ("bf16", True)):
+        layout = "cl" if channels_last else "default"
+        rows.append(StepConfig(f"plain {precision} {layout}", "probe", "plain", precision, channels_last, False,
+                               False, batch))
+    rows += [paper(True), octssl(True)]
+    if gpu and compile_gpu:
+        rows += [octssl(False, compiled=True), octssl(True, compiled=True)]
+    return rows
+
+
+def check_layout(model: torch.nn.Module, volume: torch.Tensor, channels_last: bool) -> None:
+    """DeepSpeed's first broadcast views parameters as bytes and fails on channels_last_3d ones
+    ("stride(-1) must be 1"): parameters stay contiguous, only the input batch is channels_last_3d."""
+    bad = [name for name, p in model.named_parameters() if not p.is_contiguous()]
+    if bad:
+        raise ValueError(f"parameters must be contiguous for DeepSpeed: {', '.join(bad[:3])}")
+    if channels_last and not volume.is_contiguous(memory_format=torch.channels_last_3d):
+        raise ValueError("the input volume is not channels_last_3d")
+
+
+def make_batch(device: torch.device, batch: int, crop: tuple[int, int, int], channels_last: bool) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(0)
+    volume = torch.randn(batch, 1, *crop, generator=gen).to(device)
+    if channels_last:
+        volume = volume.contiguous(memory_format=torch.channels_last_3d)
+    mask = (torch.rand(batch, 1, crop[0], crop[2], generator=gen) > 0.7).float().to(device)
+    return {"oct": volume, "ga": mask, "id": [f"v{i}" for i in range(batch)]}
+
+
+def ds_job(cfg: StepConfig) -> Any:
+    """A job config for build_engine with the paper's optimiser (no clipping: the same maths as the baseline)."""
+    from octssl.config import load_config
+
+    return load_config(None, [
+        "data.corpus=synthetic", f"data.batch_size={cfg.batch}", "optim.name=sgd", "optim.lr=0.1",
+        "optim.momentum=0.9", "optim.weight_decay=0.0001", "optim.schedule=constant", "optim.warmup_steps=0",
+        "optim.grad_clip=0", "deepspeed.zero_stage=1", f"deepspeed.precision={cfg.precision}",
+        "run.max_steps=1000000",
+    ])
+
+
+def build_step(cfg: StepConfig, device: torch.device, crop: tuple[int, int, int]) -> tuple[Any, list[Any]]:
+    """A closure doing one train step for ``cfg``, and the objects to drop afterwards."""
+    from octssl.models import build_model
+    from octssl.objectives import build_objective
+
+    torch.manual_seed(0)
+    model = build_model("fpn", checkpointing=cfg.checkpointing)
+    objective = build_objective("segmentation", target="ga")
+    batch = make_batch(device, cfg.batch, crop, cfg.channels_last)
+    if cfg.engine == "plain":
+        model = model.to(device).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        network = torch.compile(model) if cfg.compile else model
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+            with autocast:
+                logits = network(batch["oct"])
+            objective.loss(logits.float(), batch).backward()
+            optimizer.step()
+
+        return step, [model, network, optimizer, batch]
+    from octssl.train.engine import build_engine, resolve_precision
+
+    precision = resolve_precision(cfg.precision, gpu=device.type == "cuda")
+    check_layout(model, batch["oct"], precision.channels_last)
+    common.init_single_process_group(device)
+    engine, _ = build_engine(model, ds_job(cfg), 1_000_000, precision)
+    if cfg.compile:
+        engine.compile()
+
+    def ds_step() -> None:
+        logits = engine(batch["oct"])
+        engine.backward(objective.loss(logits.float(), batch))
+        engine.step()
+
+    return ds_step, [engine, batch]
+
+
+def run_config(cfg: StepConfig, device: torch.device, crop: tuple[int, int, int], gflop: float,
+               warmup: int, repeats: int, inner: int) -> dict[str, Any]:
+    row: dict[str, Any] = {**asdict(cfg), "label": cfg.label, "crop": list(crop), "status": "ok"}
+    keep: list[Any] = []
+    try:
+        with common.PeakMemory(device) as peak:
+            step, keep = build_step(cfg, device, crop)
+            start = time.perf_counter()
+            step()  # first step: kernel selection, cuDNN benchmark, compilation
+            common.synchronize(device)
+            row["first_step_s"] = round(time.perf_counter() - start, 3)
+            timing = common.time_repeats(step, device, warmup=max(0, warmup - 1), repeats=repeats, inner=inner)
+        row["seconds_per_step"] = timing
+        row["volumes_per_s"] = cfg.batch / timing["median"]
+        row["volumes_per_s_best"] = cfg.batch / timing["min"]
+        row["model_tflop_per_s"] = row["volumes_per_s"] * gflop / 1e3
+        row["peak_mib"] = peak.peak_bytes / 2**20
+        row["peak_what"] = peak.what
+    except Exception as err:  # every failure is a result: reported, never dropped
+        row.update(status="failed", error=common.error_text(err))
+    finally:
+        keep.clear()
+        del keep
+        gc.collect()
+        if cfg.compile:
+            torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        common.release_host_memory()
+    shown = f"{row['volumes_per_s']:.3f} vol/s" if row["status"] == "ok" else row["error"]
+    print(f"  {cfg.label:36s} {shown}", flush=True)
+    return row
+
+
+def skipped(cfg: StepConfig, crop: tuple[int, int, int], reason: str) -> dict[str, Any]:
+    print(f"  {cfg.label:36s} skipped: {reason}", flush=True)
+    return {**asdict(cfg), "label": cfg.label, "crop": list(crop), "status": "skipped", "error": reason}
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Ratio of each row's volumes/s to (a) without checkpointing, and to (a) with the same checkpointing."""
+    base = {r["checkpointing"]: r.get("volumes_per_s") for r in rows if r["role"] == "baseline" and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        if base.get(False):
+            r["ratio_to_paper"] = r["volumes_per_s"] / base[False]
+        if base.get(r["checkpointing"]):
+            r["ratio_to_paper_same_ckpt"] = r["volumes_per_s"] / base[r["checkpointing"]]
+
+
+def policy_check(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """The fastest precision x layout among the plain-PyTorch rows without checkpointing at the base batch,
+    against what ``resolve_precision("auto")`` picks on this device."""
+    from octssl.train.engine import resolve_precision
+
+    auto = resolve_precision("auto", gpu=device.type == "cuda")
+    pairs = {(r["precision"], r["channels_last"]): r["volumes_per_s"] for r in rows
+             if r["engine"] == "plain" and not r["checkpointing"] and not r["compile"] and r["status"] == "ok"
+             and r["role"] in ("baseline", "probe")}
+    if not pairs:
+        return {"auto": {"precision": auto.name, "channels_last": auto.channels_last}, "matches": None,
+                "note": "no plain rows succeeded"}
+    best = max(pairs, key=pairs.__getitem__)
+    return {
+        "auto": {"precision": auto.name, "channels_last": auto.channels_last},
+        "fastest": {"precision": best[0], "channels_last": best[1], "volumes_per_s": pairs[best]},
+        "measured": [{"precision": p, "channels_last": c, "volumes_per_s": v} for (p, c), v in pairs.items()],
+        "matches": best == (auto.name, auto.channels_last),
+    }
+
+
+def batch_sweep(rows: list[dict[str, Any]], base: int, max_batch: int) -> list[StepConfig]:
+    """The fastest tuned variant at the base batch, at doubling batches (with and without checkpointing)."""
+    tuned = [r for r in rows if r["role"] == "tuned" and r["status"] == "ok" and not r["checkpointing"]]
+    if not tuned:
+        return []
+    best = max(tuned, key=lambda r: r["volumes_per_s"])
+    template = StepConfig(best["name"], "tuned", best["engine"], best["precision"], best["channels_last"],
+                          best["compile"], False, base)
+    out = []
+    for ckpt in (False, True):
+        b = base * 2
+        while b <= max_batch:
+            out.append(replace(template, checkpointing=ckpt, batch=b))
+            b *= 2
+    return out
+
+
+def run(device: torch.device, crop: tuple[int, int, int], batch: int, warmup: int, repeats: int, inner: int,
+        max_batch: int, compile_gpu: bool, budget_s: float, only: set[str] | None = None) -> dict[str, Any]:
+    from octssl.models.profile import count_flops
+
+    env = common.environment(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    gflop = count_flops("fpn", crop)["forward_backward"] / 1e9
+    deadline = time.monotonic() + budget_s
+    rows: list[dict[str, Any]] = []
+    print(f"FPN train step at {crop} (nB x D x W) on {env['device']}: {gflop:.1f} GFLOP per volume fwd+bwd")
+    for cfg in plan(device, batch, compile_gpu):
+        if only is not None and cfg.name not in only:
+            rows.append(skipped(cfg, crop, "not selected (--only)"))
+        elif time.monotonic() > deadline:
+            rows.append(skipped(cfg, crop, f"time budget of {budget_s:.0f} s spent"))
+        else:
+            rows.append(run_config(cfg, device, crop, gflop, warmup, repeats, inner))
+    for cfg in batch_sweep(rows, batch, max_batch):
+        smaller_failed = any(r["status"] == "failed" and r["checkpointing"] == cfg.checkpointing
+                             and r["name"] == cfg.name and r["batch"] < cfg.batch for r in rows)
+        if smaller_failed:
+            rows.append(skipped(cfg, crop, "a smaller batch already failed"))
+        elif time.monotonic() > deadline:
+            rows.append(skipped(cfg, crop, f"time budget of {budget_s:.0f} s spent"))
+        else:  # about as many volumes per timed repeat as at the base batch
+            rows.append(run_config(cfg, device, crop, gflop, warmup, repeats, max(1, inner * batch // cfg.batch)))
+    add_ratios(rows)
+    ok = [r for r in rows if r["status"] == "ok" and r["role"] == "tuned"]
+    winner = max(ok, key=lambda r: r["volumes_per_s"]) if ok else None
+    return {
+        "benchmark": "step", "env": common.finish(env), "model": "fpn", "crop": list(crop),
+        "gflop_fwd_bwd_per_volume": gflop, "loss": "segmentation (Dice + BCE) / 2",
+        "optimizer": "SGD lr 0.1 momentum 0.9 wd 1e-4, no clipping",
+        "timing": {"warmup_steps": warmup, "repeats": repeats, "steps_per_repeat": inner,
+                   "cudnn_benchmark": device.type == "cuda"},
+        "rows": rows,
+        "winner": winner["label"] if winner else None,
+        "winner_ratio_to_paper": winner.get("ratio_to_paper") if winner else None,
+        "policy": policy_check(rows, device),
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"\n{'config':38s} {'status':7s} {'vol/s':>8s} {'spread':>7s} {'peak MiB':>9s} {'x paper':>8s} {'TFLOP/s':>8s}")
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            print(f"{r['label']:38s} {r['status']:7s} {r.get('error', '')}")
+            continue
+        print(f"{r['label']:38s} ok      {r['volumes_per_s']:8.3f} {r['seconds_per_step']['spread']:7.2f} "
+              f"{r['peak_mib']:9.0f} {r.get('ratio_to_paper', float('nan')):8.2f} {r['model_tflop_per_s']:8.3f}")
+    p = result["policy"]
+    print(f"auto policy: {p['auto']}; fastest plain pair: {p.get('fastest')}; matches: {p['matches']}")
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    rows = result["rows"]
+    return common.bar_plot(
+        path, [r["label"] for r in rows], [r.get("volumes_per_s") for r in rows],
+        notes=[f"(x{r['ratio_to_paper']:.2f})" if r.get("ratio_to_paper") else "" for r in rows],
+        title=f"FPN train step {tuple(result['crop'])} on {result['env']['device']}", xlabel="volumes/s",
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--crop", default="32x128x256", help="nB x D x W (the paper's crop by default)")
+    parser.add_argument("--batch", type=int, default=None, help="base batch (default: 8 on GPU, 1 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: GPU 3, CPU 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default: GPU 5, CPU 2)")
+    parser.add_argument("--inner", type=int, default=None, help="steps per timed repeat (default: GPU 5, CPU 1)")
+    parser.add_argument("--max-batch", type=int, default=128, help="largest batch tried by the GPU batch sweep")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows on GPU")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="skip (and report) rows after this many s")
+    parser.add_argument("--only", default=None, help="comma-separated row names to run (others: skipped)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/step-<device>.json)")
+    args = parser.parse_args(argv)
+    device = common.pick_device(args.device)
+    gpu = device.type == "cuda"
+    crop = tuple(int(v) for v in args.crop.lower().split("x"))
+    result = run(
+        device, crop,  # type: ignore[arg-type]
+        batch=args.batch or (8 if gpu else 1), warmup=args.warmup if args.warmup is not None else (3 if gpu else 1),
+        repeats=args.repeats or (5 if gpu else 2), inner=args.inner or (5 if gpu else 1),
+        max_batch=args.max_batch if gpu else 0, compile_gpu=gpu and not args.no_compile, budget_s=args.budget_s,
+        only=set(args.only.split(",")) if args.only else None,
+    )
+    print_table(result)
+    out = args.out or common.result_path("step", device)
+    common.write_json(out, result)
+    print(f"wrote {out} and {plot(result, out.with_suffix('.png'))}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

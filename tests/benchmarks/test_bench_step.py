@@ -1,0 +1,68 @@
+"""bench_step: the layout rules of the GPU path (checked on CPU), failures kept as rows, a tiny full run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import bench_step
+import common
+import run_cpu
+
+CPU = torch.device("cpu")
+TINY = (4, 64, 64)  # the smallest crop the FPN takes: nB % 4, W % 16, D >= 64
+
+
+def test_check_layout_wants_contiguous_parameters_and_channels_last_inputs() -> None:
+    model = nn.Sequential(nn.Conv3d(2, 4, 3))
+    volume = torch.randn(1, 2, 4, 8, 8)
+    bench_step.check_layout(model, volume.contiguous(memory_format=torch.channels_last_3d), channels_last=True)
+    with pytest.raises(ValueError, match="not channels_last_3d"):
+        bench_step.check_layout(model, volume, channels_last=True)
+    model = model.to(memory_format=torch.channels_last_3d)
+    with pytest.raises(ValueError, match="contiguous.*0.weight"):
+        bench_step.check_layout(model, volume, channels_last=False)
+
+
+def test_deepspeed_engine_trains_on_channels_last_inputs_with_contiguous_parameters() -> None:
+    """The GPU path's layout (channels_last_3d batch, contiguous parameters) through DeepSpeed, on CPU."""
+    cfg = bench_step.StepConfig("octssl", "tuned", "deepspeed", "fp32", True, False, False, 1)
+    step, keep = bench_step.build_step(cfg, CPU, TINY)
+    engine, batch = keep
+    assert batch["oct"].is_contiguous(memory_format=torch.channels_last_3d)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    step()
+    step()
+    assert all(p.is_contiguous() for p in engine.module.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, engine.module.parameters(), strict=True))
+
+
+def test_a_failing_configuration_is_a_failed_row() -> None:
+    cfg = bench_step.StepConfig("octssl", "tuned", "deepspeed", "fp16", False, False, False, 1)
+    row = bench_step.run_config(cfg, CPU, TINY, gflop=1.0, warmup=1, repeats=1, inner=1)
+    assert row["status"] == "failed" and "fp16" in row["error"] and "volumes_per_s" not in row
+
+
+def test_tiny_run_writes_every_planned_row_and_the_policy_check(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "step-cpu-test.json"
+    bench_step.main(["--device", "cpu", "--crop", "4x64x64", "--warmup", "1", "--repeats", "1",
+                     "--only", "paper", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["label"] for r in rows] == [c.label for c in bench_step.plan(CPU, 1, False)]
+    ran = [r for r in rows if r["name"] == "paper"]  # the DeepSpeed rows: the test above and the slow one below
+    assert len(ran) == 2 and all(r["status"] == "ok" for r in ran)
+    assert all(r["status"] == "skipped" and "not selected" in r["error"] for r in rows if r not in ran)
+    paper = next(r for r in ran if r["role"] == "baseline" and not r["checkpointing"])
+    assert paper["ratio_to_paper"] == pytest.approx(1.0)
+    for r in ran:
+        assert r["volumes_per_s"] > 0 and r["peak_mib"] > 0 and r["model_tflop_per_s"] > 0
+        assert r["seconds_per_step"]["n"] == 1 and r["precision"] == "fp32"
+    assert result["policy"]["auto"] == {"precision": "fp32", "channels_last": False}
+    assert result["env"]["torch"] == torch.__version__ and "load_average_end" in result["env"]
+    assert out.with_suffix(".png").stat().st_size > 1000
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert "step: FPN 4x64x64" in run_cpu.table() and out.name in run_cpu.table()
