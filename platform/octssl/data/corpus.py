@@ -28,6 +28,7 @@ from zarr.storage import LocalStore
 
 from octssl.data import manifest as mf
 from octssl.data.journal import Journal, WriterLock
+from octssl.data.shardread import ShardReader
 from octssl.errors import CorpusError, SampleError
 from octssl.sample import ARRAY_KEYS, MASKS, VOLUME_KEY, validate_sample
 
@@ -70,6 +71,7 @@ class Corpus:
         self.zarr_path = path / ZARR_NAME
         self._set_table(table)
         self._arrays: dict[str, zarr.Array] = {}
+        self._shards = ShardReader()
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @classmethod
@@ -218,9 +220,11 @@ class Corpus:
         return self._read_arrays([key], row)[key]
 
     def _read_arrays(self, keys: list[str], row: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Several arrays of one row, fetched concurrently in one trip through Zarr's event loop (a
-        separate trip per array costs about a third of the read rate on small volumes)."""
+        """Several arrays of one row: straight from the shard files where ``octssl.data.shardread`` can
+        (about 3x the read rate on small volumes); the rest fetched concurrently in one trip through Zarr's
+        event loop, which also gives every error (a separate trip per array costs a third of the rate)."""
         arrays, slots = [], [self.slot(key, row) for key in keys]
+        requests: list[Any] = []
         for key, (grid, index) in zip(keys, slots, strict=True):
             where = self.zarr_path / array_path(key, grid)
             try:
@@ -231,11 +235,16 @@ class Corpus:
                 raise CorpusError(f"{where}: sample {row['id']}: manifest index {index} is beyond the "
                                   f"array's {arr.shape[0]} volumes (row without data)")
             arrays.append(arr.async_array)
+            requests.append((where, self._shards.layout(str(where), arr), index))
+        results = {key: data for key, data in zip(keys, self._shards.read(requests), strict=True) if data is not None}
 
         async def fetch(chosen: list[int]) -> list[Any]:
             return await asyncio.gather(*(arrays[i].getitem(slots[i][1]) for i in chosen), return_exceptions=True)
 
-        results = dict(zip(keys, zarr_sync(fetch(list(range(len(keys))))), strict=True))
+        pending = [i for i, key in enumerate(keys) if key not in results]
+        if pending:
+            results.update(zip((keys[i] for i in pending), zarr_sync(fetch(pending)), strict=True))
+        results = {key: results[key] for key in keys}  # errors and the sample dict in the caller's order
         failed = [k for k, r in results.items() if isinstance(r, Exception)]
         if failed:
             # Once more: a writer may have replaced the shard file between Zarr's index and chunk reads.
