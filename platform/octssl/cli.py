@@ -23,10 +23,8 @@ def _fail(err: Exception) -> None:
 
 
 def main() -> None:
-    try:
-        app()
-    except OctsslError as err:  # pragma: no cover - typer handles inside commands
-        _fail(err)
+    """The `octssl` console script."""
+    app()
 
 
 # Commands are added below, one block per area; each imports its library lazily so that
@@ -46,9 +44,13 @@ def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int |
     except OctsslError as err:
         _fail(err)
     console.print(
-        f"[green]done[/] {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
-        f"best {summary['best_metric_name']} {summary['best_metric']}, weights {summary['weights']}"
+        f"[green]done[/] {summary['steps']} steps, loss {_num(summary['first_loss'])} -> {_num(summary['final_loss'])}, "
+        f"best {summary['best_metric_name']} {_num(summary['best_metric'])}, weights {summary['weights']}"
     )
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 _CONFIG = typer.Option(..., "--config", "-c", help="job YAML (see jobs/)")
@@ -338,4 +340,58 @@ def verify(path: Path = _VERIFY_PATH, strict: bool = _VERIFY_STRICT) -> None:
         console.print(f"[bold red]verify failed:[/] {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
         raise typer.Exit(1)
     console.print(f"[green]ok[/] {path}" + (f" ({len(problems)} warning(s))" if problems else ""))
+
+
+# ---------------------------------------------------------------- sweep, report, demo
+_SWEEP_CONFIG = typer.Option(..., "--config", "-c", help="sweep YAML (kind: sweep; see jobs/sweep.yaml)")
+_SWEEP_SET = typer.Option([], "--set", help="override a sweep key: --set fractions=[0.1,1.0] (repeatable)")
+_REPORT_DIR = typer.Argument(..., help="a sweep directory (summary.json, results.parquet, trials.parquet)")
+_DEMO_OUT = typer.Option(Path("runs/demo"), "--out", "-o", help="demo directory (a previous demo there is replaced)")
+_DEMO_QUICK = typer.Option(False, "--quick", help="smoke-sized demo (about a minute; numbers mean nothing)")
+
+
+def _print_tables(summary: dict) -> None:
+    from octssl.report import rich_tables
+
+    for table in rich_tables(summary):
+        Console().print(table)
+
+
+@app.command()
+def sweep(config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET) -> None:
+    """Fine-tune every task x label fraction x init x model with Ray Tune (ASHA), test the best, report."""
+    from octssl.tune.sweep import load_sweep_config, run_sweep
+
+    try:
+        summary = run_sweep(load_sweep_config(config, set_))
+    except OctsslError as err:
+        _fail(err)
+    _print_tables(summary)
+    console.print(f"[green]done[/] {summary['sweep_dir']}/report.md ({summary['trials']} trials)")
+
+
+@app.command()
+def report(sweep_dir: Path = _REPORT_DIR) -> None:
+    """Rebuild report.md and the figures of a sweep directory from its files; print the table."""
+    import json
+
+    from octssl.report import build_report
+
+    try:
+        path = build_report(sweep_dir)
+    except OctsslError as err:
+        _fail(err)
+    _print_tables(json.loads((sweep_dir / "summary.json").read_text()))
+    console.print(f"[green]wrote[/] {path}")
+
+
+@app.command()
+def demo(out: Path = _DEMO_OUT, quick: bool = _DEMO_QUICK) -> None:
+    """Synthesise a corpus, export shards, pretrain (2 workers), sweep GA/RPD fine-tuning, write the report."""
+    from octssl.demo import run_demo
+
+    try:
+        run_demo(out, quick=quick, console=console)
+    except OctsslError as err:
+        _fail(err)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from octssl.errors import ConfigError
 
@@ -25,10 +25,12 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
+    """Where samples come from and how they are batched."""
+
     corpus: str | None = Field(None, description="corpus directory (manifest.parquet + volumes.zarr)")
     shards: str | None = Field(None, description="WebDataset shard directory (for source=stream)")
     source: Literal["zarr", "stream"] = "zarr"
-    crop: tuple[int, int] = Field((32, 64), description="training crop (nB, W); depth is kept whole")
+    crop: tuple[PositiveInt, PositiveInt] = Field((32, 64), description="training crop (nB, W); depth is kept whole")
     batch_size: int = Field(2, ge=1, description="per worker")
     loader_workers: int = Field(0, ge=0)
     crops_per_volume: int = Field(4, ge=1, description="random crops per training volume per epoch")
@@ -37,12 +39,16 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """Which registry model, at what width."""
+
     name: str = "fpn"
     width: float = Field(1.0, gt=0)
     checkpointing: bool = False
 
 
 class ObjectiveConfig(_Section):
+    """Reconstruction (SSL) or segmentation, and its target."""
+
     kind: Literal["reconstruction", "segmentation"] = "reconstruction"
     target: Literal["faf", "slo", "ga", "rpd"] = "faf"
     label_fraction: float = Field(1.0, gt=0, le=1, description="share of labelled train patients")
@@ -57,6 +63,8 @@ class ObjectiveConfig(_Section):
 
 
 class OptimConfig(_Section):
+    """Optimiser, LR schedule and gradient clipping."""
+
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -67,11 +75,15 @@ class OptimConfig(_Section):
 
 
 class DeepSpeedSection(_Section):
+    """ZeRO stage and precision policy."""
+
     zero_stage: int = Field(1, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 class RunSection(_Section):
+    """Length, cadence of logs/evals/checkpoints, storage, init weights."""
+
     max_steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
     log_every: int = Field(5, ge=1)
@@ -93,6 +105,8 @@ class RunSection(_Section):
 
 
 class ScalingSection(_Section):
+    """Ray Train workers and their resources."""
+
     workers: int = Field(1, ge=1)
     gpus_per_worker: float = Field(0.0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -100,6 +114,8 @@ class ScalingSection(_Section):
 
 
 class JobConfig(_Section):
+    """A pretraining or fine-tuning job: every section of the config."""
+
     kind: Literal["pretrain", "finetune"] = "pretrain"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -153,6 +169,7 @@ def _describe(err: ValidationError, source: str) -> str:
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>") -> JobConfig:
+    """Validate a config dict; ConfigError names every bad or unknown key and ``source``."""
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as err:
@@ -178,4 +195,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def dump_config(config: JobConfig) -> str:
+    """The resolved config as YAML (what RUN_DIR/config.yaml holds)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -189,3 +189,26 @@ def build_objective(kind: str = "reconstruction", target: str | None = None, l1_
     if l1_weight:
         raise ConfigError("objective segmentation takes no l1_weight (it is a reconstruction option)")
     return Segmentation(target)
+
+
+def per_volume_at_original(objective: Objective, logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-volume metrics at each volume's original en-face resolution.
+
+    EvalTransform resizes volumes so nB and W are multiples of 16 and keeps the untouched masks and
+    spacing in ``meta``; segmentation scores (Dice, HD95 in mm) are computed there, on the logits resized
+    back (bilinear), not on nearest-resized masks. Other objectives score at the model's resolution.
+    """
+    metas = batch.get("meta") or []
+    target = objective.target
+    if not isinstance(objective, Segmentation) or not all(target in (m.get("orig_masks") or {}) for m in metas):
+        return objective.per_volume(logits, batch)
+    rows: list[dict[str, Any]] = []
+    for i, meta in enumerate(metas):
+        mask = torch.as_tensor(meta["orig_masks"][target], dtype=torch.float32)[None, None]
+        one = logits[i : i + 1].float()
+        if tuple(one.shape[-2:]) != tuple(mask.shape[-2:]):
+            one = torch.nn.functional.interpolate(one, size=tuple(mask.shape[-2:]), mode="bilinear", align_corners=False)
+        spacing = meta.get("orig_spacing_mm", meta.get("spacing_mm"))
+        original = {"id": [batch["id"][i]], target: mask.to(one.device), "spacing_mm": torch.tensor([list(spacing)])}
+        rows += objective.per_volume(one, original)
+    return rows

@@ -48,6 +48,6 @@ def local_ray():
     # Ray Train's controller collects reports every 2 s by default: a worker killed sooner after a
     # checkpoint loses it. Poll faster so that the kill test exercises resume, not restart-from-zero.
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

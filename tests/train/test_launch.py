@@ -45,49 +45,69 @@ def _kill_after_checkpoint(run_dir: Path, rank: int, timeout: float = 240.0) -> 
     return done
 
 
-TWO_WORKERS = ("scaling.workers=2", "run.max_steps=12", "run.ckpt_every=3", "optim.lr=0.01", "optim.name=sgd")
+# eval_every=6 with 3 val volumes on 2 ranks: an odd split, which under ZeRO-3 hangs unless every rank
+# runs the same number of forwards.
+TWO_WORKERS = (
+    "scaling.workers=2", "run.max_steps=12", "run.ckpt_every=3", "optim.lr=0.01", "optim.name=sgd",
+    "run.eval_every=6", "data.val_volumes=3",
+)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(local_ray, train_corpus: Path, tmp_path_factory) -> Path:
+def reference(local_ray, train_corpus: Path, tmp_path_factory):
+    """``reference(stage)``: the RUN_DIR of an uninterrupted 2-worker run at that ZeRO stage (run once)."""
     from octssl.config import load_config
 
     from .conftest import JOBS
 
     storage = tmp_path_factory.mktemp("runs")
-    config = load_config(JOBS / "pretrain.yaml", [
-        f"data.corpus={train_corpus}", f"run.storage_path={storage}", "data.crop=[16, 64]", "data.batch_size=2",
-        "data.crops_per_volume=2", "model.width=0.25", "run.log_every=1", "run.eval_every=100", "run.name=full",
-        "optim.warmup_steps=0", *TWO_WORKERS,
-    ])
-    run(config, progress=False)
-    return storage / "full"
+    done: dict[int, Path] = {}
+
+    def get(stage: int) -> Path:
+        if stage not in done:
+            config = load_config(JOBS / "pretrain.yaml", [
+                f"data.corpus={train_corpus}", f"run.storage_path={storage}", "data.crop=[16, 64]",
+                "data.batch_size=2", "data.crops_per_volume=2", "model.width=0.25", "run.log_every=1",
+                f"run.name=full{stage}", "optim.warmup_steps=0", f"deepspeed.zero_stage={stage}", *TWO_WORKERS,
+            ])
+            run(config, progress=False)
+            done[stage] = storage / f"full{stage}"
+        return done[stage]
+
+    return get
 
 
-def test_two_workers_train_and_report(uninterrupted: Path) -> None:
+def test_two_workers_train_and_report(reference) -> None:
+    uninterrupted = reference(1)
     summary = json.loads((uninterrupted / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["world_size"] == 2
     losses = [r["loss"] for r in _records(uninterrupted)]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # loss decreases
     steps = [len(_records(uninterrupted, f"samples/rank{r}.jsonl")) for r in (0, 1)]
     assert steps == [12, 12]  # every rank ran the same number of steps
+    assert [r["step"] for r in _records(uninterrupted, "val.jsonl")] == [6, 12]
     ckpts = sorted(p for p in uninterrupted.glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == 2  # keep_last=2 of the 4 reported
     assert {p.name for p in ckpts[-1].glob("trainer_rank*.json")} == {"trainer_rank0.json", "trainer_rank1.json"}
 
 
-def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_samples(
-    uninterrupted: Path, job
-) -> None:
-    config = job("pretrain.yaml", "run.name=killed", "scaling.max_failures=1", *TWO_WORKERS)
-    run_dir = Path(config.run.storage_path) / "killed"
+@pytest.mark.parametrize(
+    "stage", [pytest.param(0, marks=pytest.mark.slow), 1, pytest.param(2, marks=pytest.mark.slow), 3]
+)
+def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_samples(reference, job, stage) -> None:
+    uninterrupted = reference(stage)
+    config = job(
+        "pretrain.yaml", f"run.name=killed{stage}", "scaling.max_failures=1", f"deepspeed.zero_stage={stage}",
+        *TWO_WORKERS,
+    )
+    run_dir = Path(config.run.storage_path) / f"killed{stage}"
     killer = _kill_after_checkpoint(run_dir, rank=1)
     summary = run(config, progress=False)
     killer["thread"].join(timeout=1)
     assert killer.get("killed_at", 99) < 12, "the worker was never killed mid-run"
     assert summary["steps"] == 12
-    restarts = [json.loads(p.read_text()) for p in (run_dir / "workers").glob("rank*.json")]
-    assert all(r["step"] == 12 for r in restarts)
+    beats = [json.loads(p.read_text()) for p in (run_dir / "workers").glob("rank*.json")]
+    assert all(b["step"] == 12 for b in beats)
     for rank in (0, 1):  # after resume, the sample log is exactly the uninterrupted run's
         got = _records(run_dir, f"samples/rank{rank}.jsonl")
         want = _records(uninterrupted, f"samples/rank{rank}.jsonl")
@@ -96,6 +116,7 @@ def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_sampl
     assert [r["step"] for r in got] == list(range(1, 13))
     for a, b in zip(got, want, strict=True):  # the same loss trajectory as the uninterrupted run
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-4)
+    assert [r["step"] for r in _records(run_dir, "val.jsonl")] == [6, 12]  # no duplicate after the replay
 
 
 def test_bad_configs_fail_before_any_worker_starts(job, local_ray) -> None:
@@ -111,8 +132,8 @@ def test_bad_configs_fail_before_any_worker_starts(job, local_ray) -> None:
         preflight(job("finetune_ga.yaml", "run.init=/nonexistent/model.safetensors"))
 
 
-def test_existing_run_is_not_silently_resumed(job, uninterrupted: Path) -> None:
-    config = job("pretrain.yaml", "run.name=full")
-    config.run.storage_path = str(uninterrupted.parent)
+def test_existing_run_is_not_silently_resumed(job, reference) -> None:
+    config = job("pretrain.yaml", "run.name=full1")
+    config.run.storage_path = str(reference(1).parent)
     with pytest.raises(ConfigError, match="already exists: pass --resume"):
         run(config, progress=False)

@@ -182,7 +182,7 @@ def _write_shard(corpus: Any, path: Path, ids: list[str], rows: dict[str, dict],
                     digests = rows[sid]["sha256"]
                     entries[sid] = {
                         "shard": path.name, "offset": begin, "size": tar.offset - begin,
-                        "split": rows[sid]["split"],
+                        "split": rows[sid]["split"], "grid": rows[sid]["grid"],
                         "sha256": {k: digests[k] for k in (VOLUME_KEY, *ENFACE_KEYS) if k in sample},
                     }
                     advance()

@@ -45,7 +45,8 @@ def name_run(config: JobConfig, resume: bool | str) -> JobConfig:
 
 
 def preflight(config: JobConfig) -> dict[str, Any]:
-    """Everything that can be checked without workers: data, labels, model shapes, init weights, precision."""
+    """Everything that can be checked without workers: data, labels, model shapes, init weights, precision.
+    Raises ConfigError/ModelError naming the problem; returns a few facts about the data."""
     from octssl.data.corpus import Corpus
     from octssl.models import build_model
 
@@ -54,7 +55,9 @@ def preflight(config: JobConfig) -> dict[str, Any]:
     resolve_precision(c.deepspeed.precision, gpu=c.scaling.gpus_per_worker > 0)
     target = c.objective.target
     segmentation = c.objective.kind == "segmentation"
-    if c.data.corpus:
+    if c.data.source == "stream":
+        shape = _stream_shape(c)
+    else:
         corpus = Corpus.open(c.data.corpus)
         train_ids = corpus.ids(split="train", label=target if segmentation else None, require=("oct", target))
         if not train_ids:
@@ -62,24 +65,35 @@ def preflight(config: JobConfig) -> dict[str, Any]:
             raise ConfigError(f"{c.data.corpus}: no train volumes with {what}: nothing to train on")
         facts["train_volumes"] = len(train_ids)
         facts["val_volumes"] = len(corpus.ids(split="val", require=("oct", target)))
-        sample = corpus.read(train_ids[0])
-        nb, depth, w = sample["oct"].shape
-        crop_nb, crop_w = c.data.crop
-        if crop_nb > nb or crop_w > w:
-            raise ConfigError(f"data.crop={tuple(c.data.crop)} is larger than the corpus volumes (nB={nb}, W={w})")
-        model = build_model(c.model.name, width=c.model.width, out_channels=1)
-        model.check_input_shape((c.data.batch_size, 1, crop_nb, depth, crop_w))
-        if c.run.init != "scratch":
-            from octssl.models.transfer import load_weights
+        shape = tuple(corpus.read(train_ids[0])["oct"].shape)
+    nb, depth, w = shape
+    crop_nb, crop_w = c.data.crop
+    if crop_nb > nb or crop_w > w:
+        raise ConfigError(f"data.crop={tuple(c.data.crop)} is larger than the volumes (nB={nb}, W={w})")
+    model = build_model(c.model.name, width=c.model.width, out_channels=1)
+    model.check_input_shape((c.data.batch_size, 1, crop_nb, depth, crop_w))
+    if c.run.init != "scratch":
+        from octssl.models.transfer import load_weights
 
-            if not Path(c.run.init).is_file():
-                raise ConfigError(f"run.init={c.run.init}: no such weights file")
-            load_weights(model, c.run.init, scope=c.run.init_scope)
-    if c.data.source == "stream":
-        index = Path(c.data.shards) / "index.json"
-        if not index.is_file():
-            raise ConfigError(f"data.shards={c.data.shards}: no index.json (run `octssl export-shards` first)")
+        if not Path(c.run.init).is_file():
+            raise ConfigError(f"run.init={c.run.init}: no such weights file")
+        load_weights(model, c.run.init, scope=c.run.init_scope)
     return facts
+
+
+def _stream_shape(c: JobConfig) -> tuple[int, int, int]:
+    """The (nB, D, W) of the train samples in a shard export that carry the target (from index.json)."""
+    index_path = Path(c.data.shards) / "index.json"
+    if not index_path.is_file():
+        raise ConfigError(f"data.shards={c.data.shards}: no index.json (run `octssl export-shards` first)")
+    entries = json.loads(index_path.read_text())["samples"].values()
+    grids = {e.get("grid") for e in entries if e.get("split") == "train" and c.objective.target in e["sha256"]}
+    if not grids:
+        raise ConfigError(f"{index_path}: no train samples with '{c.objective.target}': nothing to train on")
+    if None in grids or len(grids) > 1:
+        raise ConfigError(f"{index_path}: train samples on grids {sorted(map(str, grids))}: export one grid")
+    nb, depth, w = (int(n) for n in grids.pop().split("x"))
+    return nb, depth, w
 
 
 def _ray_up(config: JobConfig) -> None:
@@ -89,7 +103,7 @@ def _ray_up(config: JobConfig) -> None:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=False)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     resources = ray.cluster_resources()
     need_cpu = config.scaling.workers * config.scaling.cpus_per_worker
     need_gpu = config.scaling.workers * config.scaling.gpus_per_worker

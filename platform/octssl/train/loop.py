@@ -27,9 +27,11 @@ import torch.distributed as dist
 
 from octssl.config import JobConfig, parse_config
 from octssl.errors import OctsslError
+from octssl.objectives import per_volume_at_original
 from octssl.train import batches as batching
 from octssl.train import checkpoint as ckpt
 from octssl.train.engine import build_engine, resolve_precision
+from octssl.train.runlog import RunLog
 
 FAULT_NAN_STEPS = "OCTSSL_FAULT_NAN_STEPS"  # testing hook: comma-separated steps whose loss is made NaN
 
@@ -40,6 +42,8 @@ class NonFiniteLossError(OctsslError):
 
 @dataclass
 class WorkerContext:
+    """What a worker knows of its place in the job; Ray Train or the single-process driver fills it."""
+
     rank: int
     world_size: int
     run_dir: Path
@@ -50,6 +54,8 @@ class WorkerContext:
 
 
 class Trainer:
+    """One rank's training run; its state (step, data position, RNG) is saved with the weights."""
+
     def __init__(self, config: JobConfig, ctx: WorkerContext) -> None:
         self.config, self.ctx = config, ctx
         self.run_dir = ctx.run_dir
@@ -110,6 +116,11 @@ class Trainer:
             self.val_source = ZarrSource(
                 c.data.corpus, split="val", require=("oct", target), transform=EvalTransform(targets=(target,))
             )
+        if c.data.source == "zarr":
+            corpus = self.train_source.corpus
+            self.grids = sorted({corpus.row(i)["grid"] for i in self.train_source.ids})
+        else:
+            self.grids = sorted({e.get("grid") for e in self.stream.entries.values() if e.get("grid")})
         self.model_options = {"width": c.model.width, "checkpointing": c.model.checkpointing, "out_channels": 1}
         model = build_model(c.model.name, **self.model_options)
         if c.run.init != "scratch":
@@ -119,6 +130,7 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.engine, self.scheduler = build_engine(model, c, self.total_steps, self.precision)
         self.metrics = TrainMetrics(rank=self.ctx.rank, run=c.run.name or "run")
+        self.log = RunLog(self.run_dir, self.ctx.rank)
         if self.ctx.metrics_port:
             serve(self.ctx.metrics_port + self.ctx.local_rank)
 
@@ -176,7 +188,7 @@ class Trainer:
         loss = self.objective.loss(logits.float(), batch)
         if self.step + 1 in self._nan_steps:
             loss = loss * float("nan")
-        bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+        bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
         if self.ctx.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:
@@ -196,12 +208,18 @@ class Trainer:
         if self.config.data.val_volumes:
             n = min(n, self.config.data.val_volumes)
         rows: list[dict[str, float]] = []
-        for i in range(self.ctx.rank, n, self.ctx.world_size):
-            batch = self.to_device(self.collate([self.val_source[i]]))
+        # Every rank runs the same number of forwards (ZeRO-3 all-gathers parameters in each one):
+        # ranks past the end repeat volume 0 and drop its result.
+        per_rank = -(-n // self.ctx.world_size)
+        for k in range(per_rank):
+            i = self.ctx.rank + k * self.ctx.world_size
+            batch = self.to_device(self.collate([self.val_source[i if i < n else 0]]))
             logits = self.engine(batch["oct"]).float()
+            if i >= n:
+                continue
             loss = float(self.objective.loss(logits, batch))
-            for row in self.objective.per_volume(logits, batch):
-                rows.append({"val_loss": loss, **{k: float(v) for k, v in row.items() if _is_number(v)}})
+            for row in per_volume_at_original(self.objective, logits, batch):
+                rows.append({"val_loss": loss, **{k2: float(v) for k2, v in row.items() if _is_number(v)}})
         self.engine.train()
         if self.ctx.world_size > 1:
             gathered: list[Any] = [None] * self.ctx.world_size
@@ -222,6 +240,7 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "skipped": self.skipped,
             "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
             "best_metric": self.best_metric,
             "world_size": self.ctx.world_size,
         }
@@ -229,11 +248,9 @@ class Trainer:
     def restore(self, ckpt_dir: Path) -> None:
         self.engine.load_checkpoint(str(ckpt_dir), tag=ckpt.TAG)
         state = ckpt.load_trainer_state(ckpt_dir, self.ctx.rank)
-        for key in ("step", "epoch", "step_in_epoch", "skipped", "first_loss", "best_metric"):
-            setattr(self, key, state[key])
-        if self.ctx.rank == 0:
-            _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
-        _truncate_jsonl(self.run_dir / "samples" / f"rank{self.ctx.rank}.jsonl", self.step)
+        for key in ("step", "epoch", "step_in_epoch", "skipped", "first_loss", "last_loss", "best_metric"):
+            setattr(self, key, state.get(key))
+        self.log.rewind(self.step)
         self.metrics.restart(from_step=self.step)
 
     def save(self, metrics: dict[str, Any]) -> None:
@@ -254,7 +271,7 @@ class Trainer:
             "objective": c.objective.model_dump(),
             "normalisation": "z-score per B-scan (float32)",
             "crop": list(c.data.crop),
-            "grid": getattr(self.train_source, "grid", None) if c.data.source == "zarr" else None,
+            "grid": self.grids,
             "summary": {"step": self.step, "best_metric": self.best_metric, self.val_key: self.last_val.get(self.val_key)},
         }
         return ckpt.export_weights(self.engine, self.run_dir / name, card)
@@ -265,13 +282,8 @@ class Trainer:
         self.setup()
         if self.ctx.resume_from is not None:
             self.restore(self.ctx.resume_from)
-        log_path = self.run_dir / "metrics.jsonl"
-        samples_path = self.run_dir / "samples" / f"rank{self.ctx.rank}.jsonl"
-        samples_path.parent.mkdir(parents=True, exist_ok=True)
-        heartbeat = self.run_dir / "workers" / f"rank{self.ctx.rank}.json"
-        heartbeat.parent.mkdir(parents=True, exist_ok=True)
         stream = self.batches()
-        window_t, window_n, window_wait = time.time(), 0, 0.0
+        window_n, window_steps, window_wait, window_time = 0, 0, 0.0, 0.0
         while self.step < self.total_steps:
             t0 = time.time()
             batch = self.to_device(next(stream))
@@ -279,10 +291,7 @@ class Trainer:
             loss = self.train_step(batch)
             self.step += 1
             self.step_in_epoch += 1
-            step_s = time.time() - t0
-            with samples_path.open("a") as f:
-                f.write(json.dumps({"step": self.step, "epoch": self.epoch, "ids": list(batch["id"])}) + "\n")
-            heartbeat.write_text(json.dumps({"pid": os.getpid(), "step": self.step, "time": time.time()}))
+            self.log.step(self.step, self.epoch, list(batch["id"]))
             if loss is None:
                 self.skipped += 1
                 self.bad_in_row += 1
@@ -296,18 +305,23 @@ class Trainer:
                 self.bad_in_row = 0
                 self.first_loss = loss if self.first_loss is None else self.first_loss
                 self.last_loss = loss
+            # Means over the steps since the last log; evaluation and checkpoint time is not step time.
             window_n += len(batch["id"])
+            window_steps += 1
             window_wait += wait
+            window_time += time.time() - t0
             if self.step % c.run.log_every == 0 or self.step == self.total_steps:
-                self._log(log_path, window_n / max(time.time() - window_t, 1e-9), step_s, wait, window_wait)
-                window_t, window_n, window_wait = time.time(), 0, 0.0
+                self._log(window_n / max(window_time, 1e-9), window_time / window_steps,
+                          window_wait / window_steps)
+                window_n, window_steps, window_wait, window_time = 0, 0, 0.0, 0.0
             if self.step % c.run.eval_every == 0 or self.step == self.total_steps:
                 self._evaluate()
             if self.step % c.run.ckpt_every == 0 or self.step == self.total_steps:
                 self.save({"step": self.step, "loss": self.last_loss, **self.last_val})
         return self.finish()
 
-    def _log(self, path: Path, samples_per_s: float, step_s: float, wait: float, window_wait: float) -> None:
+    def _log(self, samples_per_s: float, step_s: float, wait: float) -> None:
+        """Record the means over the steps since the last log (per rank, and rank 0's metrics.jsonl)."""
         lr = float(self.scheduler.get_last_lr()[0])
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
@@ -317,16 +331,12 @@ class Trainer:
             samples_per_s=samples_per_s, step_s=step_s, data_wait_s=wait, grad_norm=grad_norm,
             memory_bytes=memory,
         )
-        if self.ctx.rank != 0:
-            return
-        record = {
+        self.log.log({
             "step": self.step, "epoch": self.epoch, "loss": self.last_loss, "lr": lr,
             "samples_per_s": samples_per_s * self.ctx.world_size, "data_wait_s": wait, "step_s": step_s,
             "grad_norm": grad_norm, "skipped": self.skipped, "total_steps": self.total_steps,
             "time": time.time(),
-        }
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        })
 
     def _evaluate(self) -> None:
         self.last_val = self.validate()
@@ -337,9 +347,8 @@ class Trainer:
         if improved:
             self.best_metric = value
             self.export("best")  # collective under ZeRO-3: every rank takes the same branch
-        if self.ctx.rank == 0 and self.last_val:
-            with (self.run_dir / "val.jsonl").open("a") as f:
-                f.write(json.dumps({"step": self.step, **self.last_val}) + "\n")
+        if self.last_val:
+            self.log.validation({"step": self.step, **self.last_val})
 
     def finish(self) -> dict[str, Any]:
         weights = self.export("final")
@@ -371,14 +380,6 @@ def _memory_bytes(device: torch.device | None) -> float:
     import resource
 
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-
-
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop records past ``step``: steps after the checkpoint are replayed by the resumed run."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

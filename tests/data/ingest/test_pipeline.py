@@ -106,7 +106,7 @@ def test_process_pool_matches_inline_and_duplicates_are_skipped(tmp_path: Path, 
 @pytest.mark.slow
 def test_ray_tasks_when_a_cluster_is_running(tmp_path: Path, vol_dir: Path, key: str) -> None:
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         report = ingest([vol_dir], tmp_path / "corpus", workers=2, progress=False)
     finally:
