@@ -224,6 +224,8 @@ def test_pretrain_entrypoint_config_loads_and_fits_one_rank_per_pod(rendered, ta
     config = load_config(local, overrides)
     assert config.data.corpus.startswith("/data/") and config.run.storage_path.startswith("/data/")
     assert words[words.index("--metrics-port") + 1] == "9100"
+    # A retried RayJob (backoffLimit) must continue the run from its last checkpoint, not start again.
+    assert job["spec"]["backoffLimit"] >= 1 and "--resume-if-exists" in words and config.run.name
     (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     pod_cpu, pod_gpu = _quantity(limits["cpu"]), _quantity(limits.get("nvidia.com/gpu", 0))
