@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -38,7 +36,7 @@ def test_gradients_reach_every_parameter(name: str) -> None:
     assert not dead, f"{name}: parameters without gradient: {dead}"
 
 
-@pytest.mark.parametrize("name", ["fpn", "lachinov"])
+@pytest.mark.parametrize("name", sorted(SMALL))
 def test_checkpointing_same_results_less_saved_memory(name: str) -> None:
     torch.manual_seed(1)
     plain = build_model(name, width=0.25)
@@ -62,13 +60,20 @@ def test_checkpointing_same_results_less_saved_memory(name: str) -> None:
     assert ratio < 0.6
 
 
-def test_checkpointing_is_off_in_eval_and_without_grad() -> None:
+def test_checkpointing_is_off_in_eval_and_without_grad(monkeypatch) -> None:
     model = build_model("fpn", width=0.25, checkpointing=True).eval()
     volume = torch.randn(SMALL["fpn"])
-    reference = copy.deepcopy(model)
-    reference.checkpointing = False
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("activation checkpointing ran without autograd")
+
+    import octssl.models.blocks as blocks
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", refuse)
+    if hasattr(blocks, "checkpoint"):
+        monkeypatch.setattr(blocks, "checkpoint", refuse)
     with torch.no_grad():
-        torch.testing.assert_close(model(volume), reference(volume))
+        assert model(volume).shape[1] == 1
 
 
 def test_batchnorm_runs_in_fp32_under_bf16_autocast() -> None:
