@@ -37,6 +37,7 @@ class Record:
     localizer: np.ndarray | None = None
     localizer_spacing_mm: tuple[float, float] | None = None
     positions_mm: np.ndarray | None = None
+    path: str = ""  # the device file (or stack folder) it came from: what a reject must name
 
 
 @dataclass

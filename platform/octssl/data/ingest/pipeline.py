@@ -129,6 +129,8 @@ def ingest(
                 if result.reason is not None:
                     reject(result.path, result.sha256, result.reason)
                     continue
+                for record in result.records:
+                    record.path = result.path
                 batch.extend(result.records)
                 if len(batch) >= batch_size:
                     flush()
@@ -151,7 +153,8 @@ def _append_batch(corpus, batch: list[Record], reject: Callable[[str, str, str],
             ids.extend(sink.append_records(corpus, [record]))
         except SampleError as err:
             source = record.sample["meta"]["source"]
-            reject(f"sample {record.sample['id']}", source, f"corpus refused the sample ({err})")
+            where = record.path or f"sample {record.sample['id']}"
+            reject(where, source, f"corpus refused sample {record.sample['id']} ({err})")
     return ids
 
 
