@@ -251,7 +251,6 @@ _SYNTH_PREVIEW = typer.Option(False, "--preview", help="also write OUT/preview.p
 _INFO_CORPUS = typer.Argument(..., help="corpus directory")
 _INFO_JSON = typer.Option(False, "--json", help="print JSON instead of a table")
 _VERIFY_PATH = typer.Argument(..., help="corpus directory, or a shard directory holding index.json")
-_VERIFY_STRICT = typer.Option(False, "--strict", help="also fail on warnings (orphan data slots)")
 
 
 def _parse_grid(text: str) -> tuple[int, int, int]:
@@ -315,7 +314,7 @@ def info(corpus: Path = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
 
 
 @app.command()
-def verify(path: Path = _VERIFY_PATH, strict: bool = _VERIFY_STRICT) -> None:
+def verify(path: Path = _VERIFY_PATH) -> None:
     """Recompute every checksum of a corpus (or shard directory); print every problem; exit 1 if any."""
     from octssl.errors import CorpusError
 
@@ -335,11 +334,10 @@ def verify(path: Path = _VERIFY_PATH, strict: bool = _VERIFY_STRICT) -> None:
             problems = [str(err)]
     for problem in problems:
         print(problem)
-    errors = [p for p in problems if not p.startswith("warning: ")]
-    if errors or (strict and problems):
-        console.print(f"[bold red]verify failed:[/] {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
+    if problems:
+        console.print(f"[bold red]verify failed:[/] {len(problems)} problem(s)")
         raise typer.Exit(1)
-    console.print(f"[green]ok[/] {path}" + (f" ({len(problems)} warning(s))" if problems else ""))
+    console.print(f"[green]ok[/] {path}")
 
 
 # ---------------------------------------------------------------- sweep, report, demo

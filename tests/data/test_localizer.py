@@ -165,7 +165,7 @@ def test_verify_reports_a_corrupt_localizer_chunk_a_bad_digest_and_orphans(tmp_p
     text = "\n".join(problems)
     assert f"{shard}: sample a: cannot decode 'localizer'" in text
     assert f"{shard}: sample b: 'localizer' checksum mismatch" in text
-    assert f"warning: {corpus.zarr_path / 'localizer' / '6x5'}: 1 slot(s) hold data without a manifest row" in text
+    assert f"{corpus.zarr_path / 'localizer' / '6x5'}: 1 slot(s) hold data without a manifest row" in text
     damaged = Corpus.open(corpus.path)
     assert damaged.read("a")["oct"].shape == SHAPE  # the training read does not touch the localizer
     with pytest.raises(CorpusError, match="sample a: cannot decode 'localizer'"):

@@ -15,7 +15,6 @@ if TYPE_CHECKING:
 
 LOCALIZER = mf.LOCALIZER_KEY
 
-WARNING = "warning: "
 
 
 def verify_corpus(corpus: Corpus) -> list[str]:
@@ -115,7 +114,7 @@ def _orphans(corpus: Corpus, key: str, grid: str, stored: int, referenced: set[i
     if not orphans:
         return []
     shown = ", ".join(str(i) for i in orphans[:10]) + (" ..." if len(orphans) > 10 else "")
-    return [f"{WARNING}{corpus.zarr_path / key / grid}: {len(orphans)} slot(s) hold data without a manifest "
+    return [f"{corpus.zarr_path / key / grid}: {len(orphans)} slot(s) hold data without a manifest "
             f"row (orphans, never served): {shown}"]
 
 
