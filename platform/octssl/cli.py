@@ -254,11 +254,12 @@ _VERIFY_PATH = typer.Argument(..., help="corpus directory, or a shard directory 
 
 
 def _parse_grid(text: str) -> tuple[int, int, int]:
-    parts = text.replace("x", ",").split(",")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-        raise typer.BadParameter(f"grid must be NB,D,W (three integers), got {text!r}")
-    nb, depth, width = (int(p) for p in parts)
-    return nb, depth, width
+    from octssl.data.manifest import parse_grid
+
+    try:
+        return parse_grid(text)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
 
 
 @app.command()
@@ -316,11 +317,10 @@ def info(corpus: Path = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
 @app.command()
 def verify(path: Path = _VERIFY_PATH) -> None:
     """Recompute every checksum of a corpus (or shard directory); print every problem; exit 1 if any."""
+    from octssl.data.shards import is_shard_dir, verify_shards
     from octssl.errors import CorpusError
 
-    if (path / "index.json").is_file():
-        from octssl.data.shards import verify_shards
-
+    if is_shard_dir(path):
         try:
             problems = verify_shards(path)
         except OctsslError as err:

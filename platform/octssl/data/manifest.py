@@ -85,6 +85,18 @@ _LOCALIZER_GRID_RE = re.compile(r"^\d+x\d+$")
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
+def parse_grid(text: str) -> tuple[int, int, int]:
+    """``"49,128,512"`` or ``"49x128x512"`` -> (49, 128, 512); ValueError naming the text when malformed."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        grid = tuple(int(p) for p in parts)
+    except ValueError:
+        grid = ()
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"grid {text!r}: expected three positive integers NB,D,W such as 49,128,512")
+    return grid  # type: ignore[return-value]
+
+
 def grid_name(shape: tuple[int, ...] | list[int]) -> str:
     """Bucket name of a volume shape, e.g. ``(16, 64, 64) -> "16x64x64"``."""
     return "x".join(str(int(n)) for n in shape)

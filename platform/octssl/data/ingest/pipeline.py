@@ -49,15 +49,13 @@ class IngestReport:
 
 
 def parse_grid(text: str) -> tuple[int, int, int]:
-    """``"49,128,512"`` (or ``49x128x512``) -> (49, 128, 512); IngestError when malformed."""
-    parts = text.replace("x", ",").split(",")
+    """``--grid`` for ingest: :func:`octssl.data.manifest.parse_grid`, failing as an IngestError."""
+    from octssl.data.manifest import parse_grid as parse
+
     try:
-        grid = tuple(int(p) for p in parts)
-    except ValueError:
-        grid = ()
-    if len(grid) != 3 or min(grid) < 1:
-        raise IngestError(f"--grid {text!r}: expected three positive integers NB,D,W such as 49,128,512")
-    return grid  # type: ignore[return-value]
+        return parse(text)
+    except ValueError as err:
+        raise IngestError(f"--{err}") from None
 
 
 def ingest(
