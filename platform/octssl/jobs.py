@@ -14,6 +14,7 @@ import yaml
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the job a config names; exit status 2 with one line on a user error."""
     parser = argparse.ArgumentParser(prog="python -m octssl.jobs", description=__doc__)
     parser.add_argument("config", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, args.overrides)
             resume = "auto" if args.resume_if_exists else args.resume
             summary = run(config, resume=resume, progress=False, metrics_port=args.metrics_port)
-    except (OctsslError, OSError) as err:
+    except (OctsslError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(yaml.safe_dump(summary, sort_keys=False))

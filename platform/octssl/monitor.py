@@ -46,7 +46,7 @@ CHECKPOINT_SECONDS = Gauge(
     "octssl_checkpoint_seconds", "Wall time of the last checkpoint save on this rank", _RANK, registry=REGISTRY)
 STEPS = Counter("octssl_steps", "Optimizer steps taken by this process", _RANK, registry=REGISTRY)
 SKIPPED_STEPS = Counter(
-    "octssl_skipped_steps", "Steps skipped because the loss or gradients were not finite", _RANK,
+    "octssl_skipped_steps", "Steps skipped because the loss was not finite", _RANK,
     registry=REGISTRY)
 CHECKPOINTS = Counter("octssl_checkpoints", "Checkpoints saved by this process", _RANK, registry=REGISTRY)
 WORKER_RESTARTS = Counter(
@@ -94,7 +94,7 @@ class TrainMetrics:
         CHECKPOINTS.labels(**self._labels).inc()
 
     def skipped_step(self) -> None:
-        """Count one step skipped for a non-finite loss or gradient."""
+        """Count one step skipped for a non-finite loss."""
         SKIPPED_STEPS.labels(**self._labels).inc()
 
     def restart(self, from_step: int | None = None) -> None:

@@ -22,6 +22,7 @@ TAG = "state"
 
 
 def rng_state() -> dict[str, Any]:
+    """torch, numpy and Python RNG states as JSON-ready values."""
     np_state = np.random.get_state()
     return {
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
@@ -31,6 +32,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
     raw = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
     torch.set_rng_state(torch.from_numpy(raw))
     np_state = state["numpy"]
@@ -40,6 +42,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_trainer_state(ckpt_dir: Path, rank: int, state: dict[str, Any]) -> None:
+    """Write this rank's trainer state (step, data position, RNG) beside DeepSpeed's files."""
     state = {**state, "rng": rng_state()}
     (ckpt_dir / f"trainer_rank{rank}.json").write_text(json.dumps(state))
 

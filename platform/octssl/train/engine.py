@@ -23,6 +23,7 @@ class Precision:
 
 
 def on_gpu() -> bool:
+    """Whether this process trains on a CUDA device (DS_ACCELERATOR=cpu forces the CPU)."""
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
 
 
@@ -82,6 +83,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: JobConfig, total_steps: int):
+    """Warmup + cosine (or constant) as a LambdaLR that DeepSpeed steps and checkpoints."""
     o = config.optim
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, o.warmup_steps, o.schedule)
