@@ -1,0 +1,99 @@
+"""Live sweep progress: a rich table of cells (trials running / finished / failed, best val Dice) on the
+terminal and the ``octssl_sweep_trials`` gauge for Prometheus, both fed by a Ray Tune callback."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from ray.tune import Callback
+
+from octssl.monitor import SweepMetrics
+from octssl.tune.config import SweepConfig
+
+STATES = ("PENDING", "RUNNING", "TERMINATED", "ERROR")
+
+
+class SweepProgress(Callback):
+    """Counts trials per state and cell; renders them when ``enabled`` (a rich Live display)."""
+
+    def __init__(self, config: SweepConfig, run: str, total: int, enabled: bool = True) -> None:
+        self.config, self.total, self.enabled = config, total, enabled
+        self.metrics = SweepMetrics(run)
+        self.state: dict[str, str] = {}  # trial id -> state
+        self.group_of: dict[str, str] = {}
+        self.best: dict[str, float] = {}  # cell key -> best val dice so far
+        self.stopped_early = 0
+        self.live: Any = None
+
+    # ---------------------------------------------------------------- display
+    def start(self) -> None:
+        self._publish()
+        if self.enabled:
+            from rich.console import Console
+            from rich.live import Live
+
+            self.live = Live(self.render(), console=Console(stderr=True), refresh_per_second=2, transient=False)
+            self.live.start()
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.update(self.render())
+            self.live.stop()
+            self.live = None
+
+    def counts(self) -> dict[str, int]:
+        seen = Counter(self.state.values())
+        return {"PENDING": self.total - sum(seen.values()) + seen.get("PENDING", 0), "RUNNING": seen["RUNNING"],
+                "TERMINATED": seen["TERMINATED"], "ERROR": seen["ERROR"]}
+
+    def render(self) -> Any:
+        from rich.table import Table
+
+        counts = self.counts()
+        per_cell: dict[str, Counter] = {}
+        for trial_id, state in self.state.items():
+            cell = self.group_of[trial_id].rsplit("-s", 1)[0]
+            per_cell.setdefault(cell, Counter())[state] += 1
+        per_trial = self.config.search.num_samples * len(self.config.seeds)
+        table = Table(title=(f"sweep: {counts['TERMINATED'] + counts['ERROR']}/{self.total} trials finished, "
+                             f"{counts['RUNNING']} running, {counts['ERROR']} failed, "
+                             f"{self.stopped_early} stopped early by ASHA"), title_justify="left")
+        for column in ("cell", "finished", "running", "failed", "best val Dice"):
+            table.add_column(column, justify="left" if column == "cell" else "right")
+        for cell in self.config.cells:
+            c = per_cell.get(cell.key, Counter())
+            best = self.best.get(cell.key)
+            table.add_row(cell.key, f"{c['TERMINATED'] + c['ERROR']}/{per_trial}", str(c["RUNNING"]),
+                          str(c["ERROR"]) if c["ERROR"] else "", f"{best:.3f}" if best is not None else "")
+        return table
+
+    def _publish(self) -> None:
+        self.metrics.update(self.counts())
+        if self.live is not None:
+            self.live.update(self.render())
+
+    # ---------------------------------------------------------------- Tune callback hooks
+    def _set(self, trial: Any, state: str) -> None:
+        self.state[trial.trial_id] = state
+        self.group_of[trial.trial_id] = trial.config["group"]
+        self._publish()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._set(trial, "RUNNING")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        dice = result.get("dice")
+        cell = trial.config["group"].rsplit("-s", 1)[0]
+        if dice is not None and dice == dice and dice > self.best.get(cell, -1.0):
+            self.best[cell] = float(dice)
+        self._publish()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        if last.get("step", trial.config["steps"]) < trial.config["steps"]:
+            self.stopped_early += 1
+        self._set(trial, "TERMINATED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._set(trial, "ERROR")

@@ -1,0 +1,176 @@
+"""A real sweep on a tiny corpus (local Ray, 2 CPUs): outputs, schema, report, a failing task, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pyarrow.parquet as pq
+import pytest
+
+from octssl.errors import ConfigError
+from octssl.tune.config import parse_sweep_config
+from octssl.tune.sweep import run_sweep
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+CELL_SCHEMA = {
+    "type": "object",
+    "required": ["task", "fraction", "init", "model", "dice_mean", "dice_std", "hd95_mean", "n_test", "best_config"],
+    "properties": {
+        "task": {"enum": ["ga", "rpd"]},
+        "fraction": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "init": {"type": "string"},
+        "model": {"type": "string"},
+        "dice_mean": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        "dice_std": {"type": ["number", "null"], "minimum": 0},
+        "hd95_mean": {"type": ["number", "null"], "minimum": 0},
+        "n_test": {"type": "integer", "minimum": 1},
+        "best_config": {
+            "type": ["object", "null"],
+            "required": ["lr", "weight_decay", "steps", "seed", "trial", "val_dice"],
+        },
+    },
+}
+SUMMARY_SCHEMA = {
+    "type": "object",
+    "required": ["cells", "timings_s"],
+    "properties": {
+        "cells": {"type": "array", "minItems": 1, "items": CELL_SCHEMA},
+        "timings_s": {"type": "object", "required": ["preflight", "search", "test", "total"],
+                      "additionalProperties": {"type": "number", "minimum": 0}},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def finished(local_ray, sweep_corpus: Path, ssl_weights: Path, tmp_path_factory: pytest.TempPathFactory):
+    """GA x (scratch, ssl) succeed; every RPD trial fails at runtime (NaN losses it may not skip)."""
+    storage = tmp_path_factory.mktemp("finished")
+    raw = {
+        "kind": "sweep", "corpus": str(sweep_corpus), "storage_path": str(storage), "name": "two-cells",
+        "tasks": ["ga", "rpd"], "fractions": [1.0], "inits": {"scratch": "scratch", "ssl": str(ssl_weights)},
+        "seeds": [0], "search": {"num_samples": 1, "steps": [6], "grace_steps": 3, "lr": [0.003, 0.01]},
+        "job": {"data": {"crop": [16, 64], "batch_size": 2, "crops_per_volume": 2, "val_volumes": 4},
+                "model": {"width": 0.25}, "optim": {"name": "adamw", "warmup_steps": 0},
+                "deepspeed": {"zero_stage": 0}, "run": {"eval_every": 3, "log_every": 1}},
+        "task_overrides": {"rpd": ["run.max_bad_steps=1"]},
+        "figure_volumes": 2,
+    }
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OCTSSL_FAULT_NAN_STEPS", "2")  # forwarded to trials; GA trials skip the step, RPD ones stop
+    try:
+        summary = run_sweep(parse_sweep_config(raw), progress=False)
+    finally:
+        mp.undo()
+    return summary, storage / "two-cells"
+
+
+def test_sweep_runs_end_to_end_and_records_the_failed_task(finished) -> None:
+    summary, sweep_dir = finished
+    trials = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert len(trials) == 4
+    by_cell = {t["cell"]: t for t in trials}
+    for init in ("scratch", "ssl"):
+        ga = by_cell[f"ga-f1-{init}-fpn"]
+        assert ga["status"] == "ok" and ga["error"] is None and ga["last_step"] == 6, ga
+        assert 0 <= ga["val_dice"] <= 1 and ga["wall_s"] > 0
+        assert 0.003 <= ga["lr"] <= 0.01
+        rpd = by_cell[f"rpd-f1-{init}-fpn"]
+        assert rpd["status"] == "error" and "non-finite" in rpd["error"], rpd
+    results = pq.read_table(sweep_dir / "results.parquet").to_pylist()
+    n_test = summary["cells"][0]["n_test"]
+    assert {(r["task"], r["init"]) for r in results} == {("ga", "scratch"), ("ga", "ssl")}
+    assert len(results) == 2 * n_test
+    assert all(0 <= r["dice"] <= 1 for r in results)
+    cells = {(c["task"], c["init"]): c for c in summary["cells"]}
+    for init in ("scratch", "ssl"):
+        mine = [r["dice"] for r in results if r["init"] == init]
+        assert cells[("ga", init)]["dice_mean"] == pytest.approx(sum(mine) / len(mine))
+        assert cells[("rpd", init)]["dice_mean"] is None and cells[("rpd", init)]["errors"]
+    assert summary["trials"] == {"ok": 2, "stopped": 0, "error": 2}
+    assert (sweep_dir / "trials" / by_cell["ga-f1-ssl-fpn"]["trial"] / "best" / "model.safetensors").is_file()
+
+
+def test_summary_matches_its_schema(finished) -> None:
+    summary, sweep_dir = finished
+    on_disk = json.loads((sweep_dir / "summary.json").read_text())
+    jsonschema.validate(on_disk, SUMMARY_SCHEMA)
+    assert on_disk["cells"] == summary["cells"]
+    assert len(on_disk["cells"]) == 4
+
+
+def test_report_renders_and_rebuilds_from_files(finished) -> None:
+    from typer.testing import CliRunner
+
+    from octssl.cli import app
+    from octssl.report import FIGURES
+
+    _, sweep_dir = finished
+    report = (sweep_dir / "report.md").read_text()
+    assert "| GA Dice % | 1 |" in report and "**" in report and "failed" in report
+    for name in FIGURES:
+        (sweep_dir / name).unlink()
+    (sweep_dir / "report.md").unlink()
+    result = CliRunner().invoke(app, ["report", str(sweep_dir)])
+    assert result.exit_code == 0, result.output
+    for name in FIGURES:
+        data = (sweep_dir / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 2000, name
+    assert (sweep_dir / "report.md").read_text() == report  # the same report, from the files alone
+
+
+def test_report_of_a_directory_that_is_not_a_sweep_fails(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from octssl.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "not a finished sweep directory" in " ".join(result.output.split())
+
+
+# ---------------------------------------------------------------- bad input: nothing starts
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"tasks": ["ga", "cnv"]}, "tasks.1"),
+        ({"models": ["fpn", "unet3d"]}, "unknown model(s) ['unet3d']"),
+        ({"fractions": [0.1, 1.5]}, "label fractions must lie in (0, 1]; got [1.5]"),
+        ({"fractions": [0.0]}, "got [0.0]"),
+        ({"inits": {"scratch": "scratch", "ssl": "/nonexistent/model.safetensors"}}, "inits.ssl: /nonexistent"),
+        ({"job": {"optim": {"lr": 0.1}}}, "job.optim.lr is set by the sweep per trial: use 'search.lr'"),
+        ({"search": {"lr": [0.1, 0.01]}}, "need 0 < low <= high"),
+    ],
+)
+def test_bad_input_fails_before_any_trial(sweep_raw, change, reason) -> None:
+    raw = sweep_raw(**change)
+    with pytest.raises(ConfigError) as err:
+        run_sweep(parse_sweep_config(raw), progress=False)
+    assert reason in str(err.value)
+    assert not (Path(raw["storage_path"]) / "s").exists()
+
+
+def test_a_corpus_without_labels_for_a_task_fails_before_any_trial(sweep_raw, tmp_path: Path) -> None:
+    from octssl.data.synth import synthesize
+
+    synthesize(tmp_path / "unlabelled", volumes=12, grid=(16, 64, 64), seed=1, labelled=0.0)
+    raw = sweep_raw(corpus=str(tmp_path / "unlabelled"))
+    with pytest.raises(ConfigError, match="no train volumes labelled 'ga': cannot fine-tune task ga"):
+        run_sweep(parse_sweep_config(raw), progress=False)
+    assert not (Path(raw["storage_path"]) / "s").exists()
+
+
+def test_weights_that_do_not_fit_the_model_fail_before_any_trial(sweep_raw, ssl_weights: Path) -> None:
+    raw = sweep_raw(inits={"ssl": str(ssl_weights)})
+    raw["job"]["model"]["width"] = 0.5  # the weights are a width-0.25 fpn
+    with pytest.raises(ConfigError, match="cell ga-f1-ssl-fpn: .*weights do not fit fpn"):
+        run_sweep(parse_sweep_config(raw), progress=False)
+    assert not (Path(raw["storage_path"]) / "s").exists()
+
+
+def test_an_existing_sweep_directory_is_refused(sweep_raw) -> None:
+    raw = sweep_raw()
+    (Path(raw["storage_path"]) / "s").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already exists"):
+        run_sweep(parse_sweep_config(raw), progress=False)
