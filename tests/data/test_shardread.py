@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import numcodecs
@@ -27,10 +28,12 @@ def item(sid: str, seed: int, *, localizer: tuple[int, int] | None = None, ga: s
                     "scan_pattern": "raster", "spacing_mm": (0.1, 0.005, 0.02)}}
     if enface:
         out["faf"] = rng.integers(0, 256, (SHAPE[0], SHAPE[2]), dtype=np.uint8)
+        out["slo"] = rng.integers(0, 256, (SHAPE[0], SHAPE[2]), dtype=np.uint8)
     if ga == "empty":  # a labelled volume without lesions: Zarr stores no chunk, the slot reads as fill value
         out["ga"] = np.zeros((SHAPE[0], SHAPE[2]), np.uint8)
-    elif ga == "lesion":
+    elif ga == "lesion":  # with RPD too
         out["ga"] = (rng.random((SHAPE[0], SHAPE[2])) < 0.3).astype(np.uint8)
+        out["rpd"] = (rng.random((SHAPE[0], SHAPE[2])) < 0.1).astype(np.uint8)
     if localizer is not None:
         out["localizer"] = rng.integers(0, 256, localizer, dtype=np.uint8)
     return out
@@ -95,6 +98,33 @@ def test_corpus_read_matches_zarr_for_every_sample(mixed_corpus: Path) -> None:
             assert got[key].dtype == np.uint8 and got[key].flags.writeable
     assert corpus._shards.declined == 0 and corpus._shards.served > 0
     assert corpus.verify() == []
+
+
+def _read_in_child(corpus: Corpus, sample_id: str, out: multiprocessing.Queue) -> None:
+    out.put({k: v for k, v in corpus.read(sample_id, localizer=True).items() if k != "meta"})
+
+
+def test_a_forked_loader_worker_reads_with_its_own_helper_threads(mixed_corpus: Path) -> None:
+    """DataLoader workers fork with the parent's Corpus: the parent's idle helper threads do not exist there."""
+    corpus = Corpus.open(mixed_corpus)
+    sample_id = "loc-a"  # six arrays: five go to helper threads at once
+    for _ in range(3):
+        want = corpus.read(sample_id, localizer=True)  # the parent's helper threads are started and idle
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_read_in_child, args=(corpus, sample_id, out))
+    child.start()
+    try:
+        got = out.get(timeout=30)
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    assert sorted(got) == sorted(k for k in want if k != "meta")
+    for key, value in got.items():
+        if key != "id":
+            np.testing.assert_array_equal(value, want[key])
 
 
 @pytest.mark.parametrize(("dtype", "inner", "index_location", "compressors"), [
@@ -196,9 +226,9 @@ def test_appends_after_a_cached_index_are_seen(tmp_path: Path) -> None:
     served = corpus._shards.served
     for sample in added:
         got = corpus.read(sample["id"])
-        for key in ("oct", "faf", "ga"):
+        for key in ("oct", "faf", "slo", "ga", "rpd"):
             np.testing.assert_array_equal(got[key], sample[key], err_msg=f"{sample['id']} {key}")
-    assert corpus._shards.served - served == 9 and corpus._shards.declined == 0
+    assert corpus._shards.served - served == 15 and corpus._shards.declined == 0
     np.testing.assert_array_equal(corpus.read("v1")["oct"], before["oct"])
     other = Corpus.open(tmp_path / "c")  # a second handle agrees
     np.testing.assert_array_equal(other.read("w2")["ga"], added[2]["ga"])
