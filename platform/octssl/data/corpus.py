@@ -226,7 +226,7 @@ class Corpus:
         arrays, slots = [], [self.slot(key, row) for key in keys]
         requests: list[Any] = []
         for key, (grid, index) in zip(keys, slots, strict=True):
-            where = self.zarr_path / array_path(key, grid)
+            where = f"{self.zarr_path}/{array_path(key, grid)}"  # a str: pathlib costs 5% of a small read
             try:
                 arr = self.array(key, grid)
             except CorpusError:
@@ -235,7 +235,7 @@ class Corpus:
                 raise CorpusError(f"{where}: sample {row['id']}: manifest index {index} is beyond the "
                                   f"array's {arr.shape[0]} volumes (row without data)")
             arrays.append(arr.async_array)
-            requests.append((where, self._shards.layout(str(where), arr), index))
+            requests.append((where, self._shards.layout(where, arr), index))
         results = {key: data for key, data in zip(keys, self._shards.read(requests), strict=True) if data is not None}
 
         async def fetch(chosen: list[int]) -> list[Any]:
