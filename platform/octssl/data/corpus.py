@@ -221,7 +221,7 @@ class Corpus:
 
     def _read_arrays(self, keys: list[str], row: dict[str, Any]) -> dict[str, np.ndarray]:
         """Several arrays of one row: straight from the shard files where ``octssl.data.shardread`` can
-        (about 3x the read rate on small volumes); the rest fetched concurrently in one trip through Zarr's
+        (2.5-3.5x the read rate of 0.5-1 MiB volumes); the rest fetched concurrently in one trip through Zarr's
         event loop, which also gives every error (a separate trip per array costs a third of the rate)."""
         arrays, slots = [], [self.slot(key, row) for key in keys]
         requests: list[Any] = []

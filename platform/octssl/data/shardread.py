@@ -1,6 +1,6 @@
 """Fast reads of one slot of a sharded Zarr v3 array: one pread of its chunk via a cached shard index.
 
-Why: zarr-python's sharding path costs a fixed ~0.3 ms per array read (event-loop trips, index and codec
+Why: zarr-python's sharding path costs a fixed ~0.4 ms per array read (event-loop trips, index and codec
 pipelines) on top of decoding, and a sample has up to six arrays (oct, faf, slo, ga, rpd, localizer), most of
 them a few KiB. For arrays whose layout this module understands (zarr-python's own metadata, see
 ``layout_of``) a read is: open the shard file, look its index up in a cache keyed by the file's
