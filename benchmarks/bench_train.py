@@ -2,11 +2,12 @@
 
     python benchmarks/bench_train.py [--steps 40] [--grid 16,64,64] [--crop 16,64] [--batch 4] [--width 0.5]
 
-Four arms on one synthetic corpus, the same model, data, batch, optimiser (AdamW, warmup + cosine, grad
-clipping) and loss, in this order so that a change of machine load shows up as a difference between the
-two plain arms: ``plain`` (a PyTorch loop: DataLoader over ZarrSource, model, clip, AdamW), ``trainer``
+Arms on one synthetic corpus, the same model, data, batch, optimiser (AdamW, warmup + cosine, grad
+clipping) and loss: ``plain`` (a PyTorch loop: DataLoader over ZarrSource, model, clip, AdamW), ``trainer``
 (octssl's Trainer through ``run_single_process``: DeepSpeed ZeRO-1, the loop's bookkeeping, no Ray),
-``ray`` (``octssl.train.launch.run``: Ray Train, one worker with all CPUs, DeepSpeed), ``plain`` again.
+``ray`` (``octssl.train.launch.run``: Ray Train, one worker with all CPUs, DeepSpeed); a plain arm runs
+before, between and after the two (5 arms), and each stack arm's overhead is against the mean of the plain
+arms around it, whose difference ("bracket drift") shows how much the shared machine's load moved.
 
 Steady state: the step time between the first log record at or after ``--warm-steps`` and the last step,
 from the timestamps the loop writes to metrics.jsonl (every ``log_every`` steps, 5 as in the jobs; each
@@ -220,28 +221,35 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     corpus = work / "corpus"
     synthesize(corpus, volumes=args.volumes, grid=args.grid, seed=0)
     storage = work / "runs"
+    # Plain arms bracket each stack arm: the machine is shared, and load that changes during the run shows
+    # as a difference between the two plain arms around an arm (its "bracket drift").
+    order = [("plain", "plain 1"), ("trainer", "trainer (DeepSpeed, no Ray)"), ("plain", "plain 2"),
+             ("ray", "ray (Ray Train + DeepSpeed)"), ("plain", "plain 3")]
     arms = []
-    print("plain PyTorch loop (1st)", flush=True)
-    arms.append(describe("plain (1st)", plain_arm(job_config(corpus, storage, "plain1", args), args), args))
-    print("octssl Trainer, one process (DeepSpeed, no Ray)", flush=True)
-    arms.append(describe("trainer (DeepSpeed, no Ray)", trainer_arm(job_config(corpus, storage, "trainer", args)),
-                         args))
-    print("octssl full stack (Ray Train, 1 worker, DeepSpeed)", flush=True)
-    ray_config = job_config(corpus, storage, "ray", args)
-    arms.append(describe("ray (Ray Train + DeepSpeed)", ray_arm(ray_config), args))
-    print("plain PyTorch loop (2nd)", flush=True)
-    arms.append(describe("plain (2nd)", plain_arm(job_config(corpus, storage, "plain2", args), args), args))
-    plain_s = statistics.mean(a["seconds_per_step"] for a in arms if a["arm"].startswith("plain"))
-    for a in arms:
+    for i, (kind, name) in enumerate(order):
+        print(name, flush=True)
+        config = job_config(corpus, storage, f"arm{i}-{kind}", args)
+        measured = {"plain": lambda c=config: plain_arm(c, args), "trainer": lambda c=config: trainer_arm(c),
+                    "ray": lambda c=config: ray_arm(c)}[kind]()
+        arms.append(describe(name, measured, args))
+    plain = [a["seconds_per_step"] for a in arms if a["arm"].startswith("plain")]
+    plain_s = statistics.mean(plain)
+    for i, a in enumerate(arms):
         a["overhead_vs_plain"] = a["seconds_per_step"] / plain_s - 1
+        if not a["arm"].startswith("plain"):
+            before, after = arms[i - 1]["seconds_per_step"], arms[i + 1]["seconds_per_step"]
+            bracket = (before + after) / 2
+            a["overhead_vs_bracket"] = a["seconds_per_step"] / bracket - 1
+            a["bracket_drift"] = abs(before - after) / bracket
     full = next(a for a in arms if a["arm"].startswith("ray"))
     result: dict[str, Any] = {
         "benchmark": "train", "env": env, "grid": list(args.grid), "crop": list(args.crop), "batch": args.batch,
         "model": f"fpn width {args.width}", "steps": args.steps, "log_every": args.log_every,
         "warm_steps": args.warm_steps, "loader_workers": 0, "arms": arms,
-        "plain_seconds_per_step": plain_s, "overhead": full["overhead_vs_plain"], "target_overhead": TARGET_OVERHEAD,
+        "plain_seconds_per_step": plain_s, "overhead": full["overhead_vs_bracket"],
+        "overhead_bracket_drift": full["bracket_drift"], "target_overhead": TARGET_OVERHEAD,
     }
-    if args.profile or full["overhead_vs_plain"] > TARGET_OVERHEAD:
+    if args.profile or full["overhead_vs_bracket"] > TARGET_OVERHEAD:
         print("profiling the per-step extras", flush=True)
         config = job_config(corpus, storage, "profile", args)
         result["profile"] = {"extras": profile_extras(storage), "step_no_data": engine_vs_plain(config, args.grid[1], args.repeats)}
@@ -250,10 +258,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"\n{'arm':30s} {'steps/s':>8s} {'s/step':>8s} {'spread':>7s} {'overhead':>9s} {'startup s':>9s} {'tail s':>7s}")
+    print(f"\n{'arm':30s} {'steps/s':>8s} {'s/step':>8s} {'spread':>7s} {'overhead':>9s} {'(drift)':>8s} "
+          f"{'startup s':>9s} {'tail s':>7s}")
     for a in result["arms"]:
+        over = f"{a['overhead_vs_bracket'] * 100:8.1f}% {a['bracket_drift'] * 100:7.1f}%" if "bracket_drift" in a else ""
         print(f"{a['arm']:30s} {a['steps_per_s']:8.3f} {a['seconds_per_step']:8.4f} {a['windows']['spread']:7.2f} "
-              f"{a['overhead_vs_plain'] * 100:8.1f}% {a['startup_s']:9.1f} {a['tail_s']:7.1f}")
+              f"{over:>18s} {a['startup_s']:9.1f} {a['tail_s']:7.1f}")
     if "profile" in result:
         print("profile:", json.dumps(result["profile"], indent=None, default=lambda v: round(v, 4)))
 
@@ -261,7 +271,8 @@ def print_table(result: dict[str, Any]) -> None:
 def plot(result: dict[str, Any], path: Path) -> Path:
     arms = result["arms"]
     return common.bar_plot(path, [a["arm"] for a in arms], [a["steps_per_s"] for a in arms],
-                           notes=[f"({a['overhead_vs_plain'] * 100:+.1f}%)" for a in arms],
+                           notes=[f"({a['overhead_vs_bracket'] * 100:+.1f}% vs plain around it)"
+                                  if "overhead_vs_bracket" in a else "" for a in arms],
                            title=f"steady-state steps/s, {result['model']}, batch {result['batch']}, "
                                  f"{result['env']['device']}", xlabel="steps/s")
 
