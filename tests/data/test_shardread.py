@@ -127,6 +127,19 @@ def test_a_forked_loader_worker_reads_with_its_own_helper_threads(mixed_corpus: 
             np.testing.assert_array_equal(value, want[key])
 
 
+def test_a_corpus_that_has_read_still_pickles(mixed_corpus: Path) -> None:
+    """Corpus handles travel to Ray tasks and spawned workers; the reader's threads and locks must not block that."""
+    import pickle
+
+    corpus = Corpus.open(mixed_corpus)
+    want = corpus.read("loc-a", localizer=True)
+    copy = pickle.loads(pickle.dumps(corpus))
+    got = copy.read("loc-a", localizer=True)
+    for key in ("oct", "faf", "slo", "ga", "rpd", "localizer"):
+        np.testing.assert_array_equal(got[key], want[key])
+    assert copy._shards.served == 6
+
+
 @pytest.mark.parametrize(("dtype", "inner", "index_location", "compressors"), [
     ("uint8", 1, "end", [ZstdCodec(level=1, checksum=True), Crc32cCodec()]),
     ("uint16", 2, "start", [ZstdCodec(level=3)]),

@@ -132,6 +132,12 @@ class ShardReader:
         self.served = 0
         self.declined = 0
 
+    def __getstate__(self) -> dict[str, int]:
+        return {"max_indexes": self.max_indexes}  # caches, locks and threads stay with this process
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__(state["max_indexes"])  # type: ignore[misc]
+
     def layout(self, name: str, arr: zarr.Array) -> ShardLayout | None:
         """``layout_of(arr)``, computed once per array handle (a reopened handle is looked at again)."""
         cached = self._layouts.get(name)
@@ -185,7 +191,7 @@ class ShardReader:
         try:
             stat = os.fstat(fd)
             entries = self._index(fd, path, (stat.st_ino, stat.st_mtime_ns, stat.st_size), layout)
-        except OSError:
+        except (OSError, ValueError):
             entries = None
         chunk, within = divmod(slot % layout.slots_per_shard, layout.slots_per_chunk)
         offset, length = (-1, -1) if entries is None else (int(v) for v in entries[chunk])
