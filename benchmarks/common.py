@@ -72,6 +72,21 @@ def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
+def cpu_pressure() -> float | None:
+    """Share of the last 10 s in which some runnable task waited for a CPU (Linux PSI), in percent.
+
+    On the shared machine this says more than the load average: near 0 the benchmark had the cores to
+    itself; at 80-90 other people's processes were taking turns with it (and torch's OpenMP threads, which
+    spin at barriers, then slow down far more than the share of CPU lost).
+    """
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    fields = dict(item.split("=") for item in line.split()[1:])
+    return float(fields["avg10"])
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -100,6 +115,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "git_commit": git_commit(),
         "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "load_average_start": load_average(),
+        "cpu_pressure_avg10_start": cpu_pressure(),
         "shared_machine": not cuda,
     }
 
@@ -107,6 +123,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 def finish(env: dict[str, Any]) -> dict[str, Any]:
     """Close an environment record: load average at the end."""
     env["load_average_end"] = load_average()
+    env["cpu_pressure_avg10_end"] = cpu_pressure()
     env["finished_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return env
 
