@@ -4,8 +4,9 @@ One run synthesises a corpus, exports its shards, writes the same volumes as one
 memmap, then reads every volume through each path: the raw memmap, ZarrSource and StreamSource with
 0 (in-process) and 1..N DataLoader workers. ``--cold`` also evicts the files from the page cache
 (posix_fadvise DONTNEED on this run's files only) before each read, so the numbers include the disk.
-It also times writing the shards with ``tarfile`` (what export_shards uses) against
-``webdataset.TarWriter``. Prints a table with the ratios to raw and per-worker rates, and writes JSON to
+``ZarrSource + TrainTransform`` rows read through the training transform (paper crop, flips, z-score to
+float32): the volumes/s one loader worker can feed a training step. It also times writing the shards
+with ``tarfile`` (what export_shards uses) against ``webdataset.TarWriter``. Prints a table with the ratios to raw and per-worker rates, and writes JSON to
 ``benchmarks/results/data-<host>.json``. Targets (issue 2): >= 200 MB/s per loader worker, >= 0.5x raw.
 
 ``--train-steps N`` (default 12; 0 skips it) also runs short real trainings (octssl's Trainer in this process,
@@ -107,6 +108,28 @@ def bench_writers(corpus: Any, ids: list[str], work: Path) -> list[dict]:
     return out
 
 
+def transformed_reads(corpus: Any, grid: tuple[int, int, int], max_workers: int, batch: int, repeats: int,
+                      passes: int, raw_mbs: float) -> list[dict]:
+    """ZarrSource through the training transform (crop, flips, z-score to float32, intensity): what one
+    loader worker delivers to a training step, in volumes/s (MB/s counts the uint8 voxels read)."""
+    from octssl.data.sources import ZarrSource
+    from octssl.data.transforms import TrainTransform
+
+    crop = (min(32, grid[0]), min(256, grid[2]))  # the paper's crop where the grid allows it
+    source = ZarrSource(corpus, split=None, repeats=passes, transform=TrainTransform(crop=crop, targets=()))
+    rows = []
+    for workers in range(0, max_workers + 1):
+        def read(w: int = workers) -> None:
+            loader = DataLoader(source, batch_size=batch, shuffle=True, num_workers=w, collate_fn=_voxel_collate,
+                                generator=torch.Generator().manual_seed(0))
+            for _ in loader:
+                pass
+
+        rows.append(_rate(f"ZarrSource + TrainTransform {crop[0]}x{crop[1]}", workers, len(source),
+                          len(source) * int(np.prod(grid)), _timed(read, repeats), raw_mbs))
+    return rows
+
+
 def training_wait(work: Path, source: str, workers: int, train: dict[str, Any]) -> dict[str, Any]:
     """Data-wait fraction of a short real training run fed by ``source`` with ``workers`` loader workers."""
     from octssl.config import load_config
@@ -194,6 +217,7 @@ def run(volumes: int, grid: tuple[int, int, int], max_workers: int, batch: int, 
         streamed = (passes * len(ids) // batch) * batch
         rows.append(_rate("StreamSource", workers, streamed, streamed * int(np.prod(grid)),
                           _timed(read_stream, repeats), raw_mbs))
+    rows += transformed_reads(corpus, grid, max_workers, batch, repeats, passes, raw_mbs)
     rows += bench_writers(corpus, ids[: min(len(ids), 16)], work)
     training = [training_wait(work, source, w, train) for source in ("zarr", "stream")
                 for w in range(0, max_workers + 1)] if train["steps"] else []
