@@ -184,7 +184,7 @@ def efficiencies(phases: list[dict[str, Any]], batch: int) -> dict[str, Any]:
 
 
 def projection(step_s: float, volumes_per_step: int, grad_bytes: float, bytes_per_volume: float,
-               source_mb_s_per_worker: float) -> list[dict[str, Any]]:
+               worker_volumes_per_s: float) -> list[dict[str, Any]]:
     """All-reduce and data-path needs per GPU at 8, 64 and 512 GPUs (assumptions in SCALING.md).
 
     Ring all-reduce moves 2(n-1)/n x bytes through each GPU's slowest link: NVLink (~300 GB/s achieved per
@@ -202,9 +202,10 @@ def projection(step_s: float, volumes_per_step: int, grad_bytes: float, bytes_pe
             row[f"allreduce_ms_{link}_ring"] = (moved / bw + ring_latency) * 1e3
             row[f"allreduce_ms_{link}_tree"] = (moved / bw + tree_latency) * 1e3
             row[f"allreduce_fraction_of_step_{link}_ring"] = (moved / bw + ring_latency) / step_s
-        need = volumes_per_step / step_s * bytes_per_volume / 1e6
-        row.update(data_mb_s_per_gpu=need, data_gb_s_total=need * n / 1e3,
-                   loader_workers_per_gpu=need / source_mb_s_per_worker)
+        volumes_per_s = volumes_per_step / step_s
+        need = volumes_per_s * bytes_per_volume / 1e6
+        row.update(volumes_per_s_per_gpu=volumes_per_s, data_mb_s_per_gpu=need, data_gb_s_total=need * n / 1e3,
+                   loader_workers_per_gpu=volumes_per_s / worker_volumes_per_s)
         rows.append(row)
     return rows
 
@@ -251,10 +252,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "efficiency": efficiencies(phases, args.batch),
         "projection_assumptions": {
             "step_s": paper_b8_s, "volumes_per_step": 8, "grad_bytes_fp32": FPN_PARAMS * 4,
-            "bytes_per_volume": grid_bytes, "source_mb_s_per_worker": args.source_mb_s,
+            "bytes_per_volume": grid_bytes, "loader_worker_volumes_per_s": args.worker_vol_s,
         },
-        "projection_fp32_grads": projection(paper_b8_s, 8, FPN_PARAMS * 4, grid_bytes, args.source_mb_s),
-        "projection_bf16_grads": projection(paper_b8_s, 8, FPN_PARAMS * 2, grid_bytes, args.source_mb_s),
+        "projection_fp32_grads": projection(paper_b8_s, 8, FPN_PARAMS * 4, grid_bytes, args.worker_vol_s),
+        "projection_bf16_grads": projection(paper_b8_s, 8, FPN_PARAMS * 2, grid_bytes, args.worker_vol_s),
     }
 
 
@@ -275,8 +276,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--width", type=float, default=1.0, help="1.0 = the paper's 4.37M parameters")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per phase and way")
-    parser.add_argument("--source-mb-s", type=float, default=174.0,
-                        help="measured MB/s of one loader worker, for the projection (ZarrSource, 1 worker)")
+    parser.add_argument("--worker-vol-s", type=float, default=50.0,
+                        help="volumes/s one loader worker delivers through the training transform (bench_data's "
+                             "'ZarrSource + TrainTransform' row), for the projection")
     parser.add_argument("--no-cluster", action="store_true", help="skip the simulated two-node cluster")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)

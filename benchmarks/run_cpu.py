@@ -42,20 +42,21 @@ def commands(slug: str, deadline: float) -> dict[str, list[str]]:
         "models": ["bench_models.py", "--crop", "8x64x64", "--batch", "2", "--steps", "2",
                    "--out", str(out / f"models-{slug}.json")],
         "train": ["bench_train.py", "--steps", "30", "--out", str(out / f"train-{slug}.json")],
-        "scaling": ["bench_scaling.py", "--steps", "3", "--source-mb-s", f"{source_rate(slug):.0f}",
+        "scaling": ["bench_scaling.py", "--steps", "3", "--worker-vol-s", f"{source_rate(slug):.1f}",
                     "--out", str(out / f"scaling-{slug}.json")],
         "step": ["bench_step.py", "--device", "cpu", "--batch", "1", "--warmup", "1", "--repeats", "2",
                  "--budget-s", f"{left:.0f}", "--out", str(out / f"step-{slug}.json")],
     }
 
 
-def source_rate(slug: str, default: float = 174.0) -> float:
-    """MB/s of one ZarrSource loader worker from this device's data result (for the scaling projection)."""
+def source_rate(slug: str, default: float = 50.0) -> float:
+    """Volumes/s of one loader worker through the training transform, from this device's data result."""
     path = common.RESULTS / f"data-{slug}.json"
     if not path.is_file():
         return default
-    rows = [r for r in json.loads(path.read_text())["rows"] if r["path"] == "ZarrSource" and r["workers"] == 1]
-    return rows[0]["MB_per_s_per_worker"] if rows else default
+    rows = [r for r in json.loads(path.read_text())["rows"]
+            if r["path"].startswith("ZarrSource + TrainTransform") and r["workers"] == 1]
+    return rows[0]["volumes_per_s"] if rows else default
 
 
 def run_one(name: str, argv: list[str], timeout: float) -> dict[str, Any]:

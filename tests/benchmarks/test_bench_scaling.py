@@ -11,14 +11,14 @@ import bench_scaling
 
 def test_projection_follows_the_ring_all_reduce_model() -> None:
     grad = 4_369_553 * 4
-    rows = {r["gpus"]: r for r in bench_scaling.projection(0.1, 8, grad, 1e6, 200.0)}
+    rows = {r["gpus"]: r for r in bench_scaling.projection(0.1, 8, grad, 1e6, 200.0)}  # 200 vol/s per worker
     assert set(rows) == {8, 64, 512}
     # 64 GPUs on 400 Gb/s InfiniBand: 2*63/64 of the gradient through each GPU, plus 126 hops of 5 us.
     expected = (2 * 63 / 64 * grad / 50e9 + 126 * 5e-6) * 1e3
     assert rows[64]["allreduce_ms_ib_400Gbps_ring"] == pytest.approx(expected)
     assert rows[64]["allreduce_ms_ib_100Gbps_ring"] > rows[64]["allreduce_ms_ib_400Gbps_ring"]
     assert rows[512]["allreduce_ms_ib_400Gbps_tree"] < rows[512]["allreduce_ms_ib_400Gbps_ring"]
-    # 8 volumes of 1 MB every 0.1 s = 80 MB/s per GPU, 0.4 loader workers at 200 MB/s each.
+    # 8 volumes of 1 MB every 0.1 s = 80 volumes/s = 80 MB/s per GPU: 0.4 loader workers at 200 volumes/s.
     assert rows[8]["data_mb_s_per_gpu"] == pytest.approx(80.0)
     assert rows[512]["data_gb_s_total"] == pytest.approx(80.0 * 512 / 1e3)
     assert rows[8]["loader_workers_per_gpu"] == pytest.approx(0.4)
