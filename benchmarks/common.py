@@ -48,6 +48,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def device_name(device: torch.device) -> str:
     """Human name: 'NVIDIA H200' or 'AMD EPYC (2 cores)'."""
     if device.type == "cuda":
@@ -105,6 +115,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "host": socket.gethostname(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # Whether bf16 can be fast on this CPU (native bf16 dot products): what the CPU precision policy hinges on.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None,
