@@ -40,15 +40,16 @@ class DemoSettings:
     eval_every: int
     lr: tuple[float, float]
     first_point: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 2  # fine-tuning; more updates for the same crops converged faster here
     crops_per_volume: int = 8
     val_volumes: int | None = None
 
 
 FULL = DemoSettings(
-    volumes=200, grid=(16, 64, 64), labelled=0.5, width=0.25, crop=(16, 32), pretrain_steps=300, pretrain_batch=4,
+    volumes=200, grid=(16, 64, 64), labelled=1.0, width=0.25, crop=(16, 32), pretrain_steps=300, pretrain_batch=4,
     tasks=("ga", "rpd"), fractions={"ga": (0.05, 0.2, 1.0), "rpd": (0.2, 1.0)}, seeds=(0, 1), num_samples=1,
-    steps=(120,), eval_every=60, lr=(3e-3, 3e-2), first_point={"lr": 0.01, "weight_decay": 1e-4, "steps": 120},
-    val_volumes=12,
+    steps=(200,), eval_every=100, lr=(3e-3, 3e-2), first_point={"lr": 0.01, "weight_decay": 1e-4, "steps": 200},
+    val_volumes=20,
 )
 QUICK = DemoSettings(
     volumes=24, grid=(16, 64, 64), labelled=1.0, width=0.25, crop=(16, 32), pretrain_steps=6, pretrain_batch=2,
@@ -93,7 +94,7 @@ def sweep_config(out: Path, s: DemoSettings, inits: dict[str, str]) -> dict[str,
                    "lr": list(s.lr), "points": [s.first_point] if s.first_point else []},
         "resources": {"cpus_per_trial": 1},
         "job": {
-            "data": {"crop": list(s.crop), "batch_size": 4, "crops_per_volume": s.crops_per_volume,
+            "data": {"crop": list(s.crop), "batch_size": s.batch_size, "crops_per_volume": s.crops_per_volume,
                      "val_volumes": s.val_volumes},
             "model": {"width": s.width},
             "optim": {"name": "adamw", "warmup_steps": 5, "schedule": "cosine"},

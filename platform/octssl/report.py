@@ -113,9 +113,11 @@ def build_report(sweep_dir: str | Path) -> Path:
         f"# Label-efficiency sweep `{summary['name']}`", "",
         f"Corpus `{summary['corpus']}`. Cells: tasks {', '.join(summary['tasks'])} x label fractions "
         f"{', '.join(f'{f:g}' for f in summary['fractions'])} x inits {', '.join(summary['inits'])} x models "
-        f"{', '.join(summary['models'])}; {summary['num_samples']} trial(s) per cell and seed "
-        f"({summary['search']} sampling, ASHA early stopping), best trial chosen on the val split, its best "
-        f"weights measured on the test split.", "",
+        f"{', '.join(summary['models'])}. " + (
+            f"{summary['num_samples']} trials per cell and seed ({summary['search']} sampling, ASHA early "
+            "stopping), the best chosen on the val split" if summary["num_samples"] > 1 else
+            "One trial per cell and seed (no search)") +
+        "; the chosen trial's best-on-val weights are measured on the test split.", "",
         f"Dice in % at threshold 0.5, mean over test volumes and seeds ± {spread}. Best mean per column in bold.",
         "",
     ]
@@ -123,10 +125,21 @@ def build_report(sweep_dir: str | Path) -> Path:
         lines += [f"## {task.upper()}", "", markdown_table(summary, task), "",
                   f"Test volumes: {n_test.get(task)}. Labelled training data per fraction: "
                   f"{_patients_line(summary, task)}.", ""]
-        hd = [c for c in summary["cells"] if c["task"] == task and c["hd95_mean"] is not None]
-        if hd:
-            lines += ["HD95 (mm, mean over volumes where defined): " + "; ".join(
-                f"{c['init']}/{c['model']} @ {c['fraction']:g}: {c['hd95_mean']:.2f}" for c in hd), ""]
+        mine = [c for c in summary["cells"] if c["task"] == task and c["dice_mean"] is not None]
+        if mine:
+            lines += ["| cell | Dice % per seed | Dice % on volumes with the lesion | healthy eyes predicted empty "
+                      "| HD95 mm (undefined of all) |", "|---|---|---|---|---|"]
+            for c in mine:
+                seeds = " / ".join(f"{100 * d:.1f}" for d in c["dice_seeds"])
+                lesion = f"{100 * c['dice_lesion_mean']:.1f}" if c.get("dice_lesion_mean") is not None else "-"
+                healthy = (f"{100 * c['healthy_predicted_empty']:.0f} % of {c['n_test_healthy']}"
+                           if c.get("healthy_predicted_empty") is not None else "-")
+                hd95 = f"{c['hd95_mean']:.2f}" if c["hd95_mean"] is not None else "-"
+                lines.append(f"| {c['init']}/{c['model']} @ {c['fraction']:g} | {seeds} | {lesion} | {healthy} | "
+                             f"{hd95} ({c['hd95_undefined']} of {c['n_test'] * c['n_seeds']}) |")
+            lines += ["", "A healthy eye scores Dice 1 when nothing is predicted and 0 otherwise, so the table's "
+                      "mean mixes segmentation quality (lesion column) with false alarms on healthy eyes. HD95 is "
+                      "undefined when exactly one of prediction and truth is empty.", ""]
     counts = summary["trials"]
     lines += ["## Trials", "",
               f"{sum(counts.values())} trials: {counts.get('ok', 0)} ran to their last step, "

@@ -33,7 +33,8 @@ def mean_projection(volume: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[str], *, show: list[str] = (),
                           threads: int = 1, gpu: bool = False) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Per-volume ``{id, dice, hd95_mm}`` of ``weights`` on ``ids``; plus, for the volumes in ``show``,
+    """Per-volume ``{id, dice, hd95_mm, truth_px, pred_px}`` of ``weights`` on ``ids`` (pixel counts of the
+    mask and of the prediction on the evaluation grid tell healthy eyes from lesions); plus, for the volumes in ``show``,
     ``ids`` and en-face arrays ``enface`` (mean projection), ``truth`` and ``prob`` (sigmoid), ``(n, nB, W)``."""
     from octssl.data.corpus import Corpus
     from octssl.data.transforms import EvalTransform, collate
@@ -54,7 +55,9 @@ def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[s
         batch = collate([transform(sample)])
         logits = model(batch["oct"].to(device)).float().cpu()
         (row,) = objective.per_volume(logits, batch)
-        rows.append({"id": sample_id, "dice": float(row["dice"]), "hd95_mm": float(row["hd95_mm"])})
+        rows.append({"id": sample_id, "dice": float(row["dice"]), "hd95_mm": float(row["hd95_mm"]),
+                     "truth_px": int(np.count_nonzero(sample[task])),
+                     "pred_px": int((logits[0, 0] > 0).sum())})
         if sample_id in show:
             preview["ids"].append(sample_id)
             preview["enface"].append(mean_projection(sample["oct"]))

@@ -245,7 +245,7 @@ def choose(trials: list[dict[str, Any]], config: SweepConfig) -> dict[str, dict[
 
 
 # ---------------------------------------------------------------- test split
-_RESULT_COLUMNS = ("task", "fraction", "init", "model", "seed", "trial", "id", "dice", "hd95_mm")
+_RESULT_COLUMNS = ("task", "fraction", "init", "model", "seed", "trial", "id", "dice", "hd95_mm", "truth_px", "pred_px")
 
 
 def _test(config: SweepConfig, sweep_dir: Path, chosen: dict[str, dict[str, Any]], facts: dict[str, Any],
@@ -358,6 +358,7 @@ def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[st
                 (cell.task, cell.fraction, cell.init, cell.model)]
         dice = np.array([r["dice"] for r in mine], float)
         hd95 = np.array([r["hd95_mm"] for r in mine], float)
+        lesion = np.array([r["truth_px"] > 0 for r in mine], bool)
         seeds = sorted({r["seed"] for r in mine})
         per_seed = [float(np.mean([r["dice"] for r in mine if r["seed"] == s])) for s in seeds]
         picks = [dict(chosen[g.key]) for g in config.groups if g.cell == cell and g.key in chosen]
@@ -374,6 +375,10 @@ def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[st
             "dice_seeds": per_seed,
             "hd95_mean": float(np.nanmean(hd95)) if np.isfinite(hd95).any() else None,
             "hd95_undefined": int(np.isnan(hd95).sum()),
+            # Dice on a healthy eye is all or nothing (1 if predicted empty): report both parts too
+            "dice_lesion_mean": float(dice[lesion].mean()) if lesion.any() else None,
+            "healthy_predicted_empty": float((dice[~lesion] == 1).mean()) if (~lesion).any() else None,
+            "n_test_healthy": int((~lesion).sum()) // max(1, len(seeds)),
             "n_test": len(facts["test"][cell.task]), "n_seeds": len(seeds),
             **facts["cells"][(cell.task, cell.fraction)],
             "best_config": _config_of(best) if best else None,
