@@ -62,6 +62,6 @@ def local_ray():
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -38,7 +38,7 @@ def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[s
     ``ids`` and en-face arrays ``enface`` (mean projection), ``truth`` and ``prob`` (sigmoid), ``(n, nB, W)``."""
     from octssl.data.corpus import Corpus
     from octssl.data.transforms import EvalTransform, collate
-    from octssl.objectives import build_objective
+    from octssl.objectives import build_objective, per_volume_at_original
 
     torch.set_num_threads(max(1, threads))
     device = _device(gpu)
@@ -54,7 +54,7 @@ def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[s
             raise ModelError(f"{corpus_path}: test sample {sample_id} has no '{task}' mask")
         batch = collate([transform(sample)])
         logits = model(batch["oct"].to(device)).float().cpu()
-        (row,) = objective.per_volume(logits, batch)
+        (row,) = per_volume_at_original(objective, logits, batch)
         rows.append({"id": sample_id, "dice": float(row["dice"]), "hd95_mm": float(row["hd95_mm"]),
                      "truth_px": int(np.count_nonzero(sample[task])),
                      "pred_px": int((logits[0, 0] > 0).sum())})

@@ -97,7 +97,7 @@ def _ray_up(config: SweepConfig) -> int:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=False)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     have = ray.cluster_resources()
     cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
     want = config.resources
