@@ -156,6 +156,7 @@ def run_config(cfg: StepConfig, device: torch.device, crop: tuple[int, int, int]
                warmup: int, repeats: int, inner: int) -> dict[str, Any]:
     row: dict[str, Any] = {**asdict(cfg), "label": cfg.label, "crop": list(crop), "status": "ok"}
     keep: list[Any] = []
+    step = None
     try:
         with common.PeakMemory(device) as peak:
             step, keep = build_step(cfg, device, crop)
@@ -172,9 +173,9 @@ def run_config(cfg: StepConfig, device: torch.device, crop: tuple[int, int, int]
         row["peak_what"] = peak.what
     except Exception as err:  # every failure is a result: reported, never dropped
         row.update(status="failed", error=common.error_text(err))
-    finally:
+    finally:  # drop every reference to the model, optimiser and batch before the next configuration
         keep.clear()
-        del keep
+        del keep, step
         gc.collect()
         if cfg.compile:
             torch._dynamo.reset()
@@ -276,7 +277,9 @@ def run(device: torch.device, crop: tuple[int, int, int], batch: int, warmup: in
         "gflop_fwd_bwd_per_volume": gflop, "loss": "segmentation (Dice + BCE) / 2",
         "optimizer": "SGD lr 0.1 momentum 0.9 wd 1e-4, no clipping",
         "timing": {"warmup_steps": warmup, "repeats": repeats, "steps_per_repeat": inner,
-                   "cudnn_benchmark": device.type == "cuda"},
+                   "cudnn_benchmark": device.type == "cuda",
+                   # PyTorch's default: fp32 convolutions may use TF32 on Ampere and later (as the paper's did)
+                   "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None},
         "rows": rows,
         "winner": winner["label"] if winner else None,
         "winner_ratio_to_paper": winner.get("ratio_to_paper") if winner else None,
