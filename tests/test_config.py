@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from octssl.config import apply_overrides, load_config
 from octssl.errors import ConfigError
-from octssl.train.engine import deepspeed_config, lr_factor, resolve_precision
+from octssl.train.engine import cpu_has_native_bf16, deepspeed_config, lr_factor, resolve_precision
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -55,6 +56,11 @@ def test_precision_policy_cpu_and_gpu() -> None:
     assert gpu.name == "bf16" and gpu.channels_last
     with pytest.raises(ConfigError, match="needs a GPU"):
         resolve_precision("fp16", gpu=False)
+    if cpu_has_native_bf16():
+        assert resolve_precision("bf16", gpu=False).autocast_dtype == torch.bfloat16
+    else:
+        with pytest.raises(ConfigError, match="native bf16"):
+            resolve_precision("bf16", gpu=False)
     ds = deepspeed_config(load_config(JOBS / "pretrain.yaml"), gpu)
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "bf16" not in ds  # DeepSpeed's own bf16 mode breaks BatchNorm running stats
