@@ -176,21 +176,25 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> JobConfig:
         raise ConfigError(_describe(err, source)) from None
 
 
+def read_yaml(path: str | Path | None, what: str = "config") -> tuple[dict[str, Any], str]:
+    """A YAML file's top-level mapping and a name for messages ({} and "<defaults>" when path is None)."""
+    if path is None:
+        return {}, "<defaults>"
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return raw, str(path)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
     """Load a YAML job config (or start from defaults when ``path`` is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    raw, source = read_yaml(path)
     return parse_config(apply_overrides(raw, overrides or []), source)
 
 

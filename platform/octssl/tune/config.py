@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from octssl.config import SEGMENTATION_TASKS, JobConfig, apply_overrides, parse_config
+from octssl.config import SEGMENTATION_TASKS, JobConfig, apply_overrides, parse_config, read_yaml
 from octssl.errors import ConfigError
 
 SCRATCH = "scratch"
@@ -218,19 +217,7 @@ def parse_sweep_config(raw: dict[str, Any], source: str = "<sweep>") -> SweepCon
 
 def load_sweep_config(path: str | Path | None, overrides: list[str] | None = None) -> SweepConfig:
     """A sweep YAML (``kind: sweep``) plus dotted ``--set`` overrides, validated before anything runs."""
-    raw: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: sweep config not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+    raw, source = read_yaml(path, "sweep config")
     return parse_sweep_config(apply_overrides(raw, overrides or []), source)
 
 
