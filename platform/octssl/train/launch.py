@@ -96,7 +96,8 @@ def _stream_shape(c: JobConfig) -> tuple[int, int, int]:
     return nb, depth, w
 
 
-def _ray_up(config: JobConfig) -> None:
+def ray_up() -> dict[str, float]:
+    """Join the cluster at RAY_ADDRESS, or start a local Ray sized to this machine; its resources."""
     import ray
 
     if not ray.is_initialized():
@@ -104,7 +105,11 @@ def _ray_up(config: JobConfig) -> None:
             ray.init(log_to_driver=False)
         else:
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    resources = ray.cluster_resources()
+    return ray.cluster_resources()
+
+
+def _ray_up(config: JobConfig) -> None:
+    resources = ray_up()
     need_cpu = config.scaling.workers * config.scaling.cpus_per_worker
     need_gpu = config.scaling.workers * config.scaling.gpus_per_worker
     if need_cpu > resources.get("CPU", 0) or need_gpu > resources.get("GPU", 0):

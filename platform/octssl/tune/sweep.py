@@ -91,14 +91,9 @@ def preflight_sweep(config: SweepConfig) -> dict[str, Any]:
 
 def _ray_up(config: SweepConfig) -> int:
     """Start (or join) Ray; the number of trials the cluster fits at once."""
-    import ray
+    from octssl.train.launch import ray_up
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
-        else:
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    have = ray.cluster_resources()
+    have = ray_up()
     cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
     want = config.resources
     if want.cpus_per_trial > cpus or want.gpus_per_trial > gpus:
