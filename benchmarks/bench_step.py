@@ -9,8 +9,9 @@ Rows, each with and without activation checkpointing (``ckpt``):
 (b) ``octssl``: what the platform's loop runs on this device: a DeepSpeed ZeRO-1 engine from
     ``octssl.train.engine.build_engine`` with the precision ``auto`` resolves to (GPU: bf16 through
     DeepSpeed's torch_autocast, channels_last_3d inputs, contiguous parameters; CPU: fp32), the same SGD.
-    On GPU also ``octssl+compile`` (``engine.compile()``) and the faster of the two at doubling batches up
-    to ``--max-batch`` (the largest that fits).
+    On GPU also ``octssl+compile`` (``engine.compile()``), the eager path at doubling batches up to
+    ``--max-batch`` (the largest that fits), and the compiled one at the best of those batches if compiling
+    helped at the base batch.
 Policy probes (plain PyTorch, ckpt off): every precision x layout pair, so that the fastest pair can be
 checked against what ``resolve_precision("auto")`` picks for this device.
 
@@ -226,13 +227,16 @@ def policy_check(rows: list[dict[str, Any]], device: torch.device) -> dict[str, 
 
 
 def batch_sweep(rows: list[dict[str, Any]], base: int, max_batch: int) -> list[StepConfig]:
-    """The fastest tuned variant at the base batch, at doubling batches (with and without checkpointing)."""
-    tuned = [r for r in rows if r["role"] == "tuned" and r["status"] == "ok" and not r["checkpointing"]]
-    if not tuned:
+    """octssl's eager path at doubling batches, with and without checkpointing (the largest batch that fits).
+
+    Eager, because a compiled model recompiles for every new batch (about a minute each): the compiled
+    variant is tried once more, at the best batch of the sweep, by :func:`compile_at_best_batch`.
+    """
+    eager = [r for r in rows if r["role"] == "tuned" and r["status"] == "ok" and not r["compile"]]
+    if not eager:
         return []
-    best = max(tuned, key=lambda r: r["volumes_per_s"])
-    template = StepConfig(best["name"], "tuned", best["engine"], best["precision"], best["channels_last"],
-                          best["compile"], False, base)
+    r = eager[0]
+    template = StepConfig(r["name"], "tuned", r["engine"], r["precision"], r["channels_last"], False, False, base)
     out = []
     for ckpt in (False, True):
         b = base * 2
@@ -240,6 +244,19 @@ def batch_sweep(rows: list[dict[str, Any]], base: int, max_batch: int) -> list[S
             out.append(replace(template, checkpointing=ckpt, batch=b))
             b *= 2
     return out
+
+
+def compile_at_best_batch(rows: list[dict[str, Any]], base: int) -> StepConfig | None:
+    """If torch.compile beat eager at the base batch (no checkpointing), compile at the sweep's best batch."""
+    ok = [r for r in rows if r["role"] == "tuned" and r["status"] == "ok" and not r["checkpointing"]]
+    at_base = {r["compile"]: r for r in ok if r["batch"] == base}
+    if True not in at_base or False not in at_base or at_base[True]["volumes_per_s"] <= at_base[False]["volumes_per_s"]:
+        return None
+    best = max((r for r in ok if not r["compile"]), key=lambda r: r["volumes_per_s"])
+    if best["batch"] == base:
+        return None
+    c = at_base[True]
+    return StepConfig(c["name"], "tuned", c["engine"], c["precision"], c["channels_last"], True, False, best["batch"])
 
 
 def run(device: torch.device, crop: tuple[int, int, int], batch: int, warmup: int, repeats: int, inner: int,
@@ -269,6 +286,13 @@ def run(device: torch.device, crop: tuple[int, int, int], batch: int, warmup: in
             rows.append(skipped(cfg, crop, f"time budget of {budget_s:.0f} s spent"))
         else:  # about as many volumes per timed repeat as at the base batch
             rows.append(run_config(cfg, device, crop, gflop, warmup, repeats, max(1, inner * batch // cfg.batch)))
+    compiled = compile_at_best_batch(rows, batch)
+    if compiled is not None:
+        if time.monotonic() > deadline:
+            rows.append(skipped(compiled, crop, f"time budget of {budget_s:.0f} s spent"))
+        else:
+            rows.append(run_config(compiled, device, crop, gflop, warmup, repeats,
+                                   max(1, inner * batch // compiled.batch)))
     add_ratios(rows)
     ok = [r for r in rows if r["status"] == "ok" and r["role"] == "tuned"]
     winner = max(ok, key=lambda r: r["volumes_per_s"]) if ok else None

@@ -66,3 +66,21 @@ def test_tiny_run_writes_every_planned_row_and_the_policy_check(tmp_path, monkey
     assert out.with_suffix(".png").stat().st_size > 1000
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     assert "step: FPN 4x64x64" in run_cpu.table() and out.name in run_cpu.table()
+
+
+def _row(name: str, batch: int, vol_s: float, *, compiled: bool = False, ckpt: bool = False) -> dict:
+    cfg = bench_step.StepConfig(name, "tuned", "deepspeed", "bf16", True, compiled, ckpt, batch)
+    return {**bench_step.asdict(cfg), "status": "ok", "volumes_per_s": vol_s}
+
+
+def test_gpu_batch_sweep_doubles_the_eager_path_and_compiles_once_at_its_best_batch() -> None:
+    rows = [_row("octssl", 8, 90.0), _row("octssl+compile", 8, 120.0, compiled=True)]
+    sweep = bench_step.batch_sweep(rows, base=8, max_batch=64)
+    assert [(c.batch, c.checkpointing, c.compile) for c in sweep] == [
+        (16, False, False), (32, False, False), (64, False, False), (16, True, False), (32, True, False),
+        (64, True, False)]
+    rows += [_row("octssl", 16, 110.0), _row("octssl", 32, 125.0), _row("octssl", 64, 118.0)]
+    again = bench_step.compile_at_best_batch(rows, base=8)
+    assert again is not None and again.compile and again.batch == 32 and again.name == "octssl+compile"
+    rows[1]["volumes_per_s"] = 80.0  # compiling lost at the base batch: not tried again
+    assert bench_step.compile_at_best_batch(rows, base=8) is None
