@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def test_tiny_run_writes_every_planned_row_and_the_policy_check(tmp_path, monkey
 
 def _row(name: str, batch: int, vol_s: float, *, compiled: bool = False, ckpt: bool = False) -> dict:
     cfg = bench_step.StepConfig(name, "tuned", "deepspeed", "bf16", True, compiled, ckpt, batch)
-    return {**bench_step.asdict(cfg), "status": "ok", "volumes_per_s": vol_s}
+    return {**asdict(cfg), "status": "ok", "volumes_per_s": vol_s}
 
 
 def test_gpu_batch_sweep_doubles_the_eager_path_and_compiles_once_at_its_best_batch() -> None:
