@@ -9,6 +9,7 @@ Rows, each with and without activation checkpointing (``ckpt``):
 (b) ``octssl``: what the platform's loop runs on this device: a DeepSpeed ZeRO-1 engine from
     ``octssl.train.engine.build_engine`` with the precision ``auto`` resolves to (GPU: bf16 through
     DeepSpeed's torch_autocast, channels_last_3d inputs, contiguous parameters; CPU: fp32), the same SGD.
+    On a CPU with native bf16 also ``octssl bf16`` (the same engine with ``deepspeed.precision=bf16``).
     On GPU also ``octssl+compile`` (``engine.compile()``), the eager path at doubling batches up to
     ``--max-batch`` (the largest that fits), and the compiled one at the best of those batches if compiling
     helped at the base batch.
@@ -75,10 +76,20 @@ def plan(device: torch.device, batch: int, compile_gpu: bool) -> list[StepConfig
         layout = "cl" if channels_last else "default"
         rows.append(StepConfig(f"plain {precision} {layout}", "probe", "plain", precision, channels_last, False,
                                False, batch))
+    if not gpu and _cpu_bf16():  # octssl's engine with deepspeed.precision=bf16, accepted on such CPUs
+        rows.append(StepConfig("octssl bf16", "tuned", "deepspeed", "bf16", False, False, False, batch))
     rows += [paper(True), octssl(True)]
     if gpu and compile_gpu:
         rows += [octssl(False, compiled=True), octssl(True, compiled=True)]
     return rows
+
+
+def _cpu_bf16() -> bool:
+    try:
+        from octssl.train.engine import cpu_has_native_bf16
+    except ImportError:  # an older engine without the check: bf16 is refused on every CPU
+        return False
+    return cpu_has_native_bf16()
 
 
 def check_layout(model: torch.nn.Module, volume: torch.Tensor, channels_last: bool) -> None:
