@@ -28,22 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from common import cpu_name  # benchmarks/ is on sys.path when a script runs
 from octssl.data.ingest.pipeline import ingest
 from octssl.data.ingest.stack import write_stack
 
 SHARED_VOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "heidelberg-vol"
 REAL_FILES = ("Willis_B_716_0.vol", "Willis_B_716_2.vol")
 SPARE_OFFSET = 300
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def real_copies(folder: Path, repeats: int) -> int:

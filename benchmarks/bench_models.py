@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from common import cpu_name  # benchmarks/ is on sys.path when a script runs
 from octssl.models import MODELS, build_model
 from octssl.models.profile import count_flops, saved_activation_bytes
 from octssl.objectives import build_objective
@@ -32,16 +32,6 @@ PAPER_CROP = (32, 128, 256)
 def parse_crop(text: str) -> tuple[int, int, int]:
     bscans, depth, ascans = (int(v) for v in text.lower().split("x"))
     return bscans, depth, ascans
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def train_speed(name: str, crop: tuple[int, int, int], batch: int, steps: int, checkpointing: bool) -> dict[str, float]:
