@@ -317,7 +317,8 @@ def info(corpus: Path = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
 @app.command()
 def verify(path: Path = _VERIFY_PATH) -> None:
     """Recompute every checksum of a corpus (or shard directory); print every problem; exit 1 if any."""
-    from octssl.data.shards import is_shard_dir, verify_shards
+    from octssl.data.shards import is_shard_dir
+    from octssl.data.shardtar import verify_shards
     from octssl.errors import CorpusError
 
     if is_shard_dir(path):

@@ -111,7 +111,8 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
     import ray
 
     from octssl.config import parse_config
-    from octssl.data.shards import export_shards, verify_shards
+    from octssl.data.shards import export_shards
+    from octssl.data.shardtar import verify_shards
     from octssl.data.synth import synthesize
     from octssl.report import rich_tables
     from octssl.train.launch import run

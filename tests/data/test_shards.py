@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from octssl.cli import app
 from octssl.data.corpus import Corpus
-from octssl.data.shards import INDEX_NAME, META_KEYS, export_shards, verify_shards
+from octssl.data.shards import INDEX_NAME, META_KEYS, export_shards
+from octssl.data.shardtar import verify_shards
 from octssl.errors import ShardError
 
 
@@ -155,7 +156,7 @@ def test_cli_export_shards(tiny_corpus: Path, tmp_path: Path):
 
 
 def test_fast_header_parser_matches_tarfile_and_rejects_a_bad_header(shards: Path):
-    from octssl.data.shards import _split_members_tarfile, split_members
+    from octssl.data.shardtar import _split_members_tarfile, split_members
 
     index = _index(shards)
     sid = index["shards"][0]["ids"][0]

@@ -32,7 +32,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from octssl.data.shards import load_index, read_sample, shard_meta
+from octssl.data.shards import load_index, shard_meta
+from octssl.data.shardtar import read_sample
 from octssl.data.transforms import collate
 from octssl.errors import ShardError
 from octssl.sample import VOLUME_KEY
