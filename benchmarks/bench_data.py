@@ -81,7 +81,7 @@ def bench_writers(corpus: Any, ids: list[str], work: Path) -> list[dict]:
     """Write the same samples into one tar with tarfile (export_shards' way) and with webdataset.TarWriter."""
     import webdataset as wds
 
-    from octssl.data.shards import _add_member, _npy_bytes, _png_bytes
+    from octssl.webds.export import _add_member, _npy_bytes, _png_bytes
 
     samples = [corpus.read(sid) for sid in ids]
     nbytes = sum(s["oct"].nbytes for s in samples)
@@ -161,9 +161,9 @@ def run(volumes: int, grid: tuple[int, int, int], max_workers: int, batch: int, 
         passes: int, work: Path, train: dict[str, Any] | None = None) -> dict[str, Any]:
     train = train or {"steps": 0}
     env = common.environment(torch.device("cpu"))
-    from octssl.data.shards import export_shards
+    from octssl.corpus.synth import synthesize
     from octssl.data.sources import StreamSource, ZarrSource
-    from octssl.data.synth import synthesize
+    from octssl.webds.export import export_shards
 
     start = time.perf_counter()
     corpus = synthesize(work / "corpus", volumes=volumes, grid=grid, seed=0)

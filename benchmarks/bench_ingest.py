@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from common import cpu_name  # benchmarks/ is on sys.path when a script runs
-from octssl.data.ingest.pipeline import ingest
-from octssl.data.ingest.stack import write_stack
+from octssl.ingest.pipeline import ingest
+from octssl.ingest.stack import write_stack
 
 SHARED_VOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "heidelberg-vol"
 REAL_FILES = ("Willis_B_716_0.vol", "Willis_B_716_2.vol")
@@ -79,9 +79,9 @@ def measure(src: Path, work: Path, workers: int, grid: tuple[int, int, int]) -> 
 
 def phases(unit: Path, work: Path) -> dict[str, float]:
     """Seconds of each stage for one unit, in this process: hash, read, convert (register + grid), append."""
-    from octssl.data.corpus import Corpus
-    from octssl.data.ingest.convert import read_scans, to_record
-    from octssl.data.ingest.detect import content_hash, detect_format
+    from octssl.corpus.store import Corpus
+    from octssl.ingest.convert import read_scans, to_record
+    from octssl.ingest.detect import content_hash, detect_format
 
     clock = time.perf_counter()
     sha = content_hash(unit)

@@ -215,7 +215,7 @@ def engine_vs_plain(config: Any, depth: int, repeats: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from octssl.data.synth import synthesize
+    from octssl.corpus.synth import synthesize
 
     device = torch.device("cpu")
     env = common.environment(device)

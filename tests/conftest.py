@@ -1,8 +1,9 @@
-"""Shared fixtures: paths to ../shared, temp corpora."""
+"""Shared fixtures: paths to ../shared, synthetic corpora (a shared read-only one and a private factory)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,3 +19,34 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent (it sits beside the clone in CI); this test needs its files")
     return SHARED
+
+
+TINY_VOLUMES = 24
+TINY_GRID = (16, 64, 64)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a synthetic corpus (24 volumes of 16x64x64, seed 0, half labelled). Treat it as read-only."""
+    from octssl.corpus.synth import synthesize
+
+    path = tmp_path_factory.mktemp("tiny") / "corpus"
+    synthesize(path, volumes=TINY_VOLUMES, grid=TINY_GRID, seed=0, labelled=0.5)
+    return path
+
+
+@pytest.fixture
+def make_corpus(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``make_corpus(volumes=8, grid=(8, 32, 32), seed=0, labelled=0.5, name="corpus")`` -> path.
+
+    Each call writes a fresh synthetic corpus under the test's tmp_path (yours to modify or damage).
+    """
+    from octssl.corpus.synth import synthesize
+
+    def make(volumes: int = 8, grid: tuple[int, int, int] = (8, 32, 32), seed: int = 0,
+             labelled: float = 0.5, name: str = "corpus") -> Path:
+        path = tmp_path / name
+        synthesize(path, volumes=volumes, grid=grid, seed=seed, labelled=labelled)
+        return path
+
+    return make

@@ -259,7 +259,7 @@ def _port_is_free(port: int) -> bool:
 @pytest.mark.slow
 def test_real_prometheus_scrapes_octssl_pretrain(prometheus_binary, tmp_path):
     """`octssl pretrain --metrics-port P` (2 Ray Train workers, DeepSpeed on CPU) scraped by Prometheus."""
-    from octssl.data.synth import synthesize
+    from octssl.corpus.synth import synthesize
 
     corpus = tmp_path / "corpus"
     synthesize(corpus, volumes=12, grid=(16, 64, 64), seed=3, labelled=0.5)

@@ -177,7 +177,7 @@ def export_shards_command(
     overwrite: bool = _EXPORT_OVERWRITE,
 ) -> None:
     """Write a corpus as WebDataset tar shards plus index.json (counts, checksums) for streaming."""
-    from octssl.data.shards import export_shards
+    from octssl.webds.export import export_shards
 
     try:
         index = export_shards(corpus, out, samples_per_shard=samples_per_shard, split=split,
@@ -216,8 +216,8 @@ def ingest(
     """Ingest device exports into a corpus: PHI replaced by keyed pseudonyms, bad files to rejects.parquet."""
     import os
 
-    from octssl.data.ingest import pipeline
-    from octssl.data.ingest.phi import EPHEMERAL_WARNING, KEY_ENV
+    from octssl.ingest import pipeline
+    from octssl.ingest.phi import EPHEMERAL_WARNING, KEY_ENV
 
     def rejected(path: str, reason: str) -> None:
         console.print(f"[yellow]rejected[/] {path}: {reason}")
@@ -254,7 +254,7 @@ _VERIFY_PATH = typer.Argument(..., help="corpus directory, or a shard directory 
 
 
 def _parse_grid(text: str) -> tuple[int, int, int]:
-    from octssl.data.manifest import parse_grid
+    from octssl.corpus.manifest import parse_grid
 
     try:
         return parse_grid(text)
@@ -272,7 +272,7 @@ def synth(
     preview: bool = _SYNTH_PREVIEW,
 ) -> None:
     """Write a synthetic corpus: OCT volumes with registered FAF/SLO and GA/RPD masks."""
-    from octssl.data.synth import synthesize
+    from octssl.corpus.synth import synthesize
 
     shape = _parse_grid(grid)
     try:
@@ -290,7 +290,7 @@ def info(corpus: Path = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
     """Counts per grid, split, modality and label; patients; raster scans; size on disk."""
     import json
 
-    from octssl.data.corpus import Corpus
+    from octssl.corpus.store import Corpus
 
     try:
         summary = Corpus.open(corpus).summary()
@@ -317,9 +317,9 @@ def info(corpus: Path = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
 @app.command()
 def verify(path: Path = _VERIFY_PATH) -> None:
     """Recompute every checksum of a corpus (or shard directory); print every problem; exit 1 if any."""
-    from octssl.data.shards import is_shard_dir
-    from octssl.data.shardtar import verify_shards
     from octssl.errors import CorpusError
+    from octssl.webds.index import is_shard_dir
+    from octssl.webds.verify import verify_shards
 
     if is_shard_dir(path):
         try:
@@ -327,7 +327,7 @@ def verify(path: Path = _VERIFY_PATH) -> None:
         except OctsslError as err:
             problems = [str(err)]
     else:
-        from octssl.data.corpus import Corpus
+        from octssl.corpus.store import Corpus
 
         try:
             problems = Corpus.open(path).verify()

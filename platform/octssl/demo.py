@@ -111,13 +111,13 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
     import ray
 
     from octssl.config import parse_config
-    from octssl.data.shards import export_shards
-    from octssl.data.shardtar import verify_shards
-    from octssl.data.synth import synthesize
+    from octssl.corpus.synth import synthesize
     from octssl.report import rich_tables
     from octssl.train.launch import run
     from octssl.tune.config import parse_sweep_config
     from octssl.tune.sweep import run_sweep
+    from octssl.webds.export import export_shards
+    from octssl.webds.verify import verify_shards
 
     console = console or Console(stderr=True)
     s = QUICK if quick else FULL

@@ -13,17 +13,10 @@ from typing import Any
 import numpy as np
 
 from octssl.errors import SampleError
+from octssl.vocab import ARRAY_KEYS, ENFACE_IMAGES, ENFACE_KEYS, MASKS
+from octssl.vocab import VOLUME as VOLUME_KEY
 
-VOLUME_KEY = "oct"
-ENFACE_IMAGES = ("faf", "slo")
-MASKS = ("ga", "rpd")
-ENFACE_KEYS = ENFACE_IMAGES + MASKS
-ARRAY_KEYS = (VOLUME_KEY, *ENFACE_KEYS)
-
-
-def modalities(sample: dict[str, Any]) -> list[str]:
-    """Array keys present in ``sample``, in canonical order."""
-    return [k for k in ARRAY_KEYS if k in sample]
+__all__ = ["ARRAY_KEYS", "ENFACE_IMAGES", "ENFACE_KEYS", "MASKS", "VOLUME_KEY", "validate_sample"]
 
 
 def validate_sample(sample: dict[str, Any], where: str = "") -> None:

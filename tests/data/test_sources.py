@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from octssl.data.corpus import Corpus
-from octssl.data.shards import INDEX_NAME, export_shards
+from octssl.corpus.store import Corpus
 from octssl.data.sources import StreamSource, ZarrSource
 from octssl.data.transforms import TrainTransform
 from octssl.errors import ShardError
+from octssl.webds.export import export_shards
+from octssl.webds.index import INDEX_NAME
 
 ARRAYS = ("oct", "faf", "slo", "ga", "rpd")
 

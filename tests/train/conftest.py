@@ -16,7 +16,7 @@ GRID = (16, 64, 64)  # the smallest grid the fpn accepts: nB % 4, W % 16, D / 16
 
 @pytest.fixture(scope="session")
 def train_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from octssl.data.synth import synthesize
+    from octssl.corpus.synth import synthesize
 
     path = tmp_path_factory.mktemp("train") / "corpus"
     synthesize(path, volumes=20, grid=GRID, seed=3, labelled=1.0)

@@ -14,7 +14,7 @@ GRID = (16, 64, 64)  # the smallest grid the fpn accepts
 
 @pytest.fixture(scope="session")
 def sweep_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from octssl.data.synth import synthesize
+    from octssl.corpus.synth import synthesize
 
     path = tmp_path_factory.mktemp("sweep") / "corpus"
     synthesize(path, volumes=20, grid=GRID, seed=3, labelled=1.0)

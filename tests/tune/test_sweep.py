@@ -152,7 +152,7 @@ def test_bad_input_fails_before_any_trial(sweep_raw, change, reason) -> None:
 
 
 def test_a_corpus_without_labels_for_a_task_fails_before_any_trial(sweep_raw, tmp_path: Path) -> None:
-    from octssl.data.synth import synthesize
+    from octssl.corpus.synth import synthesize
 
     synthesize(tmp_path / "unlabelled", volumes=12, grid=(16, 64, 64), seed=1, labelled=0.0)
     raw = sweep_raw(corpus=str(tmp_path / "unlabelled"))

@@ -1,7 +1,7 @@
 """ZarrSource and StreamSource: the one sample dict from a corpus or its shards, split by rank and worker.
 
 ZarrSource is a map-style Dataset over ``Corpus.ids(...)`` (random access for fine-tuning and evaluation).
-StreamSource is an IterableDataset over the tar shards written by ``octssl.data.shards``.
+StreamSource is an IterableDataset over the tar shards written by ``octssl.webds.export``.
 
 How StreamSource orders an epoch, and why it does not use ``webdataset.WebDataset``:
 an epoch is a pure function of (seed, epoch, rank, world_size). The shard order is permuted with
@@ -32,11 +32,11 @@ from typing import Any, BinaryIO
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from octssl.data.shards import load_index, shard_meta
-from octssl.data.shardtar import read_sample
 from octssl.data.transforms import collate
 from octssl.errors import ShardError
 from octssl.sample import VOLUME_KEY
+from octssl.webds.index import load_index, shard_meta
+from octssl.webds.read import read_sample
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -69,7 +69,7 @@ class ZarrSource(Dataset):
         epoch: int = 0,
         verify: bool = False,
     ) -> None:
-        from octssl.data.corpus import Corpus
+        from octssl.corpus.store import Corpus
 
         self._corpus = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
         self.corpus_path = Path(self._corpus.path)
@@ -80,7 +80,7 @@ class ZarrSource(Dataset):
     @property
     def corpus(self) -> Any:
         if self._corpus is None:
-            from octssl.data.corpus import Corpus
+            from octssl.corpus.store import Corpus
 
             self._corpus = Corpus.open(self.corpus_path)
         return self._corpus

@@ -47,7 +47,7 @@ def name_run(config: JobConfig, resume: bool | str) -> JobConfig:
 def preflight(config: JobConfig) -> dict[str, Any]:
     """Everything that can be checked without workers: data, labels, model shapes, init weights, precision.
     Raises ConfigError/ModelError naming the problem; returns a few facts about the data."""
-    from octssl.data.corpus import Corpus
+    from octssl.corpus.store import Corpus
     from octssl.models import build_model
 
     c = config

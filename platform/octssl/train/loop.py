@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 
 from octssl.config import JobConfig, parse_config
+from octssl.data import plan as batching
 from octssl.errors import OctsslError
 from octssl.objectives import per_volume_at_original
-from octssl.train import batches as batching
 from octssl.train import checkpoint as ckpt
 from octssl.train.engine import build_engine, resolve_precision
 from octssl.train.runlog import RunLog

@@ -36,7 +36,7 @@ def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[s
     """Per-volume ``{id, dice, hd95_mm, truth_px, pred_px}`` of ``weights`` on ``ids`` (pixel counts of the
     mask and of the prediction on the evaluation grid tell healthy eyes from lesions); plus, for the volumes in ``show``,
     ``ids`` and en-face arrays ``enface`` (mean projection), ``truth`` and ``prob`` (sigmoid), ``(n, nB, W)``."""
-    from octssl.data.corpus import Corpus
+    from octssl.corpus.store import Corpus
     from octssl.data.transforms import EvalTransform, collate
     from octssl.objectives import build_objective, per_volume_at_original
 
@@ -69,7 +69,7 @@ def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[s
 
 def figure_ids(corpus_path: str, task: str, ids: list[str], count: int) -> list[str]:
     """Up to ``count`` of ``ids`` to draw: volumes showing the lesion first, one per patient while possible."""
-    from octssl.data.corpus import Corpus
+    from octssl.corpus.store import Corpus
 
     corpus = Corpus.open(corpus_path)
     area = {i: int(np.count_nonzero(corpus.read_array(task, corpus.row(i)))) for i in ids}
@@ -88,7 +88,7 @@ def reconstruct(corpus_path: str, weights: str, ids: list[str], *, threads: int 
                 gpu: bool = False) -> dict[str, np.ndarray]:
     """What a pretrained (reconstruction) checkpoint makes of ``ids``: ``enface`` (mean projection),
     ``target`` (the modality as the objective sees it: FAF inverted) and ``output``, each ``(n, nB, W)``."""
-    from octssl.data.corpus import Corpus
+    from octssl.corpus.store import Corpus
     from octssl.data.transforms import EvalTransform, collate
     from octssl.models.transfer import read_metadata
 

@@ -48,7 +48,7 @@ def sweep_dir_of(config: SweepConfig) -> tuple[SweepConfig, Path]:
 
 def preflight_sweep(config: SweepConfig) -> dict[str, Any]:
     """Fail with the reason before any trial starts; returns per-cell facts (labelled patients, volumes)."""
-    from octssl.data.corpus import Corpus
+    from octssl.corpus.store import Corpus
     from octssl.train.launch import preflight
     from octssl.tune.evaluate import figure_ids
 
@@ -320,7 +320,7 @@ def _figure_data(config: SweepConfig, sweep_dir: Path, previews: dict[str, Any],
                         **{f"{cell}|{k}": v for cell, arrays in previews.items() for k, v in arrays.items()})
     res = config.resources
     task_fn = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)(reconstruct)
-    from octssl.data.corpus import Corpus
+    from octssl.corpus.store import Corpus
 
     corpus = Corpus.open(config.corpus)
     refs = {}

@@ -1,0 +1,109 @@
+"""Corpus layout: file names, where a row's arrays live (grid bucket, slot, shard file), the sample meta of a
+manifest row, and how a sample is checked and converted before it is stored. A leaf module: the corpus,
+its writer and its audit all import it, and it imports none of them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import math
+from typing import Any
+
+import numpy as np
+
+from octssl.corpus import manifest as mf
+from octssl.errors import SampleError
+from octssl.sample import ARRAY_KEYS, MASKS, VOLUME_KEY, validate_sample
+
+ZARR_NAME = "volumes.zarr"
+MAX_CHUNKS_PER_SHARD = 1024  # bounds the shard index (16 bytes per chunk) for small en-face arrays
+REQUIRED_META = ("patient", "eye", "visit", "device", "scan_pattern", "spacing_mm")
+
+
+def assign_split(patient: str, ratios: list[float] | tuple[float, ...]) -> str:
+    """Deterministic split of a patient pseudonym from a hash: the same patient always lands the same."""
+    digest = hashlib.sha256(f"octssl-split:{patient}".encode()).digest()
+    position = int.from_bytes(digest[:8], "big") / 2**64
+    total, bound = float(sum(ratios)), 0.0
+    for name, ratio in zip(mf.SPLITS, ratios, strict=True):
+        bound += ratio / total
+        if position < bound:
+            return name
+    return mf.SPLITS[-1]
+
+
+def shard_length(bytes_per_volume: int, shard_bytes: int) -> int:
+    """Volumes per shard so that a full shard holds about ``shard_bytes`` before compression."""
+    return int(min(MAX_CHUNKS_PER_SHARD, max(1, shard_bytes // max(1, bytes_per_volume))))
+
+
+def array_path(key: str, grid: str) -> str:
+    return f"{key}/{grid}"
+
+
+def slot(key: str, row: dict[str, Any]) -> tuple[str, int]:
+    """(grid, index) of array ``key`` of a manifest row: the localizer has buckets of its own."""
+    if key == mf.LOCALIZER_KEY:
+        return row["localizer_grid"], row["localizer_index"]
+    return row["grid"], row["index"]
+
+
+def present(row: dict[str, Any]) -> set[str]:
+    """Array keys a manifest row holds data for (images, masks, and the localizer when stored)."""
+    extra = {mf.LOCALIZER_KEY} if row["localizer_grid"] is not None else set()
+    return set(row["modalities"]) | set(row["labels"]) | extra
+
+
+def meta_of(row: dict[str, Any]) -> dict[str, Any]:
+    """The sample ``meta`` dict of a manifest row."""
+    acquired = row["acquired"]
+    return {
+        "patient": row["patient"],
+        "eye": row["eye"],
+        "visit": row["visit"],
+        "device": row["device"],
+        "scan_pattern": row["scan_pattern"],
+        "spacing_mm": tuple(row["spacing_mm"]),
+        "split": row["split"],
+        "grid": row["grid"],
+        "labels": list(row["labels"]),
+        "modalities": list(row["modalities"]),
+        "raster": row["raster"],
+        "source": row["source"],
+        "acquired": acquired.isoformat() if isinstance(acquired, dt.date) else None,
+    }
+
+
+def to_uint8(key: str, array: np.ndarray, at: str) -> np.ndarray:
+    """Stored form of a sample array: uint8 as is; float32 in [0, 1] scaled to 0..255 (masks: >= 0.5)."""
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+    if low < 0.0 or high > 1.0:
+        raise SampleError(f"{at}: float32 '{key}' must lie in [0, 1] to be stored as uint8, got [{low}, {high}]")
+    if key in MASKS:
+        return (array >= 0.5).astype(np.uint8)
+    return np.rint(array * 255.0).astype(np.uint8)
+
+
+def prepared_sample(sample: dict[str, Any], where: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Validate a sample for appending; returns its uint8 arrays and its checked meta."""
+    validate_sample(sample, where)
+    at = f"{where}: sample {sample['id']}"
+    meta = dict(sample.get("meta") or {})
+    missing = [k for k in REQUIRED_META if meta.get(k) is None]
+    if missing:
+        raise SampleError(f"{at}: meta lacks {missing}")
+    if meta["eye"] not in mf.EYES:
+        raise SampleError(f"{at}: meta 'eye' is {meta['eye']!r}, expected one of {mf.EYES}")
+    if meta.get("split") is not None and meta["split"] not in mf.SPLITS:
+        raise SampleError(f"{at}: meta 'split' is {meta['split']!r}, expected one of {mf.SPLITS}")
+    spacing = [float(s) for s in meta["spacing_mm"]]
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise SampleError(f"{at}: meta 'spacing_mm' must be 3 positive numbers, got {meta['spacing_mm']}")
+    meta["spacing_mm"] = spacing
+    if min(np.shape(sample[VOLUME_KEY])) < 1:
+        raise SampleError(f"{at}: 'oct' has an empty axis, shape {np.shape(sample[VOLUME_KEY])}")
+    arrays = {k: to_uint8(k, np.asarray(sample[k]), at) for k in ARRAY_KEYS if k in sample}
+    return arrays, meta

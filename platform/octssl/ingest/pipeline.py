@@ -1,0 +1,209 @@
+"""`octssl ingest`: walk sources, convert units in parallel, append to the corpus in atomic batches.
+
+Per unit: hash its content (a worker task); skip it when the corpus already holds that ``source`` hash
+(so re-running an ingest is a no-op); else convert it (a second worker task) into records or a reject
+reason. The driver appends records in batches of ``batch_size`` through ``Corpus.append`` (atomic: a crash
+mid-ingest leaves every earlier batch committed and the corpus as it was before the failing batch) and
+records rejects in ``rejects.parquet`` after each batch. Workers: Ray tasks when a Ray cluster is
+already there (``RAY_ADDRESS`` set, or ``ray.init`` done in this process), else a process pool of
+``workers`` processes (in-process when ``workers`` is 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from octssl.errors import IngestError, SampleError
+from octssl.ingest import sink
+from octssl.ingest.convert import Record, UnitResult, convert_unit
+from octssl.ingest.detect import content_hash, discover
+from octssl.ingest.grid import DEPTH_WINDOW_MM
+from octssl.ingest.phi import EPHEMERAL_WARNING, load_key
+
+logger = logging.getLogger("octssl.ingest")
+DEFAULT_GRID = (49, 128, 512)
+
+
+@dataclass
+class IngestReport:
+    """What one ingest did. ``rejected``: (path, reason); ``skipped``: paths already in the corpus."""
+
+    corpus: str
+    units: int = 0
+    ingested: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    bytes_read: int = 0
+    seconds: float = 0.0
+    executor: str = "inline"
+    ephemeral_key: bool = False
+
+
+def parse_grid(text: str) -> tuple[int, int, int]:
+    """``--grid`` for ingest: :func:`octssl.corpus.manifest.parse_grid`, failing as an IngestError."""
+    from octssl.corpus.manifest import parse_grid as parse
+
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise IngestError(f"--{err}") from None
+
+
+def ingest(
+    sources: list[str | Path],
+    out: str | Path,
+    *,
+    grid: tuple[int, int, int] = DEFAULT_GRID,
+    workers: int | None = None,
+    ephemeral_key: bool = False,
+    batch_size: int = 16,
+    depth_mm: float = DEPTH_WINDOW_MM,
+    progress: bool = True,
+    on_reject: Callable[[str, str], None] | None = None,
+) -> IngestReport:
+    """Ingest every unit under ``sources`` into the corpus at ``out`` (created when absent)."""
+    start = time.perf_counter()
+    key, ephemeral = load_key(ephemeral_key)  # refuse before touching anything
+    if ephemeral:
+        logger.warning(EPHEMERAL_WARNING)
+    units = discover([Path(s) for s in sources])
+    out = Path(out)
+    corpus = sink.open_corpus(out)
+    known = sink.ingested_sources(corpus)
+    report = IngestReport(corpus=str(out), units=len(units), ephemeral_key=ephemeral)
+    batch: list[Record] = []
+    rejects: list[tuple[str, str, str]] = []
+    taken: set[str] = set()
+
+    def reject(path: str, sha: str, reason: str) -> None:
+        rejects.append((path, sha, reason))
+        report.rejected.append((path, reason))
+        if on_reject is not None:
+            on_reject(path, reason)
+
+    def flush() -> None:
+        report.ingested.extend(_append_batch(corpus, batch, reject))
+        batch.clear()
+        sink.record_rejects(out, rejects)
+
+    workers = max(1, workers or os.cpu_count() or 1)
+    with _executor(min(workers, max(1, len(units)))) as (submit, kind), _progress(len(units), progress) as tick:
+        report.executor = kind
+        pending: dict[Future, tuple[str, str]] = {}
+        queue = [str(u) for u in units]
+        while queue or pending:
+            while queue and len(pending) < 2 * workers:
+                path = queue.pop(0)
+                pending[submit(content_hash, Path(path))] = ("hash", path)
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                stage, path = pending.pop(future)
+                if stage == "hash":
+                    try:
+                        sha = future.result()
+                    except OSError as err:
+                        reject(path, "", f"cannot read ({err})")
+                        tick()
+                        continue
+                    if sha in known or sha in taken:
+                        report.skipped.append(path)
+                        tick()
+                        continue
+                    taken.add(sha)
+                    pending[submit(convert_unit, path, sha, key, grid, depth_mm)] = ("convert", path)
+                    continue
+                result: UnitResult = future.result()
+                report.bytes_read += result.nbytes
+                tick()
+                if result.reason is not None:
+                    reject(result.path, result.sha256, result.reason)
+                    continue
+                for record in result.records:
+                    record.path = result.path
+                batch.extend(result.records)
+                if len(batch) >= batch_size:
+                    flush()
+        flush()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _append_batch(corpus, batch: list[Record], reject: Callable[[str, str, str], None]) -> list[str]:
+    """Append ``batch`` atomically; when the corpus refuses a sample, retry one by one and reject it."""
+    if not batch:
+        return []
+    try:
+        return sink.append_records(corpus, batch)
+    except SampleError:
+        pass
+    ids: list[str] = []
+    for record in batch:
+        try:
+            ids.extend(sink.append_records(corpus, [record]))
+        except SampleError as err:
+            source = record.sample["meta"]["source"]
+            where = record.path or f"sample {record.sample['id']}"
+            reject(where, source, f"corpus refused sample {record.sample['id']} ({err})")
+    return ids
+
+
+def _ray_wanted() -> bool:
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+@contextmanager
+def _executor(workers: int) -> Iterator[tuple[Callable[..., Future], str]]:
+    """A ``submit(fn, *args) -> Future`` backed by Ray, a process pool or the calling process."""
+    if _ray_wanted():
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        remotes: dict[Any, Any] = {}
+
+        def submit_ray(fn: Callable[..., Any], *args: Any) -> Future:
+            if fn not in remotes:
+                remotes[fn] = ray.remote(num_cpus=1)(fn)
+            return remotes[fn].remote(*args).future()
+
+        yield submit_ray, "ray"
+    elif workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            yield pool.submit, f"processes:{workers}"
+    else:
+
+        def submit_inline(fn: Callable[..., Any], *args: Any) -> Future:
+            future: Future = Future()
+            try:
+                future.set_result(fn(*args))
+            except Exception as err:  # noqa: BLE001 - delivered through the future like a pool would
+                future.set_exception(err)
+            return future
+
+        yield submit_inline, "inline"
+
+
+@contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Callable[[], None]]:
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task("ingest", total=total)
+        yield lambda: bar.advance(task)

@@ -1,0 +1,44 @@
+"""The platform's vocabulary, defined once: array keys, tasks and targets, objectives, metrics, splits.
+
+Every module that names a modality, a task or a metric imports it from here; configs validate against
+the ``Literal`` types below (kept equal to the tuples by the assertions at the end).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+VOLUME = "oct"
+FAF, SLO = "faf", "slo"
+GA, RPD = "ga", "rpd"
+#: en-face images a volume can be paired with: the reconstruction targets of pretraining
+ENFACE_IMAGES = (FAF, SLO)
+#: binary en-face masks: the segmentation tasks of fine-tuning
+MASKS = (GA, RPD)
+ENFACE_KEYS = ENFACE_IMAGES + MASKS
+ARRAY_KEYS = (VOLUME, *ENFACE_KEYS)
+
+RECONSTRUCTION, SEGMENTATION = "reconstruction", "segmentation"
+TARGETS = {RECONSTRUCTION: ENFACE_IMAGES, SEGMENTATION: MASKS}
+
+SSIM, L1, DICE, HD95 = "ssim", "l1", "dice", "hd95_mm"
+#: the metric that chooses the best checkpoint and the best trial (higher is better)
+PRIMARY_METRIC = {RECONSTRUCTION: SSIM, SEGMENTATION: DICE}
+
+SPLITS = ("train", "val", "test")
+TRAIN, VAL, TEST = SPLITS
+
+Target = Literal["faf", "slo", "ga", "rpd"]
+Task = Literal["ga", "rpd"]
+ObjectiveKind = Literal["reconstruction", "segmentation"]
+
+assert get_args(Target) == ENFACE_KEYS and get_args(Task) == MASKS
+assert get_args(ObjectiveKind) == tuple(TARGETS)
+
+
+def objective_of(target: str) -> str:
+    """The objective kind that trains ``target`` (``faf`` -> reconstruction, ``ga`` -> segmentation)."""
+    for kind, targets in TARGETS.items():
+        if target in targets:
+            return kind
+    raise ValueError(f"unknown target {target!r}; expected one of {ENFACE_KEYS}")

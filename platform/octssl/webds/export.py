@@ -1,0 +1,162 @@
+"""Corpus -> WebDataset tar shards + index.json (reading them back: :mod:`octssl.webds.read`).
+
+A shard ``shard-000000.tar`` holds per sample ``{id}.oct.npy`` (uint8 ``(nB, D, W)``), ``{id}.faf.png``,
+``{id}.slo.png``, ``{id}.ga.png``, ``{id}.rpd.png`` (8-bit grey PNG; masks keep their 0/1 values) and
+``{id}.json`` (the manifest fields of the sample dict's ``meta`` and nothing else: no acquisition date, no
+source-file hash, no device identifiers). Any WebDataset reader can consume the tars. Tar headers carry
+fixed owner and mtime, so exporting the same corpus twice gives byte-identical shards.
+
+``index.json`` records per shard its count, byte size, sha256 and ids, and per sample its shard, byte
+range and the corpus manifest's sha256 of each array. The byte ranges let StreamSource read any sample
+with one seek (see ``octssl.data.sources``); the digests let it check every sample it decodes.
+
+Writing uses ``tarfile`` directly rather than ``webdataset.TarWriter`` because the byte range of each
+sample must be known as it is written (``TarFile.offset``); both produce the same ustar/pax records.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from octssl.errors import ShardError
+from octssl.fsutil import atomic_file, atomic_write
+from octssl.sample import ENFACE_KEYS, VOLUME_KEY
+from octssl.webds.index import FORMAT, INDEX_NAME, SHARD_PATTERN, file_sha256, shard_meta
+
+PNG_LEVEL = 6  # zlib level; measured on 72 synthetic 32x256 images: level 1 vs 6, 11.1 vs 11.6 ms, +2% bytes
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_-]+$")  # WebDataset keys end at the first dot; no path separators
+_SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+
+
+def shard_counts(total: int, samples_per_shard: int) -> list[int]:
+    """Samples per shard: ceil(total / K) shards whose counts differ by at most one."""
+    if samples_per_shard < 1:
+        raise ShardError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    n_shards = max(1, math.ceil(total / samples_per_shard))
+    base, extra = divmod(total, n_shards)
+    return [base + 1 if i < extra else base for i in range(n_shards)]
+
+
+# ---- encoding ------------------------------------------------------------------------------------
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(buf, format="PNG", compress_level=PNG_LEVEL)
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o444, 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+# ---- export --------------------------------------------------------------------------------------
+def export_shards(
+    corpus: Any,
+    out_dir: str | Path,
+    samples_per_shard: int = 64,
+    split: str | None = None,
+    raster_only: bool = True,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write ``corpus`` (a Corpus or its path) as tar shards plus ``index.json`` into ``out_dir``; returns the index.
+
+    Samples are ordered by split (train, val, test) then manifest order, so a split's samples sit in
+    neighbouring shards. Each tar is written under a temporary name and renamed when complete;
+    ``index.json`` is written last, so a directory with an index is a finished export.
+    """
+    from octssl.corpus.store import Corpus
+
+    corpus = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
+    out = Path(out_dir)
+    ids = corpus.ids(split=split, raster_only=raster_only)
+    if not ids:
+        raise ShardError(f"{corpus.path}: no samples to export (split={split!r}, raster_only={raster_only})")
+    bad = [sid for sid in ids if not _SAFE_ID.match(sid)]
+    if bad:
+        raise ShardError(f"{corpus.path}: sample ids {bad[:5]} contain characters other than letters, digits, '_' "
+                         "and '-' (a WebDataset key ends at the first dot)")
+    rows = {sid: corpus.row(sid) for sid in ids}
+    ids.sort(key=lambda sid: _SPLIT_ORDER.get(rows[sid]["split"], 3))  # stable: manifest order within a split
+    _prepare_dir(out, overwrite)
+
+    counts = shard_counts(len(ids), samples_per_shard)
+    shards: list[dict[str, Any]] = []
+    samples: dict[str, dict[str, Any]] = {}
+    from rich.progress import Progress
+
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"export {corpus.path.name}", total=len(ids))
+        start = 0
+        for number, count in enumerate(counts):
+            name = SHARD_PATTERN.format(number)
+            chunk = ids[start:start + count]
+            start += count
+            entries = _write_shard(corpus, out / name, chunk, rows, lambda: bar.advance(task))
+            samples.update(entries)
+            shards.append({"name": name, "count": count, "bytes": (out / name).stat().st_size,
+                           "sha256": file_sha256(out / name), "ids": chunk})
+    index = {
+        "format": FORMAT,
+        "corpus": {"path": str(corpus.path), "manifest_sha256": file_sha256(corpus.manifest_path),
+                   "samples": len(corpus)},
+        "split": split,
+        "raster_only": raster_only,
+        "samples_per_shard": samples_per_shard,
+        "total": len(ids),
+        "shards": shards,
+        "samples": samples,
+    }
+    atomic_write(out / INDEX_NAME, json.dumps(index, indent=1).encode())
+    return index
+
+
+def _prepare_dir(out: Path, overwrite: bool) -> None:
+    if (out / INDEX_NAME).exists() and not overwrite:
+        raise ShardError(f"{out}: already holds an export ({INDEX_NAME}); pass overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INDEX_NAME).unlink(missing_ok=True)  # first, so a half-replaced export never looks finished
+    for stale in [*out.glob("shard-*.tar"), *out.glob(".shard-*.tmp")]:
+        stale.unlink()
+
+
+def _write_shard(corpus: Any, path: Path, ids: list[str], rows: dict[str, dict], advance: Any) -> dict[str, Any]:
+    """Write one tar under a temporary name, fsync, rename; returns the per-sample index entries."""
+    entries: dict[str, dict[str, Any]] = {}
+    with atomic_file(path) as handle:
+        with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for sid in ids:
+                sample = corpus.read(sid)
+                begin = tar.offset
+                _add_member(tar, f"{sid}.{VOLUME_KEY}.npy", _npy_bytes(sample[VOLUME_KEY]))
+                for key in ENFACE_KEYS:
+                    if key in sample:
+                        _add_member(tar, f"{sid}.{key}.png", _png_bytes(sample[key]))
+                _add_member(tar, f"{sid}.json", json.dumps(shard_meta(sample["meta"])).encode())
+                digests = rows[sid]["sha256"]
+                entries[sid] = {
+                    "shard": path.name, "offset": begin, "size": tar.offset - begin,
+                    "split": rows[sid]["split"], "grid": rows[sid]["grid"],
+                    "sha256": {k: digests[k] for k in (VOLUME_KEY, *ENFACE_KEYS) if k in sample},
+                }
+                advance()
+    return entries

@@ -1,0 +1,80 @@
+"""``verify_shards``: every problem of a WebDataset export in one pass (the index against the tars)."""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from octssl.errors import ShardError
+from octssl.webds.index import INDEX_NAME, file_sha256, load_index
+from octssl.webds.read import decode_sample
+
+
+def verify_shards(shards_dir: str | Path) -> list[str]:
+    """Every problem of an export in one pass: missing/truncated shards, checksums, counts; each named."""
+    root = Path(shards_dir)
+    try:
+        index = load_index(root)
+    except ShardError as err:
+        return [str(err)]
+    problems: list[str] = []
+    listed = {shard["name"] for shard in index["shards"]}
+    problems += [f"{p}: not listed in {INDEX_NAME}" for p in sorted(root.glob("shard-*.tar")) if p.name not in listed]
+    if sum(shard["count"] for shard in index["shards"]) != index["total"]:
+        problems.append(f"{root / INDEX_NAME}: shard counts sum to "
+                        f"{sum(s['count'] for s in index['shards'])}, total says {index['total']}")
+    for shard in index["shards"]:
+        problems += _shard_problems(root / shard["name"], shard, index["samples"])
+    return problems
+
+
+def _shard_problems(path: Path, shard: dict[str, Any], samples: dict[str, Any]) -> list[str]:
+    if not path.is_file():
+        return [f"{path}: missing ({shard['count']} samples: {', '.join(shard['ids'][:5])}"
+                f"{', ...' if shard['count'] > 5 else ''})"]
+    problems: list[str] = []
+    size = path.stat().st_size
+    if size < shard["bytes"]:
+        problems.append(f"{path}: truncated tar ({size} of {shard['bytes']} bytes)")
+    elif size != shard["bytes"]:
+        problems.append(f"{path}: {size} bytes, index says {shard['bytes']}")
+    if file_sha256(path) != shard["sha256"]:
+        problems.append(f"{path}: tar sha256 mismatch")
+    found = _tar_samples(path, problems)
+    if len(found) != shard["count"]:
+        problems.append(f"{path}: holds {len(found)} samples, index says {shard['count']}")
+    for sid in shard["ids"]:
+        if sid not in found:
+            problems.append(f"{path}: sample {sid}: missing from the tar")
+            continue
+        try:
+            decode_sample(found[sid], sid, samples.get(sid, {}).get("sha256"), str(path))
+        except ShardError as err:
+            problems.append(str(err))
+    problems += [f"{path}: sample {sid}: in the tar but not in the index" for sid in found if sid not in shard["ids"]]
+    return problems
+
+
+def _tar_samples(path: Path, problems: list[str]) -> dict[str, dict[str, memoryview]]:
+    """All complete records of a tar grouped by key; a damaged tail is reported, the readable head kept."""
+    found: dict[str, dict[str, memoryview]] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in _members(tar):
+                if member.isfile():
+                    data = tar.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise tarfile.ReadError(f"record {member.name} is cut short")
+                    key, _, ext = member.name.partition(".")
+                    found.setdefault(key, {})[ext] = memoryview(data)
+    except (tarfile.TarError, OSError) as err:
+        problems.append(f"{path}: unreadable after {sum(len(v) for v in found.values())} records "
+                        f"(truncated or corrupt tar): {err}")
+    return found
+
+
+def _members(tar: tarfile.TarFile) -> Iterable[tarfile.TarInfo]:
+    while (member := tar.next()) is not None:
+        yield member
