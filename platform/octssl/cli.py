@@ -160,7 +160,7 @@ def jobs_stop(job_id: str, address: str = _ADDRESS) -> None:
 
 # ---------------------------------------------------------------- shards
 _EXPORT_CORPUS = typer.Argument(..., help="corpus directory (manifest.parquet + volumes.zarr)")
-_EXPORT_OUT = typer.Option(..., "--out", "-o", help="directory for shard-NNNNNN.tar and index.json")
+_EXPORT_OUT = typer.Option(..., "--out", "-o", help="folder or s3://BUCKET/PREFIX for shard-NNNNNN.tar and index.json")
 _EXPORT_K = typer.Option(64, "--samples-per-shard", "-k", help="samples per tar shard")
 _EXPORT_SPLIT = typer.Option(None, "--split", help="export only train, val or test (default: all)")
 _EXPORT_ALL = typer.Option(False, "--all-scans", help="include non-raster scans (default: raster only)")
@@ -170,7 +170,7 @@ _EXPORT_OVERWRITE = typer.Option(False, "--overwrite", help="replace an earlier 
 @app.command("export-shards")
 def export_shards_command(
     corpus: Path = _EXPORT_CORPUS,
-    out: Path = _EXPORT_OUT,
+    out: str = _EXPORT_OUT,
     samples_per_shard: int = _EXPORT_K,
     split: str | None = _EXPORT_SPLIT,
     all_scans: bool = _EXPORT_ALL,
@@ -250,7 +250,7 @@ _SYNTH_LABELLED = typer.Option(0.5, "--labelled", help="share of volumes (per sp
 _SYNTH_PREVIEW = typer.Option(False, "--preview", help="also write OUT/preview.png")
 _INFO_CORPUS = typer.Argument(..., help="corpus directory")
 _INFO_JSON = typer.Option(False, "--json", help="print JSON instead of a table")
-_VERIFY_PATH = typer.Argument(..., help="corpus directory, or a shard directory holding index.json")
+_VERIFY_PATH = typer.Argument(..., help="corpus directory, or a shard folder / s3://BUCKET/PREFIX holding index.json")
 
 
 def _parse_grid(text: str) -> tuple[int, int, int]:
@@ -315,13 +315,18 @@ def info(corpus: Path = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
 
 
 @app.command()
-def verify(path: Path = _VERIFY_PATH) -> None:
+def verify(path: str = _VERIFY_PATH) -> None:
     """Recompute every checksum of a corpus (or shard directory); print every problem; exit 1 if any."""
     from octssl.errors import CorpusError
+    from octssl.storage import Location
     from octssl.webds.index import is_shard_dir
     from octssl.webds.verify import verify_shards
 
-    if is_shard_dir(path):
+    try:
+        shards = is_shard_dir(path)
+    except OctsslError as err:
+        _fail(err)
+    if shards or Location.parse(path).remote:
         try:
             problems = verify_shards(path)
         except OctsslError as err:

@@ -27,3 +27,7 @@ class ConfigError(OctsslError):
 
 class ModelError(OctsslError):
     """Invalid model options or input shapes, or mismatched weights on transfer."""
+
+
+class StorageError(OctsslError):
+    """An object-store URL cannot be served (unknown scheme, no bucket, access denied, server gone)."""

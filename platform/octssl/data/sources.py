@@ -19,6 +19,11 @@ splitting plus a stateful shuffle buffer) cannot give that: its per-worker shard
 counts unequal and its buffer state is lost at a restart. The index stores every sample's byte range,
 so a worker reads a sample with one seek and one read; every decoded array is checked against the
 corpus manifest's sha256. The shards remain ordinary WebDataset tars for any other reader.
+
+Shards on an object store (``s3://bucket/shards``, see ``octssl.storage``) are read the same way: one
+range request per sample, the next ``prefetch`` samples of the worker fetched ahead by a few threads
+(on local disk the kernel is asked to read ahead instead), each request with bounded timeouts and
+retries with backoff; a failed read raises ShardError naming the shard URL and the sample.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -33,10 +39,11 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from octssl.data.transforms import collate
-from octssl.errors import ShardError
+from octssl.errors import ShardError, StorageError
 from octssl.sample import VOLUME_KEY
+from octssl.storage import Location
 from octssl.webds.index import load_index, shard_meta
-from octssl.webds.read import read_sample
+from octssl.webds.read import read_sample, sample_from_bytes
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -118,7 +125,7 @@ class StreamSource(IterableDataset):
 
     def __init__(
         self,
-        shards_dir: str | Path,
+        shards_dir: str | Path | Location,
         split: str | None = None,
         rank: int = 0,
         world_size: int = 1,
@@ -134,7 +141,7 @@ class StreamSource(IterableDataset):
         prefetch: int = 4,
     ) -> None:
         super().__init__()
-        self.shards_dir = Path(shards_dir)
+        self.shards_dir = Location.parse(shards_dir)
         if not 0 <= rank < world_size:
             raise ShardError(f"{self.shards_dir}: rank {rank} outside world of size {world_size}")
         if batch_size < 1:
@@ -151,7 +158,7 @@ class StreamSource(IterableDataset):
         self.split, self.rank, self.world_size, self.seed = split, rank, world_size, int(seed)
         self.batch_size, self.transform = batch_size, transform
         self.shuffle_window, self.verify, self.open_files = max(1, shuffle_window), verify, max(1, open_files)
-        self.prefetch = max(0, prefetch)  # samples whose reads are started ahead (posix_fadvise WILLNEED)
+        self.prefetch = max(0, prefetch)  # samples read ahead: fetched by threads (object store) or fadvised
         default = self.total // (world_size * batch_size)
         self.batches_per_epoch = default if batches_per_epoch is None else int(batches_per_epoch)
         if self.batches_per_epoch < 1:
@@ -206,6 +213,9 @@ class StreamSource(IterableDataset):
         order = self.epoch_order(self.epoch)
         draws = [draw for batch in range(self.step + worker, self.batches_per_epoch, workers)
                  for draw in range(batch * self.batch_size, (batch + 1) * self.batch_size)]
+        if self.shards_dir.remote:
+            yield from self._iter_remote(order, draws)
+            return
         files: OrderedDict[str, BinaryIO] = OrderedDict()
         try:
             for position, draw in enumerate(draws):
@@ -218,11 +228,61 @@ class StreamSource(IterableDataset):
             for handle in files.values():
                 handle.close()
 
+    def _iter_remote(self, order: list[str], draws: list[int]) -> Iterator[dict[str, Any]]:
+        """The samples of ``draws`` from an object store: range reads started ``prefetch`` samples ahead."""
+        files: dict[str, Any] = {}
+        pending: dict[int, Future[bytes]] = {}
+        pool = ThreadPoolExecutor(max(1, min(self.prefetch, 8)), thread_name_prefix="octssl-prefetch")
+        try:
+            for position, draw in enumerate(draws):
+                for ahead in range(position, min(position + self.prefetch + 1, len(draws))):
+                    if ahead not in pending:
+                        sid = order[draws[ahead]]
+                        pending[ahead] = pool.submit(self._fetch, sid, self._remote_handle(sid, files))
+                sid = order[draw]
+                sample = sample_from_bytes(pending.pop(position).result(), self.entries[sid], sid,
+                                           str(self.shards_dir / self.entries[sid]["shard"]), self.verify)
+                sample = _with_draw(sample, self.epoch, draw)
+                yield self.transform(sample) if self.transform else sample
+        finally:
+            for future in pending.values():
+                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+            for handle in files.values():
+                handle.close()
+
+    def _remote_handle(self, sample_id: str, files: dict[str, Any]) -> Any:
+        """The open shard object holding ``sample_id``; ShardError if missing, altered or unreachable."""
+        name = self.entries[sample_id]["shard"]
+        if name not in files:
+            where = self.shards_dir / name
+            try:
+                handle = where.open_input()
+                size = handle.size()
+            except FileNotFoundError:
+                raise ShardError(f"{where}: shard missing (needed for sample {sample_id})") from None
+            except (OSError, StorageError) as err:
+                raise ShardError(f"{where}: cannot open shard (needed for sample {sample_id}): {err}") from err
+            if size != self.shard_bytes[name]:
+                handle.close()
+                raise ShardError(f"{where}: truncated or altered tar ({size} bytes, index says "
+                                 f"{self.shard_bytes[name]}); needed for sample {sample_id}")
+            files[name] = handle
+        return files[name]
+
+    def _fetch(self, sample_id: str, handle: Any) -> bytes:
+        """The bytes of one sample: one range request (retried with backoff by the S3 client)."""
+        entry = self.entries[sample_id]
+        try:
+            return handle.read_at(entry["size"], entry["offset"])
+        except OSError as err:
+            raise ShardError(f"{self.shards_dir / entry['shard']}: sample {sample_id}: read failed: {err}") from err
+
     def _handle(self, sample_id: str, files: OrderedDict[str, BinaryIO]) -> BinaryIO:
         """The open shard file holding ``sample_id`` (a few stay open); ShardError if missing or truncated."""
         name = self.entries[sample_id]["shard"]
         if name not in files:
-            path = self.shards_dir / name
+            path = self.shards_dir.local / name
             try:
                 handle = open(path, "rb", buffering=0)
             except FileNotFoundError:

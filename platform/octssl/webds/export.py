@@ -21,6 +21,7 @@ import json
 import math
 import re
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,10 @@ import numpy as np
 from PIL import Image
 
 from octssl.errors import ShardError
-from octssl.fsutil import atomic_file, atomic_write
+from octssl.fsutil import atomic_file
 from octssl.progress import stage
 from octssl.sample import ENFACE_KEYS, VOLUME_KEY
+from octssl.storage import Location
 from octssl.webds.index import FORMAT, INDEX_NAME, SHARD_PATTERN, file_sha256, shard_meta
 
 PNG_LEVEL = 6  # zlib level; measured on 72 synthetic 32x256 images: level 1 vs 6, 11.1 vs 11.6 ms, +2% bytes
@@ -71,7 +73,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 # ---- export --------------------------------------------------------------------------------------
 def export_shards(
     corpus: Any,
-    out_dir: str | Path,
+    out_dir: str | Path | Location,
     samples_per_shard: int = 64,
     split: str | None = None,
     raster_only: bool = True,
@@ -79,16 +81,18 @@ def export_shards(
     progress: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write ``corpus`` (a Corpus or its path) as tar shards plus ``index.json`` into ``out_dir``; returns the index.
+    """Write ``corpus`` (a Corpus or its path) as tar shards plus ``index.json`` into ``out_dir`` (a folder or
+    an object-store prefix such as ``s3://bucket/shards``); returns the index.
 
     Samples are ordered by split (train, val, test) then manifest order, so a split's samples sit in
-    neighbouring shards. Each tar is written under a temporary name and renamed when complete;
-    ``index.json`` is written last, so a directory with an index is a finished export.
+    neighbouring shards. Each tar is written under a temporary name and renamed when complete (for an
+    object store: written to a local temporary file, then uploaded as one object); ``index.json`` is
+    written last, so a folder or prefix with an index is a finished export.
     """
     from octssl.corpus.store import Corpus
 
     corpus = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
-    out = Path(out_dir)
+    out = Location.parse(out_dir)
     ids = corpus.ids(split=split, raster_only=raster_only)
     if not ids:
         raise ShardError(f"{corpus.path}: no samples to export (split={split!r}, raster_only={raster_only})")
@@ -103,16 +107,21 @@ def export_shards(
     counts = shard_counts(len(ids), samples_per_shard)
     shards: list[dict[str, Any]] = []
     samples: dict[str, dict[str, Any]] = {}
-    with stage(f"export {corpus.path.name}", len(ids), progress) as advance:
+    with stage(f"export {corpus.path.name}", len(ids), progress) as advance, \
+            tempfile.TemporaryDirectory(prefix="octssl-export-") as staging:
+        folder = Path(staging) if out.remote else out.local
         start = 0
         for number, count in enumerate(counts):
             name = SHARD_PATTERN.format(number)
             chunk = ids[start:start + count]
             start += count
-            entries = _write_shard(corpus, out / name, chunk, rows, advance)
+            entries = _write_shard(corpus, folder / name, chunk, rows, advance)
             samples.update(entries)
-            shards.append({"name": name, "count": count, "bytes": (out / name).stat().st_size,
-                           "sha256": file_sha256(out / name), "ids": chunk})
+            shards.append({"name": name, "count": count, "bytes": (folder / name).stat().st_size,
+                           "sha256": file_sha256(folder / name), "ids": chunk})
+            if out.remote:
+                (out / name).upload(folder / name)
+                (folder / name).unlink()
     index = {
         "format": FORMAT,
         "corpus": {"path": str(corpus.path), "manifest_sha256": file_sha256(corpus.manifest_path),
@@ -124,17 +133,19 @@ def export_shards(
         "shards": shards,
         "samples": samples,
     }
-    atomic_write(out / INDEX_NAME, json.dumps(index, indent=1).encode())
+    (out / INDEX_NAME).write_bytes(json.dumps(index, indent=1).encode())
     return index
 
 
-def _prepare_dir(out: Path, overwrite: bool) -> None:
+def _prepare_dir(out: Location, overwrite: bool) -> None:
     if (out / INDEX_NAME).exists() and not overwrite:
         raise ShardError(f"{out}: already holds an export ({INDEX_NAME}); pass overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / INDEX_NAME).unlink(missing_ok=True)  # first, so a half-replaced export never looks finished
-    for stale in [*out.glob("shard-*.tar"), *out.glob(".shard-*.tmp")]:
-        stale.unlink()
+    if not out.remote:
+        out.local.mkdir(parents=True, exist_ok=True)
+    (out / INDEX_NAME).delete()  # first, so a half-replaced export never looks finished
+    for stale in out.files():
+        if re.fullmatch(r"shard-\d+\.tar|\.shard-.*\.tmp", stale.name):
+            stale.delete()
 
 
 def _write_shard(corpus: Any, path: Path, ids: list[str], rows: dict[str, dict], advance: Any) -> dict[str, Any]:

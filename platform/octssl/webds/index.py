@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from octssl.errors import ShardError
+from octssl.storage import Location
 
 INDEX_NAME = "index.json"
 FORMAT = "octssl-shards/1"
@@ -30,17 +31,18 @@ def shard_meta(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | Path | Location) -> str:
+    """The sha256 of a local file or an object (streamed in 4 MiB blocks)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with Location.parse(path).open_input() as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def load_index(shards_dir: str | Path) -> dict[str, Any]:
-    """The parsed ``index.json`` of a shard directory; ShardError naming the file when missing or bad."""
-    path = Path(shards_dir) / INDEX_NAME
+def load_index(shards_dir: str | Path | Location) -> dict[str, Any]:
+    """The parsed ``index.json`` of a shard directory or prefix; ShardError naming the file when missing or bad."""
+    path = Location.parse(shards_dir) / INDEX_NAME
     try:
         index = json.loads(path.read_bytes())
     except FileNotFoundError:
@@ -53,6 +55,6 @@ def load_index(shards_dir: str | Path) -> dict[str, Any]:
     return index
 
 
-def is_shard_dir(path: str | Path) -> bool:
-    """Whether ``path`` looks like an export (it has an index.json)."""
-    return (Path(path) / INDEX_NAME).is_file()
+def is_shard_dir(path: str | Path | Location) -> bool:
+    """Whether ``path`` (a folder or an object-store prefix) looks like an export (it has an index.json)."""
+    return (Location.parse(path) / INDEX_NAME).is_file()

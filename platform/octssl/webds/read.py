@@ -133,14 +133,20 @@ def decode_sample(members: dict[str, memoryview], sample_id: str, digests: dict[
 
 def read_sample(handle: BinaryIO, entry: dict[str, Any], sample_id: str, where: str,
                 verify: bool = True) -> dict[str, Any]:
-    """Read one sample at its index byte range from an open shard file."""
+    """Read one sample at its index byte range from an open shard file (one range request on S3)."""
     handle.seek(entry["offset"])
     chunk = memoryview(np.empty(entry["size"], dtype=np.uint8))  # no zero-fill: readinto overwrites it
     got = 0
     while got < entry["size"] and (count := handle.readinto(chunk[got:])):
         got += count
-    if got != entry["size"]:
-        raise ShardError(f"{where}: sample {sample_id}: truncated tar ({got} of {entry['size']} bytes readable)")
+    return sample_from_bytes(chunk[:got], entry, sample_id, where, verify)
+
+
+def sample_from_bytes(chunk: bytes | memoryview, entry: dict[str, Any], sample_id: str, where: str,
+                      verify: bool = True) -> dict[str, Any]:
+    """The sample dict of the bytes read at ``entry``'s byte range (checked against its digests)."""
+    if len(chunk) != entry["size"]:
+        raise ShardError(f"{where}: sample {sample_id}: truncated tar ({len(chunk)} of {entry['size']} bytes readable)")
     members = split_members(chunk, f"{where}: sample {sample_id}").get(sample_id)
     if members is None:
         raise ShardError(f"{where}: sample {sample_id}: not at its indexed byte range")

@@ -2,38 +2,50 @@
 
 from __future__ import annotations
 
+import fnmatch
 import tarfile
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from octssl.errors import ShardError
+from octssl.storage import Location
 from octssl.webds.index import INDEX_NAME, file_sha256, load_index
 from octssl.webds.read import decode_sample
 
 
-def verify_shards(shards_dir: str | Path) -> list[str]:
-    """Every problem of an export in one pass: missing/truncated shards, checksums, counts; each named."""
-    root = Path(shards_dir)
+def verify_shards(shards_dir: str | Path | Location) -> list[str]:
+    """Every problem of an export (a folder or an object-store prefix) in one pass: missing/truncated
+    shards, checksums, counts; each named. Objects are downloaded one at a time to check them."""
+    root = Location.parse(shards_dir)
     try:
         index = load_index(root)
     except ShardError as err:
         return [str(err)]
     problems: list[str] = []
     listed = {shard["name"] for shard in index["shards"]}
-    problems += [f"{p}: not listed in {INDEX_NAME}" for p in sorted(root.glob("shard-*.tar")) if p.name not in listed]
+    problems += [f"{p}: not listed in {INDEX_NAME}" for p in root.files()
+                 if p.parent == root and fnmatch.fnmatch(p.name, "shard-*.tar") and p.name not in listed]
     if sum(shard["count"] for shard in index["shards"]) != index["total"]:
         problems.append(f"{root / INDEX_NAME}: shard counts sum to "
                         f"{sum(s['count'] for s in index['shards'])}, total says {index['total']}")
     for shard in index["shards"]:
-        problems += _shard_problems(root / shard["name"], shard, index["samples"])
+        where = root / shard["name"]
+        if not where.is_file():
+            problems.append(f"{where}: missing ({shard['count']} samples: {', '.join(shard['ids'][:5])}"
+                            f"{', ...' if shard['count'] > 5 else ''})")
+        elif where.remote:
+            with tempfile.TemporaryDirectory(prefix="octssl-verify-") as staging:
+                local = where.download(Path(staging) / shard["name"])
+                problems += [p.replace(str(local), str(where))
+                             for p in _shard_problems(local, shard, index["samples"])]
+        else:
+            problems += _shard_problems(where.local, shard, index["samples"])
     return problems
 
 
 def _shard_problems(path: Path, shard: dict[str, Any], samples: dict[str, Any]) -> list[str]:
-    if not path.is_file():
-        return [f"{path}: missing ({shard['count']} samples: {', '.join(shard['ids'][:5])}"
-                f"{', ...' if shard['count'] > 5 else ''})"]
     problems: list[str] = []
     size = path.stat().st_size
     if size < shard["bytes"]:

