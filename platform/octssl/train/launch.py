@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from octssl.cluster import require, root_cause
 from octssl.config import JobConfig, dump_config
 from octssl.errors import ConfigError, OctsslError
 from octssl.train.engine import resolve_precision
@@ -96,28 +96,10 @@ def _stream_shape(c: JobConfig) -> tuple[int, int, int]:
     return nb, depth, w
 
 
-def ray_up() -> dict[str, float]:
-    """Join the cluster at RAY_ADDRESS, or start a local Ray sized to this machine; its resources."""
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
-        else:
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    return ray.cluster_resources()
-
-
 def _ray_up(config: JobConfig) -> None:
-    resources = ray_up()
-    need_cpu = config.scaling.workers * config.scaling.cpus_per_worker
-    need_gpu = config.scaling.workers * config.scaling.gpus_per_worker
-    if need_cpu > resources.get("CPU", 0) or need_gpu > resources.get("GPU", 0):
-        raise ConfigError(
-            f"scaling asks {config.scaling.workers} workers x ({config.scaling.cpus_per_worker} CPU, "
-            f"{config.scaling.gpus_per_worker} GPU) but the cluster has {resources.get('CPU', 0):g} CPU, "
-            f"{resources.get('GPU', 0):g} GPU"
-        )
+    scaling = config.scaling
+    require(f"scaling: {scaling.workers} workers x ({scaling.cpus_per_worker} CPU, {scaling.gpus_per_worker} GPU)",
+            scaling.workers * scaling.cpus_per_worker, scaling.workers * scaling.gpus_per_worker)
 
 
 def _worker_env(config: JobConfig) -> dict[str, str]:
@@ -162,24 +144,19 @@ def run(
             worker_runtime_env={"env_vars": _worker_env(config)},
         ),
     )
-    watcher = ProgressWatcher(run_dir, enabled=progress)
+    from octssl.progress import RunWatcher
+
+    watcher = RunWatcher(run_dir, enabled=progress)
     watcher.start()
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker errors; surface the cause's message
-        raise OctsslError(f"{run_dir}: training failed: {_root_cause(err)}") from err
+        raise OctsslError(f"{run_dir}: training failed: {root_cause(err)}") from err
     finally:
         watcher.stop()
     if getattr(result, "error", None):
-        raise OctsslError(f"{run_dir}: training failed: {_root_cause(result.error)}")
+        raise OctsslError(f"{run_dir}: training failed: {root_cause(result.error)}")
     return json.loads((run_dir / "summary.json").read_text())
-
-
-def _root_cause(err: BaseException) -> str:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    text = str(err).strip().splitlines()
-    return text[-1] if text else type(err).__name__
 
 
 def run_single_process(config: JobConfig, *, resume_from: Path | None = None) -> dict[str, Any]:
@@ -214,55 +191,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class ProgressWatcher:
-    """Shows step, loss, samples/s and ETA on the terminal by tailing RUN_DIR/metrics.jsonl."""
-
-    def __init__(self, run_dir: Path, enabled: bool = True, interval: float = 0.5) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled, self.interval = enabled, interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self.enabled:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        columns = (
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        )
-        with Progress(*columns, transient=False) as bar:
-            task = bar.add_task(self.path.parent.name, total=None, info="starting workers...")
-            while not self._stop.wait(self.interval):
-                last = _last_record(self.path)
-                if last:
-                    info = f"loss {last['loss']:.4f}  {last['samples_per_s']:.1f} samples/s" if last.get("loss") is not None else ""
-                    bar.update(task, completed=last["step"], total=last["total_steps"], info=info)
-            last = _last_record(self.path)
-            if last:
-                bar.update(task, completed=last["step"], total=last["total_steps"])
-
-
-def _last_record(path: Path) -> dict[str, Any] | None:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return None
-

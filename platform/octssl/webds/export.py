@@ -29,6 +29,7 @@ from PIL import Image
 
 from octssl.errors import ShardError
 from octssl.fsutil import atomic_file, atomic_write
+from octssl.progress import stage
 from octssl.sample import ENFACE_KEYS, VOLUME_KEY
 from octssl.webds.index import FORMAT, INDEX_NAME, SHARD_PATTERN, file_sha256, shard_meta
 
@@ -102,16 +103,13 @@ def export_shards(
     counts = shard_counts(len(ids), samples_per_shard)
     shards: list[dict[str, Any]] = []
     samples: dict[str, dict[str, Any]] = {}
-    from rich.progress import Progress
-
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"export {corpus.path.name}", total=len(ids))
+    with stage(f"export {corpus.path.name}", len(ids), progress) as advance:
         start = 0
         for number, count in enumerate(counts):
             name = SHARD_PATTERN.format(number)
             chunk = ids[start:start + count]
             start += count
-            entries = _write_shard(corpus, out / name, chunk, rows, lambda: bar.advance(task))
+            entries = _write_shard(corpus, out / name, chunk, rows, advance)
             samples.update(entries)
             shards.append({"name": name, "count": count, "bytes": (out / name).stat().st_size,
                            "sha256": file_sha256(out / name), "ids": chunk})
