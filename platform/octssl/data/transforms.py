@@ -25,6 +25,7 @@ from torch.utils.data import default_collate, get_worker_info
 
 from octssl.errors import SampleError
 from octssl.sample import MASKS, VOLUME_KEY
+from octssl.vocab import FAF
 
 #: B-scans whose standard deviation is below this are blank: they are centred but not scaled.
 BLANK_STD = 1e-6
@@ -78,7 +79,7 @@ class TrainTransform:
     def __init__(
         self,
         crop: Sequence[int | None] | None = (32, 256),
-        targets: Sequence[str] = ("faf",),
+        targets: Sequence[str] = (FAF,),
         seed: int = 0,
         flips: bool = True,
         rot180: bool = True,
@@ -146,7 +147,7 @@ class EvalTransform:
     the original resolution), ``orig_spacing_mm`` and an updated ``spacing_mm`` for the resized grid.
     """
 
-    def __init__(self, multiple: int = 16, targets: Sequence[str] = ("faf",)) -> None:
+    def __init__(self, multiple: int = 16, targets: Sequence[str] = (FAF,)) -> None:
         self.multiple = int(multiple)
         self.targets = tuple(targets)
 

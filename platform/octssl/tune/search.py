@@ -22,8 +22,9 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from ray.tune.search import Searcher
 
 from octssl.tune.config import Group, SearchSection
+from octssl.vocab import DICE
 
-METRIC, MODE, TIME_ATTR = "dice", "max", "step"
+METRIC, MODE, TIME_ATTR = DICE, "max", "step"
 
 
 def search_space(search: SearchSection) -> dict[str, Any]:

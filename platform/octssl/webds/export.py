@@ -139,7 +139,7 @@ def export_shards(
 
 def _prepare_dir(out: Location, overwrite: bool) -> None:
     if (out / INDEX_NAME).exists() and not overwrite:
-        raise ShardError(f"{out}: already holds an export ({INDEX_NAME}); pass overwrite to replace it")
+        raise ShardError(f"{out}: already holds an export ({INDEX_NAME}); pass --overwrite to replace it")
     if not out.remote:
         out.local.mkdir(parents=True, exist_ok=True)
     (out / INDEX_NAME).delete()  # first, so a half-replaced export never looks finished
