@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -221,6 +222,36 @@ class Location:
             while block := source.read(1 << 24):
                 handle.write(block)
         return target
+
+
+@contextmanager
+def local_copy(path: str | Path | Location) -> Iterator[Path]:
+    """A local path holding the file ``path``: itself, or a temporary download of the object."""
+    where = Location.parse(path)
+    if not where.remote:
+        yield where.local
+        return
+    with tempfile.TemporaryDirectory(prefix="octssl-get-") as folder:
+        yield where.download(Path(folder) / where.name)
+
+
+def upload_tree(source: str | Path, target: str | Path | Location) -> None:
+    """Copy every file under the local folder ``source`` to the same names under ``target``."""
+    target = Location.parse(target)
+    if not target.remote:
+        raise StorageError(f"{target}: upload_tree needs an object-store URL")
+    try:
+        pafs.copy_files(str(source), target.path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=target.fs, use_threads=True)
+    except OSError as err:
+        raise storage_error(target, err) from err
+
+
+def staging_dir(where: Location) -> Path:
+    """The local folder that stands for the remote folder ``where`` while a job writes into it
+    (``OCTSSL_STAGING``, default ``$TMPDIR/octssl-staging``, then scheme/bucket/prefix)."""
+    root = Path(os.environ.get("OCTSSL_STAGING") or Path(tempfile.gettempdir(), "octssl-staging"))
+    return root / where.scheme / where.path
 
 
 def storage_error(where: Location, err: BaseException) -> StorageError:

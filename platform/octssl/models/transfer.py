@@ -8,6 +8,7 @@ the caller's metadata, JSON-encoded. `model_from_weights(path)` rebuilds the mod
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from octssl.errors import ModelError
+from octssl.storage import Location, local_copy
 
 MODEL_KEY = "octssl.model"
 OPTIONS_KEY = "octssl.options"
@@ -24,9 +26,15 @@ SCOPES = ("all", "encoder")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DeepSpeed and torch.compile wrappers
 
 
-def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write `model`'s state dict to `path` (safetensors) with the model name, options and `metadata`."""
-    path = Path(path)
+def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path | Location:
+    """Write `model`'s state dict to `path` (safetensors; a file or an s3:// URL) with the model name,
+    options and `metadata`."""
+    where = Location.parse(path)
+    if where.remote:
+        with tempfile.TemporaryDirectory(prefix="octssl-put-") as folder:
+            where.upload(save_weights(model, Path(folder) / where.name, metadata))
+        return where
+    path = where.local
     model = _unwrap(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     header = {key: json.dumps(value, default=str) for key, value in (metadata or {}).items()}
@@ -41,12 +49,13 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any] | 
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and raw string metadata of a safetensors file; ModelError naming the path if unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: weights file not found")
+    """The tensors and raw string metadata of a safetensors file (or s3:// object); ModelError naming the
+    path if unreadable."""
+    where = Location.parse(path)
+    if not where.is_file():
+        raise ModelError(f"{where}: weights file not found")
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with local_copy(where) as local, safe_open(str(local), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as err:
@@ -76,7 +85,6 @@ def load_weights(model: nn.Module, path: str | Path, scope: str = "all") -> list
     """
     if scope not in SCOPES:
         raise ModelError(f"load_weights scope={scope!r} must be one of {', '.join(SCOPES)}")
-    path = Path(path)
     model = _unwrap(model)
     tensors, _ = read_weights(path)
     tensors = _strip_wrappers(tensors)

@@ -18,6 +18,7 @@ from typing import Any
 from octssl.cluster import require, root_cause
 from octssl.config import JobConfig, dump_config
 from octssl.errors import ConfigError, OctsslError
+from octssl.storage import Location, ray_storage, staging_dir
 from octssl.train.engine import init_single_process_group, resolve_precision
 from octssl.vocab import VAL, VOLUME
 
@@ -29,13 +30,14 @@ def name_run(config: JobConfig, resume: bool | str) -> JobConfig:
     if resume == "auto":
         if config.run.name is None:
             raise ConfigError("resume=auto needs a fixed run.name")
-        resume = Path(config.run.storage_path, config.run.name).expanduser().resolve().exists()
-    config.run.storage_path = str(Path(config.run.storage_path).expanduser().resolve())
+        resume = (Location.parse(config.run.storage_path) / config.run.name).exists()
+    storage = Location.parse(config.run.storage_path)  # a URL stays a URL (s3://bucket/runs)
+    config.run.storage_path = str(storage) if storage.remote else str(storage.local.resolve())
     if config.run.name is None:
         if resume:
             raise ConfigError("--resume needs the run's name: --set run.name=NAME")
         config.run.name = f"{config.kind}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = Path(config.run_dir)
+    run_dir = Location.parse(config.run_dir)
     if resume and not run_dir.exists():
         raise ConfigError(f"{run_dir}: no such run to resume")
     if not resume and run_dir.exists():
@@ -65,7 +67,7 @@ def preflight(config: JobConfig) -> dict[str, Any]:
     if c.run.init != "scratch":
         from octssl.models.transfer import load_weights
 
-        if not Path(c.run.init).is_file():
+        if not Location.parse(c.run.init).is_file():
             raise ConfigError(f"run.init={c.run.init}: no such weights file")
         load_weights(model, c.run.init, scope=c.run.init_scope)
     return facts
@@ -99,7 +101,8 @@ def run(
     config = name_run(config, resume)
     preflight(config)
     _ray_up(config)
-    run_dir = Path(config.run_dir)
+    remote = Location.parse(config.run_dir)  # on an object store, workers write a local copy and upload it
+    run_dir = staging_dir(remote) if remote.remote else remote.local
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     gpu = config.scaling.gpus_per_worker > 0
@@ -109,12 +112,12 @@ def run(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": config.model_dump(mode="json"), "run_dir": str(run_dir), "metrics_port": metrics_port,
-                           "attempt": uuid.uuid4().hex},
+                           "attempt": uuid.uuid4().hex, "remote_run_dir": str(remote) if remote.remote else None},
         scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RunConfig(
             name=config.run.name,
-            storage_path=config.run.storage_path,
+            **dict(zip(("storage_path", "storage_filesystem"), ray_storage(config.run.storage_path), strict=True)),
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_last),
             worker_runtime_env={"env_vars": _worker_env(config)},
@@ -132,7 +135,20 @@ def run(
         watcher.stop()
     if getattr(result, "error", None):
         raise OctsslError(f"{run_dir}: training failed: {root_cause(result.error)}")
+    if remote.remote:
+        return _remote_summary(run_dir, remote)
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def _remote_summary(run_dir: Path, remote: Location) -> dict[str, Any]:
+    """summary.json of a run on an object store, its weight paths pointing at the uploaded files."""
+    summary = json.loads((remote / "summary.json").read_bytes())
+    for key in ("weights", "best_weights"):
+        if isinstance(summary.get(key), str) and summary[key].startswith(str(run_dir)):
+            summary[key] = str(remote) + summary[key][len(str(run_dir)):]
+    (remote / "summary.json").write_bytes(json.dumps(summary, indent=2).encode())
+    (remote / "config.yaml").upload(run_dir / "config.yaml")
+    return summary
 
 
 def run_single_process(config: JobConfig, *, resume_from: Path | None = None) -> dict[str, Any]:

@@ -350,7 +350,8 @@ def _started_before(attempt: str, rank: int) -> bool:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The function Ray Train runs on every worker: config is ``{"job": JobConfig dict, "run_dir": str,
-    "metrics_port": int | None, "attempt": str}``."""
+    "metrics_port": int | None, "attempt": str, "remote_run_dir": str | None}``; with a remote run dir
+    (an object-store URL) each worker uploads its local run dir there when it stops."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -373,9 +374,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         restarted=_started_before(config.get("attempt", ""), rank),
     )
     trainer = Trainer(job, ctx)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:
-            ctx.resume_from = Path(path)
+    try:
+        if checkpoint is not None:
+            with checkpoint.as_directory() as path:
+                ctx.resume_from = Path(path)
+                trainer.train()
+        else:
             trainer.train()
-    else:
-        trainer.train()
+    finally:
+        if config.get("remote_run_dir"):
+            from octssl.storage import upload_tree
+
+            upload_tree(ctx.run_dir, config["remote_run_dir"])
