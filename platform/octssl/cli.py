@@ -229,6 +229,26 @@ def export_shards_command(
                   f"({size / 2**20:.1f} MiB) at {out}")
 
 
+_PUBLISH_CORPUS = typer.Argument(..., help="local corpus directory")
+_PUBLISH_URL = typer.Argument(..., help="destination s3://BUCKET/PREFIX (endpoint and keys from AWS_* variables)")
+
+
+@app.command()
+def publish(corpus: Path = _PUBLISH_CORPUS, url: str = _PUBLISH_URL) -> None:
+    """Upload a corpus to object storage: data, then a read-back check, then the manifest (resumable)."""
+    from octssl.corpus.publish import publish as publish_corpus
+
+    try:
+        done = publish_corpus(corpus, url)
+    except OctsslError as err:
+        _fail(err)
+    if done["already"]:
+        console.print(f"[green]already published[/] {done['samples']} samples at {url}")
+        return
+    console.print(f"[green]published[/] {done['samples']} samples ({done['files']} files, "
+                  f"{done['uploaded_bytes'] / 2**20:.1f} MiB uploaded, {done['skipped']} already there) at {url}")
+
+
 # ---------------------------------------------------------------- ingest
 _INGEST_SRC = typer.Argument(..., help="device files and/or folders to walk (.vol, .e2e, .fds/.fda, DICOM, stacks)")
 _INGEST_OUT = typer.Option(..., "--out", "-o", help="corpus directory (created when absent, else appended to)")

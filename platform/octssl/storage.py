@@ -297,6 +297,17 @@ def _s3(pid: int, endpoint: str | None, key: str | None, secret: str | None, reg
     return pafs.S3FileSystem(**options)
 
 
+def fsspec_async(where: Location) -> Any:
+    """An asynchronous fsspec view of ``where``'s filesystem (what ``zarr.storage.FsspecStore`` needs)."""
+    from fsspec.implementations.arrow import ArrowFSWrapper
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    class ArrowFS(ArrowFSWrapper):
+        fsid = f"octssl-{where.scheme or 'local'}"  # fsspec's own fsid assumes HDFS (host, port)
+
+    return AsyncFileSystemWrapper(ArrowFS(where.fs), asynchronous=True)
+
+
 def ray_storage(path: str | Path) -> tuple[str, pafs.FileSystem | None]:
     """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig``: a local path as is, or an
     object-store prefix with the filesystem octssl built from the standard variables."""

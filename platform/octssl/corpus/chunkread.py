@@ -10,6 +10,8 @@ reused buffer, check a crc32c when the chain has one, zstd-decode into the outpu
 are read concurrently (``ChunkReader.read``). Everything else (another codec chain, a
 missing shard file, any I/O or decode failure) returns None and the caller takes the Zarr path, which gives
 the same arrays and raises the errors; a missing chunk inside a shard is the fill value, as in Zarr.
+A corpus on an object store (``s3://...``, read-only) is read the same way with range requests: one for the
+shard index (cached per object; published objects are never rewritten), one per chunk.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 import numpy as np
@@ -28,6 +31,8 @@ import zarr
 from numcodecs.zstd import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.core.chunk_grids import RegularChunkGrid
+
+from octssl.storage import Location, is_url
 
 EMPTY = 2**64 - 1  # offset and length of a chunk a shard does not hold (zarr v3 sharding spec)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -106,9 +111,9 @@ def layout_of(arr: zarr.Array) -> ShardLayout | None:
 
 @dataclass(frozen=True)
 class _Chunk:
-    """One chunk to read: the shard file's open descriptor, the chunk's byte range, the slot within it."""
+    """One chunk to read: the shard file's open descriptor (or remote file), its byte range, the slot within it."""
 
-    fd: int
+    fd: Any
     offset: int
     length: int
     within: int
@@ -168,7 +173,7 @@ class ChunkReader:
         finally:
             wait(helpers.values())  # no descriptor is closed while a helper may still read it
             for i in chunks:
-                os.close(located[i].fd)  # type: ignore[union-attr]
+                _close(located[i].fd)  # type: ignore[union-attr]
         declined = sum(r is None for r in results)
         self.declined += declined
         self.served += len(results) - declined
@@ -185,21 +190,20 @@ class ChunkReader:
         shard holds no such chunk, or None (no shard file, a bad index)."""
         path = layout.shard_path(array_dir, slot)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd, version = _open(path)
         except OSError:
             return None  # no shard file: Zarr's fill value, or an error, is the Zarr path's to give
         try:
-            stat = os.fstat(fd)
-            entries = self._index(fd, path, (stat.st_ino, stat.st_mtime_ns, stat.st_size), layout)
+            entries = self._index(fd, path, version, layout)
         except (OSError, ValueError):
             entries = None
         chunk, within = divmod(slot % layout.slots_per_shard, layout.slots_per_chunk)
         offset, length = (-1, -1) if entries is None else (int(v) for v in entries[chunk])
         if offset == EMPTY and length == EMPTY:
-            os.close(fd)
+            _close(fd)
             return np.full(layout.slot_shape, layout.fill_value, layout.dtype)
-        if entries is None or offset + length > stat.st_size:
-            os.close(fd)
+        if entries is None or offset + length > version[2]:
+            _close(fd)
             return None
         return _Chunk(fd, offset, length, within)
 
@@ -210,7 +214,7 @@ class ChunkReader:
             buffer = self._local.buffer = bytearray(max(spot.length, 1 << 20))
         raw = memoryview(buffer)[:spot.length]
         try:
-            got = os.preadv(spot.fd, [raw], spot.offset)
+            got = _pread_into(spot.fd, raw, spot.offset)
         except OSError:
             return None
         decoded = self._decode(raw, layout) if got == spot.length else None
@@ -219,7 +223,7 @@ class ChunkReader:
         volume = decoded.reshape(layout.slots_per_chunk, *layout.slot_shape)
         return volume[0] if layout.slots_per_chunk == 1 else volume[spot.within].copy()
 
-    def _index(self, fd: int, path: str, version: tuple[int, int, int], layout: ShardLayout) -> np.ndarray | None:
+    def _index(self, fd: Any, path: str, version: tuple[int, int, int], layout: ShardLayout) -> np.ndarray | None:
         """The (chunks, 2) offsets and lengths of the shard file open at ``fd``, cached per file version."""
         with self._lock:
             cached = self._indexes.get(path)
@@ -229,7 +233,7 @@ class ChunkReader:
         size, nbytes = version[2], layout.index_nbytes
         if size < nbytes:
             return None
-        raw = os.pread(fd, nbytes, size - nbytes if layout.index_at_end else 0)
+        raw = _pread(fd, nbytes, size - nbytes if layout.index_at_end else 0)
         if len(raw) != nbytes or (layout.index_crc and not _crc_ok(raw)):
             return None
         entries = np.frombuffer(raw, "<u8", count=2 * layout.chunks_per_shard).reshape(-1, 2)
@@ -262,6 +266,36 @@ class ChunkReader:
         if len(data) != expected:
             return None
         return np.frombuffer(data, np.uint8).copy().view(layout.dtype)
+
+
+def _open(path: str) -> tuple[Any, tuple[int, int, int]]:
+    """An open shard file (a descriptor, or a remote file for a URL) and its (inode, mtime_ns, size)."""
+    if is_url(path):
+        where = Location.parse(path)  # published objects are never rewritten: the size is the version
+        handle = where.fs.open_input_file(where.path)
+        return handle, (0, 0, handle.size())
+    fd = os.open(path, os.O_RDONLY)
+    stat = os.fstat(fd)
+    return fd, (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+def _pread(fd: Any, count: int, offset: int) -> bytes:
+    return os.pread(fd, count, offset) if isinstance(fd, int) else fd.read_at(count, offset)
+
+
+def _pread_into(fd: Any, buffer: memoryview, offset: int) -> int:
+    if isinstance(fd, int):
+        return os.preadv(fd, [buffer], offset)
+    data = fd.read_at(len(buffer), offset)  # one range request
+    buffer[:len(data)] = data
+    return len(data)
+
+
+def _close(fd: Any) -> None:
+    if isinstance(fd, int):
+        os.close(fd)
+    else:
+        fd.close()
 
 
 def _crc_ok(data: bytes | memoryview) -> bool:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from octssl.errors import CorpusError
 from octssl.fsutil import atomic_file
 from octssl.sample import ARRAY_KEYS, ENFACE_IMAGES, MASKS, VOLUME_KEY
+from octssl.storage import Location
 
 MANIFEST_NAME = "manifest.parquet"
 FORMAT_VERSION = 2
@@ -129,12 +130,14 @@ def rows_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> pa.Table
     return with_settings(pa.Table.from_pylist(rows, schema=SCHEMA), settings)
 
 
-def read_manifest(path: Path) -> pa.Table:
-    """Read and validate ``path``; CorpusError naming the file (and column) when it is missing or bad."""
-    if not path.is_file():
+def read_manifest(path: Path | Location) -> pa.Table:
+    """Read and validate ``path`` (a file or an object); CorpusError naming it (and the column) when it is
+    missing or bad."""
+    where = Location.parse(path)
+    if not where.is_file():
         raise CorpusError(f"{path}: manifest is missing (not an octssl corpus, or it was never committed)")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(where.path, filesystem=where.fs)
     except (pa.ArrowException, OSError) as err:
         raise CorpusError(f"{path}: cannot read manifest as Parquet: {err}") from err
     table = with_optional_columns(table)

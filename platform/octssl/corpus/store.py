@@ -8,6 +8,10 @@ native-resolution localizer (SLO / fundus) lives in buckets of its own, ``locali
 (same chunking and codecs), found by the row's ``localizer_grid``/``localizer_index``; it is read only when
 asked (``read(id, localizer=True)``), so the training sample dict never carries it. The manifest is the
 commit point; see ``octssl.corpus.journal`` for how a crashed append is undone.
+
+A corpus published to an object store (``octssl publish``) opens read-only from its URL
+(``Corpus.open("s3://bucket/corpus")``): Zarr reads through an fsspec view of the pyarrow S3 filesystem,
+the shard fast path (``octssl.corpus.chunkread``) through range requests.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from octssl.corpus.journal import Journal, WriterLock
 from octssl.corpus.layout import ZARR_NAME, array_path, meta_of, present, slot
 from octssl.errors import CorpusError
 from octssl.sample import MASKS, VOLUME_KEY
+from octssl.storage import Location, fsspec_async
 
 
 class Corpus:
@@ -40,13 +45,15 @@ class Corpus:
     # replaced) and "committed" (manifest replaced, journal not yet dropped); crash tests kill the process here.
     append_hook: ClassVar[Callable[[str], None] | None] = None
 
-    def __init__(self, path: Path, table: pa.Table) -> None:
+    def __init__(self, path: Path | Location, table: pa.Table) -> None:
         self.path = path
+        self.remote = isinstance(path, Location) and path.remote  # read-only, on an object store
         self.manifest_path = path / mf.MANIFEST_NAME
         self.zarr_path = path / ZARR_NAME
         self._set_table(table)
         self._arrays: dict[str, zarr.Array] = {}
         self._chunks = ChunkReader()
+        self._store: Any = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @classmethod
@@ -74,9 +81,16 @@ class Corpus:
         return cls(path, table)
 
     @classmethod
-    def open(cls, path: str | Path) -> Corpus:
-        """Open a committed corpus; an interrupted append is undone first when no writer is active."""
-        path = Path(path)
+    def open(cls, path: str | Path | Location) -> Corpus:
+        """Open a committed corpus (a folder, or a published corpus's URL, read-only); an interrupted append
+        is undone first when no writer is active."""
+        where = Location.parse(path)
+        if where.remote:  # the manifest is uploaded last: without it there is no corpus yet
+            table = mf.read_manifest(where / mf.MANIFEST_NAME)
+            if not (where / ZARR_NAME / "zarr.json").is_file():
+                raise CorpusError(f"{where / ZARR_NAME}: missing (a published corpus needs manifest.parquet and volumes.zarr)")
+            return cls(where, table)
+        path = where.local
         if not path.is_dir():
             raise CorpusError(f"{path}: no corpus directory here")
         if not (path / ZARR_NAME / "zarr.json").is_file():
@@ -178,14 +192,25 @@ class Corpus:
         name = array_path(key, grid)
         if name not in self._arrays:
             try:
-                self._arrays[name] = zarr.open_array(LocalStore(self.zarr_path, read_only=True), path=name)
+                self._arrays[name] = zarr.open_array(self._zarr_store(), path=name)
             except (FileNotFoundError, zarr.errors.NodeNotFoundError) as err:
                 raise CorpusError(f"{self.zarr_path / name}: array missing") from err
         return self._arrays[name]
 
+    def _zarr_store(self) -> Any:
+        """The read-only Zarr store of ``volumes.zarr`` (local, or an fsspec view of the object store)."""
+        if self._store is None:
+            if not self.remote:
+                self._store = LocalStore(self.zarr_path, read_only=True)
+            else:
+                from zarr.storage import FsspecStore
+
+                self._store = FsspecStore(fsspec_async(self.zarr_path), read_only=True, path=self.zarr_path.path)
+        return self._store
+
     slot = staticmethod(slot)
 
-    def shard_file(self, key: str, grid: str, index: int) -> Path:
+    def shard_file(self, key: str, grid: str, index: int) -> Path | Location:
         """Path of the shard file that holds slot ``index`` of ``<key>/<grid>``."""
         arr = self.array(key, grid)
         per_file = (arr.shards or arr.chunks)[0]  # a foreign unsharded array stores one chunk per file
@@ -264,6 +289,8 @@ class Corpus:
         """Append samples atomically: all of them commit, or the corpus stays as it was. Returns the ids."""
         from octssl.corpus.writer import AppendWriter
 
+        if self.remote:
+            raise CorpusError(f"{self.path}: a published corpus is read-only; append locally and publish again")
         with WriterLock(self.path):
             journal = Journal(self.path, self.zarr_path)
             journal.recover(mf.settings_of(mf.read_manifest(self.manifest_path))["append_token"])

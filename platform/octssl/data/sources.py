@@ -79,7 +79,7 @@ class ZarrSource(Dataset):
         from octssl.corpus.store import Corpus
 
         self._corpus = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
-        self.corpus_path = Path(self._corpus.path)
+        self.corpus_path = self._corpus.path  # a Path, or a Location for a published corpus
         self.ids = self._corpus.ids(split=split, label=label, label_fraction=label_fraction, require=require,
                                     raster_only=raster_only)
         self.transform, self.repeats, self.epoch, self.verify = transform, int(repeats), int(epoch), verify
