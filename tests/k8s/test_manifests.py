@@ -59,7 +59,8 @@ def _by_kind(objects: list[dict], kind: str) -> list[dict]:
 
 def _cluster_specs(objects: list[dict]) -> list[tuple[str, dict]]:
     specs = [(f"RayCluster/{o['metadata']['name']}", o["spec"]) for o in _by_kind(objects, "RayCluster")]
-    specs += [(f"RayJob/{o['metadata']['name']}", o["spec"]["rayClusterSpec"]) for o in _by_kind(objects, "RayJob")]
+    specs += [(f"RayJob/{o['metadata']['name']}", o["spec"]["rayClusterSpec"]) for o in _by_kind(objects, "RayJob")
+              if "clusterSelector" not in o["spec"]]  # a job on the standing cluster has no cluster of its own
     return specs
 
 
@@ -201,6 +202,10 @@ def test_rayjobs_run_octssl_jobs_and_clean_up(rendered, target):
     configs = {m["metadata"]["name"]: m for m in _by_kind(objects, "ConfigMap")}["octssl-jobs"]["data"]
     for name, job in jobs.items():
         spec = job["spec"]
+        if "clusterSelector" in spec:  # runs on the standing cluster: must not create or delete one
+            assert spec["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}, name
+            assert "rayClusterSpec" not in spec and not spec.get("shutdownAfterJobFinishes"), name
+            continue
         assert spec["shutdownAfterJobFinishes"] is True, name
         assert spec["ttlSecondsAfterFinished"] > 0 and spec["backoffLimit"] >= 0, name
         assert spec["rayClusterSpec"] == cluster["spec"], f"{name}: rayClusterSpec differs from RayCluster/octssl"
