@@ -71,3 +71,17 @@ def test_corrupt_published_object_is_named(make_corpus, s3: str):
     with pytest.raises(CorpusError, match=str(shard).replace(".", r"\.")):
         for r in Corpus.open(url).rows:
             Corpus.open(url).read(r["id"], verify=True)
+
+
+def test_finetune_preflight_reads_a_published_corpus(tiny_corpus: Path, s3: str):
+    from octssl.config import load_config
+    from octssl.train.launch import preflight
+
+    url = f"{s3}/corpus"
+    pub.publish(tiny_corpus, url, progress=False)
+    jobs = Path(__file__).resolve().parents[2] / "jobs"
+    config = load_config(jobs / "finetune_ga.yaml", [f"data.corpus={url}", "data.crop=[16, 64]", "model.width=0.25",
+                                                     f"run.storage_path={s3}/runs"])
+    facts = preflight(config)
+    local = Corpus.open(tiny_corpus)
+    assert facts["val_volumes"] == len(local.ids(split="val", require=("oct", "ga")))
