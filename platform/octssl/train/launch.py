@@ -83,10 +83,12 @@ def preflight(config: JobConfig) -> dict[str, Any]:
 
 def _stream_shape(c: JobConfig) -> tuple[int, int, int]:
     """The (nB, D, W) of the train samples in a shard export that carry the target (from index.json)."""
+    from octssl.webds.index import load_index
+
     index_path = Path(c.data.shards) / "index.json"
     if not index_path.is_file():
         raise ConfigError(f"data.shards={c.data.shards}: no index.json (run `octssl export-shards` first)")
-    entries = json.loads(index_path.read_text())["samples"].values()
+    entries = load_index(c.data.shards)["samples"].values()
     grids = {e.get("grid") for e in entries if e.get("split") == "train" and c.objective.target in e["sha256"]}
     if not grids:
         raise ConfigError(f"{index_path}: no train samples with '{c.objective.target}': nothing to train on")
