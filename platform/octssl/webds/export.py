@@ -149,6 +149,8 @@ def _visit_key(row: dict[str, Any]) -> tuple[Any, int]:
 
 
 def _prepare_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"{out}: is a file, not a folder for shards")
     if (out / INDEX_NAME).exists() and not overwrite:
         raise ShardError(f"{out}: already holds an export ({INDEX_NAME}); pass overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
