@@ -246,7 +246,7 @@ class Trainer:
         }
 
     def restore(self, ckpt_dir: Path) -> None:
-        self.engine.load_checkpoint(str(ckpt_dir), tag=ckpt.TAG)
+        ckpt.load_checkpoint(self.engine, ckpt_dir)  # weights_only: a tampered checkpoint cannot run code
         state = ckpt.load_trainer_state(ckpt_dir, self.ctx.rank)
         for key in ("step", "epoch", "step_in_epoch", "skipped", "first_loss", "last_loss", "best_metric"):
             setattr(self, key, state.get(key))
