@@ -64,3 +64,35 @@ def test_resume_loads_honest_checkpoints_and_refuses_code(tmp_path: Path, stage:
             ckpt.load_checkpoint(engine(stage), tmp_path / "ckpt")
         assert not marker.exists(), "a tampered checkpoint ran code on resume"
         torch.save(state, target)
+
+
+def test_checkpoint_dirs_the_run_never_registered_are_pruned(tmp_path: Path) -> None:
+    """What a driver killed between a checkpoint's upload and its registration leaves: a checkpoint_* folder
+    that Ray's checkpoint manager does not know, so never deletes. Resume prunes it, and only it."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+        _TrainingResultState,
+    )
+
+    def result(name: str, step: int) -> _TrainingResultState:
+        return _TrainingResultState(checkpoint_dir_name=name, metrics={"step": step})
+
+    registered = ["checkpoint_2026-01-01_00-00-01.000001", "checkpoint_2026-01-01_00-00-02.000002"]
+    stray = "checkpoint_2026-01-01_00-00-03.000003"
+    for name in [*registered, stray]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_rank0.json").write_text("{}")
+    snapshot = _CheckpointManagerState(
+        checkpoint_results=[result(registered[0], 3), result(registered[1], 6)], checkpoint_report_indices=[0, 1],
+        latest_checkpoint_result=result(registered[1], 6), pending_training_results=[], pending_validation_specs=[],
+        current_report_index=2, validated_checkpoint_dir_names=[], timed_out_validation_checkpoint_dir_names=[],
+        failed_validation_checkpoint_dir_names=[],
+    )
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(snapshot.json())
+    assert ckpt.prune_unregistered(tmp_path) == [tmp_path / stray]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*") if p.is_dir()) == registered
+    (tmp_path / "checkpoint_manager_snapshot.json").unlink()  # killed before the first registration
+    assert ckpt.prune_unregistered(tmp_path) == [tmp_path / name for name in registered]
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{garbage")
+    (tmp_path / stray).mkdir()
+    assert ckpt.prune_unregistered(tmp_path) == []  # an unreadable snapshot: touch nothing

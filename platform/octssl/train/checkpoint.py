@@ -15,6 +15,7 @@ import contextlib
 import json
 import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,27 @@ def load_checkpoint(engine: Any, ckpt_dir: Path) -> None:
         engine.load_checkpoint(str(ckpt_dir), tag=TAG)
     finally:
         del loader.load
+
+
+def prune_unregistered(run_dir: Path) -> list[Path]:
+    """Delete the ``checkpoint_*`` folders of RUN_DIR that Ray's checkpoint manager never registered (a
+    driver killed between a checkpoint's upload and its registration leaves one, which Ray then never
+    deletes); returns them. Call it only while no run writes to RUN_DIR (before resuming). An unreadable
+    manager snapshot leaves everything in place."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        state = json.loads(snapshot.read_text())
+    except FileNotFoundError:
+        state = {}
+    except (OSError, ValueError):
+        return []
+    results = [*state.get("checkpoint_results", []), *state.get("pending_training_results", []),
+               state.get("latest_checkpoint_result") or {}]
+    known = {result.get("checkpoint_dir_name") for result in results}
+    stray = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and p.name not in known)
+    for path in stray:
+        shutil.rmtree(path, ignore_errors=True)
+    return stray
 
 
 def _resolve(name: str) -> Any:

@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from octssl import reaper
 from octssl.config import JobConfig, dump_config
 from octssl.errors import ConfigError, OctsslError
+from octssl.train import checkpoint as ckpt
 from octssl.train.engine import resolve_precision
 
 
@@ -107,6 +109,7 @@ def ray_up() -> dict[str, float]:
             ray.init(log_to_driver=False)
         else:
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            reaper.guard()  # the agents of a local Ray outlive a killed driver: reap them
     return ray.cluster_resources()
 
 
@@ -146,6 +149,7 @@ def run(
     _ray_up(config)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.prune_unregistered(run_dir)  # what a killed driver left half-registered
     (run_dir / "config.yaml").write_text(dump_config(config))
     gpu = config.scaling.gpus_per_worker > 0
     resources = {"CPU": config.scaling.cpus_per_worker}
