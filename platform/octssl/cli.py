@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
 import typer
 import typer.core
 from rich.console import Console
@@ -17,7 +16,7 @@ WORKFLOW = ("synth", "ingest", "label", "info", "verify", "export-shards", "publ
 
 
 class _WorkflowOrder(typer.core.TyperGroup):
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: typer.core.click.Context) -> list[str]:  # type: ignore[name-defined]
         names = super().list_commands(ctx)
         rank = {name: i for i, name in enumerate(WORKFLOW)}
         return sorted(names, key=lambda name: (rank.get(name, len(WORKFLOW)), name))

@@ -101,6 +101,13 @@ class RunSection(_Section):
             raise ValueError("run: give max_steps or epochs")
         return self
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """``max_steps`` when given, else ``epochs`` epochs of ``steps_per_epoch``."""
+        if self.max_steps is not None:
+            return self.max_steps
+        assert self.epochs is not None  # the validator above
+        return self.epochs * steps_per_epoch
+
 
 class ScalingSection(_Section):
     """Ray Train workers and their resources."""

@@ -63,7 +63,8 @@ class FPN(OctModel):
 
     def shape_problems(self, bscans: int, depth: int, ascans: int) -> list[str]:
         problems = multiple_problem("W", ascans, 16, self.name) + multiple_problem("nB", bscans, 4, self.name)
-        left = [fpb.output_depth(d) for fpb, d in zip(self.projections, self.level_depths(depth), strict=True)]
+        left = [fpb.output_depth(d)  # type: ignore[operator]  # nn.ModuleList items are typed as Tensor | Module
+                for fpb, d in zip(self.projections, self.level_depths(depth), strict=True)]
         if self.mean_projection and min(left) < 1:
             problems.append(f"D={depth} must be >= 64 for {self.name} (D/16 >= 4 for its depth-4 projection kernel)")
         if not self.mean_projection and any(d != 1 for d in left):

@@ -26,7 +26,7 @@ TAG = "state"
 
 def rng_state() -> dict[str, Any]:
     """torch, numpy and Python RNG states as JSON-ready values."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
     return {
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],

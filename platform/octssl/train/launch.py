@@ -112,7 +112,7 @@ def run(
                            "attempt": uuid.uuid4().hex},
         scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        run_config=RunConfig(
+        run_config=RunConfig(  # type: ignore[call-arg]  # Train V2 field
             name=config.run.name,
             storage_path=config.run.storage_path,
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
@@ -130,7 +130,7 @@ def run(
         raise OctsslError(f"{run_dir}: training failed: {root_cause(err)}") from err
     finally:
         watcher.stop()
-    if getattr(result, "error", None):
+    if result.error is not None:
         raise OctsslError(f"{run_dir}: training failed: {root_cause(result.error)}")
     return json.loads((run_dir / "summary.json").read_text())
 

@@ -101,7 +101,7 @@ class Trainer:
             from octssl.models.transfer import load_weights
 
             load_weights(model, c.run.init, scope=c.run.init_scope)
-        self.total_steps = c.run.max_steps if c.run.max_steps is not None else c.run.epochs * self.data.steps_per_epoch
+        self.total_steps = c.run.total_steps(self.data.steps_per_epoch)
         self.cadence = Cadence(self.total_steps)
         self.engine, self.scheduler = build_engine(model, c, self.total_steps, self.precision)
         self.metrics = TrainMetrics(rank=self.ctx.rank, run=c.run.name or "run")
