@@ -4,7 +4,7 @@ Both take logits `(B, K, nB, W)` from a model and a collated batch (`octssl.data
 targets `(B, 1, nB, W)` float in [0, 1] under the target's key, `id` (list) and `spacing_mm` `(B, 3)` in
 (nB, D, W) order. Losses and metrics are computed in fp32 whatever the autocast state.
 
-Conventions (documented in the README):
+Conventions (documented in docs/models.md):
 - reconstruction loss = 1 - SSIM(sigmoid(logits), target) (+ l1_weight * mean |sigmoid(logits) - target|):
   MONAI's SSIMLoss, 11x11 Gaussian window, sigma 1.5, data range 1. It is the paper's negative SSIM
   shifted by 1 (same gradients), so 0 means a perfect reconstruction. The FAF target is inverted

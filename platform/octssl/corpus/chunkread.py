@@ -177,7 +177,7 @@ class ChunkReader:
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None or self._executor_pid != os.getpid():  # threads do not survive a fork
-            self._executor = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="octssl-shardread")
+            self._executor = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="octssl-chunkread")
             self._executor_pid = os.getpid()
         return self._executor
 

@@ -1,7 +1,7 @@
 """The paper's feature projection network (FPN) and ReSensNet: 3D residual encoder, one FPB per level, 2D decoder.
 
-Layer for layer as in Morano et al. 2023 (PAPER.md). The paper writes tensors as C x nB x W x D; here they
-stay (B, C, nB, D, W) as the data arrives, so no permute is needed: kernels are written in (nB, D, W) order
+Layer for layer as in Morano et al. 2023 (summarised in docs/models.md). The paper writes tensors as
+C x nB x W x D; here they stay (B, C, nB, D, W) as the data arrives, so no permute is needed: kernels are written in (nB, D, W) order
 (the paper's 1x1x3 depth conv is (1, 3, 1) here; 1x3x3 and 3x1x1 are symmetric in W and D).
 """
 
