@@ -17,7 +17,7 @@ from octssl.reaper import descendants, reap
 DRIVER = """
 import os, time
 import ray
-from octssl.train.launch import ray_up
+from octssl.cluster import ray_up
 
 ray_up()
 
