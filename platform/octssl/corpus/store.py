@@ -230,10 +230,10 @@ class Corpus:
             arrays.append(arr.async_array)
             requests.append((where, self._chunks.layout(where, arr), index))
         results = {key: data for key, data in zip(keys, self._chunks.read(requests), strict=True) if data is not None}
-        for key, (where, layout, index), arr, (grid, _) in zip(keys, requests, arrays, slots, strict=True):
+        for key, (where, layout, index), stored, (grid, _) in zip(keys, requests, arrays, slots, strict=True):
             if key not in results:  # Zarr would read a missing shard file as zeros: refuse that here
                 path = layout.shard_path(where, index) if layout else str(self.shard_file(key, grid, index))
-                self._check_shard_file(key, row, path, arr.shape[1:])
+                self._check_shard_file(key, row, path, stored.shape[1:])
 
         async def fetch(chosen: list[int]) -> list[Any]:
             return await asyncio.gather(*(arrays[i].getitem(slots[i][1]) for i in chosen), return_exceptions=True)

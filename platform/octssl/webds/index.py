@@ -92,8 +92,8 @@ def index_problems(index: dict[str, Any], shards_dir: Path) -> list[str]:
             problems.append(f"{where}: sample {sid}: entry names shard {entry.get('shard')!r}, but "
                             f"{shard['name']} lists it")
         offset, size = entry.get("offset"), entry.get("size")
-        if not (_count(offset) and _count(size) and size > 0 and offset % 512 == 0
-                and offset + size <= shard["bytes"]):
+        if not (isinstance(offset, int) and isinstance(size, int) and _count(offset) and _count(size) and size > 0
+                and offset % 512 == 0 and offset + size <= shard["bytes"]):
             problems.append(f"{where}: sample {sid}: byte range (offset {offset!r}, size {size!r}) lies outside "
                             f"{shard['name']} ({shard['bytes']} bytes)")
         digests = entry.get("sha256")

@@ -52,7 +52,7 @@ def _shard_problems(path: Path, shard: dict[str, Any], samples: dict[str, Any]) 
         entry = samples.get(sid)
         try:
             decode_sample(found[sid], sid, entry.get("sha256") if isinstance(entry, dict) else None, str(path))
-            if _usable(entry, shard):  # the reader's way in: the indexed byte range holds this sample
+            if isinstance(entry, dict) and _usable(entry, shard):  # the reader's way in: the indexed byte range
                 with open(path, "rb") as handle:
                     read_sample(handle, entry, sid, str(path))
         except ShardError as err:
