@@ -31,3 +31,6 @@ class ModelError(OctsslError):
 
 class StorageError(OctsslError):
     """An object-store URL cannot be served (unknown scheme, no bucket, access denied, server gone)."""
+
+class CheckpointError(OctsslError):
+    """A training checkpoint is unreadable or holds more than tensors and DeepSpeed's own state."""

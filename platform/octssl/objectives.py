@@ -4,7 +4,7 @@ Both take logits `(B, K, nB, W)` from a model and a collated batch (`octssl.data
 targets `(B, 1, nB, W)` float in [0, 1] under the target's key, `id` (list) and `spacing_mm` `(B, 3)` in
 (nB, D, W) order. Losses and metrics are computed in fp32 whatever the autocast state.
 
-Conventions (documented in the README):
+Conventions (documented in docs/models.md):
 - reconstruction loss = 1 - SSIM(sigmoid(logits), target) (+ l1_weight * mean |sigmoid(logits) - target|):
   MONAI's SSIMLoss, 11x11 Gaussian window, sigma 1.5, data range 1. It is the paper's negative SSIM
   shifted by 1 (same gradients), so 0 means a perfect reconstruction. The FAF target is inverted
@@ -110,8 +110,8 @@ class Reconstruction(Objective):
         super().__init__(target)
         self.invert = target == FAF
         self.l1_weight = float(l1_weight)
-        self.ssim_loss = SSIMLoss(**SSIM_OPTIONS)
-        self.ssim_metric = SSIMMetric(**SSIM_OPTIONS, reduction="none")
+        self.ssim_loss = SSIMLoss(**SSIM_OPTIONS)  # type: ignore[arg-type]  # monai's stubs type each keyword
+        self.ssim_metric = SSIMMetric(**SSIM_OPTIONS, reduction="none")  # type: ignore[arg-type]
 
     def target_tensor(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         target = super().target_tensor(logits, batch)
@@ -133,7 +133,7 @@ class Reconstruction(Objective):
     def per_volume(self, logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
         target = self.target_tensor(logits, batch)
         image = torch.sigmoid(logits.float())
-        ssim = self.ssim_metric(image, target).mean(dim=1)
+        ssim = torch.as_tensor(self.ssim_metric(image, target)).mean(dim=1)
         l1 = (image - target).abs().flatten(1).mean(dim=1)
         return [{"id": i, SSIM: float(s), L1: float(a)}
                 for i, s, a in zip(_ids(batch, len(ssim)), ssim, l1, strict=True)]

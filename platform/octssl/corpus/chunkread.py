@@ -9,7 +9,9 @@ same descriptor (writers replace shard files atomically, so index and chunk come
 reused buffer, check a crc32c when the chain has one, zstd-decode into the output array; a sample's arrays
 are read concurrently (``ChunkReader.read``). Everything else (another codec chain, a
 missing shard file, any I/O or decode failure) returns None and the caller takes the Zarr path, which gives
-the same arrays and raises the errors; a missing chunk inside a shard is the fill value, as in Zarr.
+the same arrays and raises the errors; a missing chunk inside a shard is the fill value, as in Zarr. Zarr
+also reads a missing shard *file* as the fill value, so ``shard_present`` tells the caller whether one is
+there (checked once per file, and again whenever this reader finds it gone).
 A corpus on an object store (``s3://...``, read-only) is read the same way with range requests: one for the
 shard index (cached per object; published objects are never rewritten), one per chunk.
 """
@@ -31,6 +33,7 @@ import zarr
 from numcodecs.zstd import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.metadata import ArrayV3Metadata
 
 from octssl.storage import Location, is_url
 
@@ -68,7 +71,7 @@ def layout_of(arr: zarr.Array) -> ShardLayout | None:
     only, the sharding codec alone, inner codecs ``bytes`` then optional ``zstd`` and ``crc32c``, index
     codecs ``bytes`` (little endian) and optional ``crc32c``, a native-endian numeric dtype."""
     meta = arr.metadata
-    if getattr(meta, "zarr_format", 2) != 3 or meta.storage_transformers or len(meta.codecs) != 1:
+    if not isinstance(meta, ArrayV3Metadata) or meta.storage_transformers or len(meta.codecs) != 1:
         return None
     sharding, grid = meta.codecs[0], meta.chunk_grid
     if not isinstance(sharding, ShardingCodec) or not isinstance(grid, RegularChunkGrid):
@@ -128,6 +131,7 @@ class ChunkReader:
     def __init__(self, max_indexes: int = INDEX_CACHE) -> None:
         self._indexes: OrderedDict[str, tuple[tuple[int, int, int], np.ndarray]] = OrderedDict()
         self._layouts: dict[str, tuple[zarr.Array, ShardLayout | None]] = {}
+        self._present: set[str] = set()  # shard files seen to exist (a read that finds one gone drops it)
         self._zstd = Zstd()
         self._lock = threading.Lock()  # the caches may be shared by a caller's threads
         self._local = threading.local()  # per thread: the buffer chunk bytes are read into
@@ -150,6 +154,16 @@ class ChunkReader:
             cached = self._layouts[name] = (arr, layout_of(arr))
         return cached[1]
 
+    def shard_present(self, path: str) -> bool:
+        """Whether the shard file ``path`` exists: a stat the first time, a set lookup after that."""
+        if path in self._present:
+            return True
+        if not (Location.parse(path).is_file() if is_url(path) else os.path.isfile(path)):
+            return False
+        with self._lock:
+            self._present.add(path)
+        return True
+
     def read(self, requests: list[tuple[str | Path, ShardLayout | None, int]]) -> list[np.ndarray | None]:
         """Slots of arrays, each request ``(array_dir, layout, slot)``; None where the caller must use Zarr.
 
@@ -165,7 +179,7 @@ class ChunkReader:
         try:
             if chunks:
                 main = max(chunks, key=lambda i: located[i].length)  # type: ignore[union-attr]
-                helpers = {i: self._pool().submit(self._fetch, located[i], requests[i][1])
+                helpers = {i: self._pool().submit(self._fetch, located[i], requests[i][1])  # type: ignore[arg-type]
                            for i in chunks if i != main}
                 results[main] = self._fetch(located[main], requests[main][1])  # type: ignore[arg-type]
                 for i, future in helpers.items():
@@ -181,7 +195,7 @@ class ChunkReader:
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None or self._executor_pid != os.getpid():  # threads do not survive a fork
-            self._executor = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="octssl-shardread")
+            self._executor = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="octssl-chunkread")
             self._executor_pid = os.getpid()
         return self._executor
 
@@ -192,7 +206,8 @@ class ChunkReader:
         try:
             fd, version = _open(path)
         except OSError:
-            return None  # no shard file: Zarr's fill value, or an error, is the Zarr path's to give
+            self._present.discard(path)  # gone (or unreadable): the caller checks again before Zarr
+            return None
         try:
             entries = self._index(fd, path, version, layout)
         except (OSError, ValueError):

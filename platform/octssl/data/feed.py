@@ -137,7 +137,7 @@ class ShardFeed(TrainData):
         from octssl.data.sources import StreamSource
         from octssl.webds.index import is_shard_dir
 
-        if not is_shard_dir(c.data.shards):
+        if c.data.shards is None or not is_shard_dir(c.data.shards):
             raise ConfigError(f"data.shards={c.data.shards}: no index.json (run `octssl export-shards` first)")
         try:
             stream = StreamSource(c.data.shards, split=TRAIN, rank=rank, world_size=world_size, seed=c.run.seed,

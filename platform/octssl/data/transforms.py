@@ -111,8 +111,8 @@ class TrainTransform:
         w0 = int(rng.integers(0, w - cw + 1))
         flip_b, flip_w, rotate = (rng.random(3) < 0.5).tolist()
         offset = rng.normal(0.0, self.offset_std)
-        contrast = rng.uniform(*self.contrast)
-        shift = rng.uniform(*self.shift)
+        contrast = rng.uniform(self.contrast[0], self.contrast[1])
+        shift = rng.uniform(self.shift[0], self.shift[1])
         flip_b, flip_w = (flip_b and self.flips), (flip_w and self.flips)
         if self.rot180 and rotate:  # a 180-degree en-face rotation flips both en-face axes
             flip_b, flip_w = not flip_b, not flip_w
@@ -175,8 +175,8 @@ class EvalTransform:
             if resize:
                 mode = "nearest-exact" if key in MASKS else "bilinear"
                 extra = {} if key in MASKS else {"align_corners": False}
-                unit = F.interpolate(torch.from_numpy(unit)[None, None], size=(nb2, w2), mode=mode, **extra)[0, 0]
-                unit = unit.clamp_(0.0, 1.0).numpy()
+                resized = F.interpolate(torch.from_numpy(unit)[None, None], size=(nb2, w2), mode=mode, **extra)[0, 0]
+                unit = resized.clamp_(0.0, 1.0).numpy()
             out[key] = np.ascontiguousarray(unit, dtype=np.float32)[None]
             if key in MASKS:
                 orig_masks[key] = enface

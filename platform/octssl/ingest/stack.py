@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from octssl.errors import IngestError
-from octssl.ingest.detect import IMAGE_SUFFIXES, stack_sidecar
+from octssl.ingest.detect import IMAGE_SUFFIXES, open_regular, stack_sidecar
 from octssl.ingest.scan import LINE, RASTER, SCAN_PATTERNS, Scan, day, normalise_laterality
 
 DEVICE = "generic B-scan stack"
@@ -41,7 +41,7 @@ def _image(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with open_regular(path) as (handle, _), Image.open(handle) as image:
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(image, dtype=np.float32) * (255.0 / 65535.0)
                 return np.clip(np.rint(array), 0, 255).astype(np.uint8)
@@ -54,7 +54,8 @@ def read_stack(folder: Path) -> list[Scan]:
     """Read a stack folder (see the module docstring for the sidecar)."""
     sidecar_path = stack_sidecar(folder)
     try:
-        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        with open_regular(sidecar_path) as (handle, size):
+            sidecar = json.loads(handle.read(size).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise IngestError(f"{sidecar_path}: invalid JSON sidecar ({err})") from err
     for key in ("spacing_mm", "laterality"):
@@ -82,13 +83,15 @@ def read_stack(folder: Path) -> list[Scan]:
     laterality = normalise_laterality(sidecar["laterality"])
     if not laterality:
         raise IngestError(f"{sidecar_path}: laterality must be OD or OS, got {sidecar['laterality']!r}")
-    spacing = tuple(float(v) for v in sidecar["spacing_mm"])
-    if len(spacing) != 3:
-        raise IngestError(f"{sidecar_path}: spacing_mm needs 3 values (nB, D, W), got {len(spacing)}")
+    values = [float(v) for v in sidecar["spacing_mm"]]
+    if len(values) != 3:
+        raise IngestError(f"{sidecar_path}: spacing_mm needs 3 values (nB, D, W), got {len(values)}")
+    spacing = (values[0], values[1], values[2])
     localizer, loc_spacing, positions = None, None, None
     if localizer_name:
         localizer = _image(folder / localizer_name)
-        loc_spacing = tuple(float(v) for v in sidecar.get("localizer_spacing_mm", (1.0, 1.0)))
+        row_mm, col_mm = (float(v) for v in sidecar.get("localizer_spacing_mm", (1.0, 1.0)))
+        loc_spacing = (row_mm, col_mm)
         if "positions_mm" in sidecar:
             positions = np.asarray(sidecar["positions_mm"], dtype=np.float64)
             if positions.shape != (len(bscans), 2, 2):
@@ -102,14 +105,14 @@ def read_stack(folder: Path) -> list[Scan]:
     return [
         Scan(
             bscans=volume,
-            spacing_mm=spacing,  # type: ignore[arg-type]
+            spacing_mm=spacing,
             scan_pattern=pattern,
             laterality=laterality,
             device=str(sidecar.get("device", DEVICE)),
             acquired=day(sidecar.get("acquired")),
             device_patient_id=None if patient is None else str(patient),
             localizer=localizer,
-            localizer_spacing_mm=loc_spacing,  # type: ignore[arg-type]
+            localizer_spacing_mm=loc_spacing,
             positions_mm=positions,
         )
     ]

@@ -19,6 +19,7 @@ from octssl.cluster import require, root_cause
 from octssl.config import JobConfig, dump_config
 from octssl.errors import ConfigError, OctsslError
 from octssl.storage import Location, ray_storage, staging_dir
+from octssl.train import checkpoint as ckpt
 from octssl.train.engine import init_single_process_group, resolve_precision
 from octssl.vocab import VAL, VOLUME
 
@@ -104,6 +105,7 @@ def run(
     remote = Location.parse(config.run_dir)  # on an object store, workers write a local copy and upload it
     run_dir = staging_dir(remote) if remote.remote else remote.local
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.prune_unregistered(run_dir)  # what a killed driver left half-registered
     (run_dir / "config.yaml").write_text(dump_config(config))
     gpu = config.scaling.gpus_per_worker > 0
     resources = {"CPU": config.scaling.cpus_per_worker}
@@ -115,7 +117,7 @@ def run(
                            "attempt": uuid.uuid4().hex, "remote_run_dir": str(remote) if remote.remote else None},
         scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        run_config=RunConfig(
+        run_config=RunConfig(  # type: ignore[call-arg]  # Train V2 field
             name=config.run.name,
             **dict(zip(("storage_path", "storage_filesystem"), ray_storage(config.run.storage_path), strict=True)),
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
@@ -133,7 +135,7 @@ def run(
         raise OctsslError(f"{run_dir}: training failed: {root_cause(err)}") from err
     finally:
         watcher.stop()
-    if getattr(result, "error", None):
+    if result.error is not None:
         raise OctsslError(f"{run_dir}: training failed: {root_cause(result.error)}")
     if remote.remote:
         return _remote_summary(run_dir, remote)

@@ -101,7 +101,7 @@ class Trainer:
             from octssl.models.transfer import load_weights
 
             load_weights(model, c.run.init, scope=c.run.init_scope)
-        self.total_steps = c.run.max_steps if c.run.max_steps is not None else c.run.epochs * self.data.steps_per_epoch
+        self.total_steps = c.run.total_steps(self.data.steps_per_epoch)
         self.cadence = Cadence(self.total_steps)
         self.engine, self.scheduler = build_engine(model, c, self.total_steps, self.precision)
         self.metrics = TrainMetrics(rank=self.ctx.rank, run=c.run.name or "run")
@@ -170,7 +170,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def restore(self, ckpt_dir: Path, *, after_failure: bool = True) -> None:
-        self.engine.load_checkpoint(str(ckpt_dir), tag=ckpt.TAG)
+        ckpt.load_checkpoint(self.engine, ckpt_dir)  # weights_only: a tampered checkpoint cannot run code
         self.state = ckpt.load_state(ckpt_dir, self.ctx.rank)
         self.state.world_size = self.ctx.world_size
         self.data.load_state_dict(self.state.data)

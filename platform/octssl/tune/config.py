@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from octssl.config import JobConfig, apply_overrides, parse_config, read_yaml
 from octssl.errors import ConfigError
-from octssl.vocab import MASKS, SEGMENTATION, Task
+from octssl.vocab import GA, MASKS, RPD, SEGMENTATION, Task
 
 SCRATCH = "scratch"
 #: job keys a sweep sets per trial (section -> keys); setting them in ``job`` is refused with a hint.
@@ -88,7 +88,7 @@ class SweepConfig(_Section):
     corpus: str = Field(..., description="corpus directory with GA/RPD labels")
     storage_path: str = "runs"
     name: str | None = Field(None, description="sweep directory name (default sweep-<time>)")
-    tasks: list[Task] = Field(list(MASKS), min_length=1)
+    tasks: list[Task] = Field([GA, RPD], min_length=1)
     fractions: list[float] = Field([0.05, 0.1, 0.2, 1.0], min_length=1)
     task_fractions: dict[str, list[float]] = Field({}, description="task -> its own fractions (else fractions)")
     inits: dict[str, str] = Field({SCRATCH: SCRATCH}, min_length=1, description="name -> 'scratch' or weights")
@@ -200,7 +200,7 @@ def _check_job_keys(job: dict[str, Any], source: str) -> None:
         keys = [None] if owned is None else [k for k in (value or {}) if k in owned]
         for key in keys:
             where = f"job.{section}" + (f".{key}" if key else "")
-            hint = None if owned is None else owned[key]
+            hint = None if owned is None or key is None else owned[key]
             raise ConfigError(f"{source}: {where} is set by the sweep per trial"
                               + (f": use '{hint}' instead" if hint else ""))
 

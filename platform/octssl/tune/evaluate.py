@@ -7,6 +7,7 @@ the train loop, and the metrics come from the segmentation objective (Dice at 0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ def mean_projection(volume: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[str], *, show: list[str] = (),
+def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[str], *, show: Sequence[str] = (),
                           threads: int = 1, gpu: bool = False) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Per-volume ``{id, dice, hd95_mm, truth_px, pred_px}`` of ``weights`` on ``ids`` (pixel counts of the
     mask and of the prediction on the evaluation grid tell healthy eyes from lesions); plus, for the volumes in ``show``,
