@@ -57,11 +57,6 @@ def read_index(shards_dir: str | Path | Location) -> dict[str, Any]:
     return index
 
 
-def is_shard_dir(path: str | Path | Location) -> bool:
-    """Whether ``path`` (a folder or an object-store prefix) looks like an export (it has an index.json)."""
-    return (Location.parse(path) / INDEX_NAME).is_file()
-
-
 def load_index(shards_dir: str | Path | Location) -> dict[str, Any]:
     """The parsed and checked ``index.json`` of a shard directory; ShardError naming the file and its first
     problem when it is missing, malformed or inconsistent (a reader trusts its byte ranges only then)."""
@@ -130,7 +125,12 @@ def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def is_shard_dir(path: str | Path) -> bool:
-    """Whether ``path`` looks like an export (an index.json, or shard tars whose index is gone)."""
-    path = Path(path)
-    return (path / INDEX_NAME).is_file() or any(path.glob("shard-*.tar"))
+def is_shard_dir(path: str | Path | Location) -> bool:
+    """Whether ``path`` (a folder or an object-store prefix) looks like an export (an index.json, or shard
+    tars whose index is gone)."""
+    where = Location.parse(path)
+    if (where / INDEX_NAME).is_file():
+        return True
+    if where.remote:
+        return any(f.parent == where and f.name.startswith("shard-") for f in where.files())
+    return any(where.local.glob("shard-*.tar"))
