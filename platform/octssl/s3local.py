@@ -78,7 +78,7 @@ class LocalS3:
                    *(f"-{name}={port}" for name, port in self.ports.items())]
         log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 - kept for the server's lifetime
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
         try:
             self._create_bucket()
@@ -124,6 +124,15 @@ class LocalS3:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGKILL it when the process that started it dies (a test run or benchmark
+    killed by a timeout leaves no server behind); elsewhere nothing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def main(argv: list[str]) -> int:
