@@ -200,6 +200,9 @@ _INGEST_EPHEMERAL = typer.Option(
     "match no other ingest)")
 _INGEST_DEPTH = typer.Option(1.0, "--depth-mm", help="depth window kept around the retina before resizing to D")
 _INGEST_BATCH = typer.Option(16, "--batch-size", help="volumes per atomic corpus append")
+_INGEST_PAIRS = typer.Option(None, "--pairs", help="pairs table (CSV) of en-face images/masks to attach after ingest")
+_INGEST_MAP = typer.Option([], "--map", help="eyepy .eye area/volume map NAME=KIND (ga|rpd) to ingest as a label "
+                           "(repeatable)")
 
 
 @app.command()
@@ -212,6 +215,8 @@ def ingest(
     ephemeral_key: bool = _INGEST_EPHEMERAL,
     depth_mm: float = _INGEST_DEPTH,
     batch_size: int = _INGEST_BATCH,
+    pairs: Path | None = _INGEST_PAIRS,
+    map_: list[str] = _INGEST_MAP,
 ) -> None:
     """Ingest device exports into a corpus: PHI replaced by keyed pseudonyms, bad files to rejects.parquet."""
     import os
@@ -224,10 +229,11 @@ def ingest(
 
     try:
         shape = pipeline.parse_grid(grid)
+        maps = pipeline.parse_maps(map_)
         if ephemeral_key and not os.environ.get(KEY_ENV):
             console.print(f"[bold red]WARNING:[/] {EPHEMERAL_WARNING}")
         report = pipeline.ingest(sources, out, grid=shape, workers=workers, ephemeral_key=ephemeral_key,
-                                 batch_size=batch_size, depth_mm=depth_mm, on_reject=rejected)
+                                 batch_size=batch_size, depth_mm=depth_mm, on_reject=rejected, maps=maps)
     except OctsslError as err:
         _fail(err)
     mb = report.bytes_read / 2**20
@@ -236,8 +242,41 @@ def ingest(
         f"({mb:.1f} MiB in {report.seconds:.1f} s, {report.executor}); skipped {len(report.skipped)} already "
         f"ingested; rejected {len(report.rejected)}" + (f" (see {out}/rejects.parquet)" if report.rejected else "")
     )
+    labelled = None
+    if pairs is not None:
+        try:
+            labelled = _label(out, pairs)
+        except OctsslError as err:
+            _fail(err)
+    if strict and (report.rejected or (labelled is not None and labelled.rejected)):
+        console.print("[bold red]--strict:[/] file(s) or pairs row(s) rejected")
+        raise typer.Exit(1)
+
+
+def _label(corpus: Path, pairs: Path):
+    """Attach a pairs table and print what happened (the rejects one per line)."""
+    from octssl.ingest.pairs import label_corpus
+
+    report = label_corpus(corpus, pairs)
+    for where, reason in report.rejected:
+        console.print(f"[yellow]rejected[/] {where}: {reason}")
+    console.print(f"[green]attached[/] {len(report.attached)} en-face arrays from {pairs}; rejected "
+                  f"{len(report.rejected)} pairs row(s)" + (f" (see {corpus}/rejects.parquet)" if report.rejected else ""))
+    return report
+
+
+_LABEL_CORPUS = typer.Argument(..., help="corpus directory")
+_LABEL_PAIRS = typer.Argument(..., help="pairs table CSV: volume, kind, image, space[, matrix] (see docs/predict.md)")
+
+
+@app.command()
+def label(corpus: Path = _LABEL_CORPUS, pairs: Path = _LABEL_PAIRS, strict: bool = _INGEST_STRICT) -> None:
+    """Attach en-face images and masks (FAF, SLO, GA, RPD) to volumes already in a corpus, from a pairs table."""
+    try:
+        report = _label(corpus, pairs)
+    except OctsslError as err:
+        _fail(err)
     if strict and report.rejected:
-        console.print(f"[bold red]--strict:[/] {len(report.rejected)} file(s) rejected")
         raise typer.Exit(1)
 
 
