@@ -50,3 +50,21 @@ def make_corpus(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def finetuned_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny finished GA fine-tuning run (best/ weights, config.yaml) on a labelled corpus with GA growth."""
+    from octssl.config import load_config
+    from octssl.corpus.synth import synthesize
+    from octssl.train.launch import run_single_process
+
+    root = tmp_path_factory.mktemp("finetuned")
+    synthesize(root / "corpus", volumes=20, grid=(16, 64, 64), seed=5, labelled=1.0, ga_growth=True)
+    job = load_config(REPO / "jobs" / "finetune_ga.yaml", [
+        f"data.corpus={root / 'corpus'}", f"run.storage_path={root / 'runs'}", "run.name=ga", "data.crop=[16, 64]",
+        "data.batch_size=2", "data.crops_per_volume=1", "data.val_volumes=4", "model.width=0.25",
+        "run.max_steps=4", "run.eval_every=2", "run.ckpt_every=100", "optim.warmup_steps=0",
+    ])
+    run_single_process(job)
+    return root / "runs" / "ga"

@@ -27,3 +27,7 @@ class ConfigError(OctsslError):
 
 class ModelError(OctsslError):
     """Invalid model options or input shapes, or mismatched weights on transfer."""
+
+
+class PredictError(OctsslError):
+    """Predictions or growth cannot be made from the given sources (the message names them)."""

@@ -209,3 +209,8 @@ def _executor(workers: int) -> Iterator[tuple[Callable[..., Future], str]]:
             return future
 
         yield submit_inline, "inline"
+
+
+#: ``with unit_executor(workers) as (submit, kind)``: Ray tasks when a cluster is there, else processes or
+#: inline; shared with ``octssl predict`` so that files spread over a cluster the same way.
+unit_executor = _executor
