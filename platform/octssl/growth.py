@@ -163,6 +163,7 @@ def growth_report(source: str | Path, out: str | Path, *, plots: bool = True) ->
           "area_mm2": p["area_mm2"], "id": p.get("id")} for p in points])
     _write(out / "areas", points_table, parquet=False)
     if plots:
+        (out / "plots").mkdir(exist_ok=True)
         for row in rows:
             plot(row, out / "plots" / f"{row['patient']}_{row['eye']}.png")
     rates = np.array([r["rate_mm2_per_year"] for r in rows])
