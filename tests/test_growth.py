@@ -69,3 +69,18 @@ def test_growth_from_a_predictions_table(tmp_path: Path) -> None:
         growth_report(tmp_path / "rpd.parquet", tmp_path / "g2")
     with pytest.raises(PredictError, match="no predictions table"):
         growth_report(tmp_path / "absent.parquet", tmp_path / "g3")
+
+
+def test_default_synthetic_corpus_is_unchanged_and_growth_changes_only_ga_driven_arrays(tmp_path: Path) -> None:
+    """The digest was taken from the corpus code before GA growth existed: the default must stay byte-identical."""
+    import hashlib
+
+    from octssl.corpus.synth import synthesize
+
+    plain = synthesize(tmp_path / "plain", volumes=6, grid=(8, 32, 32), seed=1, labelled=1.0)
+    digest = hashlib.sha256(json.dumps([r["sha256"] for r in plain.rows], sort_keys=True).encode()).hexdigest()
+    assert digest == "984032ff5bfdf6f85d021a17fc1ec01399a60c539bf2d75c35766d24d91ad071"
+    assert not (tmp_path / "plain" / "ga_growth.csv").exists()
+    grown = synthesize(tmp_path / "grown", volumes=6, grid=(8, 32, 32), seed=1, labelled=1.0, ga_growth=True)
+    for a, b in zip(plain.rows, grown.rows, strict=True):
+        assert a["sha256"]["rpd"] == b["sha256"]["rpd"]  # only GA (and what shows it) differs
