@@ -92,3 +92,18 @@ def test_end_to_end_train_export_predict_growth(finetuned_run: Path, growth_corp
     result = runner.invoke(app, ["growth", str(tmp_path / "pred"), "--out", str(tmp_path / "growth")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "growth" / "growth.csv").is_file() and (tmp_path / "growth" / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_device_files_as_ray_tasks_when_a_cluster_is_running(bundle: Path, shared_dir: Path, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("OCTSSL_PSEUDONYM_KEY", "test-key")
+    src = shared_dir / "data" / "heidelberg-vol"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        report = predict(bundle, [src / LINE_FILE, src / CIRCLE_FILE], tmp_path / "out", progress=False)
+    finally:
+        ray.shutdown()
+    assert report.executor == "ray" and len(report.rows) == 2
+    assert all(row["area_mm2"] is None for row in report.rows)
