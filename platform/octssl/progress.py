@@ -21,17 +21,25 @@ def console() -> Any:
 
 
 @contextmanager
-def stage(what: str, total: int | None, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+def stage(what: str, total: int | None, enabled: bool = True) -> Iterator[Callable[..., None]]:
     """A progress bar for a stage of ``total`` items; yields ``advance(n=1)`` (a no-op when disabled)."""
     if not enabled:
-        yield lambda n=1: None
+        yield _ignore
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console()) as bar:
         task = bar.add_task(what, total=total)
-        yield lambda n=1: bar.advance(task, n)
+
+        def advance(n: int = 1) -> None:
+            bar.advance(task, n)
+
+        yield advance
+
+
+def _ignore(n: int = 1) -> None:
+    """``advance`` when progress is off."""
 
 
 def track(items: Any, what: str, enabled: bool = True) -> Iterator[Any]:
