@@ -80,9 +80,9 @@ def main() -> None:
         forward = (time.perf_counter() - start) / 4
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    payload = {"benchmark": "predict", "cpu": cpu_name(), "grid": list(grid), "model": "fpn",
+    payload = {"benchmark": "predict", "cpu": cpu_name(), "volumes": args.volumes, "grid": list(grid), "model": "fpn",
                "width": args.width, "results": results, "forward_s_per_volume_batch4": forward,
-               "environment": finish(env)}
+               "env": finish(env)}
     print(f"wrote {write_json(args.out, payload)}")
 
 

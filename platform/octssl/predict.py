@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from octssl.fsutil import atomic_write
 
 COLUMNS = ("id", "patient", "eye", "visit", "acquired", "scan_pattern", "raster", "split", "source", "task",
            "threshold", "area_mm2", "area_reason", "lesions", "pixels", "dice", "hd95_mm")
-_BUNDLES: dict[str, Any] = {}  # per process: a Ray worker loads a bundle once
+_BUNDLES: dict[tuple[Any, ...], Any] = {}  # per process: a Ray worker loads a bundle once
 
 
 @dataclass
@@ -52,10 +53,13 @@ def _segmenter(bundle_path: str, batch_size: int) -> tuple[Any, Any]:
     from octssl.inference import Segmenter
     from octssl.models.bundle import load_bundle
 
-    if bundle_path not in _BUNDLES:
+    stamps = tuple((Path(bundle_path) / name).stat().st_mtime_ns if (Path(bundle_path) / name).exists() else 0
+                   for name in ("config.json", "model.safetensors"))
+    key = (bundle_path, stamps, batch_size)  # a bundle replaced in place is loaded again
+    if key not in _BUNDLES:
         bundle = load_bundle(bundle_path)
-        _BUNDLES[bundle_path] = (bundle, Segmenter(bundle.model, depth=bundle.grid[1], batch_size=batch_size))
-    return _BUNDLES[bundle_path]
+        _BUNDLES[key] = (bundle, Segmenter(bundle.model, depth=bundle.grid[1], batch_size=batch_size))
+    return _BUNDLES[key]
 
 
 def predict_items(bundle_path: str, items: list[Item], batch_size: int = 4) -> list[tuple[dict[str, Any], dict[str, bytes]]]:
@@ -96,7 +100,7 @@ def overlay(sample: dict[str, Any], mask: np.ndarray) -> np.ndarray:
         spacing = meta["spacing_mm"]
         height = max(1, int(round(base.shape[0] * spacing[0] / spacing[2])))  # physical aspect
         grey = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).resize((base.shape[1], height))
-        red = Image.fromarray(mask.astype(np.uint8) * 255).resize((base.shape[1], height), Image.NEAREST)
+        red = Image.fromarray(mask.astype(np.uint8) * 255).resize((base.shape[1], height), Image.Resampling.NEAREST)
         rgb = np.stack([np.asarray(grey)] * 3, axis=-1).astype(np.float32)
         lesion = np.asarray(red) > 0
         rgb[lesion] = 0.5 * rgb[lesion] + 0.5 * np.array([255.0, 0.0, 0.0])
@@ -153,7 +157,7 @@ def predict_file(bundle_path: str, path: str, key: bytes, batch_size: int = 4) -
 
 
 # ---------------------------------------------------------------- the command
-def predict(bundle_path: str | Path, sources: list[str | Path], out: str | Path, *, split: str | None = None,
+def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | Path, *, split: str | None = None,
             ids: list[str] | None = None, batch_size: int = 4, ephemeral_key: bool = False,
             progress: bool = True) -> PredictReport:
     """Run the bundle on ``sources`` (one corpus, or device files/folders); write ``out``; return the report."""
@@ -161,12 +165,12 @@ def predict(bundle_path: str | Path, sources: list[str | Path], out: str | Path,
     from octssl.progress import stage
 
     start = time.perf_counter()
-    bundle_path = str(Path(bundle_path).resolve())
-    _segmenter(bundle_path, batch_size)  # refuse a bad bundle before anything else
+    bundle_file = str(Path(bundle_path).resolve())
+    _segmenter(bundle_file, batch_size)  # refuse a bad bundle before anything else
     out = Path(out)
     report = PredictReport(out=str(out))
-    sources = [Path(s) for s in sources]
-    corpus_mode = len(sources) == 1 and (sources[0] / ZARR_NAME).is_dir()
+    paths = [Path(s) for s in sources]
+    corpus_mode = len(paths) == 1 and (paths[0] / ZARR_NAME).is_dir()
     if not corpus_mode and (split or ids):
         raise PredictError("--split/--ids select volumes of a corpus; the sources here are device files")
     out.mkdir(parents=True, exist_ok=True)
@@ -182,19 +186,19 @@ def predict(bundle_path: str | Path, sources: list[str | Path], out: str | Path,
     if corpus_mode:
         from octssl.corpus.store import Corpus
 
-        corpus = Corpus.open(sources[0])
+        corpus = Corpus.open(paths[0])
         chosen = ids if ids else corpus.ids(split=split, raster_only=False)
         unknown = [i for i in chosen if i not in corpus]
         if unknown:
-            raise PredictError(f"{sources[0]}: no volume(s) {unknown[:5]} in this corpus")
+            raise PredictError(f"{paths[0]}: no volume(s) {unknown[:5]} in this corpus")
         with stage("predict", len(chosen), progress) as advance:
             for begin in range(0, len(chosen), batch_size):
                 part = chosen[begin : begin + batch_size]
-                items = [Item(corpus.read(i, localizer=True), str(sources[0])) for i in part]
-                save(predict_items(bundle_path, items, batch_size))
+                items = [Item(corpus.read(i, localizer=True), str(paths[0])) for i in part]
+                save(predict_items(bundle_file, items, batch_size))
                 advance(len(part))
     else:
-        report.executor = _device_files(bundle_path, sources, batch_size, ephemeral_key, progress, save, report)
+        report.executor = _device_files(bundle_file, paths, batch_size, ephemeral_key, progress, save, report)
     _write_table(out, report.rows)
     report.seconds = time.perf_counter() - start
     return report

@@ -97,7 +97,7 @@ def write_attachments(corpus: Corpus, journal: Journal, attachments: list[Attach
         journal.protect_shards(name, arr.shape[0], shard_len, shards)
         for shard in shards:
             lo, hi = shard * shard_len, min((shard + 1) * shard_len, arr.shape[0])
-            slab = arr[lo:hi]
+            slab = np.array(arr[lo:hi], dtype=np.uint8)
             for index, data in slots.items():
                 if lo <= index < hi:
                     slab[index - lo] = data

@@ -45,11 +45,12 @@ def read_eye(path: Path, maps: dict[str, str]) -> list[Scan]:
     enface_shape = (volume.shape[0], volume.shape[2])
     area = volume.localizer.area_maps
     voxel = volume.volume_maps
+    localizer_shape = None if scan.localizer is None else scan.localizer.shape
     for name, kind in maps.items():
         if name in area:
             data = np.asarray(area[name].data)
-            if data.shape != scan.localizer.shape:  # type: ignore[union-attr]
-                raise IngestError(f"{path}: area map {name!r} is {data.shape}, the localizer {scan.localizer.shape}")
+            if data.shape != localizer_shape:
+                raise IngestError(f"{path}: area map {name!r} is {data.shape}, the localizer {localizer_shape}")
             scan.localizer_masks[kind] = (data > 0).astype(np.uint8)
         elif name in voxel:
             projected = np.asarray(voxel[name].data).any(axis=1)  # (nB, D, W) -> (nB, W)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,8 @@ class Bundle:
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        return tuple(self.config["input"]["grid"])  # type: ignore[return-value]
+        nb, depth, width = (int(v) for v in self.config["input"]["grid"])
+        return nb, depth, width
 
 
 def _sha256(path: Path) -> str:
@@ -203,7 +205,7 @@ def _grid(card: dict[str, Any], corpus: Any) -> tuple[int, int, int]:
             counts[row["grid"]] = counts.get(row["grid"], 0) + 1
     if not counts:
         raise ModelError(f"{corpus.path}: no raster volume to take the input grid from")
-    return parse_grid(max(counts, key=counts.get))
+    return parse_grid(max(counts, key=lambda grid: counts[grid]))
 
 
 def _val_threshold(model: Any, corpus: Any, task: str, depth: int) -> dict[str, Any]:
@@ -224,7 +226,7 @@ def _val_threshold(model: Any, corpus: Any, task: str, depth: int) -> dict[str, 
             "hd95_mm": float(np.mean(finite)) if finite else None, "hd95_undefined": len(hd) - len(finite)}
 
 
-def write_sweep_bundles(sweep_dir: Path, tasks: list[str]) -> dict[str, str]:
+def write_sweep_bundles(sweep_dir: Path, tasks: Sequence[str]) -> dict[str, str]:
     """One bundle per task for the sweep's best cell, under ``SWEEP_DIR/bundles/<task>``; a task whose bundle
     cannot be made is given as ``error: <reason>`` (the sweep's results stand without it)."""
     made = {}
