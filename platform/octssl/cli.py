@@ -466,13 +466,17 @@ def report(sweep_dir: Path = _REPORT_DIR) -> None:
     console.print(f"[green]wrote[/] {path}")
 
 
+_DEMO_LOOP = typer.Option(False, "--close-loop", help="GA grows at known rates; the sweep's GA bundle then predicts "
+                          "the test split and GA growth is added to report.md")
+
+
 @app.command()
-def demo(out: Path = _DEMO_OUT, quick: bool = _DEMO_QUICK) -> None:
+def demo(out: Path = _DEMO_OUT, quick: bool = _DEMO_QUICK, close_loop: bool = _DEMO_LOOP) -> None:
     """Synthesise a corpus, export shards, pretrain (2 workers), sweep GA/RPD fine-tuning, write the report."""
     from octssl.demo import run_demo
 
     try:
-        run_demo(out, quick=quick, console=console)
+        run_demo(out, quick=quick, console=console, close_loop=close_loop)
     except OctsslError as err:
         _fail(err)
 

@@ -127,7 +127,8 @@ def choose_threshold(probabilities: Sequence[np.ndarray], truths: Sequence[np.nd
 
 
 def measure(prob: np.ndarray, threshold: float, meta: dict[str, Any], truth: np.ndarray | None) -> dict[str, Any]:
-    """One volume's row: area (raster only, else the reason), lesions, pixels, Dice/HD95 against ``truth``."""
+    """One volume's row: area (raster only, else the reason), lesions, pixels, and against ``truth`` its area,
+    Dice and HD95."""
     mask = prob >= threshold
     raster = bool(meta.get("raster", True))
     spacing = meta["spacing_mm"]
@@ -137,6 +138,7 @@ def measure(prob: np.ndarray, threshold: float, meta: dict[str, Any], truth: np.
                                                                             "en-face raster"),
         "lesions": lesions(mask), "pixels": int(mask.sum()), "dice": None, "hd95_mm": None,
     }
+    row["label_area_mm2"] = area_mm2(truth, spacing) if truth is not None and raster else None
     if truth is not None:
         row["dice"] = dice(mask, truth)
         value = hd95(mask, truth, spacing)

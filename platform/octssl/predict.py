@@ -28,7 +28,7 @@ from octssl.errors import OctsslError, PredictError
 from octssl.fsutil import atomic_write
 
 COLUMNS = ("id", "patient", "eye", "visit", "acquired", "scan_pattern", "raster", "split", "source", "task",
-           "threshold", "area_mm2", "area_reason", "lesions", "pixels", "dice", "hd95_mm")
+           "threshold", "area_mm2", "area_reason", "lesions", "pixels", "label_area_mm2", "dice", "hd95_mm")
 _BUNDLES: dict[tuple[Any, ...], Any] = {}  # per process: a Ray worker loads a bundle once
 
 
@@ -249,6 +249,7 @@ SCHEMA = pa.schema([
     ("id", pa.string()), ("patient", pa.string()), ("eye", pa.string()), ("visit", pa.int64()),
     ("acquired", pa.string()), ("scan_pattern", pa.string()), ("raster", pa.bool_()), ("split", pa.string()),
     ("source", pa.string()), ("task", pa.string()), ("threshold", pa.float64()), ("area_mm2", pa.float64()),
-    ("area_reason", pa.string()), ("lesions", pa.int64()), ("pixels", pa.int64()), ("dice", pa.float64()),
+    ("area_reason", pa.string()), ("lesions", pa.int64()), ("pixels", pa.int64()),
+    ("label_area_mm2", pa.float64()), ("dice", pa.float64()),
     ("hd95_mm", pa.float64()),
 ])
