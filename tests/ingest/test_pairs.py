@@ -206,3 +206,26 @@ def test_cli_label_and_ingest_with_pairs(vol_dir: Path, key: str, tmp_path: Path
     (tmp_path / "cols.csv").write_text("volume,kind\nx,ga\n")
     bad = CliRunner().invoke(app, ["label", str(tmp_path / "c"), str(tmp_path / "cols.csv")])
     assert bad.exit_code == 2 and "lacks column" in bad.output
+
+
+def test_raster_stack_mask_on_the_localizer_lands_on_the_grid(tmp_path: Path, key: str) -> None:
+    """A raster stack spanning its 64 x 64 localizer, gridded to 8 x 32 x 32: a mask of the localizer's upper-left
+    quadrant labels the first half of the B-scans' first half of A-scans."""
+    from octssl.ingest.stack import write_stack
+
+    rng = np.random.default_rng(0)
+    write_stack(tmp_path / "src" / "stack", rng.integers(0, 255, (16, 40, 48), dtype=np.uint8),
+                {"spacing_mm": [0.1, 0.004, 0.0125], "laterality": "OD", "localizer_spacing_mm": [0.0125, 0.0125]},
+                localizer=rng.integers(0, 255, (64, 64), dtype=np.uint8))
+    ingest([tmp_path / "src"], tmp_path / "corpus", grid=(8, 32, 32), workers=1, progress=False)
+    quadrant = np.zeros((64, 64), np.uint8)
+    quadrant[:32, :32] = 1
+    Image.fromarray(quadrant).save(tmp_path / "q.png")
+    report = label_corpus(tmp_path / "corpus", write_pairs(tmp_path / "p.csv", [
+        {"volume": "src/stack", "kind": "ga", "image": "q.png", "space": "localizer"}]))
+    assert len(report.attached) == 1
+    (row,) = Corpus.open(tmp_path / "corpus").rows
+    ga = Corpus.open(tmp_path / "corpus").read(row["id"])["ga"]
+    expected = np.zeros((8, 32), np.uint8)
+    expected[:4, :16] = 1
+    assert np.array_equal(ga, expected)
