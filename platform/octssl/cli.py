@@ -33,8 +33,18 @@ app = typer.Typer(
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
 
 
+#: What a command turns into one line naming the file and the problem (exit code 2), never a traceback.
+_ERRORS = (OctsslError, OSError)
+
+
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    from rich.markup import escape
+
+    if isinstance(err, OSError) and err.filename is not None:
+        text = f"{err.filename}: {err.strerror or err}"
+    else:
+        text = str(err)
+    console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)  # one line, brackets kept as typed
     raise typer.Exit(2)
 
 
@@ -80,7 +90,7 @@ def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int |
         if job.kind != kind:
             raise OctsslError(f"{config}: kind is '{job.kind}', not '{kind}': use `octssl {job.kind}`")
         summary = run(job, resume=resume, metrics_port=metrics_port)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     console.print(
         f"[green]done[/] {summary['steps']} steps, loss {_num(summary['first_loss'])} -> {_num(summary['final_loss'])}, "
@@ -152,7 +162,7 @@ def submit(
             return
         state = jobs_client.wait(job_id, address, timeout_s=timeout)
         print(jobs_client.logs(job_id, address), end="")
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     console.print(f"job {job_id}: {state}")
     if state != "SUCCEEDED":
@@ -166,7 +176,7 @@ def jobs_status(job_id: str, address: str = _ADDRESS) -> None:
 
     try:
         details = jobs_client.info(job_id, address)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     print(details["status"])
     if details["message"]:
@@ -180,7 +190,7 @@ def jobs_logs(job_id: str, address: str = _ADDRESS) -> None:
 
     try:
         text = jobs_client.logs(job_id, address)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     print(text, end="")
 
@@ -192,7 +202,7 @@ def jobs_stop(job_id: str, address: str = _ADDRESS) -> None:
 
     try:
         stopped = jobs_client.stop(job_id, address)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     console.print(f"job {job_id}: " + ("stop requested" if stopped else "already finished"))
 
@@ -221,7 +231,7 @@ def export_shards_command(
     try:
         index = export_shards(corpus, out, samples_per_shard=samples_per_shard, split=split,
                               raster_only=not all_scans, overwrite=overwrite)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     size = sum(shard["bytes"] for shard in index["shards"])
     console.print(f"[green]exported[/] {index['total']} samples into {len(index['shards'])} shards "
@@ -273,7 +283,7 @@ def ingest(
             console.print(f"[bold red]WARNING:[/] {EPHEMERAL_WARNING}")
         report = pipeline.ingest(sources, out, grid=shape, workers=workers, ephemeral_key=ephemeral_key,
                                  batch_size=batch_size, depth_mm=depth_mm, on_reject=rejected, maps=maps)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     mb = report.bytes_read / 2**20
     console.print(
@@ -285,7 +295,7 @@ def ingest(
     if pairs is not None:
         try:
             labelled = _label(out, pairs)
-        except OctsslError as err:
+        except _ERRORS as err:
             _fail(err)
     if strict and (report.rejected or (labelled is not None and labelled.rejected)):
         console.print("[bold red]--strict:[/] file(s) or pairs row(s) rejected")
@@ -313,7 +323,7 @@ def label(corpus: Path = _LABEL_CORPUS, pairs: Path = _LABEL_PAIRS, strict: bool
     """Attach en-face images and masks (FAF, SLO, GA, RPD) to volumes already in a corpus, from a pairs table."""
     try:
         report = _label(corpus, pairs)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     if strict and report.rejected:
         raise typer.Exit(1)
@@ -358,7 +368,7 @@ def synth(
     try:
         corpus = synthesize(out, volumes=volumes, grid=shape, seed=seed, labelled=labelled, preview=preview,
                             progress=True, ga_growth=ga_growth)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     summary = corpus.summary()
     console.print(f"[green]wrote[/] {summary['volumes']} volumes of {grid} ({summary['patients']} patients, "
@@ -374,7 +384,7 @@ def info(corpus: Path = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
 
     try:
         summary = Corpus.open(corpus).summary()
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -397,21 +407,20 @@ def info(corpus: Path = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
 @app.command()
 def verify(path: Path = _VERIFY_PATH) -> None:
     """Recompute every checksum of a corpus (or shard directory); print every problem; exit 1 if any."""
-    from octssl.errors import CorpusError
     from octssl.webds.index import is_shard_dir
     from octssl.webds.verify import verify_shards
 
     if is_shard_dir(path):
         try:
             problems = verify_shards(path)
-        except OctsslError as err:
+        except _ERRORS as err:
             problems = [str(err)]
     else:
         from octssl.corpus.store import Corpus
 
         try:
             problems = Corpus.open(path).verify()
-        except CorpusError as err:
+        except _ERRORS as err:
             problems = [str(err)]
     for problem in problems:
         print(problem)
@@ -443,7 +452,7 @@ def sweep(config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET) -> None:
 
     try:
         summary = run_sweep(load_sweep_config(config, set_))
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     _print_tables(summary)
     counts = summary["trials"]
@@ -460,7 +469,7 @@ def report(sweep_dir: Path = _REPORT_DIR) -> None:
 
     try:
         path = build_report(sweep_dir)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     _print_tables(json.loads((sweep_dir / "summary.json").read_text()))
     console.print(f"[green]wrote[/] {path}")
@@ -477,7 +486,7 @@ def demo(out: Path = _DEMO_OUT, quick: bool = _DEMO_QUICK, close_loop: bool = _D
 
     try:
         run_demo(out, quick=quick, console=console, close_loop=close_loop)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
 
 
@@ -507,7 +516,7 @@ def export_model_command(source: Path = _EXPORT_SOURCE, task: str = _EXPORT_TASK
 
     try:
         path = export_model(source, task, out, overwrite=overwrite)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     config = json.loads((path / "config.json").read_text())
     console.print(f"[green]wrote[/] {path}: {config['model']['name']} for {task}, threshold {config['threshold']}, "
@@ -524,7 +533,7 @@ def predict(bundle: Path = _PREDICT_BUNDLE, sources: list[Path] = _PREDICT_SRC, 
     try:
         report = run_predict(bundle, sources, out, split=split, ids=ids or None, batch_size=batch_size,
                              ephemeral_key=ephemeral_key)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     for path, reason in report.rejected:
         console.print(f"[yellow]rejected[/] {path}: {reason}")
@@ -541,7 +550,7 @@ def growth(source: Path = _GROWTH_SOURCE, out: Path = _GROWTH_OUT) -> None:
 
     try:
         summary = growth_report(source, out)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     console.print(f"[green]growth[/] {summary['eyes_fitted']} eyes fitted, {summary['eyes_insufficient']} with fewer "
                   f"than 2 dated visits (see {out}/insufficient.csv); mean rate "

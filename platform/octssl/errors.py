@@ -29,5 +29,9 @@ class ModelError(OctsslError):
     """Invalid model options or input shapes, or mismatched weights on transfer."""
 
 
+class CheckpointError(OctsslError):
+    """A training checkpoint is unreadable or holds more than tensors and DeepSpeed's own state."""
+
+
 class PredictError(OctsslError):
     """Predictions or growth cannot be made from the given sources (the message names them)."""
