@@ -86,8 +86,10 @@ def test_sweep_directory_bundles_its_best_cell(finetuned_run: Path, tmp_path: Pa
         {**cell, "best_config": {"trial": "t-best", "val_dice": 0.3}},
         {**cell, "task": "rpd", "best_config": None},
     ]}
-    (sweep / "summary.json").write_text(json.dumps(summary))
-    made = write_sweep_bundles(sweep, ["ga", "rpd"])
+    made = write_sweep_bundles(sweep, {**summary, "tasks": ["ga", "rpd"]})  # as the sweep calls it: before summary.json
     assert made["ga"] == str(sweep / "bundles" / "ga") and made["rpd"].startswith("error:")
-    config = load_bundle(sweep / "bundles" / "ga").config
-    assert config["provenance"]["trial"] == "t-best" and config["metrics"]["test"]["dice"] == 0.4
+    (sweep / "summary.json").write_text(json.dumps(summary))  # and from the command line, after the sweep
+    export_model(sweep, "ga", tmp_path / "cli-bundle")
+    for bundle in (sweep / "bundles" / "ga", tmp_path / "cli-bundle"):
+        config = load_bundle(bundle).config
+        assert config["provenance"]["trial"] == "t-best" and config["metrics"]["test"]["dice"] == 0.4

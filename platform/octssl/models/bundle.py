@@ -21,7 +21,6 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,11 +111,12 @@ def load_bundle(path: str | Path) -> Bundle:
 
 
 # ---------------------------------------------------------------- export
-def _run_of(source: Path, task: str) -> tuple[Path, dict[str, Any]]:
+def _run_of(source: Path, task: str, summary: dict[str, Any] | None) -> tuple[Path, dict[str, Any]]:
     """The fine-tuning run to bundle and what is known about it (sweep, trial, test metrics)."""
     summary_path = source / "summary.json"
-    if summary_path.is_file() and (source / "trials").is_dir():  # a sweep directory
+    if summary is None and summary_path.is_file() and (source / "trials").is_dir():  # a sweep directory
         summary = json.loads(summary_path.read_text())
+    if summary is not None:
         cells = [c for c in summary.get("cells", []) if c.get("task") == task and c.get("best_config")]
         if not cells:
             raise ModelError(f"{source}: the sweep has no finished cell for task {task!r}")
@@ -138,8 +138,10 @@ def _weights_of(run_dir: Path) -> Path:
                      "directory with summary.json)")
 
 
-def export_model(source: str | Path, task: str, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write a bundle for ``task`` from a fine-tuning run directory or a sweep directory; returns ``out``."""
+def export_model(source: str | Path, task: str, out: str | Path, *, overwrite: bool = False,
+                 summary: dict[str, Any] | None = None) -> Path:
+    """Write a bundle for ``task`` from a fine-tuning run directory or a sweep directory; returns ``out``.
+    ``summary``: the sweep's summary when it is not on disk yet (the sweep itself, at its end)."""
     from octssl.config import load_config
     from octssl.corpus.store import Corpus
     from octssl.models.transfer import model_from_weights, read_metadata
@@ -151,7 +153,7 @@ def export_model(source: str | Path, task: str, out: str | Path, *, overwrite: b
         raise ModelError(f"{source}: no such run or sweep directory")
     if (out / CONFIG_NAME).exists() and not overwrite:
         raise ModelError(f"{out}: a bundle is already there (pass --overwrite to replace it)")
-    run_dir, known = _run_of(source, task)
+    run_dir, known = _run_of(source, task, summary)
     weights = _weights_of(run_dir)
     job = load_config(run_dir / "config.yaml")
     objective = job.objective
@@ -226,13 +228,15 @@ def _val_threshold(model: Any, corpus: Any, task: str, depth: int) -> dict[str, 
             "hd95_mm": float(np.mean(finite)) if finite else None, "hd95_undefined": len(hd) - len(finite)}
 
 
-def write_sweep_bundles(sweep_dir: Path, tasks: Sequence[str]) -> dict[str, str]:
-    """One bundle per task for the sweep's best cell, under ``SWEEP_DIR/bundles/<task>``; a task whose bundle
-    cannot be made is given as ``error: <reason>`` (the sweep's results stand without it)."""
+def write_sweep_bundles(sweep_dir: Path, summary: dict[str, Any]) -> dict[str, str]:
+    """One bundle per task of ``summary`` (the sweep's, before summary.json is written) for its best cell,
+    under ``SWEEP_DIR/bundles/<task>``; a task whose bundle cannot be made is given as ``error: <reason>``
+    (the sweep's results stand without it)."""
     made = {}
-    for task in tasks:
+    for task in summary["tasks"]:
         try:
-            made[task] = str(export_model(sweep_dir, task, sweep_dir / "bundles" / task, overwrite=True))
+            made[task] = str(export_model(sweep_dir, task, sweep_dir / "bundles" / task, overwrite=True,
+                                          summary=summary))
         except ModelError as err:
             made[task] = f"error: {err}"
     return made
