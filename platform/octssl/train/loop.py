@@ -30,10 +30,12 @@ from octssl.data import plan as batching
 from octssl.errors import OctsslError
 from octssl.objectives import per_volume_at_original
 from octssl.train import checkpoint as ckpt
+from octssl.train.board import Board, reconstructions
 from octssl.train.engine import build_engine, resolve_precision
 from octssl.train.runlog import RunLog
 
 FAULT_NAN_STEPS = "OCTSSL_FAULT_NAN_STEPS"  # testing hook: comma-separated steps whose loss is made NaN
+_BOARD_SCALARS = ("loss", "lr", "samples_per_s", "data_wait_s", "step_s", "grad_norm")  # metrics.jsonl -> TensorBoard
 
 
 class NonFiniteLossError(OctsslError):
@@ -130,6 +132,7 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.engine, self.scheduler = build_engine(model, c, self.total_steps, self.precision)
         self.metrics = TrainMetrics(rank=self.ctx.rank, run=c.run.name or "run")
+        self.board = Board(self.run_dir, enabled=self.ctx.rank == 0)
         self.log = RunLog(self.run_dir, self.ctx.rank)
         if self.ctx.metrics_port:
             serve(self.ctx.metrics_port + self.ctx.local_rank)
@@ -188,6 +191,7 @@ class Trainer:
         loss = self.objective.loss(logits.float(), batch)
         if self.step + 1 in self._nan_steps:
             loss = loss * float("nan")
+        self.local_done = time.time()  # the step's first collective follows: ranks wait for each other there
         bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
         if self.ctx.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -251,7 +255,7 @@ class Trainer:
         for key in ("step", "epoch", "step_in_epoch", "skipped", "first_loss", "last_loss", "best_metric"):
             setattr(self, key, state.get(key))
         self.log.rewind(self.step)
-        self.metrics.restart(from_step=self.step)
+        self.metrics.restart()
 
     def save(self, metrics: dict[str, Any]) -> None:
         """Checkpoint on every rank and report it (the same number of reports on every rank)."""
@@ -289,6 +293,8 @@ class Trainer:
             batch = self.to_device(next(stream))
             wait = time.time() - t0
             loss = self.train_step(batch)
+            self.metrics.observe_step(seconds=time.time() - t0, local_s=self.local_done - t0, data_wait_s=wait,
+                                      samples=len(batch["id"]))
             self.step += 1
             self.step_in_epoch += 1
             self.log.step(self.step, self.epoch, list(batch["id"]))
@@ -322,21 +328,22 @@ class Trainer:
 
     def _log(self, samples_per_s: float, step_s: float, wait: float) -> None:
         """Record the means over the steps since the last log (per rank, and rank 0's metrics.jsonl)."""
+        from octssl.monitor import memory_now
+
         lr = float(self.scheduler.get_last_lr()[0])
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
-        memory = _memory_bytes(self.device)
-        self.metrics.update(
-            step=self.step, loss=self.last_loss, lr=lr,
-            samples_per_s=samples_per_s, step_s=step_s, data_wait_s=wait, grad_norm=grad_norm,
-            memory_bytes=memory,
-        )
-        self.log.log({
+        memory, capacity = memory_now(self.device)
+        self.metrics.update(step=self.step, total_steps=self.total_steps, loss=self.last_loss, lr=lr,
+                            grad_norm=grad_norm, memory=memory, device_capacity=capacity)
+        record = {
             "step": self.step, "epoch": self.epoch, "loss": self.last_loss, "lr": lr,
             "samples_per_s": samples_per_s * self.ctx.world_size, "data_wait_s": wait, "step_s": step_s,
             "grad_norm": grad_norm, "skipped": self.skipped, "total_steps": self.total_steps,
             "time": time.time(),
-        })
+        }
+        self.log.log(record)
+        self.board.scalars(self.step, "train", {k: record[k] for k in _BOARD_SCALARS})
 
     def _evaluate(self) -> None:
         self.last_val = self.validate()
@@ -349,6 +356,9 @@ class Trainer:
             self.export("best")  # collective under ZeRO-3: every rank takes the same branch
         if self.last_val:
             self.log.validation({"step": self.step, **self.last_val})
+            self.metrics.validation(self.last_val)
+            self.board.scalars(self.step, "val", self.last_val)
+        self.board.images(self.step, reconstructions(self))
 
     def finish(self) -> dict[str, Any]:
         weights = self.export("final")
@@ -372,14 +382,6 @@ class Trainer:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
-
-
-def _memory_bytes(device: torch.device | None) -> float:
-    if device is not None and device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
