@@ -57,8 +57,11 @@ DATA_WAIT = Histogram("octssl_data_wait_seconds", "Time one step waited for its 
                       buckets=_WAIT_BUCKETS, registry=REGISTRY)
 CHECKPOINT_DURATION = Histogram("octssl_checkpoint_duration_seconds", "Wall time of one checkpoint save", _RANK,
                                 buckets=_CKPT_BUCKETS, registry=REGISTRY)
-LAST_CHECKPOINT = Gauge("octssl_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint saved",
-                        _RANK, registry=REGISTRY)
+LAST_CHECKPOINT = Gauge("octssl_last_checkpoint_timestamp_seconds",
+                        "Unix time of the last checkpoint saved (the rank's start until its first)", _RANK,
+                        registry=REGISTRY)
+CHECKPOINT_INTERVAL = Gauge("octssl_checkpoint_interval_steps", "Steps between checkpoints (run.ckpt_every)",
+                            _RANK, registry=REGISTRY)
 STEP = Gauge("octssl_step", "Optimizer step reached (restarts from the checkpoint's step)", _RANK,
              registry=REGISTRY)
 TOTAL_STEPS = Gauge("octssl_total_steps", "Optimizer steps the run is planned to take", _RANK, registry=REGISTRY)
@@ -105,6 +108,7 @@ class TrainMetrics:
         # Counters start at 0 so that increase()/rate() in the alert rules see their first increment.
         for counter in (SAMPLES, STEPS, SKIPPED_STEPS, WORKER_RESTARTS):
             counter.labels(**self._labels)
+        LAST_CHECKPOINT.labels(**self._labels).set(time.time())  # the checkpoint-age alert counts from here
 
     def observe_step(self, *, seconds: float, local_s: float, data_wait_s: float, samples: int) -> None:
         """Count one optimizer step of `samples` samples and record its timings."""
@@ -115,8 +119,8 @@ class TrainMetrics:
         STEP_LOCAL.labels(**labels).observe(local_s)
         DATA_WAIT.labels(**labels).observe(data_wait_s)
 
-    def update(self, *, step: int, total_steps: int | None = None, loss: float | None = None,
-               lr: float | None = None, grad_norm: float | None = None,
+    def update(self, *, step: int, total_steps: int | None = None, checkpoint_every: int | None = None,
+               loss: float | None = None, lr: float | None = None, grad_norm: float | None = None,
                memory: Mapping[str, float] | None = None, device_capacity: float | None = None) -> None:
         """Record the state at optimizer step `step`; values left None keep their last value.
 
@@ -124,8 +128,8 @@ class TrainMetrics:
         """
         labels = self._labels
         STEP.labels(**labels).set(step)
-        for gauge, value in ((TOTAL_STEPS, total_steps), (LOSS, loss), (LEARNING_RATE, lr), (GRAD_NORM, grad_norm),
-                             (DEVICE_CAPACITY, device_capacity)):
+        for gauge, value in ((TOTAL_STEPS, total_steps), (CHECKPOINT_INTERVAL, checkpoint_every), (LOSS, loss),
+                             (LEARNING_RATE, lr), (GRAD_NORM, grad_norm), (DEVICE_CAPACITY, device_capacity)):
             if value is not None:
                 gauge.labels(**labels).set(float(value))
         for kind, value in (memory or {}).items():

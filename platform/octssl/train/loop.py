@@ -334,8 +334,8 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         memory, capacity = memory_now(self.device)
-        self.metrics.update(step=self.step, total_steps=self.total_steps, loss=self.last_loss, lr=lr,
-                            grad_norm=grad_norm, memory=memory, device_capacity=capacity)
+        self.metrics.update(step=self.step, total_steps=self.total_steps, checkpoint_every=self.config.run.ckpt_every,
+                            loss=self.last_loss, lr=lr, grad_norm=grad_norm, memory=memory, device_capacity=capacity)
         record = {
             "step": self.step, "epoch": self.epoch, "loss": self.last_loss, "lr": lr,
             "samples_per_s": samples_per_s * self.ctx.world_size, "data_wait_s": wait, "step_s": step_s,
