@@ -165,6 +165,7 @@ _EXPORT_K = typer.Option(64, "--samples-per-shard", "-k", help="samples per tar 
 _EXPORT_SPLIT = typer.Option(None, "--split", help="export only train, val or test (default: all)")
 _EXPORT_ALL = typer.Option(False, "--all-scans", help="include non-raster scans (default: raster only)")
 _EXPORT_OVERWRITE = typer.Option(False, "--overwrite", help="replace an earlier export in --out")
+_EXPORT_WORKERS = typer.Option(1, "--workers", "-j", help="processes writing shards in parallel (same bytes as 1)")
 
 
 @app.command("export-shards")
@@ -175,13 +176,14 @@ def export_shards_command(
     split: str | None = _EXPORT_SPLIT,
     all_scans: bool = _EXPORT_ALL,
     overwrite: bool = _EXPORT_OVERWRITE,
+    workers: int = _EXPORT_WORKERS,
 ) -> None:
     """Write a corpus as WebDataset tar shards plus index.json (counts, checksums) for streaming."""
     from octssl.webds.export import export_shards
 
     try:
         index = export_shards(corpus, out, samples_per_shard=samples_per_shard, split=split,
-                              raster_only=not all_scans, overwrite=overwrite)
+                              raster_only=not all_scans, overwrite=overwrite, workers=workers)
     except OctsslError as err:
         _fail(err)
     size = sum(shard["bytes"] for shard in index["shards"])
@@ -323,14 +325,14 @@ def verify(path: Path = _VERIFY_PATH) -> None:
 
     if is_shard_dir(path):
         try:
-            problems = verify_shards(path)
+            problems = verify_shards(path, progress=True)
         except OctsslError as err:
             problems = [str(err)]
     else:
         from octssl.corpus.store import Corpus
 
         try:
-            problems = Corpus.open(path).verify()
+            problems = Corpus.open(path).verify(progress=True)
         except CorpusError as err:
             problems = [str(err)]
     for problem in problems:

@@ -10,6 +10,10 @@ fixed owner and mtime, so exporting the same corpus twice gives byte-identical s
 range and the corpus manifest's sha256 of each array. The byte ranges let StreamSource read any sample
 with one seek (see ``octssl.data.sources``); the digests let it check every sample it decodes.
 
+With ``workers > 1`` shards are written by that many processes, each opening the corpus itself and
+writing whole tars of its own; a shard's bytes depend only on its samples, and the index is assembled in
+shard order and written last, so the export is byte-identical to a one-process one.
+
 Writing uses ``tarfile`` directly rather than ``webdataset.TarWriter`` because the byte range of each
 sample must be known as it is written (``TarFile.offset``); both produce the same ustar/pax records.
 """
@@ -19,8 +23,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing
 import re
 import tarfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +84,7 @@ def export_shards(
     *,
     progress: bool = True,
     overwrite: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Write ``corpus`` (a Corpus or its path) as tar shards plus ``index.json`` into ``out_dir``; returns the index.
 
@@ -100,19 +107,20 @@ def export_shards(
     ids.sort(key=lambda sid: _SPLIT_ORDER.get(rows[sid]["split"], 3))  # stable: manifest order within a split
     _prepare_dir(out, overwrite)
 
-    counts = shard_counts(len(ids), samples_per_shard)
-    shards: list[dict[str, Any]] = []
-    samples: dict[str, dict[str, Any]] = {}
+    if workers < 1:
+        raise ShardError(f"workers must be >= 1, got {workers}")
+    plan, start = [], 0
+    for number, count in enumerate(shard_counts(len(ids), samples_per_shard)):
+        chunk = ids[start:start + count]
+        start += count
+        plan.append((out / SHARD_PATTERN.format(number), chunk, {sid: rows[sid] for sid in chunk}))
     with stage(f"export {corpus.path.name}", len(ids), progress) as advance:
-        start = 0
-        for number, count in enumerate(counts):
-            name = SHARD_PATTERN.format(number)
-            chunk = ids[start:start + count]
-            start += count
-            entries = _write_shard(corpus, out / name, chunk, rows, advance)
-            samples.update(entries)
-            shards.append({"name": name, "count": count, "bytes": (out / name).stat().st_size,
-                           "sha256": file_sha256(out / name), "ids": chunk})
+        if workers == 1 or len(plan) == 1:
+            written = [_shard(corpus, path, chunk, chunk_rows, advance) for path, chunk, chunk_rows in plan]
+        else:
+            written = _shards_in_processes(corpus.path, plan, min(workers, len(plan)), advance)
+    shards = [shard for shard, _ in written]
+    samples = {sid: entry for _, entries in written for sid, entry in entries.items()}
     index = {
         "format": FORMAT,
         "corpus": {"path": str(corpus.path), "manifest_sha256": file_sha256(corpus.manifest_path),
@@ -126,6 +134,34 @@ def export_shards(
     }
     atomic_write(out / INDEX_NAME, json.dumps(index, indent=1).encode())
     return index
+
+
+def _shard(corpus: Any, path: Path, ids: list[str], rows: dict[str, dict], advance: Any) -> tuple[dict, dict]:
+    """Write one shard; its index record and its samples' entries."""
+    entries = _write_shard(corpus, path, ids, rows, advance)
+    return ({"name": path.name, "count": len(ids), "bytes": path.stat().st_size, "sha256": file_sha256(path),
+             "ids": ids}, entries)
+
+
+def _shard_in_process(corpus_path: str, path: Path, ids: list[str], rows: dict[str, dict]) -> tuple[dict, dict]:
+    """A worker process's job: open the corpus, write one shard."""
+    from octssl.corpus.store import Corpus
+
+    return _shard(Corpus.open(corpus_path), path, ids, rows, lambda n=1: None)
+
+
+def _shards_in_processes(corpus_path: Path, plan: list[tuple[Path, list[str], dict]], workers: int,
+                         advance: Any) -> list[tuple[dict, dict]]:
+    """Write the planned shards with ``workers`` processes; results in shard order. Spawned, not forked:
+    a forked child would inherit the parent's Zarr I/O thread in whatever state it was."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(_shard_in_process, str(corpus_path), path, ids, rows): len(ids)
+                   for path, ids, rows in plan}
+        for future in as_completed(futures):
+            future.result()  # the first failure ends the export
+            advance(futures[future])
+        return [future.result() for future in futures]
 
 
 def _prepare_dir(out: Path, overwrite: bool) -> None:

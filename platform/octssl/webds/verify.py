@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from octssl.errors import ShardError
+from octssl.progress import stage
 from octssl.webds.index import INDEX_NAME, file_sha256, load_index
 from octssl.webds.read import decode_sample
 
 
-def verify_shards(shards_dir: str | Path) -> list[str]:
+def verify_shards(shards_dir: str | Path, progress: bool = False) -> list[str]:
     """Every problem of an export in one pass: missing/truncated shards, checksums, counts; each named."""
     root = Path(shards_dir)
     try:
@@ -25,8 +26,10 @@ def verify_shards(shards_dir: str | Path) -> list[str]:
     if sum(shard["count"] for shard in index["shards"]) != index["total"]:
         problems.append(f"{root / INDEX_NAME}: shard counts sum to "
                         f"{sum(s['count'] for s in index['shards'])}, total says {index['total']}")
-    for shard in index["shards"]:
-        problems += _shard_problems(root / shard["name"], shard, index["samples"])
+    with stage(f"verify {root.name}", index["total"], progress) as advance:
+        for shard in index["shards"]:
+            problems += _shard_problems(root / shard["name"], shard, index["samples"])
+            advance(shard["count"])
     return problems
 
 
