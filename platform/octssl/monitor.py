@@ -21,10 +21,19 @@ import time
 from collections.abc import Mapping
 from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    start_http_server,
+)
 
 from octssl.errors import ConfigError
 
+disable_created_metrics()  # no `*_created` gauge beside every counter and histogram: series nobody queries
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 #: Ray Train's label names (ray.train.v2._internal.metrics: RUN_NAME_TAG_KEY, WORKER_WORLD_RANK_TAG_KEY)
