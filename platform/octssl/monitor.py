@@ -160,9 +160,11 @@ class TrainMetrics:
         """Count one step skipped for a non-finite loss (it is counted as a step by observe_step too)."""
         SKIPPED_STEPS.labels(**self._labels).inc()
 
-    def restart(self) -> None:
-        """Count one restart of this rank from a checkpoint (call it after resuming)."""
-        WORKER_RESTARTS.labels(**self._labels).inc()
+    def restart(self, *, count: bool = True) -> None:
+        """Note that this rank resumed from a checkpoint; ``count`` it as a restart after a failure (a
+        deliberate ``--resume`` is not one). Steps are counted as taken, so resumed ones are not recounted."""
+        if count:
+            WORKER_RESTARTS.labels(**self._labels).inc()
 
     def values(self) -> dict[str, float]:
         """This rank's current samples (tests and logs; NaN stays NaN). Series with more labels than the

@@ -77,10 +77,10 @@ class Ticker:
 
 
 @contextmanager
-def stage(what: str, total: int | None, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+def stage(what: str, total: int | None, enabled: bool = True) -> Iterator[Callable[..., None]]:
     """Progress of a stage of ``total`` items; yields ``advance(n=1)`` (a no-op when disabled)."""
     if not enabled:
-        yield lambda n=1: None
+        yield _ignore
         return
     if not interactive():
         done = [0]
@@ -107,7 +107,15 @@ def stage(what: str, total: int | None, enabled: bool = True) -> Iterator[Callab
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console()) as bar:
         task = bar.add_task(what, total=total)
-        yield lambda n=1: bar.advance(task, n)
+
+        def advance_bar(n: int = 1) -> None:
+            bar.advance(task, n)
+
+        yield advance_bar
+
+
+def _ignore(n: int = 1) -> None:
+    """``advance`` when progress is off."""
 
 
 def track(items: Any, what: str, enabled: bool = True) -> Iterator[Any]:

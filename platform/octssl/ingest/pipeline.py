@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,7 +60,7 @@ def parse_grid(text: str) -> tuple[int, int, int]:
 
 
 def ingest(
-    sources: list[str | Path],
+    sources: Sequence[str | Path],
     out: str | Path,
     *,
     grid: tuple[int, int, int] = DEFAULT_GRID,

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from octssl.vocab import RECONSTRUCTION
+from octssl.data.transforms import collate
+from octssl.vocab import RECONSTRUCTION, VOLUME
 
 BOARD_DIR = "tensorboard"
 IMAGE_VOLUMES = 2  # val volumes shown as reconstructions at each evaluation
@@ -68,8 +69,8 @@ def reconstructions(trainer: Any, n: int = IMAGE_VOLUMES) -> list[tuple[str, np.
     trainer.engine.eval()
     pairs = []
     for i in range(min(n, len(source))):
-        batch = trainer.to_device(trainer.collate([source[i]]))
-        logits = trainer.engine(batch["oct"]).float()
+        batch = trainer.to_device(collate([source[i]]))
+        logits = trainer.engine(batch[VOLUME]).float()
         target = objective.target_tensor(logits, batch)
         pairs.append((str(batch["id"][0]), target[0, 0].cpu().numpy(), torch.sigmoid(logits)[0, 0].cpu().numpy()))
     trainer.engine.train()

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from octssl.cluster import require, root_cause
 from octssl.config import JobConfig, dump_config
 from octssl.errors import ConfigError, OctsslError
-from octssl.train.engine import resolve_precision
+from octssl.train.engine import init_single_process_group, resolve_precision
+from octssl.vocab import VAL, VOLUME
 
 
 def name_run(config: JobConfig, resume: bool | str) -> JobConfig:
@@ -48,25 +47,16 @@ def preflight(config: JobConfig) -> dict[str, Any]:
     """Everything that can be checked without workers: data, labels, model shapes, init weights, precision.
     Raises ConfigError/ModelError naming the problem; returns a few facts about the data."""
     from octssl.corpus.store import Corpus
+    from octssl.data.feed import build_train_data
     from octssl.models import build_model
 
     c = config
-    facts: dict[str, Any] = {}
     resolve_precision(c.deepspeed.precision, gpu=c.scaling.gpus_per_worker > 0)
-    target = c.objective.target
-    segmentation = c.objective.kind == "segmentation"
-    if c.data.source == "stream":
-        shape = _stream_shape(c)
-    else:
-        corpus = Corpus.open(c.data.corpus)
-        train_ids = corpus.ids(split="train", label=target if segmentation else None, require=("oct", target))
-        if not train_ids:
-            what = f"labelled '{target}'" if segmentation else f"'{target}'"
-            raise ConfigError(f"{c.data.corpus}: no train volumes with {what}: nothing to train on")
-        facts["train_volumes"] = len(train_ids)
-        facts["val_volumes"] = len(corpus.ids(split="val", require=("oct", target)))
-        shape = tuple(corpus.read(train_ids[0])["oct"].shape)
-    nb, depth, w = shape
+    data = build_train_data(c)
+    facts: dict[str, Any] = {"train_volumes": data.volumes}
+    if c.data.corpus:
+        facts["val_volumes"] = len(Corpus.open(c.data.corpus).ids(split=VAL, require=(VOLUME, c.objective.target)))
+    nb, depth, w = data.volume_shape()
     crop_nb, crop_w = c.data.crop
     if crop_nb > nb or crop_w > w:
         raise ConfigError(f"data.crop={tuple(c.data.crop)} is larger than the volumes (nB={nb}, W={w})")
@@ -79,21 +69,6 @@ def preflight(config: JobConfig) -> dict[str, Any]:
             raise ConfigError(f"run.init={c.run.init}: no such weights file")
         load_weights(model, c.run.init, scope=c.run.init_scope)
     return facts
-
-
-def _stream_shape(c: JobConfig) -> tuple[int, int, int]:
-    """The (nB, D, W) of the train samples in a shard export that carry the target (from index.json)."""
-    index_path = Path(c.data.shards) / "index.json"
-    if not index_path.is_file():
-        raise ConfigError(f"data.shards={c.data.shards}: no index.json (run `octssl export-shards` first)")
-    entries = json.loads(index_path.read_text())["samples"].values()
-    grids = {e.get("grid") for e in entries if e.get("split") == "train" and c.objective.target in e["sha256"]}
-    if not grids:
-        raise ConfigError(f"{index_path}: no train samples with '{c.objective.target}': nothing to train on")
-    if None in grids or len(grids) > 1:
-        raise ConfigError(f"{index_path}: train samples on grids {sorted(map(str, grids))}: export one grid")
-    nb, depth, w = (int(n) for n in grids.pop().split("x"))
-    return nb, depth, w
 
 
 def _ray_up(config: JobConfig) -> None:
@@ -133,10 +108,11 @@ def run(
         resources["GPU"] = config.scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": config.model_dump(mode="json"), "run_dir": str(run_dir), "metrics_port": metrics_port},
+        train_loop_config={"job": config.model_dump(mode="json"), "run_dir": str(run_dir), "metrics_port": metrics_port,
+                           "attempt": uuid.uuid4().hex},
         scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        run_config=RunConfig(
+        run_config=RunConfig(  # type: ignore[call-arg]  # Train V2 field
             name=config.run.name,
             storage_path=config.run.storage_path,
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
@@ -154,7 +130,7 @@ def run(
         raise OctsslError(f"{run_dir}: training failed: {root_cause(err)}") from err
     finally:
         watcher.stop()
-    if getattr(result, "error", None):
+    if result.error is not None:
         raise OctsslError(f"{run_dir}: training failed: {root_cause(result.error)}")
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -162,8 +138,9 @@ def run(
 def run_single_process(config: JobConfig, *, resume_from: Path | None = None,
                        metrics_port: int | None = None) -> dict[str, Any]:
     """The same Trainer in this process (world size 1, no Ray): benchmarks, single-GPU checks, and
-    (with ``metrics_port``) a run whose /metrics a test's Prometheus scrapes."""
-    import torch.distributed as dist
+    (with ``metrics_port``) a run whose /metrics a test's Prometheus scrapes.
+    Checkpoints are copied to ``RUN_DIR/checkpoints/stepNNNNNNNN``."""
+    import shutil
 
     from octssl.train.loop import Trainer, WorkerContext
 
@@ -172,25 +149,13 @@ def run_single_process(config: JobConfig, *, resume_from: Path | None = None,
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    init_single_process_group()
     ckpts = run_dir / "checkpoints"
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-        import shutil
-
         if ckpt_dir is not None:
             shutil.copytree(ckpt_dir, ckpts / f"step{metrics['step']:08d}", dirs_exist_ok=True)
 
     ctx = WorkerContext(rank=0, world_size=1, run_dir=run_dir, report=report, resume_from=resume_from,
                         metrics_port=metrics_port)
     return Trainer(config, ctx).train()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

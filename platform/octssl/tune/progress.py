@@ -71,8 +71,8 @@ class SweepProgress(Callback):
 
         per_cell: dict[str, Counter] = {}
         for trial_id, state in self.state.items():
-            cell = self.group_of[trial_id].rsplit("-s", 1)[0]
-            per_cell.setdefault(cell, Counter())[state] += 1
+            cell_key = self.group_of[trial_id].rsplit("-s", 1)[0]
+            per_cell.setdefault(cell_key, Counter())[state] += 1
         per_trial = self.config.search.num_samples * len(self.config.seeds)
         table = Table(title=self.title(), title_justify="left")
         for column in ("cell", "finished", "running", "failed", "best val Dice"):

@@ -11,12 +11,12 @@ import numpy as np
 
 from octssl.cluster import root_cause
 from octssl.tune.config import SweepConfig
-from octssl.vocab import DICE
+from octssl.vocab import DICE, HD95
 
 #: trial statuses in trials.parquet and summary.json
 OK, STOPPED, ERROR = "ok", "stopped", "error"
 STATUSES = (OK, STOPPED, ERROR)
-RESULT_COLUMNS = ("task", "fraction", "init", "model", "seed", "trial", "id", "dice", "hd95_mm", "truth_px", "pred_px")
+RESULT_COLUMNS = ("task", "fraction", "init", "model", "seed", "trial", "id", DICE, HD95, "truth_px", "pred_px")
 
 
 def stopped_early(last_step: int, steps: int) -> bool:
@@ -72,11 +72,11 @@ def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[st
     for cell in config.cells:
         mine = [r for r in rows if (r["task"], r["fraction"], r["init"], r["model"]) ==
                 (cell.task, cell.fraction, cell.init, cell.model)]
-        dice = np.array([r["dice"] for r in mine], float)
+        dice = np.array([r[DICE] for r in mine], float)
         hd95 = np.array([r["hd95_mm"] for r in mine], float)
         lesion = np.array([r["truth_px"] > 0 for r in mine], bool)
         seeds = sorted({r["seed"] for r in mine})
-        per_seed = [float(np.mean([r["dice"] for r in mine if r["seed"] == s])) for s in seeds]
+        per_seed = [float(np.mean([r[DICE] for r in mine if r["seed"] == s])) for s in seeds]
         picks = [dict(chosen[g.key]) for g in config.groups if g.cell == cell and g.key in chosen]
         best = max(picks, key=lambda t: t["val_dice"]) if picks else None
         cell_trials = [t for t in trials if t["cell"] == cell.key]

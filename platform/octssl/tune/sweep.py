@@ -183,4 +183,4 @@ def _search(config: SweepConfig, sweep_dir: Path, concurrent: int, progress: boo
         watcher.stop()
     if len(grid) < total:  # Tune stops gracefully on Ctrl-C and returns what ran: do not report that as done
         raise OctsslError(f"{sweep_dir}: sweep interrupted after {len(grid)} of {total} trials; no results written")
-    return [trial_row(config, sweep_dir, result) for result in grid]
+    return [trial_row(config, sweep_dir, grid[i]) for i in range(len(grid))]

@@ -28,7 +28,7 @@ def evaluate_chosen(config: SweepConfig, chosen: dict[str, dict[str, Any]], fact
         if group.key not in chosen:
             continue
         show = facts["figure"][group.cell.task] if group.seed == config.seeds[0] else []
-        ref = task_fn.remote(config.corpus, chosen[group.key]["best_weights"], group.cell.task,
+        ref = task_fn.remote(config.corpus, chosen[group.key]["best_weights"], group.cell.task,  # type: ignore[call-arg]
                              facts["test"][group.cell.task], show=show, threads=int(res.cpus_per_trial),
                              gpu=res.gpus_per_trial > 0)
         pending[ref] = group
@@ -82,13 +82,13 @@ def figure_data(config: SweepConfig, sweep_dir: Path, previews: dict[str, Any], 
             continue  # not a reconstruction checkpoint: nothing to show
         ids = corpus.ids(split="val", require=(VOLUME, target))[: config.figure_volumes]
         if ids:
-            refs[init] = (task_fn.remote(config.corpus, path, ids, threads=int(res.cpus_per_trial),
+            refs[init] = (task_fn.remote(config.corpus, path, ids, threads=int(res.cpus_per_trial),  # type: ignore[call-arg]
                                          gpu=res.gpus_per_trial > 0), ids)
     arrays = {}
     for init, (ref, ids) in refs.items():
         for key, value in ray.get(ref).items():
             arrays[f"{init}|{key}"] = value
         arrays[f"{init}|ids"] = np.array(ids)
-    np.savez_compressed(out / "reconstructions.npz", **arrays)
+    np.savez_compressed(out / "reconstructions.npz", **arrays)  # type: ignore[arg-type]
 
 

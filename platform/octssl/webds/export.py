@@ -166,7 +166,7 @@ def _shards_in_processes(corpus_path: Path, plan: list[tuple[Path, list[str], di
 
 def _prepare_dir(out: Path, overwrite: bool) -> None:
     if (out / INDEX_NAME).exists() and not overwrite:
-        raise ShardError(f"{out}: already holds an export ({INDEX_NAME}); pass overwrite to replace it")
+        raise ShardError(f"{out}: already holds an export ({INDEX_NAME}); pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     (out / INDEX_NAME).unlink(missing_ok=True)  # first, so a half-replaced export never looks finished
     for stale in [*out.glob("shard-*.tar"), *out.glob(".shard-*.tmp")]:
