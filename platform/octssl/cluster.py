@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from octssl import reaper
 from octssl.errors import ConfigError
 
 DASHBOARD_ENV = "OCTSSL_RAY_DASHBOARD"  # "1": a local Ray starts its dashboard (`--dashboard`)
@@ -29,6 +30,7 @@ def ray_up() -> dict[str, float]:
                                dashboard_host="127.0.0.1", log_to_driver=worker_logs)
             if dashboard and context.dashboard_url:
                 print(f"Ray dashboard: http://{context.dashboard_url}", file=sys.stderr, flush=True)
+            reaper.guard()  # the agents of a local Ray outlive a killed driver: reap them
     return ray.cluster_resources()
 
 

@@ -3,7 +3,7 @@
 A shard ``shard-000000.tar`` holds per sample ``{id}.oct.npy`` (uint8 ``(nB, D, W)``), ``{id}.faf.png``,
 ``{id}.slo.png``, ``{id}.ga.png``, ``{id}.rpd.png`` (8-bit grey PNG; masks keep their 0/1 values) and
 ``{id}.json`` (the manifest fields of the sample dict's ``meta`` and nothing else: no acquisition date, no
-source-file hash, no device identifiers). Any WebDataset reader can consume the tars. Tar headers carry
+source-file hash, no device identifiers; ``visit`` is the visit's ordinal per patient and eye). Any WebDataset reader can consume the tars. Tar headers carry
 fixed owner and mtime, so exporting the same corpus twice gives byte-identical shards.
 
 ``index.json`` records per shard its count, byte size, sha256 and ids, and per sample its shard, byte
@@ -104,19 +104,22 @@ def export_shards(
         raise ShardError(f"{corpus.path}: sample ids {bad[:5]} contain characters other than letters, digits, '_' "
                          "and '-' (a WebDataset key ends at the first dot)")
     rows = {sid: corpus.row(sid) for sid in ids}
+    visits = visit_ordinals(corpus.rows)
     ids.sort(key=lambda sid: _SPLIT_ORDER.get(rows[sid]["split"], 3))  # stable: manifest order within a split
     _prepare_dir(out, overwrite)
 
     if workers < 1:
         raise ShardError(f"workers must be >= 1, got {workers}")
-    plan, start = [], 0
+    plan: list[_ShardPlan] = []
+    start = 0
     for number, count in enumerate(shard_counts(len(ids), samples_per_shard)):
         chunk = ids[start:start + count]
         start += count
-        plan.append((out / SHARD_PATTERN.format(number), chunk, {sid: rows[sid] for sid in chunk}))
+        plan.append((out / SHARD_PATTERN.format(number), chunk, {sid: rows[sid] for sid in chunk},
+                     {sid: visits[sid] for sid in chunk}))
     with stage(f"export {corpus.path.name}", len(ids), progress) as advance:
         if workers == 1 or len(plan) == 1:
-            written = [_shard(corpus, path, chunk, chunk_rows, advance) for path, chunk, chunk_rows in plan]
+            written = [_shard(corpus, *job, advance) for job in plan]
         else:
             written = _shards_in_processes(corpus.path, plan, min(workers, len(plan)), advance)
     shards = [shard for shard, _ in written]
@@ -136,28 +139,50 @@ def export_shards(
     return index
 
 
-def _shard(corpus: Any, path: Path, ids: list[str], rows: dict[str, dict], advance: Any) -> tuple[dict, dict]:
+def visit_ordinals(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Per sample id, the ordinal (0, 1, ...) of its visit among its patient's visits of that eye, in order of
+    acquisition day: what shards carry as ``visit``, so that no stored visit number (a day as YYYYMMDD in
+    corpora ingested before visits were pseudonymised) leaves the corpus."""
+    by_eye: dict[tuple[str, str], set[tuple[Any, int]]] = {}
+    for row in rows:
+        by_eye.setdefault((row["patient"], row["eye"]), set()).add(_visit_key(row))
+    order = {eye: {key: n for n, key in enumerate(sorted(keys))} for eye, keys in by_eye.items()}
+    return {row["id"]: order[(row["patient"], row["eye"])][_visit_key(row)] for row in rows}
+
+
+def _visit_key(row: dict[str, Any]) -> tuple[Any, int]:
+    """Sort key of a row's visit: its acquisition day (unknown days last), then the stored visit number."""
+    day = row["acquired"]
+    return (day.toordinal() if day is not None else math.inf, row["visit"])
+
+
+#: one shard to write: its path, sample ids, their manifest rows and visit ordinals
+_ShardPlan = tuple[Path, list[str], dict[str, dict], dict[str, int]]
+
+
+def _shard(corpus: Any, path: Path, ids: list[str], rows: dict[str, dict], visits: dict[str, int],
+           advance: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Write one shard; its index record and its samples' entries."""
-    entries = _write_shard(corpus, path, ids, rows, advance)
+    entries = _write_shard(corpus, path, ids, rows, visits, advance)
     return ({"name": path.name, "count": len(ids), "bytes": path.stat().st_size, "sha256": file_sha256(path),
              "ids": ids}, entries)
 
 
-def _shard_in_process(corpus_path: str, path: Path, ids: list[str], rows: dict[str, dict]) -> tuple[dict, dict]:
+def _shard_in_process(corpus_path: str, path: Path, ids: list[str], rows: dict[str, dict],
+                      visits: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A worker process's job: open the corpus, write one shard."""
     from octssl.corpus.store import Corpus
 
-    return _shard(Corpus.open(corpus_path), path, ids, rows, lambda n=1: None)
+    return _shard(Corpus.open(corpus_path), path, ids, rows, visits, lambda n=1: None)
 
 
-def _shards_in_processes(corpus_path: Path, plan: list[tuple[Path, list[str], dict]], workers: int,
-                         advance: Any) -> list[tuple[dict, dict]]:
+def _shards_in_processes(corpus_path: Path, plan: list[_ShardPlan], workers: int,
+                         advance: Any) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Write the planned shards with ``workers`` processes; results in shard order. Spawned, not forked:
     a forked child would inherit the parent's Zarr I/O thread in whatever state it was."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(_shard_in_process, str(corpus_path), path, ids, rows): len(ids)
-                   for path, ids, rows in plan}
+        futures = {pool.submit(_shard_in_process, str(corpus_path), *job): len(job[1]) for job in plan}
         for future in as_completed(futures):
             future.result()  # the first failure ends the export
             advance(futures[future])
@@ -165,6 +190,8 @@ def _shards_in_processes(corpus_path: Path, plan: list[tuple[Path, list[str], di
 
 
 def _prepare_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"{out}: is a file, not a folder for shards")
     if (out / INDEX_NAME).exists() and not overwrite:
         raise ShardError(f"{out}: already holds an export ({INDEX_NAME}); pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
@@ -173,7 +200,8 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
         stale.unlink()
 
 
-def _write_shard(corpus: Any, path: Path, ids: list[str], rows: dict[str, dict], advance: Any) -> dict[str, Any]:
+def _write_shard(corpus: Any, path: Path, ids: list[str], rows: dict[str, dict], visits: dict[str, int],
+                 advance: Any) -> dict[str, Any]:
     """Write one tar under a temporary name, fsync, rename; returns the per-sample index entries."""
     entries: dict[str, dict[str, Any]] = {}
     with atomic_file(path) as handle:
@@ -185,7 +213,8 @@ def _write_shard(corpus: Any, path: Path, ids: list[str], rows: dict[str, dict],
                 for key in ENFACE_KEYS:
                     if key in sample:
                         _add_member(tar, f"{sid}.{key}.png", _png_bytes(sample[key]))
-                _add_member(tar, f"{sid}.json", json.dumps(shard_meta(sample["meta"])).encode())
+                meta = {**shard_meta(sample["meta"]), "visit": visits[sid]}
+                _add_member(tar, f"{sid}.json", json.dumps(meta).encode())
                 digests = rows[sid]["sha256"]
                 entries[sid] = {
                     "shard": path.name, "offset": begin, "size": tar.offset - begin,
