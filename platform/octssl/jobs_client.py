@@ -8,6 +8,7 @@ a py_module, so the cluster runs the code you have here even when its image hold
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import time
 from collections.abc import Iterator
@@ -62,7 +63,8 @@ def _client(address: str) -> Any:
 
 def _is_auth_error(err: Exception) -> bool:
     text = str(err).lower()
-    return "authentication" in text or "unauthorized" in text or "401" in text
+    # "401" as a status code, not inside a number (a port such as 34019 is no authentication failure)
+    return "authentication" in text or "unauthorized" in text or re.search(r"\b401\b", text) is not None
 
 
 def _auth_message(address: str, token: str | None, err: Exception) -> str:

@@ -11,7 +11,7 @@ Ports: one HTTP server per process. Under Ray Train every rank is its own proces
 ranks on one machine serves rank r on `port + r` (on Kubernetes each worker pod holds one rank and every
 pod serves the same port, 9100 in k8s/). `serve` binds 127.0.0.1 unless told otherwise or unless the
 environment variable `OCTSSL_METRICS_ADDR` names another address (k8s/ sets 0.0.0.0 so that the
-PodMonitors reach it; the NetworkPolicy there limits who may).
+PodMonitor reaches it; the NetworkPolicy there limits who may).
 """
 
 from __future__ import annotations
