@@ -103,9 +103,17 @@ def _ingest(ingest: dict[str, Any]) -> tuple[str, str]:
                       f"{best(ingest.get('raster_stack_49x496x512'), 'raster stacks')}")
 
 
+def _predict(predict: dict[str, Any]) -> tuple[str, str]:
+    best = max(predict["results"], key=lambda r: r["volumes_per_s_best"])
+    return (f"predict: {predict['volumes']} x {'x'.join(map(str, predict['grid']))}",
+            f"{best['volumes_per_s_best']:.2f} volumes/s end to end (batch {best['batch_size']}, {predict['model']} width "
+            f"{predict['width']}); forward pass {predict['forward_s_per_volume_batch4']:.3f} s/volume")
+
+
 #: result kind (file-name prefix) -> its row; in the order the table lists them
 ROWS: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
     "step": _step, "train": _train, "scaling": _scaling, "data": _data, "models": _models, "ingest": _ingest,
+    "predict": _predict,
 }
 
 

@@ -50,3 +50,38 @@ def make_corpus(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+
+FINETUNE_OVERRIDES = ("data.crop=[16, 64]", "data.batch_size=2", "data.crops_per_volume=1", "data.val_volumes=4",
+                      "model.width=0.25", "run.max_steps=4", "run.eval_every=2", "run.ckpt_every=100",
+                      "optim.warmup_steps=0")
+
+
+@pytest.fixture(scope="session")
+def growth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fully labelled synthetic corpus (20 volumes of 16x64x64, seed 5) whose GA grows at known rates."""
+    from octssl.corpus.synth import synthesize
+
+    path = tmp_path_factory.mktemp("growth") / "corpus"
+    synthesize(path, volumes=20, grid=(16, 64, 64), seed=5, labelled=1.0, ga_growth=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def finetuned_run(growth_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GA fine-tuning run directory as the train loop leaves it (config.yaml, best/model.safetensors with its
+    card), with untrained weights: training itself is tested in tests/train (and end to end, slow, in
+    tests/test_predict.py); what reads a run needs only its files."""
+    from octssl.config import dump_config, load_config
+    from octssl.models import build_model, save_weights
+
+    run_dir = tmp_path_factory.mktemp("runs") / "ga"
+    job = load_config(REPO / "jobs" / "finetune_ga.yaml", [
+        f"data.corpus={growth_corpus}", f"run.storage_path={run_dir.parent}", "run.name=ga", *FINETUNE_OVERRIDES])
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_config(job))
+    torch_model = build_model("fpn", width=0.25)
+    card = {"objective": job.objective.model_dump(), "grid": ["16x64x64"], "crop": [16, 64]}
+    save_weights(torch_model, run_dir / "best" / "model.safetensors", {"card": card})
+    return run_dir

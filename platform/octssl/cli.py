@@ -307,6 +307,9 @@ _INGEST_EPHEMERAL = typer.Option(
     "match no other ingest)")
 _INGEST_DEPTH = typer.Option(1.0, "--depth-mm", help="depth window kept around the retina before resizing to D")
 _INGEST_BATCH = typer.Option(16, "--batch-size", help="volumes per atomic corpus append")
+_INGEST_PAIRS = typer.Option(None, "--pairs", help="pairs table (CSV) of en-face images/masks to attach after ingest")
+_INGEST_MAP = typer.Option([], "--map", help="eyepy .eye area/volume map NAME=KIND (ga|rpd) to ingest as a label "
+                           "(repeatable)")
 
 
 @app.command()
@@ -319,6 +322,8 @@ def ingest(
     ephemeral_key: bool = _INGEST_EPHEMERAL,
     depth_mm: float = _INGEST_DEPTH,
     batch_size: int = _INGEST_BATCH,
+    pairs: Path | None = _INGEST_PAIRS,
+    map_: list[str] = _INGEST_MAP,
 ) -> None:
     """Ingest device exports into a corpus: PHI replaced by keyed pseudonyms, bad files to rejects.parquet."""
     import os
@@ -331,10 +336,11 @@ def ingest(
 
     try:
         shape = pipeline.parse_grid(grid)
+        maps = pipeline.parse_maps(map_)
         if ephemeral_key and not os.environ.get(KEY_ENV):
             console.print(f"[bold red]WARNING:[/] {EPHEMERAL_WARNING}")
         report = pipeline.ingest(sources, out, grid=shape, workers=workers, ephemeral_key=ephemeral_key,
-                                 batch_size=batch_size, depth_mm=depth_mm, on_reject=rejected)
+                                 batch_size=batch_size, depth_mm=depth_mm, on_reject=rejected, maps=maps)
     except _ERRORS as err:
         _fail(err)
     mb = report.bytes_read / 2**20
@@ -343,8 +349,41 @@ def ingest(
         f"({mb:.1f} MiB in {report.seconds:.1f} s, {report.executor}); skipped {len(report.skipped)} already "
         f"ingested; rejected {len(report.rejected)}" + (f" (see {out}/rejects.parquet)" if report.rejected else "")
     )
+    labelled = None
+    if pairs is not None:
+        try:
+            labelled = _label(out, pairs)
+        except _ERRORS as err:
+            _fail(err)
+    if strict and (report.rejected or (labelled is not None and labelled.rejected)):
+        console.print("[bold red]--strict:[/] file(s) or pairs row(s) rejected")
+        raise typer.Exit(1)
+
+
+def _label(corpus: Path, pairs: Path):
+    """Attach a pairs table and print what happened (the rejects one per line)."""
+    from octssl.ingest.pairs import label_corpus
+
+    report = label_corpus(corpus, pairs)
+    for where, reason in report.rejected:
+        console.print(f"[yellow]rejected[/] {where}: {reason}")
+    console.print(f"[green]attached[/] {len(report.attached)} en-face arrays from {pairs}; rejected "
+                  f"{len(report.rejected)} pairs row(s)" + (f" (see {corpus}/rejects.parquet)" if report.rejected else ""))
+    return report
+
+
+_LABEL_CORPUS = typer.Argument(..., help="corpus directory")
+_LABEL_PAIRS = typer.Argument(..., help="pairs table CSV: volume, kind, image, space[, matrix] (see docs/predict.md)")
+
+
+@app.command()
+def label(corpus: Path = _LABEL_CORPUS, pairs: Path = _LABEL_PAIRS, strict: bool = _INGEST_STRICT) -> None:
+    """Attach en-face images and masks (FAF, SLO, GA, RPD) to volumes already in a corpus, from a pairs table."""
+    try:
+        report = _label(corpus, pairs)
+    except _ERRORS as err:
+        _fail(err)
     if strict and report.rejected:
-        console.print(f"[bold red]--strict:[/] {len(report.rejected)} file(s) rejected")
         raise typer.Exit(1)
 
 
@@ -355,6 +394,7 @@ _SYNTH_GRID = typer.Option("16,64,64", "--grid", help="volume shape NB,D,W (B-sc
 _SYNTH_SEED = typer.Option(0, "--seed", help="random seed: the same seed gives identical arrays")
 _SYNTH_LABELLED = typer.Option(0.5, "--labelled", help="share of volumes (per split) with GA/RPD masks")
 _SYNTH_PREVIEW = typer.Option(False, "--preview", help="also write OUT/preview.png")
+_SYNTH_GROWTH = typer.Option(False, "--ga-growth", help="grow GA at known per-eye rates (OUT/ga_growth.csv)")
 _INFO_CORPUS = typer.Argument(..., help="corpus directory")
 _INFO_JSON = typer.Option(False, "--json", help="print JSON instead of a table")
 _VERIFY_PATH = typer.Argument(..., help="corpus directory, or a shard directory holding index.json")
@@ -377,6 +417,7 @@ def synth(
     seed: int = _SYNTH_SEED,
     labelled: float = _SYNTH_LABELLED,
     preview: bool = _SYNTH_PREVIEW,
+    ga_growth: bool = _SYNTH_GROWTH,
 ) -> None:
     """Write a synthetic corpus: OCT volumes with registered FAF/SLO and GA/RPD masks."""
     from octssl.corpus.synth import synthesize
@@ -384,7 +425,7 @@ def synth(
     shape = _parse_grid(grid)
     try:
         corpus = synthesize(out, volumes=volumes, grid=shape, seed=seed, labelled=labelled, preview=preview,
-                            progress=True)
+                            progress=True, ga_growth=ga_growth)
     except _ERRORS as err:
         _fail(err)
     summary = corpus.summary()
@@ -494,13 +535,83 @@ def report(sweep_dir: Path = _REPORT_DIR) -> None:
     console.print(f"[green]wrote[/] {path}")
 
 
+_DEMO_LOOP = typer.Option(False, "--close-loop", help="GA grows at known rates; the sweep's GA bundle then predicts "
+                          "the test split and GA growth is added to report.md")
+
+
 @app.command()
-def demo(out: Path = _DEMO_OUT, quick: bool = _DEMO_QUICK) -> None:
+def demo(out: Path = _DEMO_OUT, quick: bool = _DEMO_QUICK, close_loop: bool = _DEMO_LOOP) -> None:
     """Synthesise a corpus, export shards, pretrain (2 workers), sweep GA/RPD fine-tuning, write the report."""
     from octssl.demo import run_demo
 
     try:
-        run_demo(out, quick=quick, console=console)
+        run_demo(out, quick=quick, console=console, close_loop=close_loop)
     except _ERRORS as err:
         _fail(err)
 
+
+
+# ---------------------------------------------------------------- bundles, predict, growth
+_EXPORT_SOURCE = typer.Argument(..., help="a fine-tuning run directory, or a sweep directory (its best cell)")
+_EXPORT_TASK = typer.Option(..., "--task", help="ga or rpd")
+_EXPORT_BUNDLE = typer.Option(..., "--out", "-o", help="bundle directory to write (model.safetensors + config.json)")
+_EXPORT_REPLACE = typer.Option(False, "--overwrite", help="replace a bundle already at --out")
+_PREDICT_BUNDLE = typer.Argument(..., help="model bundle directory (octssl export-model)")
+_PREDICT_SRC = typer.Argument(..., help="one corpus directory, or device files and folders")
+_PREDICT_OUT = typer.Option(..., "--out", "-o", help="output directory (PNGs per volume, predictions.parquet/.csv)")
+_PREDICT_SPLIT = typer.Option(None, "--split", help="corpus only: predict train, val or test volumes")
+_PREDICT_IDS = typer.Option([], "--ids", help="corpus only: these volume ids (repeatable)")
+_PREDICT_BATCH = typer.Option(4, "--batch-size", help="volumes per forward pass")
+_GROWTH_SOURCE = typer.Argument(..., help="predictions.parquet/.csv (or a predict output folder), or a corpus")
+_GROWTH_OUT = typer.Option(..., "--out", "-o", help="output directory (growth.csv, plots/, summary.json)")
+
+
+@app.command("export-model")
+def export_model_command(source: Path = _EXPORT_SOURCE, task: str = _EXPORT_TASK, out: Path = _EXPORT_BUNDLE,
+                         overwrite: bool = _EXPORT_REPLACE) -> None:
+    """Write a model bundle for TASK: weights, threshold chosen on the val split, metrics and provenance."""
+    import json
+
+    from octssl.models.bundle import export_model
+
+    try:
+        path = export_model(source, task, out, overwrite=overwrite)
+    except _ERRORS as err:
+        _fail(err)
+    config = json.loads((path / "config.json").read_text())
+    console.print(f"[green]wrote[/] {path}: {config['model']['name']} for {task}, threshold {config['threshold']}, "
+                  f"val Dice {_num(config['metrics']['val']['dice'])}")
+
+
+@app.command()
+def predict(bundle: Path = _PREDICT_BUNDLE, sources: list[Path] = _PREDICT_SRC, out: Path = _PREDICT_OUT,
+            split: str | None = _PREDICT_SPLIT, ids: list[str] = _PREDICT_IDS, batch_size: int = _PREDICT_BATCH,
+            ephemeral_key: bool = _INGEST_EPHEMERAL) -> None:
+    """Segment GA/RPD with a bundle on a corpus or device files: PNGs per volume, area, lesions, Dice/HD95."""
+    from octssl.predict import predict as run_predict
+
+    try:
+        report = run_predict(bundle, sources, out, split=split, ids=ids or None, batch_size=batch_size,
+                             ephemeral_key=ephemeral_key)
+    except _ERRORS as err:
+        _fail(err)
+    for path, reason in report.rejected:
+        console.print(f"[yellow]rejected[/] {path}: {reason}")
+    rate = len(report.rows) / report.seconds if report.seconds else 0.0
+    console.print(f"[green]predicted[/] {len(report.rows)} volumes in {report.seconds:.1f} s ({rate:.2f} volumes/s, "
+                  f"{report.executor}); {out}/predictions.csv" + (f"; rejected {len(report.rejected)} file(s)"
+                                                                  if report.rejected else ""))
+
+
+@app.command()
+def growth(source: Path = _GROWTH_SOURCE, out: Path = _GROWTH_OUT) -> None:
+    """GA growth per patient and eye (mm^2/year and sqrt mm/year, least squares) with one plot per eye."""
+    from octssl.growth import growth_report
+
+    try:
+        summary = growth_report(source, out)
+    except _ERRORS as err:
+        _fail(err)
+    console.print(f"[green]growth[/] {summary['eyes_fitted']} eyes fitted, {summary['eyes_insufficient']} with fewer "
+                  f"than 2 dated visits (see {out}/insufficient.csv); mean rate "
+                  f"{_num(summary['rate_mm2_per_year_mean'])} mm^2/year; {out}/growth.csv")

@@ -114,8 +114,10 @@ def sweep_config(out: Path, s: DemoSettings, inits: dict[str, str]) -> dict[str,
 
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bool = True,
-             console: Console | None = None) -> dict[str, Any]:
-    """Run every stage into ``out``; returns {settings, timings_s, paths, summary}."""
+             console: Console | None = None, close_loop: bool = False) -> dict[str, Any]:
+    """Run every stage into ``out``; returns {settings, timings_s, paths, summary}. ``close_loop``: the corpus
+    grows GA at known rates, and a last stage predicts the test split with the sweep's GA bundle, measures
+    growth and adds both to report.md (:mod:`octssl.closeloop`)."""
     import ray
 
     from octssl.config import parse_config
@@ -138,7 +140,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
         console.rule(f"[bold]1/5 synthesise {s.volumes} volumes of {'x'.join(map(str, s.grid))}")
         t0 = time.time()
         corpus = synthesize(out / "corpus", volumes=s.volumes, grid=s.grid, seed=0, labelled=s.labelled,
-                            preview=not quick, progress=progress)
+                            preview=not quick, progress=progress, ga_growth=close_loop)
         info = corpus.summary()
         console.print(f"{info['volumes']} volumes, {info['patients']} patients, splits {info['splits']}, "
                       f"labelled train patients {info['labels_train_patients']}")
@@ -171,6 +173,15 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
         console.rule("[bold]5/5 report")
         for table in rich_tables(summary):
             console.print(table)
+        if close_loop:
+            from octssl.closeloop import close_loop as predict_and_grow
+
+            console.rule("[bold]+ the GA bundle predicts the test split; GA growth on the predictions")
+            t0 = time.time()
+            loop = predict_and_grow(summary["sweep_dir"], out / "corpus", progress=progress)
+            console.print(f"{loop['volumes']} test volumes, GA area Pearson r {loop['pearson_r']}, "
+                          f"{loop['growth']['eyes_fitted']} eyes with a growth rate")
+            timings["loop"] = time.time() - t0
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()

@@ -31,3 +31,7 @@ class ModelError(OctsslError):
 
 class CheckpointError(OctsslError):
     """A training checkpoint is unreadable or holds more than tensors and DeepSpeed's own state."""
+
+
+class PredictError(OctsslError):
+    """Predictions or growth cannot be made from the given sources (the message names them)."""

@@ -136,6 +136,28 @@ class Journal:
         except (OSError, ValueError, KeyError, TypeError):
             return False
 
+    def protect_shards(self, array_path: str, length: int, shard_len: int, shards: list[int]) -> None:
+        """Back up ``zarr.json`` and the given shard files of an existing array before they are rewritten in
+        place (an attach changes slots anywhere in the array, not only at its end)."""
+        if array_path in self.state["arrays"]:
+            raise CorpusError(f"{self.zarr_dir / array_path}: journal already protects this array")
+        array_dir = self.zarr_dir / array_path
+        entry: dict[str, Any] = {"length": length, "shard_len": shard_len, "created": False, "backups": []}
+        sources = [array_dir / "zarr.json"]
+        for shard in shards:
+            sources += sorted((array_dir / "c" / str(shard)).rglob("*"))
+        for src in sources:
+            if src.is_file():
+                rel = src.relative_to(self.zarr_dir).as_posix()
+                dst = self.dir / "files" / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _durable_copy(src, dst)
+                entry["backups"].append(rel)
+        # A shard file absent now (all its chunks empty) must be absent again after a rollback.
+        entry["absent"] = [f"{array_path}/c/{s}" for s in shards if not (array_dir / "c" / str(s)).exists()]
+        self.state["arrays"][array_path] = entry
+        self._save()
+
     def finish(self) -> None:
         """Drop the journal after the manifest committed."""
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -179,6 +201,8 @@ class Journal:
                     missing.append(backup)
                     continue
                 _restore(backup, self.zarr_dir / rel)
+            for rel in entry.get("absent", []):
+                shutil.rmtree(self.zarr_dir / rel, ignore_errors=True)
         self._drop_partials()
         if missing:
             raise CorpusError(f"{missing[0]}: backup of the interrupted append is missing"

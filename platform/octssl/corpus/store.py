@@ -321,6 +321,35 @@ class Corpus:
         self._arrays.clear()
         return [row["id"] for row in rows]
 
+    def attach(self, attachments: Iterable[Any]) -> int:
+        """Write en-face images/masks (:class:`octssl.corpus.attach.Attachment`) into volumes already in the
+        corpus, atomically and journalled like an append; every other array keeps its bytes. Returns the count."""
+        from octssl.corpus.attach import record_provenance, write_attachments
+
+        attachments = list(attachments)
+        if not attachments:
+            return 0
+        with WriterLock(self.path):
+            journal = Journal(self.path, self.zarr_path)
+            journal.recover(mf.settings_of(mf.read_manifest(self.manifest_path))["append_token"])
+            self._set_table(mf.read_manifest(self.manifest_path))
+            token = journal.begin()
+            try:
+                rows = write_attachments(self, journal, attachments)
+                record_provenance(self.path, attachments)
+                self._hook("written")
+                table = mf.rows_table(rows, {**self.settings, "append_token": token, "format": mf.FORMAT_VERSION})
+                mf.write_manifest(table, self.manifest_path)
+            except BaseException:
+                journal.rollback()
+                raise
+            finally:
+                self._arrays.clear()
+            self._hook("committed")
+            journal.finish()
+        self._set_table(table)
+        return len(attachments)
+
     def _hook(self, stage: str) -> None:
         if Corpus.append_hook is not None:
             Corpus.append_hook(stage)

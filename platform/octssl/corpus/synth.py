@@ -8,6 +8,12 @@ intensity threshold away there. FAF shows GA as a dark area with a bright rim, S
 area: the same information in a softer form, which is what makes en-face reconstruction a useful
 pretext task. Everything is a deterministic function of the seed and coordinates in millimetres, so a
 patient looks the same on every grid.
+
+GA growth (``ga_growth=True``): each eye with GA gets a known growth rate (:func:`ga_growth_rate`, uniform
+in ``GROWTH_RANGE`` mm^2/year, 0 for eyes without GA); its first visit keeps the lesion above, and at a visit
+``t`` years later the lesion is the ``A0 + rate x t`` mm^2 of highest lesion-field values (so it grows
+outward from the same seeds, to the pixel). The rates are written to ``OUT/ga_growth.csv``. Without the
+option the corpus is exactly as before (the default corpus is byte-identical).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from scipy.ndimage import gaussian_filter
 from octssl.corpus.store import Corpus
 
 SCAN_MM = 6.0  # en-face field of view along B-scans and A-scans
+GROWTH_RANGE = (0.8, 2.5)  # mm^2/year: per-eye GA growth rates with ga_growth=True
+VISIT_DAYS = 180  # days between visits
 DEPTH_MM = 1.2  # imaged depth
 DEVICE = "synthetic"
 
@@ -102,6 +110,20 @@ class EyeModel:
         lesion = blobs * (1.0 + 0.45 * self.field(0, yy, xx, 0.6))  # irregular edges, no far islands
         return lesion > self.ga_threshold - 0.08 * visit
 
+    def grown_ga_mask(self, yy: np.ndarray, xx: np.ndarray, years: float, rate: float) -> np.ndarray:
+        """The first visit's lesion grown by ``rate`` mm^2/year for ``years``: the pixels of highest lesion field."""
+        first = self.ga_mask(yy, xx, 0)
+        if not first.any():
+            return first
+        pixel_mm2 = float((yy[1, 0] - yy[0, 0]) * (xx[0, 1] - xx[0, 0]))
+        count = int(round((first.sum() * pixel_mm2 + rate * years) / pixel_mm2))
+        blobs = sum(np.exp(-((yy - c[0]) ** 2 + (xx - c[1]) ** 2) / (2 * s**2))
+                    for c, s in zip(self.ga_centres, self.ga_sizes, strict=True))
+        lesion = (blobs * (1.0 + 0.45 * self.field(0, yy, xx, 0.6))).ravel()
+        mask = np.zeros(lesion.size, bool)
+        mask[np.argsort(-lesion, kind="stable")[: min(count, lesion.size)]] = True
+        return mask.reshape(yy.shape)
+
     def rpd_height(self, yy: np.ndarray, xx: np.ndarray, visit: int) -> np.ndarray:
         """Deposit height above the RPE in mm (0 where there is none)."""
         if not self.has_rpd:
@@ -154,15 +176,24 @@ def _blur(image: np.ndarray, sigma_mm: float, spacing: tuple[float, float]) -> n
     return gaussian_filter(image.astype(np.float64), (sigma_mm / spacing[0], sigma_mm / spacing[1]))
 
 
-def render(eye: EyeModel, visit: int, grid: tuple[int, int, int], noise_seed: list[int]) -> dict[str, np.ndarray]:
-    """All arrays of one visit of ``eye`` on ``grid`` = (nB, D, W)."""
+def ga_growth_rate(seed: int, patient: int, eye: str, has_ga: bool | None = None) -> float:
+    """The known GA growth rate (mm^2/year) of an eye of a corpus synthesised with ``ga_growth=True``."""
+    if not (EyeModel(seed, patient, eye).has_ga if has_ga is None else has_ga):
+        return 0.0
+    return float(np.random.default_rng([seed, patient, 0 if eye == "OD" else 1, 77]).uniform(*GROWTH_RANGE))
+
+
+def render(eye: EyeModel, visit: int, grid: tuple[int, int, int], noise_seed: list[int],
+           growth: float | None = None) -> dict[str, np.ndarray]:
+    """All arrays of one visit of ``eye`` on ``grid`` = (nB, D, W); ``growth`` (mm^2/year) grows GA by a
+    known rate instead of the default visit-by-visit threshold."""
     nb, depth, width = grid
     rng = np.random.default_rng(noise_seed)
     sy, sx = SCAN_MM / nb, SCAN_MM / width
     yy, xx = np.meshgrid((np.arange(nb) + 0.5) * sy - 3.0, (np.arange(width) + 0.5) * sx - 3.0, indexing="ij")
     r2 = (yy - eye.fovea[0]) ** 2 + (xx - eye.fovea[1]) ** 2
     pit = np.exp(-r2 / (2 * 0.45**2))
-    ga = eye.ga_mask(yy, xx, visit)
+    ga = eye.ga_mask(yy, xx, visit) if growth is None else eye.grown_ga_mask(yy, xx, VISIT_DAYS * visit / 365.25, growth)
     g = np.clip(_blur(ga, 0.06, (sy, sx)) * 1.2, 0.0, 1.0)  # soft lesion edge for the OCT
     rpd_h = eye.rpd_height(yy, xx, visit)
     rpd = rpd_h > 0.02
@@ -224,7 +255,8 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def samples(volumes: int, grid: tuple[int, int, int], seed: int, labelled: float) -> Iterator[dict[str, Any]]:
+def samples(volumes: int, grid: tuple[int, int, int], seed: int, labelled: float,
+            ga_growth: bool = False) -> Iterator[dict[str, Any]]:
     """Sample dicts of a synthetic corpus, in patient, eye, visit order (generated lazily)."""
     nb, depth, width = grid
     base_day = np.datetime64("2015-01-01")
@@ -233,11 +265,12 @@ def samples(volumes: int, grid: tuple[int, int, int], seed: int, labelled: float
         if (plan.patient, plan.eye) not in eyes:
             eyes[(plan.patient, plan.eye)] = EyeModel(seed, plan.patient, plan.eye)
         eye = eyes[(plan.patient, plan.eye)]
-        arrays = render(eye, plan.visit, grid, [seed, plan.patient, 0 if plan.eye == "OD" else 1, plan.visit, 1])
+        rate = ga_growth_rate(seed, plan.patient, plan.eye, eye.has_ga) if ga_growth else None
+        arrays = render(eye, plan.visit, grid, [seed, plan.patient, 0 if plan.eye == "OD" else 1, plan.visit, 1], rate)
         if not plan.labelled:
             del arrays["ga"], arrays["rpd"]
         first = int(np.random.default_rng([seed, plan.patient, 9]).integers(0, 2000))
-        acquired = (base_day + np.timedelta64(first + 180 * plan.visit, "D")).item()
+        acquired = (base_day + np.timedelta64(first + VISIT_DAYS * plan.visit, "D")).item()
         patient = f"syn{seed}-{plan.patient:04d}"
         yield {
             "id": f"{patient}-{plan.eye}-v{plan.visit}",
@@ -271,15 +304,23 @@ def synthesize(
     labelled: float = 0.5,
     preview: bool = False,
     progress: bool = False,
+    ga_growth: bool = False,
 ) -> Corpus:
-    """Write a synthetic corpus to ``out`` (a new directory); ``preview`` also writes ``out/preview.png``."""
+    """Write a synthetic corpus to ``out`` (a new directory); ``preview`` also writes ``out/preview.png``;
+    ``ga_growth`` grows GA at known per-eye rates (listed in ``out/ga_growth.csv``)."""
     from octssl.errors import CorpusError
 
     if volumes < 1 or not 0.0 <= labelled <= 1.0 or len(grid) != 3 or min(grid) < 4:
         raise CorpusError(f"{out}: need volumes >= 1, 0 <= labelled <= 1 and a grid of 3 sizes >= 4; "
                           f"got volumes={volumes}, labelled={labelled}, grid={grid}")
     corpus = Corpus.create(out)
-    corpus.append(_Counted(samples(volumes, (grid[0], grid[1], grid[2]), seed, labelled), volumes), progress=progress)
+    corpus.append(_Counted(samples(volumes, (grid[0], grid[1], grid[2]), seed, labelled, ga_growth), volumes),
+                  progress=progress)
+    if ga_growth:
+        eyes = sorted({(p.patient, p.eye) for p in plan_volumes(volumes, seed, labelled)})
+        lines = ["patient,eye,rate_mm2_per_year"] + [
+            f"syn{seed}-{patient:04d},{eye},{ga_growth_rate(seed, patient, eye):.6f}" for patient, eye in eyes]
+        (Path(out) / "ga_growth.csv").write_text("\n".join(lines) + "\n")
     if preview:
         from octssl.corpus.preview import write_preview
 

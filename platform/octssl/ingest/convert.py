@@ -18,14 +18,21 @@ import numpy as np
 
 from octssl.errors import IngestError, OctsslError
 from octssl.ingest import detect
-from octssl.ingest.grid import DEPTH_WINDOW_MM, grid_positions, localizer_trace, to_grid
+from octssl.ingest.grid import (
+    DEPTH_WINDOW_MM,
+    enface_from_localizer,
+    grid_positions,
+    localizer_trace,
+    resize_mask,
+    to_grid,
+)
 from octssl.ingest.phi import pseudonym, visit_pseudonym
 from octssl.ingest.scan import NOT_RASTER_REASON, Scan
 from octssl.sample import validate_sample
 
 ID_PREFIX = {
     detect.VOL: "vol", detect.E2E: "e2e", detect.FDS: "fds", detect.FDA: "fda", detect.DICOM: "dcm",
-    detect.STACK: "stack",
+    detect.STACK: "stack", detect.EYE: "eye", detect.HEYEX_XML: "hxml",
 }
 
 
@@ -52,8 +59,9 @@ class UnitResult:
     nbytes: int = 0
 
 
-def read_scans(path: Path, fmt: str) -> list[Scan]:
-    """Dispatch to the reader of ``fmt`` (imports lazily: workers load only what they use)."""
+def read_scans(path: Path, fmt: str, maps: dict[str, str] | None = None) -> list[Scan]:
+    """Dispatch to the reader of ``fmt`` (imports lazily: workers load only what they use); ``maps`` names
+    the annotation maps an eyepy ``.eye`` file's labels come from."""
     if fmt == detect.VOL:
         from octssl.ingest.heidelberg import read_vol
 
@@ -74,6 +82,14 @@ def read_scans(path: Path, fmt: str) -> list[Scan]:
         from octssl.ingest.stack import read_stack
 
         return read_stack(path)
+    if fmt == detect.EYE:
+        from octssl.ingest.eyepy_files import read_eye
+
+        return read_eye(path, maps or {})
+    if fmt == detect.HEYEX_XML:
+        from octssl.ingest.eyepy_files import read_heyex_xml
+
+        return read_heyex_xml(path)
     raise IngestError(f"{path}: no reader for format {fmt!r}")
 
 
@@ -123,6 +139,7 @@ def to_record(
     sample: dict[str, Any] = {"id": sample_id, "oct": np.ascontiguousarray(volume, dtype=np.uint8), "meta": meta}
     if slo is not None:
         sample["slo"] = np.ascontiguousarray(slo, dtype=np.uint8)
+    sample.update(_labels(scan, positions, volume.shape))
     validate_sample(sample, where="ingest")
     if scan.localizer is None:
         return Record(sample=sample)
@@ -140,12 +157,25 @@ def real_day(day: str | None, where: str) -> str | None:
         raise IngestError(f"{where}: acquisition date {day!r} is not a real date") from None
 
 
+def _labels(scan: Scan, positions: np.ndarray | None, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The scan's annotation masks on the stored ``(nB, W)`` grid: localizer-space masks sampled through the
+    registration (as ``slo``), native en-face masks resized nearest-neighbour."""
+    labels = {kind: resize_mask(mask, (shape[0], shape[2])) for kind, mask in scan.enface_masks.items()}
+    for kind, mask in scan.localizer_masks.items():
+        if positions is None or scan.localizer_spacing_mm is None:
+            raise IngestError(f"label '{kind}' lies on the localizer, but the scan's registration is unknown")
+        labels[kind] = enface_from_localizer(mask, scan.localizer_spacing_mm, positions, shape[2],
+                                             scan.scan_pattern, scan.laterality, mask=True)
+    return labels
+
+
 def convert_unit(
     path: str,
     sha256: str,
     key: bytes,
     grid: tuple[int, int, int],
     depth_mm: float = DEPTH_WINDOW_MM,
+    maps: dict[str, str] | None = None,
 ) -> UnitResult:
     """Read and convert one unit; any failure becomes ``reason`` (the message without the path prefix)."""
     unit = Path(path)
@@ -153,7 +183,7 @@ def convert_unit(
     try:
         result.nbytes = sum(p.stat().st_size for p in unit.iterdir()) if unit.is_dir() else unit.stat().st_size
         fmt = detect.detect_format(unit)
-        scans = read_scans(unit, fmt)
+        scans = read_scans(unit, fmt, maps)
         prefix = ID_PREFIX[fmt]
         result.records = [
             to_record(scan, sample_id=f"{prefix}-{sha256[:16]}-{scan.series}", source=sha256, key=key,

@@ -3,7 +3,8 @@
 A unit is one device file, or one B-scan stack folder (PNG/BMP/TIFF images + one JSON sidecar).
 Formats: Heidelberg ``.vol`` ("HSF-OCT-" at 0), Heidelberg ``.e2e`` ("CMDb" at 0), Topcon ``.fds`` /
 ``.fda`` ("FOCT" at 0, then "FDS" / "FDA" / "FAA"), DICOM ("DICM" at 128; the reader then checks the SOP
-class is ophthalmic tomography). Extensions are only a hint for walking folders: a file named ``.vol``
+class is ophthalmic tomography), eyepy ``.eye`` (a zip holding ``raw_volume.npy``) and HEYEX XML exports
+(an XML file with a ``<HEDX>`` root beside its TIFF images). Extensions are only a hint for walking folders: a file named ``.vol``
 without the Heidelberg header is rejected as "not a recognised format", and a DICOM file without an
 extension is found by its preamble.
 """
@@ -22,8 +23,10 @@ from typing import BinaryIO
 from octssl.errors import IngestError
 
 VOL, E2E, FDS, FDA, DICOM, STACK = "heidelberg-vol", "heidelberg-e2e", "topcon-fds", "topcon-fda", "dicom", "stack"
-FORMATS = (VOL, E2E, FDS, FDA, DICOM, STACK)
-DEVICE_SUFFIXES = {".vol", ".e2e", ".sdb", ".fds", ".fda", ".dcm", ".dicom"}
+EYE, HEYEX_XML = "eyepy-eye", "heyex-xml"
+FORMATS = (VOL, E2E, FDS, FDA, DICOM, STACK, EYE, HEYEX_XML)
+DEVICE_SUFFIXES = {".vol", ".e2e", ".sdb", ".fds", ".fda", ".dcm", ".dicom", ".eye"}
+ZIP_MAGIC = b"PK\x03\x04"  # an eyepy .eye file is a zip holding raw_volume.npy and meta.json
 IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff"}
 _HEAD = 132
 
@@ -39,6 +42,10 @@ def sniff(head: bytes) -> str | None:
         return FDS if kind == b"FDS" else FDA if kind in (b"FDA", b"FAA") else None
     if len(head) >= 132 and head[128:132] == b"DICM":
         return DICOM
+    if head.startswith(ZIP_MAGIC):
+        return EYE  # confirmed by detect_format (the zip must hold raw_volume.npy)
+    if b"<HEDX" in head:
+        return HEYEX_XML
     return None
 
 
@@ -56,8 +63,18 @@ def detect_format(path: Path) -> str:
         hint = f" although named {path.suffix}" if path.suffix.lower() in DEVICE_SUFFIXES else ""
         raise IngestError(
             f"{path}: not a recognised format{hint} (first bytes {head[:8]!r}; expected a Heidelberg "
-            "'HSF-OCT-'/'CMDb', Topcon 'FOCT' or DICOM 'DICM' header)"
+            "'HSF-OCT-'/'CMDb', Topcon 'FOCT' or DICOM 'DICM' header, a HEYEX XML export or an eyepy .eye file)"
         )
+    if found == EYE:
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = set(archive.namelist())
+        except (zipfile.BadZipFile, OSError) as err:
+            raise IngestError(f"{path}: a zip file but not a readable eyepy .eye file ({err})") from err
+        if "raw_volume.npy" not in names:
+            raise IngestError(f"{path}: a zip file without raw_volume.npy: not an eyepy .eye file")
     return found
 
 

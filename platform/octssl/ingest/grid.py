@@ -42,9 +42,16 @@ def localizer_trace(
     laterality: str,
 ) -> np.ndarray:
     """The localizer sampled under every A-scan: ``(nB, width)`` float32 (see the module docstring)."""
-    from scipy.ndimage import map_coordinates
+    coords = ascan_pixels(spacing_mm, positions_mm, width, pattern, laterality)
+    return sample_at(localizer, coords, order=1)
 
+
+def ascan_pixels(
+    spacing_mm: tuple[float, float], positions_mm: np.ndarray, width: int, pattern: str, laterality: str
+) -> np.ndarray:
+    """Where each A-scan hits the localizer: ``(2, nB, width)`` (row, column) in localizer pixels."""
     row_mm, col_mm = spacing_mm
+    positions_mm = np.asarray(positions_mm, dtype=np.float64)
     start = positions_mm[:, 0, :]  # (nB, 2) x, y in mm
     end = positions_mm[:, 1, :]
     if pattern == CIRCLE:
@@ -60,8 +67,15 @@ def localizer_trace(
         t = np.linspace(0.0, 1.0, width)[None, :]
         xs = start[:, 0:1] + (end[:, 0:1] - start[:, 0:1]) * t
         ys = start[:, 1:2] + (end[:, 1:2] - start[:, 1:2]) * t
-    coords = np.stack([ys / row_mm, xs / col_mm])  # (2, nB, W) in pixel (row, col)
-    return map_coordinates(localizer.astype(np.float32), coords, order=1, mode="nearest").astype(np.float32)
+    return np.stack([ys / row_mm, xs / col_mm])
+
+
+def sample_at(image: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
+    """``image`` at pixel ``coords`` ``(2, ...)`` (row, column): bilinear (``order=1``, images) or nearest
+    (``order=0``, masks); points off the image take the nearest edge pixel. float32."""
+    from scipy.ndimage import map_coordinates
+
+    return map_coordinates(image.astype(np.float32), coords, order=order, mode="nearest").astype(np.float32)
 
 
 def retina_window(bscans: np.ndarray, depth_spacing_mm: float, depth_mm: float = DEPTH_WINDOW_MM) -> slice:
@@ -134,3 +148,27 @@ def to_grid(
         spacing_mm[2] * width / g_w,
     )
     return volume, enface, spacing
+
+
+def enface_from_localizer(
+    image: np.ndarray,
+    spacing_mm: tuple[float, float],
+    positions_mm: np.ndarray,
+    width: int,
+    pattern: str,
+    laterality: str,
+    *,
+    mask: bool,
+) -> np.ndarray:
+    """An image or mask on the localizer's pixel grid, sampled under every A-scan onto ``(nB, width)`` uint8:
+    the geometry of ``slo``; masks nearest-neighbour (0/1 kept), images bilinear."""
+    coords = ascan_pixels(spacing_mm, positions_mm, width, pattern, laterality)
+    values = sample_at(image, coords, order=0 if mask else 1)
+    return (values >= 0.5).astype(np.uint8) if mask else _to_uint8(values)
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a ``(nB, W)`` 0/1 mask to ``shape``, at the pixel centres ``resize`` uses."""
+    rows = np.rint(_centres(mask.shape[0], shape[0])).astype(int)
+    cols = np.rint(_centres(mask.shape[1], shape[1])).astype(int)
+    return np.ascontiguousarray(mask[np.ix_(rows, cols)], dtype=np.uint8)

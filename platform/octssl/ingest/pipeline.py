@@ -60,6 +60,19 @@ def parse_grid(text: str) -> tuple[int, int, int]:
         raise IngestError(f"--{err}") from None
 
 
+def parse_maps(items: list[str]) -> dict[str, str]:
+    """``--map NAME=KIND`` options -> {map name in the file: label kind}; IngestError naming a bad one."""
+    from octssl.vocab import MASKS
+
+    maps: dict[str, str] = {}
+    for item in items:
+        name, _, kind = item.rpartition("=")
+        if not name or kind not in MASKS:
+            raise IngestError(f"--map {item!r}: expected NAME=KIND with KIND one of {MASKS}, e.g. --map GA=ga")
+        maps[name] = kind
+    return maps
+
+
 def ingest(
     sources: Sequence[str | Path],
     out: str | Path,
@@ -71,8 +84,10 @@ def ingest(
     depth_mm: float = DEPTH_WINDOW_MM,
     progress: bool = True,
     on_reject: Callable[[str, str], None] | None = None,
+    maps: dict[str, str] | None = None,
 ) -> IngestReport:
-    """Ingest every unit under ``sources`` into the corpus at ``out`` (created when absent)."""
+    """Ingest every unit under ``sources`` into the corpus at ``out`` (created when absent). ``maps`` names
+    the annotation maps of eyepy ``.eye`` files to keep as labels ({map name: ga|rpd})."""
     start = time.perf_counter()
     key, ephemeral = load_key(ephemeral_key)  # refuse before touching anything
     if ephemeral:
@@ -129,7 +144,7 @@ def ingest(
                         tick()
                         continue
                     taken.add(sha)
-                    pending[submit(convert_unit, path, sha, key, grid, depth_mm)] = ("convert", path)
+                    pending[submit(convert_unit, path, sha, key, grid, depth_mm, maps or {})] = ("convert", path)
                     continue
                 result: UnitResult = future.result()
                 report.bytes_read += result.nbytes
@@ -203,3 +218,8 @@ def _executor(workers: int) -> Iterator[tuple[Callable[..., Future], str]]:
             return future
 
         yield submit_inline, "inline"
+
+
+#: ``with unit_executor(workers) as (submit, kind)``: Ray tasks when a cluster is there, else processes or
+#: inline; shared with ``octssl predict`` so that files spread over a cluster the same way.
+unit_executor = _executor

@@ -49,6 +49,9 @@ class Scan:
     positions_mm: np.ndarray | None = None
     series: int = 0
     notes: list[str] = field(default_factory=list)
+    #: annotation masks (``ga``/``rpd`` -> 0/1): on the localizer's pixel grid, or on the native (nB, W) grid
+    localizer_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    enface_masks: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def raster(self) -> bool:

@@ -135,6 +135,9 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
 
     summary = summarise(config, trials, chosen, rows, errors, facts)
     summary["sweep_dir"] = str(sweep_dir)
+    from octssl.models.bundle import write_sweep_bundles  # one bundle per task: its best cell's chosen trial
+
+    summary["bundles"] = write_sweep_bundles(sweep_dir, summary)
     timings["total"] = time.time() - started  # the report's own build time is added after it
     summary["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
