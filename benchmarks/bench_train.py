@@ -151,7 +151,7 @@ def describe(name: str, arm: dict[str, Any], args: argparse.Namespace) -> dict[s
 
 def profile_extras(run_dir: Path, n: int = 200) -> dict[str, float]:
     """Milliseconds per step of the loop's per-step extras, timed alone: the samples/*.jsonl append, the
-    workers/*.json heartbeat, and (per log step) the Prometheus metric update."""
+    workers/*.json heartbeat, the per-step Prometheus observation and (per log step) the gauge update."""
     from octssl.monitor import TrainMetrics
 
     ids = [f"vol{i:05d}" for i in range(4)]
@@ -169,11 +169,14 @@ def profile_extras(run_dir: Path, n: int = 200) -> dict[str, float]:
     metrics = TrainMetrics(rank=0, run="bench-profile")
     start = time.perf_counter()
     for step in range(n):
-        metrics.update(step=step, loss=0.5, lr=1e-3, samples_per_s=10.0, step_s=0.1, data_wait_s=0.01,
-                       grad_norm=1.0, memory_bytes=1e9)
+        metrics.update(step=step, loss=0.5, lr=1e-3, grad_norm=1.0, memory={"host_rss": 1e9})
     update_ms = (time.perf_counter() - start) / n * 1e3
+    start = time.perf_counter()
+    for _ in range(n):
+        metrics.observe_step(seconds=0.1, local_s=0.05, data_wait_s=0.01, samples=4)
+    observe_ms = (time.perf_counter() - start) / n * 1e3
     return {"samples_jsonl_append_ms": samples_ms, "heartbeat_write_ms": heartbeat_ms,
-            "metrics_update_ms_per_log_step": update_ms}
+            "metrics_update_ms_per_log_step": update_ms, "metrics_observe_ms_per_step": observe_ms}
 
 
 def engine_vs_plain(config: Any, depth: int, repeats: int) -> dict[str, Any]:

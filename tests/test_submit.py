@@ -151,6 +151,16 @@ def test_submit_runs_octssl_jobs_and_reports_its_failure(ray_head):
     assert "python -m octssl.jobs jobs/pretrain.yaml --set data.corpus=/nonexistent/corpus" in logs.stdout
 
 
+def test_logs_follow_streams_until_the_job_ends(ray_head):
+    """`octssl jobs logs ID --follow` prints output as it comes and returns when the job ends."""
+    command = "python -c \"import time; print('first', flush=True); time.sleep(4); print('second', flush=True)\""
+    job_id = jobs_client.submit_command(command, ray_head)
+    done = _octssl("jobs", "logs", job_id, "--address", ray_head, "--follow")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.index("first") < done.stdout.index("second"), done.stdout
+    assert jobs_client.status(job_id, ray_head) == "SUCCEEDED"  # it returned because the job had ended
+
+
 def test_wrong_token_is_a_clear_error(ray_head):
     done = _octssl("jobs", "status", "raysubmit_x", "--address", ray_head, token="not-the-token")
     assert done.returncode == 2 and "rejected the token" in done.stderr and "RAY_AUTH_TOKEN" in done.stderr

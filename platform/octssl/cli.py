@@ -81,6 +81,17 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------- training
+def _local_ray(dashboard: bool, worker_logs: bool) -> None:
+    """Ask the local Ray this command starts for its dashboard and for the workers' output on stderr."""
+    import os
+
+    from octssl.cluster import DASHBOARD_ENV, WORKER_LOGS_ENV
+
+    for env, wanted in ((DASHBOARD_ENV, dashboard), (WORKER_LOGS_ENV, worker_logs)):
+        if wanted:
+            os.environ[env] = "1"
+
+
 def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int | None, kind: str) -> None:
     from octssl.config import load_config
     from octssl.train.launch import run
@@ -106,22 +117,44 @@ _CONFIG = typer.Option(..., "--config", "-c", help="job YAML (see jobs/)")
 _SET = typer.Option([], "--set", help="override a config key: --set optim.lr=0.01 (repeatable)")
 _RESUME = typer.Option(False, "--resume", help="continue the run named by run.name from its last checkpoint")
 _PORT = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics on PORT+rank per worker")
+_DASHBOARD = typer.Option(False, "--dashboard", help="local Ray only: start Ray's dashboard on 127.0.0.1:8265")
+_WORKER_LOGS = typer.Option(False, "--worker-logs", help="show the Ray workers' output on this terminal")
 
 
 @app.command()
 def pretrain(
-    config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT
+    config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT,
+    dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS,
 ) -> None:
     """Self-supervised pretraining (reconstruct FAF or SLO from OCT) under Ray Train + DeepSpeed."""
+    _local_ray(dashboard, worker_logs)
     _train(config, set_, resume, metrics_port, "pretrain")
 
 
 @app.command()
 def finetune(
-    config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT
+    config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT,
+    dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS,
 ) -> None:
     """Fine-tune for GA/RPD segmentation at a label fraction, from scratch or pretrained weights."""
+    _local_ray(dashboard, worker_logs)
     _train(config, set_, resume, metrics_port, "finetune")
+
+
+_RUN_DIR = typer.Argument(..., help="a training run directory (metrics.jsonl, val.jsonl)")
+
+
+@app.command()
+def plot(run_dir: Path = _RUN_DIR) -> None:
+    """Write a run's loss, validation and throughput curves to RUN_DIR/plots/*.png."""
+    from octssl.plots import plot_run
+
+    try:
+        paths = plot_run(run_dir)
+    except _ERRORS as err:
+        _fail(err)
+    for path in paths:
+        print(path)
 
 
 # ---------------------------------------------------------------- Ray jobs (submit, status, logs, stop)
@@ -137,7 +170,7 @@ _ADDRESS = typer.Option(
 _SUBMIT_CONFIG = typer.Argument(..., help="job YAML inside this checkout (see jobs/)")
 _SUBMIT_SET = typer.Option([], "--set", help="override a config key on the cluster (repeatable)")
 _SUBMIT_PORT = typer.Option(None, "--metrics-port", help="workers serve Prometheus /metrics on PORT+rank")
-_SUBMIT_WAIT = typer.Option(False, "--wait", help="wait for the end, print the logs, exit 1 unless SUCCEEDED")
+_SUBMIT_WAIT = typer.Option(False, "--wait", help="stream the job's logs until it ends; exit 1 unless SUCCEEDED")
 _SUBMIT_TIMEOUT = typer.Option(None, "--timeout", help="with --wait: give up after SECONDS")
 
 
@@ -160,13 +193,29 @@ def submit(
         if not wait:
             console.print(f"submitted; follow with `octssl jobs logs {job_id} --address {address}`")
             return
-        state = jobs_client.wait(job_id, address, timeout_s=timeout)
-        print(jobs_client.logs(job_id, address), end="")
+        state = _stream_until_done(job_id, address, timeout)
     except _ERRORS as err:
         _fail(err)
     console.print(f"job {job_id}: {state}")
     if state != "SUCCEEDED":
         raise typer.Exit(1)
+
+
+def _stream_until_done(job_id: str, address: str, timeout: float | None) -> str:
+    """Print the job's logs as they come (stdout) until it ends or `timeout` passes; its final state."""
+    import threading
+
+    from octssl import jobs_client
+
+    def stream() -> None:
+        for chunk in jobs_client.follow(job_id, address):
+            print(chunk, end="", flush=True)
+
+    reader = threading.Thread(target=stream, daemon=True)  # ends with the job's log, or with this process
+    reader.start()
+    state = jobs_client.wait(job_id, address, timeout_s=timeout)  # errors (token, address) surface here
+    reader.join(timeout=30)
+    return state
 
 
 @jobs_app.command("status")
@@ -183,12 +232,19 @@ def jobs_status(job_id: str, address: str = _ADDRESS) -> None:
         console.print(details["message"])
 
 
+_FOLLOW = typer.Option(False, "--follow", "-f", help="keep printing new output until the job ends")
+
+
 @jobs_app.command("logs")
-def jobs_logs(job_id: str, address: str = _ADDRESS) -> None:
-    """Print everything the job's driver has written so far."""
+def jobs_logs(job_id: str, address: str = _ADDRESS, follow: bool = _FOLLOW) -> None:
+    """Print everything the job's driver has written so far (with --follow: and what it writes next)."""
     from octssl import jobs_client
 
     try:
+        if follow:
+            for chunk in jobs_client.follow(job_id, address):
+                print(chunk, end="", flush=True)
+            return
         text = jobs_client.logs(job_id, address)
     except _ERRORS as err:
         _fail(err)
@@ -214,6 +270,7 @@ _EXPORT_K = typer.Option(64, "--samples-per-shard", "-k", help="samples per tar 
 _EXPORT_SPLIT = typer.Option(None, "--split", help="export only train, val or test (default: all)")
 _EXPORT_ALL = typer.Option(False, "--all-scans", help="include non-raster scans (default: raster only)")
 _EXPORT_OVERWRITE = typer.Option(False, "--overwrite", help="replace an earlier export in --out")
+_EXPORT_WORKERS = typer.Option(1, "--workers", "-j", help="processes writing shards in parallel (same bytes as 1)")
 
 
 @app.command("export-shards")
@@ -224,13 +281,14 @@ def export_shards_command(
     split: str | None = _EXPORT_SPLIT,
     all_scans: bool = _EXPORT_ALL,
     overwrite: bool = _EXPORT_OVERWRITE,
+    workers: int = _EXPORT_WORKERS,
 ) -> None:
     """Write a corpus as WebDataset tar shards plus index.json (counts, checksums) for streaming."""
     from octssl.webds.export import export_shards
 
     try:
         index = export_shards(corpus, out, samples_per_shard=samples_per_shard, split=split,
-                              raster_only=not all_scans, overwrite=overwrite)
+                              raster_only=not all_scans, overwrite=overwrite, workers=workers)
     except _ERRORS as err:
         _fail(err)
     size = sum(shard["bytes"] for shard in index["shards"])
@@ -437,14 +495,14 @@ def verify(path: str = _VERIFY_PATH) -> None:
         _fail(err)
     if shards or Location.parse(path).remote:
         try:
-            problems = verify_shards(path)
+            problems = verify_shards(path, progress=True)
         except _ERRORS as err:
             problems = [str(err)]
     else:
         from octssl.corpus.store import Corpus
 
         try:
-            problems = Corpus.open(path).verify()
+            problems = Corpus.open(path).verify(progress=True)
         except _ERRORS as err:
             problems = [str(err)]
     for problem in problems:
@@ -471,10 +529,12 @@ def _print_tables(summary: dict) -> None:
 
 
 @app.command()
-def sweep(config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET) -> None:
+def sweep(config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET, dashboard: bool = _DASHBOARD,
+          worker_logs: bool = _WORKER_LOGS) -> None:
     """Fine-tune every task x label fraction x init x model with Ray Tune (ASHA), test the best, report."""
     from octssl.tune.sweep import load_sweep_config, run_sweep
 
+    _local_ray(dashboard, worker_logs)
     try:
         summary = run_sweep(load_sweep_config(config, set_))
     except _ERRORS as err:

@@ -7,9 +7,13 @@ from a Ray worker, task or trial is reduced to one line by :func:`root_cause`.
 from __future__ import annotations
 
 import os
+import sys
 
 from octssl import reaper
 from octssl.errors import ConfigError
+
+DASHBOARD_ENV = "OCTSSL_RAY_DASHBOARD"  # "1": a local Ray starts its dashboard (`--dashboard`)
+WORKER_LOGS_ENV = "OCTSSL_WORKER_LOGS"  # "1": workers' stdout/stderr are shown here (`--worker-logs`)
 
 
 def ray_up() -> dict[str, float]:
@@ -17,10 +21,15 @@ def ray_up() -> dict[str, float]:
     import ray
 
     if not ray.is_initialized():
+        worker_logs = os.environ.get(WORKER_LOGS_ENV) == "1"
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
+            ray.init(log_to_driver=worker_logs)
         else:
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            dashboard = os.environ.get(DASHBOARD_ENV) == "1"
+            context = ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard,
+                               dashboard_host="127.0.0.1", log_to_driver=worker_logs)
+            if dashboard and context.dashboard_url:
+                print(f"Ray dashboard: http://{context.dashboard_url}", file=sys.stderr, flush=True)
             reaper.guard()  # the agents of a local Ray outlive a killed driver: reap them
     return ray.cluster_resources()
 

@@ -149,7 +149,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
         console.rule("[bold]2/5 export WebDataset shards and verify them")
         t0 = time.time()
         index = export_shards(out / "corpus", out / "shards", samples_per_shard=32, progress=progress)
-        problems = verify_shards(out / "shards")
+        problems = verify_shards(out / "shards", progress=progress)
         if problems:
             raise ShardError(f"{out / 'shards'}: verification failed: {problems[:3]}")
         console.print(f"{index['total']} samples in {len(index['shards'])} shards, checksums verified")

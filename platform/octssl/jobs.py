@@ -33,14 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "sweep":
             from octssl.tune.sweep import load_sweep_config, run_sweep
 
-            summary = run_sweep(load_sweep_config(args.config, args.overrides), progress=False)
+            summary = run_sweep(load_sweep_config(args.config, args.overrides))  # plain progress lines in the job's log
         else:
             from octssl.config import load_config
             from octssl.train.launch import run
 
             config = load_config(args.config, args.overrides)
             resume = "auto" if args.resume_if_exists else args.resume
-            summary = run(config, resume=resume, progress=False, metrics_port=args.metrics_port)
+            summary = run(config, resume=resume, metrics_port=args.metrics_port)
     except (OctsslError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,8 +8,10 @@ a py_module, so the cluster runs the code you have here even when its image hold
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,8 @@ def _client(address: str) -> Any:
 
 def _is_auth_error(err: Exception) -> bool:
     text = str(err).lower()
-    return "authentication" in text or "unauthorized" in text or "401" in text
+    # "401" as a status code, not inside a number (a port such as 34019 is no authentication failure)
+    return "authentication" in text or "unauthorized" in text or re.search(r"\b401\b", text) is not None
 
 
 def _auth_message(address: str, token: str | None, err: Exception) -> str:
@@ -73,6 +76,10 @@ def _auth_message(address: str, token: str | None, err: Exception) -> str:
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def _raise(err: Exception) -> None:
+    raise err
 
 
 def _call(address: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -151,6 +158,28 @@ def logs(job_id: str, address: str) -> str:
     """Everything the job's driver printed so far."""
     client = _client(address)
     return str(_call(address, f"logs of {job_id}", client.get_job_logs, job_id))
+
+
+def follow(job_id: str, address: str) -> Iterator[str]:
+    """The job's log as the driver writes it, chunk by chunk, from the start until the job ends
+    (Ray's log-tailing websocket, driven by an event loop of its own)."""
+    import asyncio
+
+    client = _client(address)
+    stream = client.tail_job_logs(job_id)
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                chunk = loop.run_until_complete(stream.__anext__())
+            except StopAsyncIteration:
+                return
+            except Exception as err:  # the job is unknown, the token wrong, the connection lost
+                _call(address, f"logs of {job_id}", _raise, err)
+            yield str(chunk)
+    finally:
+        loop.run_until_complete(stream.aclose())
+        loop.close()
 
 
 def stop(job_id: str, address: str) -> bool:

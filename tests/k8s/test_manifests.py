@@ -3,6 +3,7 @@ jobs run octssl.jobs with configs that load, and the GPU overlay asks for GPUs i
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def test_custom_resources_validate_against_crds(rendered, crd_schemas, target):
         unknown = _unknown_fields(o, schema)
         assert not unknown, f"{o['kind']}/{o['metadata']['name']}: fields not in the CRD: {unknown}"
         checked += 1
-    assert checked >= 6
+    assert checked >= 5  # RayCluster, two RayJobs, PodMonitor, PrometheusRule
 
 
 def test_core_objects_are_well_formed(rendered, target):
@@ -262,7 +263,10 @@ def test_gpu_overlay_requests_and_tolerates_gpus(rendered, target):
         assert "scaling.gpus_per_worker=1" in overrides
 
 
-def test_podmonitors_scrape_ports_the_pods_declare(rendered, target):
+def test_podmonitor_scrapes_declared_ports_and_octssl_only_where_it_listens(rendered, target):
+    """One PodMonitor for all Ray pods: Ray's port everywhere; octssl's port (a rank per worker during
+    pretraining, the sweep driver on the head) only on those pods, by the keep rule on node type and the
+    cluster name KubeRay derives from the RayJob's name."""
     objects = rendered[target]
     (cluster,) = _by_kind(objects, "RayCluster")
     ports = {
@@ -270,13 +274,19 @@ def test_podmonitors_scrape_ports_the_pods_declare(rendered, target):
         "worker": set.intersection(*[{p["name"] for p in g["template"]["spec"]["containers"][0]["ports"]}
                                      for g in cluster["spec"]["workerGroupSpecs"]]),
     }
-    monitors = _by_kind(objects, "PodMonitor")
-    seen = set()
-    for monitor in monitors:
-        labels = monitor["spec"]["selector"]["matchLabels"]
-        node_type = labels["ray.io/node-type"]  # KubeRay's own pod label
-        seen.add(node_type)
-        endpoints = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
-        assert endpoints == {"metrics", "octssl-metrics"}, monitor["metadata"]["name"]
-        assert endpoints <= ports[node_type], (node_type, endpoints - ports[node_type])
-    assert seen == {"head", "worker"}
+    (monitor,) = _by_kind(objects, "PodMonitor")
+    (selects,) = monitor["spec"]["selector"]["matchExpressions"]
+    assert selects["key"] == "ray.io/node-type" and set(selects["values"]) == {"head", "worker"}
+    endpoints = {e["port"]: e for e in monitor["spec"]["podMetricsEndpoints"]}
+    assert set(endpoints) == {"metrics", "octssl-metrics"}
+    assert set(endpoints) <= ports["head"] and set(endpoints) <= ports["worker"]
+    assert "relabelings" not in endpoints["metrics"]
+    (keep,) = endpoints["octssl-metrics"]["relabelings"]
+    assert keep["action"] == "keep"
+    assert keep["sourceLabels"] == ["__meta_kubernetes_pod_label_ray_io_node_type",
+                                    "__meta_kubernetes_pod_label_ray_io_cluster"]
+    jobs = {j["metadata"]["name"] for j in _by_kind(objects, "RayJob")}
+    scraped = {f"{node};{job}-x7k2p" for node in ("head", "worker") for job in jobs
+               if re.fullmatch(keep["regex"], f"{node};{job}-x7k2p")}  # Prometheus anchors the regex
+    assert scraped == {"worker;octssl-pretrain-x7k2p", "head;octssl-sweep-x7k2p"}
+    assert not re.fullmatch(keep["regex"], "worker;octssl")  # the standing cluster

@@ -100,21 +100,42 @@ def test_finetune_from_pretrained_beats_frozen_random(job, train_corpus: Path) -
     assert tuned > frozen + 0.1, (tuned, frozen)
 
 
-def test_loop_updates_prometheus_metrics(job, monkeypatch) -> None:
+def test_loop_updates_prometheus_metrics_and_tensorboard(job, monkeypatch) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from octssl.monitor import TrainMetrics
 
     monkeypatch.setenv(FAULT_NAN_STEPS, "2")
-    config = job("pretrain.yaml", "run.name=metrics-run", "run.log_every=2")
+    config = job("pretrain.yaml", "run.name=metrics-run", "run.log_every=2", "run.eval_every=3")
     summary = run_single_process(config)
     values = TrainMetrics(rank=0, run="metrics-run").values()
     assert values["octssl_steps_total"] == 6
+    assert values["octssl_samples_total"] == 6 * 2  # batch size 2
     assert values["octssl_skipped_steps_total"] == 1
-    assert values["octssl_checkpoints_total"] == 2
+    assert values["octssl_checkpoint_duration_seconds_count"] == 2
+    assert values["octssl_last_checkpoint_timestamp_seconds"] > summary["wall_s"]
     assert values["octssl_loss"] == pytest.approx(summary["final_loss"])
-    assert values["octssl_samples_per_second"] > 0
-    assert values["octssl_step_seconds"] >= values["octssl_data_wait_seconds"] >= 0
+    assert values["octssl_step_duration_seconds_count"] == 6
+    assert (values["octssl_step_duration_seconds_sum"] >= values["octssl_step_local_seconds_sum"]
+            >= values["octssl_data_wait_seconds_sum"] > 0)
+    assert values["octssl_step"] == values["octssl_total_steps"] == 6
     # the last step's rate is the planned one (a skipped step does not make the schedule lag)
     planned = config.optim.lr * lr_factor(6, 6, config.optim.warmup_steps, config.optim.schedule)
     assert values["octssl_learning_rate"] == pytest.approx(planned, abs=1e-12)
     assert values["octssl_grad_norm"] > 0
-    assert values["octssl_device_memory_bytes"] > 1e6
+    assert values["octssl_memory_bytes{kind=host_rss}"] > 1e6
+    assert values["octssl_validation{metric=ssim}"] == pytest.approx(summary["val"]["ssim"])
+
+    board = Path(summary["weights"]).parents[1] / "tensorboard"
+    events = EventAccumulator(str(board), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    for name in ("loss", "lr", "samples_per_s", "data_wait_s", "step_s", "grad_norm"):
+        assert f"train/{name}" in tags["scalars"], tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    assert events.Scalars("train/loss")[-1].value == pytest.approx(summary["final_loss"], rel=1e-5)
+    assert [e.step for e in events.Scalars("val/ssim")] == [3, 6]
+    images = [t for t in tags["images"] if t.startswith("reconstruction/")]
+    assert len(images) == 2, tags["images"]
+    first = events.Images(images[0])
+    assert [e.step for e in first] == [3, 6] and first[0].height == 2 * 16 and first[0].width == 64

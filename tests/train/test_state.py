@@ -36,8 +36,8 @@ def test_a_restart_is_told_from_a_deliberate_resume() -> None:
     assert _started_before("", 0) is False  # no launch token (single process): never a restart
 
     counted = TrainMetrics(rank=0, run=f"restart-{attempt}")
-    counted.restart(from_step=4)
+    counted.restart()
     resumed = TrainMetrics(rank=0, run=f"resume-{attempt}")
-    resumed.restart(from_step=4, count=False)
+    resumed.restart(count=False)
     assert counted.values()["octssl_worker_restarts_total"] == 1
     assert resumed.values()["octssl_worker_restarts_total"] == 0

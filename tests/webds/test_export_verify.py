@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -154,6 +157,28 @@ def test_cli_export_shards(tiny_corpus: Path, tmp_path: Path):
     failed = runner.invoke(app, ["export-shards", str(tmp_path / "nowhere"), "--out", str(tmp_path / "t")])
     assert failed.exit_code == 2
     assert "nowhere" in failed.output
+
+
+def test_parallel_export_is_byte_identical_and_both_commands_show_plain_progress(
+        tiny_corpus: Path, shards: Path, tmp_path: Path):
+    """`octssl export-shards --workers 3` (processes writing different tars) gives the very bytes of the
+    one-process export, index.json included; with stderr not a terminal, export and verify print progress
+    lines at the cadence OCTSSL_PROGRESS_EVERY sets and a final one."""
+    octssl = Path(sys.executable).parent / "octssl"
+    env = {**os.environ, "OCTSSL_PROGRESS_EVERY": "0.05"}
+    out = tmp_path / "parallel"
+    done = subprocess.run([str(octssl), "export-shards", str(tiny_corpus), "--out", str(out), "-k", "5",
+                           "--workers", "3"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in shards.iterdir())
+    for path in shards.iterdir():
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    lines = [line for line in done.stderr.splitlines() if line.startswith(f"export {tiny_corpus.name}: ")]
+    assert lines and lines[-1].startswith(f"export {tiny_corpus.name}: 24/24 (100%)"), done.stderr
+    checked = subprocess.run([str(octssl), "verify", str(out)], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert checked.returncode == 0, checked.stderr
+    assert f"verify {out.name}: 24/24 (100%)" in checked.stderr
 
 
 def test_fast_header_parser_matches_tarfile_and_rejects_a_bad_header(shards: Path):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from octssl.corpus import manifest as mf
 from octssl.corpus.journal import Journal
 from octssl.errors import CorpusError
+from octssl.progress import track
 from octssl.sample import ARRAY_KEYS, VOLUME_KEY
 
 if TYPE_CHECKING:
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 LOCALIZER = mf.LOCALIZER_KEY
 
 
-def verify_corpus(corpus: Corpus) -> list[str]:
+def verify_corpus(corpus: Corpus, progress: bool = False) -> list[str]:
     """Recompute every checksum and check structure; problems name file and sample.
 
     Problems that do not put committed data at risk (data without a manifest row) start with
@@ -25,7 +26,7 @@ def verify_corpus(corpus: Corpus) -> list[str]:
     problems = mf.row_problems(corpus.manifest, corpus.manifest_path)
     referenced: dict[str, set[int]] = {}
     referenced_localizers: dict[str, set[int]] = {}
-    for row in corpus.rows:
+    for row in track(corpus.rows, f"verify {corpus.path.name}", progress):
         referenced.setdefault(row["grid"], set()).add(row["index"])
         keys = [*row["modalities"], *row["labels"]]
         if row["localizer_grid"] is not None:

@@ -382,11 +382,11 @@ class Corpus:
             Corpus.append_hook(stage)
 
     # ---- checks ----------------------------------------------------------------------------------
-    def verify(self) -> list[str]:
+    def verify(self, progress: bool = False) -> list[str]:
         """Every problem found (checksums, structure, orphans), each naming file and sample."""
         from octssl.corpus.audit import verify_corpus
 
-        return verify_corpus(self)
+        return verify_corpus(self, progress=progress)
 
     def summary(self) -> dict[str, Any]:
         """Counts per grid, split, modality and label; patients; raster reasons; bytes on disk."""

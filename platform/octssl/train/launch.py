@@ -153,8 +153,10 @@ def _remote_summary(run_dir: Path, remote: Location) -> dict[str, Any]:
     return summary
 
 
-def run_single_process(config: JobConfig, *, resume_from: Path | None = None) -> dict[str, Any]:
-    """The same Trainer in this process (world size 1, no Ray): benchmarks and single-GPU checks.
+def run_single_process(config: JobConfig, *, resume_from: Path | None = None,
+                       metrics_port: int | None = None) -> dict[str, Any]:
+    """The same Trainer in this process (world size 1, no Ray): benchmarks, single-GPU checks, and
+    (with ``metrics_port``) a run whose /metrics a test's Prometheus scrapes.
     Checkpoints are copied to ``RUN_DIR/checkpoints/stepNNNNNNNN``."""
     import shutil
 
@@ -172,5 +174,6 @@ def run_single_process(config: JobConfig, *, resume_from: Path | None = None) ->
         if ckpt_dir is not None:
             shutil.copytree(ckpt_dir, ckpts / f"step{metrics['step']:08d}", dirs_exist_ok=True)
 
-    ctx = WorkerContext(rank=0, world_size=1, run_dir=run_dir, report=report, resume_from=resume_from)
+    ctx = WorkerContext(rank=0, world_size=1, run_dir=run_dir, report=report, resume_from=resume_from,
+                        metrics_port=metrics_port)
     return Trainer(config, ctx).train()

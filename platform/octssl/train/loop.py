@@ -33,12 +33,14 @@ from octssl.data.transforms import collate
 from octssl.errors import OctsslError
 from octssl.objectives import average, score_batch
 from octssl.train import checkpoint as ckpt
+from octssl.train.board import Board, reconstructions
 from octssl.train.engine import build_engine, resolve_precision
 from octssl.train.runlog import RunLog
 from octssl.train.state import Cadence, RunState
 from octssl.vocab import VAL, VOLUME
 
 FAULT_NAN_STEPS = "OCTSSL_FAULT_NAN_STEPS"  # testing hook: comma-separated steps whose loss is made NaN
+_BOARD_SCALARS = ("loss", "lr", "samples_per_s", "data_wait_s", "step_s", "grad_norm")  # metrics.jsonl -> TensorBoard
 
 
 class NonFiniteLossError(OctsslError):
@@ -105,6 +107,7 @@ class Trainer:
         self.cadence = Cadence(self.total_steps)
         self.engine, self.scheduler = build_engine(model, c, self.total_steps, self.precision)
         self.metrics = TrainMetrics(rank=self.ctx.rank, run=c.run.name or "run")
+        self.board = Board(self.run_dir, enabled=self.ctx.rank == 0)
         self.log = RunLog(self.run_dir, self.ctx.rank)
         if self.ctx.metrics_port:
             serve(self.ctx.metrics_port + self.ctx.local_rank)
@@ -128,6 +131,7 @@ class Trainer:
         loss = self.objective.loss(logits.float(), batch)
         if self.state.step + 1 in self._nan_steps:
             loss = loss * float("nan")
+        self.local_done = time.time()  # the step's first collective follows: ranks wait for each other there
         bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
         if self.ctx.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -175,7 +179,7 @@ class Trainer:
         self.state.world_size = self.ctx.world_size
         self.data.load_state_dict(self.state.data)
         self.log.rewind(self.state.step)
-        self.metrics.restart(from_step=self.state.step, count=after_failure)
+        self.metrics.restart(count=after_failure)
 
     @contextmanager
     def saved_checkpoint(self) -> Iterator[Path]:
@@ -227,6 +231,8 @@ class Trainer:
             batch = self.to_device(next(batches))
             wait = time.time() - t0
             loss = self.train_step(batch)
+            self.metrics.observe_step(seconds=time.time() - t0, local_s=self.local_done - t0, data_wait_s=wait,
+                                      samples=len(batch["id"]))
             state = self.state
             state.step += 1
             self.log.step(state.step, self.data.epoch, list(batch["id"]))
@@ -259,22 +265,25 @@ class Trainer:
         state.last_loss = loss
 
     def _log(self, window: _Window) -> None:
-        """Record the means over the steps since the last log (per rank, and rank 0's metrics.jsonl)."""
+        """Record the state at a log step: Prometheus gauges (per rank), rank 0's metrics.jsonl and TensorBoard."""
+        from octssl.monitor import memory_now
+
         samples_per_s, step_s, wait = window.means()
         lr = float(self.scheduler.get_last_lr()[0])
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         state = self.state
-        self.metrics.update(
-            step=state.step, loss=state.last_loss, lr=lr, samples_per_s=samples_per_s, step_s=step_s,
-            data_wait_s=wait, grad_norm=grad_norm, memory_bytes=_memory_bytes(self.device),
-        )
-        self.log.log({
+        memory, capacity = memory_now(self.device)
+        self.metrics.update(step=state.step, total_steps=self.total_steps, checkpoint_every=self.config.run.ckpt_every,
+                            loss=state.last_loss, lr=lr, grad_norm=grad_norm, memory=memory, device_capacity=capacity)
+        record = {
             "step": state.step, "epoch": self.data.epoch, "loss": state.last_loss, "lr": lr,
             "samples_per_s": samples_per_s * self.ctx.world_size, "data_wait_s": wait, "step_s": step_s,
             "grad_norm": grad_norm, "skipped": state.skipped, "total_steps": self.total_steps,
             "time": time.time(),
-        })
+        }
+        self.log.log(record)
+        self.board.scalars(state.step, "train", {k: record[k] for k in _BOARD_SCALARS})
 
     def _evaluate(self) -> dict[str, float]:
         self.last_val = self.validate()
@@ -285,6 +294,9 @@ class Trainer:
             self.export("best")  # collective under ZeRO-3: every rank takes the same branch
         if self.last_val:
             self.log.validation({"step": self.state.step, **self.last_val})
+            self.metrics.validation(self.last_val)
+            self.board.scalars(self.state.step, "val", self.last_val)
+        self.board.images(self.state.step, reconstructions(self))
         return self.last_val
 
     def finish(self) -> dict[str, Any]:
@@ -324,14 +336,6 @@ class _Window:
         """(samples/s, seconds per step, data-wait seconds per step)."""
         steps = max(self.steps, 1)
         return self.samples / max(self.time, 1e-9), self.time / steps, self.wait / steps
-
-
-def _memory_bytes(device: torch.device | None) -> float:
-    if device is not None and device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def _started_before(attempt: str, rank: int) -> bool:

@@ -1,5 +1,6 @@
 """Live sweep progress: a rich table of cells (trials running / finished / failed, best val Dice) on the
-terminal and the ``octssl_sweep_trials`` gauge for Prometheus, both fed by a Ray Tune callback."""
+terminal (a plain line at a steady cadence when stderr is not one) and the ``octssl_sweep_trials`` gauge for
+Prometheus, both fed by a Ray Tune callback."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 from ray.tune import Callback
 
 from octssl.monitor import SweepMetrics
-from octssl.progress import console
+from octssl.progress import Ticker, console, interactive
 from octssl.tune.config import SweepConfig
 from octssl.tune.results import stopped_early
 from octssl.vocab import DICE
@@ -28,17 +29,23 @@ class SweepProgress(Callback):
         self.best: dict[str, float] = {}  # cell key -> best val dice so far
         self.stopped_early = 0
         self.live: Any = None
+        self.ticker: Ticker | None = None
 
     # ---------------------------------------------------------------- display
     def start(self) -> None:
         self._publish()
-        if self.enabled:
+        if self.enabled and not interactive():
+            self.ticker = Ticker(self.line).start()
+        elif self.enabled:
             from rich.live import Live
 
             self.live = Live(self.render(), console=console(), refresh_per_second=2, transient=False)
             self.live.start()
 
     def stop(self) -> None:
+        if self.ticker is not None:
+            self.ticker.stop()
+            self.ticker = None
         if self.live is not None:
             self.live.update(self.render())
             self.live.stop()
@@ -49,18 +56,25 @@ class SweepProgress(Callback):
         return {"PENDING": self.total - sum(seen.values()) + seen.get("PENDING", 0), "RUNNING": seen["RUNNING"],
                 "TERMINATED": seen["TERMINATED"], "ERROR": seen["ERROR"]}
 
+    def title(self) -> str:
+        counts = self.counts()
+        return (f"sweep: {counts['TERMINATED'] + counts['ERROR']}/{self.total} trials finished, "
+                f"{counts['RUNNING']} running, {counts['ERROR']} failed, {self.stopped_early} stopped early by ASHA")
+
+    def line(self) -> str:
+        """The sweep's state as one plain line (non-terminal output)."""
+        best = ", ".join(f"{cell} {dice:.3f}" for cell, dice in sorted(self.best.items()))
+        return self.title() + (f"; best val Dice: {best}" if best else "")
+
     def render(self) -> Any:
         from rich.table import Table
 
-        counts = self.counts()
         per_cell: dict[str, Counter] = {}
         for trial_id, state in self.state.items():
             cell_key = self.group_of[trial_id].rsplit("-s", 1)[0]
             per_cell.setdefault(cell_key, Counter())[state] += 1
         per_trial = self.config.search.num_samples * len(self.config.seeds)
-        table = Table(title=(f"sweep: {counts['TERMINATED'] + counts['ERROR']}/{self.total} trials finished, "
-                             f"{counts['RUNNING']} running, {counts['ERROR']} failed, "
-                             f"{self.stopped_early} stopped early by ASHA"), title_justify="left")
+        table = Table(title=self.title(), title_justify="left")
         for column in ("cell", "finished", "running", "failed", "best val Dice"):
             table.add_column(column, justify="left" if column == "cell" else "right")
         for cell in self.config.cells:

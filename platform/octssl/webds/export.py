@@ -10,6 +10,10 @@ fixed owner and mtime, so exporting the same corpus twice gives byte-identical s
 range and the corpus manifest's sha256 of each array. The byte ranges let StreamSource read any sample
 with one seek (see ``octssl.data.sources``); the digests let it check every sample it decodes.
 
+With ``workers > 1`` shards are written by that many processes, each opening the corpus itself and
+writing whole tars of its own; a shard's bytes depend only on its samples, and the index is assembled in
+shard order and written last, so the export is byte-identical to a one-process one.
+
 Writing uses ``tarfile`` directly rather than ``webdataset.TarWriter`` because the byte range of each
 sample must be known as it is written (``TarFile.offset``); both produce the same ustar/pax records.
 """
@@ -19,9 +23,11 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing
 import re
 import tarfile
 import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +86,7 @@ def export_shards(
     *,
     progress: bool = True,
     overwrite: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Write ``corpus`` (a Corpus or its path) as tar shards plus ``index.json`` into ``out_dir`` (a folder or
     an object-store prefix such as ``s3://bucket/shards``); returns the index.
@@ -105,24 +112,27 @@ def export_shards(
     ids.sort(key=lambda sid: _SPLIT_ORDER.get(rows[sid]["split"], 3))  # stable: manifest order within a split
     _prepare_dir(out, overwrite)
 
-    counts = shard_counts(len(ids), samples_per_shard)
-    shards: list[dict[str, Any]] = []
-    samples: dict[str, dict[str, Any]] = {}
-    with stage(f"export {corpus.path.name}", len(ids), progress) as advance, \
-            tempfile.TemporaryDirectory(prefix="octssl-export-") as staging:
-        folder = Path(staging) if out.remote else out.local
+    if workers < 1:
+        raise ShardError(f"workers must be >= 1, got {workers}")
+    with tempfile.TemporaryDirectory(prefix="octssl-export-") as staging:
+        folder = Path(staging) if out.remote else out.local  # an object store gets local tars, then uploads
+        plan: list[_ShardPlan] = []
         start = 0
-        for number, count in enumerate(counts):
-            name = SHARD_PATTERN.format(number)
+        for number, count in enumerate(shard_counts(len(ids), samples_per_shard)):
             chunk = ids[start:start + count]
             start += count
-            entries = _write_shard(corpus, folder / name, chunk, rows, visits, advance)
-            samples.update(entries)
-            shards.append({"name": name, "count": count, "bytes": (folder / name).stat().st_size,
-                           "sha256": file_sha256(folder / name), "ids": chunk})
-            if out.remote:
-                (out / name).upload(folder / name)
-                (folder / name).unlink()
+            plan.append((folder / SHARD_PATTERN.format(number), chunk, {sid: rows[sid] for sid in chunk},
+                         {sid: visits[sid] for sid in chunk}))
+        with stage(f"export {corpus.path.name}", len(ids), progress) as advance:
+            if workers == 1 or len(plan) == 1:
+                written = [_shard(corpus, *job, advance, upload_to=out if out.remote else None) for job in plan]
+            else:
+                written = _shards_in_processes(corpus.path, plan, min(workers, len(plan)), advance)
+                if out.remote:
+                    for path, *_ in plan:
+                        (out / path.name).upload(path)
+    shards = [shard for shard, _ in written]
+    samples = {sid: entry for _, entries in written for sid, entry in entries.items()}
     index = {
         "format": FORMAT,
         "corpus": {"path": str(corpus.path), "manifest_sha256": file_sha256(corpus.manifest_path),
@@ -153,6 +163,44 @@ def _visit_key(row: dict[str, Any]) -> tuple[Any, int]:
     """Sort key of a row's visit: its acquisition day (unknown days last), then the stored visit number."""
     day = row["acquired"]
     return (day.toordinal() if day is not None else math.inf, row["visit"])
+
+
+#: one shard to write: its path, sample ids, their manifest rows and visit ordinals
+_ShardPlan = tuple[Path, list[str], dict[str, dict], dict[str, int]]
+
+
+def _shard(corpus: Any, path: Path, ids: list[str], rows: dict[str, dict], visits: dict[str, int],
+           advance: Any, upload_to: Location | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write one shard (and upload it, then drop the local copy, when ``upload_to`` is an object-store
+    prefix); its index record and its samples' entries."""
+    entries = _write_shard(corpus, path, ids, rows, visits, advance)
+    record = {"name": path.name, "count": len(ids), "bytes": path.stat().st_size, "sha256": file_sha256(path),
+              "ids": ids}
+    if upload_to is not None:
+        (upload_to / path.name).upload(path)
+        path.unlink()
+    return record, entries
+
+
+def _shard_in_process(corpus_path: str, path: Path, ids: list[str], rows: dict[str, dict],
+                      visits: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A worker process's job: open the corpus, write one shard."""
+    from octssl.corpus.store import Corpus
+
+    return _shard(Corpus.open(corpus_path), path, ids, rows, visits, lambda n=1: None)
+
+
+def _shards_in_processes(corpus_path: Path, plan: list[_ShardPlan], workers: int,
+                         advance: Any) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Write the planned shards with ``workers`` processes; results in shard order. Spawned, not forked:
+    a forked child would inherit the parent's Zarr I/O thread in whatever state it was."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(_shard_in_process, str(corpus_path), *job): len(job[1]) for job in plan}
+        for future in as_completed(futures):
+            future.result()  # the first failure ends the export
+            advance(futures[future])
+        return [future.result() for future in futures]
 
 
 def _prepare_dir(out: Location, overwrite: bool) -> None:

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from octssl.errors import ShardError
+from octssl.progress import stage
 from octssl.storage import Location
 from octssl.webds.index import INDEX_NAME, file_sha256, index_problems, read_index, well_formed_shard
 from octssl.webds.read import decode_sample, read_sample
 
 
-def verify_shards(shards_dir: str | Path | Location) -> list[str]:
+def verify_shards(shards_dir: str | Path | Location, progress: bool = False) -> list[str]:
     """Every problem of an export (a folder or an object-store prefix) in one pass: missing/truncated
     shards, checksums, counts; each named. Objects are downloaded one at a time to check them."""
     root = Location.parse(shards_dir)
@@ -30,17 +31,19 @@ def verify_shards(shards_dir: str | Path | Location) -> list[str]:
     listed = {shard["name"] for shard in shards}
     problems += [f"{p}: not listed in {INDEX_NAME}" for p in root.files()
                  if p.parent == root and fnmatch.fnmatch(p.name, "shard-*.tar") and p.name not in listed]
-    for shard in shards:
-        where = root / shard["name"]
-        if not where.remote:
-            problems += _shard_problems(where.local, shard, index["samples"])
-        elif not where.is_file():
-            problems.append(_missing(where, shard))
-        else:
-            with tempfile.TemporaryDirectory(prefix="octssl-verify-") as staging:
-                local = where.download(Path(staging) / shard["name"])
-                problems += [p.replace(str(local), str(where))
-                             for p in _shard_problems(local, shard, index["samples"])]
+    with stage(f"verify {root.name}", sum(shard["count"] for shard in shards), progress) as advance:
+        for shard in shards:
+            where = root / shard["name"]
+            if not where.remote:
+                problems += _shard_problems(where.local, shard, index["samples"])
+            elif not where.is_file():
+                problems.append(_missing(where, shard))
+            else:
+                with tempfile.TemporaryDirectory(prefix="octssl-verify-") as staging:
+                    local = where.download(Path(staging) / shard["name"])
+                    problems += [p.replace(str(local), str(where))
+                                 for p in _shard_problems(local, shard, index["samples"])]
+            advance(shard["count"])
     return problems
 
 

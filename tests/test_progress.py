@@ -1,0 +1,56 @@
+"""octssl.progress away from a terminal: plain lines at a steady cadence, and a last one at the end."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from octssl import progress
+
+
+def test_stage_prints_plain_lines_at_the_cadence_when_not_a_terminal(capsys, monkeypatch):
+    monkeypatch.setenv(progress.EVERY_ENV, "0.1")
+    assert not progress.interactive()  # pytest captures stderr: not a terminal
+    with progress.stage("export demo", 4) as advance:
+        for _ in range(4):
+            time.sleep(0.25)
+            advance()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 5, lines  # about one per 0.1 s over 1 s, then the last
+    assert all(re.fullmatch(r"export demo: \d/4 \(\d+%\), \d+s", line) for line in lines), lines
+    assert lines[-1].startswith("export demo: 4/4 (100%)")
+    counts = [int(line.split(": ")[1].split("/")[0]) for line in lines]
+    assert counts == sorted(counts) and counts[0] < 4
+
+
+def test_disabled_stage_prints_nothing(capsys, monkeypatch):
+    monkeypatch.setenv(progress.EVERY_ENV, "0.05")
+    assert list(progress.track(range(3), "quiet", enabled=False)) == [0, 1, 2]
+    time.sleep(0.1)
+    assert capsys.readouterr().err == ""
+
+
+def test_run_watcher_tails_metrics_jsonl_as_plain_lines(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setenv(progress.EVERY_ENV, "0.05")
+    run_dir = tmp_path / "pretrain-1"
+    run_dir.mkdir()
+    watcher = progress.RunWatcher(run_dir)
+    watcher.start()
+    time.sleep(0.2)
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 4, "total_steps": 10, "loss": 0.25,
+                                                       "samples_per_s": 12.5}) + "\n")
+    time.sleep(0.2)
+    watcher.stop()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("pretrain-1: starting workers")
+    assert lines[-1].startswith("pretrain-1: step 4/10, loss 0.2500, 12.5 samples/s, ")
+
+
+def test_cadence_defaults_to_30_seconds(monkeypatch):
+    monkeypatch.delenv(progress.EVERY_ENV, raising=False)
+    assert progress.cadence() == 30.0
+    monkeypatch.setenv(progress.EVERY_ENV, "soon")
+    assert progress.cadence() == 30.0
+    assert progress.elapsed(3725) == "1h02m05s" and progress.elapsed(65) == "1m05s"
