@@ -180,7 +180,7 @@ class Location:
             return
         try:
             with self.fs.open_output_stream(self.path) as handle:
-                yield handle  # type: ignore[misc]
+                yield handle
         except OSError as err:
             raise storage_error(self, err) from err
 

@@ -28,7 +28,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from octssl.corpus import manifest as mf
-from octssl.corpus.layout import array_path
+from octssl.corpus.layout import ZARR_NAME, array_path
 from octssl.errors import CorpusError, SampleError
 from octssl.fsutil import atomic_file
 from octssl.vocab import ENFACE_IMAGES, ENFACE_KEYS, MASKS
@@ -85,7 +85,7 @@ def write_attachments(corpus: Corpus, journal: Journal, attachments: list[Attach
     for (sample_id, key), data in arrays.items():
         row = corpus.row(sample_id)
         by_array[(key, row["grid"])][row["index"]] = data
-    store = LocalStore(corpus.zarr_path)
+    store = LocalStore(corpus.folder / ZARR_NAME)
     for (key, grid), slots in by_array.items():
         name = array_path(key, grid)
         try:
@@ -131,7 +131,7 @@ def record_provenance(corpus_dir: Path, attachments: list[Attachment]) -> None:
 def read_provenance(corpus: Corpus) -> list[dict[str, Any]]:
     """The provenance rows that describe arrays as committed now (one per id and key, the latest)."""
     current: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in _read(corpus.path / PROVENANCE_NAME).to_pylist():
+    for row in _read(corpus.folder / PROVENANCE_NAME).to_pylist():
         if row["id"] in corpus and (corpus.row(row["id"])["sha256"] or {}).get(row["key"]) == row["sha256"]:
             current[(row["id"], row["key"])] = row
     return list(current.values())

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from octssl.corpus import manifest as mf
 from octssl.corpus.journal import Journal
+from octssl.corpus.layout import ZARR_NAME
 from octssl.errors import CorpusError
 from octssl.progress import track
 from octssl.sample import ARRAY_KEYS, VOLUME_KEY
@@ -23,7 +24,7 @@ def verify_corpus(corpus: Corpus, progress: bool = False) -> list[str]:
     Problems that do not put committed data at risk (data without a manifest row) start with
     ``"warning: "``.
     """
-    problems = mf.row_problems(corpus.manifest, corpus.manifest_path)
+    problems = mf.row_problems(corpus.manifest, str(corpus.manifest_path))
     referenced: dict[str, set[int]] = {}
     referenced_localizers: dict[str, set[int]] = {}
     for row in track(corpus.rows, f"verify {corpus.path.name}", progress):
@@ -70,7 +71,7 @@ def _check_array(corpus: Corpus, key: str, row: dict[str, Any]) -> list[str]:
 
 
 def _stored_grids(corpus: Corpus, key: str) -> list[str]:
-    root = corpus.zarr_path / key
+    root = corpus.folder / ZARR_NAME / key
     return [p.name for p in root.iterdir() if (p / "zarr.json").is_file()] if root.is_dir() else []
 
 
@@ -108,7 +109,7 @@ def _check_localizer_bucket(corpus: Corpus, grid: str, referenced: set[int]) -> 
 
 
 def _orphans(corpus: Corpus, key: str, grid: str, stored: int, referenced: set[int]) -> list[str]:
-    if Journal(corpus.path, corpus.zarr_path).pending:
+    if Journal(corpus.folder, corpus.folder / ZARR_NAME).pending:
         return []  # slots past the committed rows belong to an append still in progress
     orphans = sorted(set(range(stored)) - referenced)
     if not orphans:
@@ -121,7 +122,7 @@ def _orphans(corpus: Corpus, key: str, grid: str, stored: int, referenced: set[i
 def summarize(corpus: Corpus) -> dict[str, Any]:
     """Counts for `octssl info`."""
     rows = corpus.rows
-    size = sum(p.stat().st_size for p in corpus.path.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in corpus.folder.rglob("*") if p.is_file())
     non_raster = Counter(r["raster_reason"] or r["scan_pattern"] for r in rows if not r["raster"])
     return {
         "path": str(corpus.path),

@@ -143,7 +143,7 @@ def read_manifest(path: Path | Location) -> pa.Table:
     except (pa.ArrowException, OSError) as err:
         raise CorpusError(f"{path}: cannot read manifest as Parquet: {err}") from err
     table = with_optional_columns(table)
-    problems = schema_problems(table, path)
+    problems = schema_problems(table, str(path))
     if problems:
         raise CorpusError("; ".join(problems))
     try:

@@ -40,9 +40,9 @@ def publish(corpus_path: str | Path, url: str | Location, *, progress: bool = Tr
             return {"samples": len(corpus), "files": 0, "uploaded_bytes": 0, "skipped": 0, "already": True}
         raise CorpusError(f"{dest}: already holds a published corpus with another manifest; publish to a new "
                           "prefix (readers of the old one would see it change)")
-    with WriterLock(corpus.path):
+    with WriterLock(corpus.folder):
         corpus = Corpus.open(corpus_path)  # the committed state under the lock
-        files = [p for p in sorted((corpus.path / ZARR_NAME).rglob("*")) if p.is_file()
+        files = [p for p in sorted((corpus.folder / ZARR_NAME).rglob("*")) if p.is_file()
                  and not any(part.startswith(".") for part in p.relative_to(corpus.path).parts)]
         ledger = _load_ledger(dest)
         uploaded = skipped = since = 0
@@ -63,7 +63,7 @@ def publish(corpus_path: str | Path, url: str | Location, *, progress: bool = Tr
                 advance()
         (dest / LEDGER_NAME).write_bytes(json.dumps(ledger).encode())
         _verify_remote(dest, corpus, progress)
-        (dest / mf.MANIFEST_NAME).upload(corpus.manifest_path)
+        (dest / mf.MANIFEST_NAME).upload(corpus.folder / mf.MANIFEST_NAME)
         if _sha256(dest / mf.MANIFEST_NAME) != local_sha:
             raise CorpusError(f"{dest / mf.MANIFEST_NAME}: differs from {corpus.manifest_path} after upload")
         (dest / LEDGER_NAME).delete()

@@ -63,6 +63,14 @@ class Corpus:
         self._chunks = ChunkReader()
         self._store: Any = None
 
+    @property
+    def folder(self) -> Path:
+        """The corpus folder on this machine, what writers, locks and journals work in (a corpus published to
+        an object store has none: it is read-only)."""
+        if isinstance(self.path, Path):
+            return self.path
+        raise CorpusError(f"{self.path}: a published corpus is read-only; append locally and publish again")
+
     # ---- lifecycle -------------------------------------------------------------------------------
     @classmethod
     def create(
@@ -216,11 +224,12 @@ class Corpus:
         """The read-only Zarr store of ``volumes.zarr`` (local, or an fsspec view of the object store)."""
         if self._store is None:
             if not self.remote:
-                self._store = LocalStore(self.zarr_path, read_only=True)
+                self._store = LocalStore(self.folder / ZARR_NAME, read_only=True)
             else:
                 from zarr.storage import FsspecStore
 
-                self._store = FsspecStore(fsspec_async(self.zarr_path), read_only=True, path=self.zarr_path.path)
+                remote = Location.parse(self.zarr_path)
+                self._store = FsspecStore(fsspec_async(remote), read_only=True, path=remote.path)
         return self._store
 
     slot = staticmethod(slot)
@@ -319,8 +328,8 @@ class Corpus:
 
         if self.remote:
             raise CorpusError(f"{self.path}: a published corpus is read-only; append locally and publish again")
-        with WriterLock(self.path):
-            journal = Journal(self.path, self.zarr_path)
+        with WriterLock(self.folder):
+            journal = Journal(self.folder, self.folder / ZARR_NAME)
             journal.recover(mf.settings_of(mf.read_manifest(self.manifest_path))["append_token"])
             self._set_table(mf.read_manifest(self.manifest_path))
             self._arrays.clear()
@@ -336,7 +345,7 @@ class Corpus:
                 table = pa.concat_tables([self._table, mf.rows_table(rows, settings)]).replace_schema_metadata(
                     mf.with_settings(self._table.slice(0, 0), settings).schema.metadata
                 )
-                mf.write_manifest(table, self.manifest_path)
+                mf.write_manifest(table, self.folder / mf.MANIFEST_NAME)
             except BaseException:
                 if journal.owned():  # never undo with another process's journal
                     journal.rollback()
@@ -356,17 +365,17 @@ class Corpus:
         attachments = list(attachments)
         if not attachments:
             return 0
-        with WriterLock(self.path):
-            journal = Journal(self.path, self.zarr_path)
+        with WriterLock(self.folder):
+            journal = Journal(self.folder, self.folder / ZARR_NAME)
             journal.recover(mf.settings_of(mf.read_manifest(self.manifest_path))["append_token"])
             self._set_table(mf.read_manifest(self.manifest_path))
             token = journal.begin()
             try:
                 rows = write_attachments(self, journal, attachments)
-                record_provenance(self.path, attachments)
+                record_provenance(self.folder, attachments)
                 self._hook("written")
                 table = mf.rows_table(rows, {**self.settings, "append_token": token, "format": mf.FORMAT_VERSION})
-                mf.write_manifest(table, self.manifest_path)
+                mf.write_manifest(table, self.folder / mf.MANIFEST_NAME)
             except BaseException:
                 journal.rollback()
                 raise

@@ -21,7 +21,7 @@ from zarr.storage import LocalStore
 
 from octssl.corpus import manifest as mf
 from octssl.corpus.journal import Journal
-from octssl.corpus.layout import assign_split, prepared_sample, shard_length, to_uint8
+from octssl.corpus.layout import ZARR_NAME, assign_split, prepared_sample, shard_length, to_uint8
 from octssl.errors import CorpusError, SampleError
 from octssl.progress import track
 from octssl.sample import ARRAY_KEYS, VOLUME_KEY
@@ -43,7 +43,7 @@ class AppendWriter:
         self.corpus = corpus
         self.hook = hook  # the corpus's crash-test seam, called after each slab
         self.journal = journal
-        self.store = LocalStore(corpus.zarr_path)
+        self.store = LocalStore(corpus.folder / ZARR_NAME)
         self.lengths: dict[Bucket, int] = {}  # slots written so far (committed + this append)
         self.buffers: dict[Bucket, list[dict[str, np.ndarray]]] = {}
         self.arrays: dict[str, zarr.Array] = {}

@@ -29,6 +29,7 @@ import yaml
 
 from octssl import __version__
 from octssl.errors import ModelError
+from octssl.storage import Location
 from octssl.vocab import MASKS, SEGMENTATION, VAL
 
 FORMAT = "octssl-bundle/1"
@@ -179,7 +180,7 @@ def export_model(source: str | Path, task: str, out: str | Path, *, overwrite: b
         "metrics": {VAL: val, "test": known["test"]},
         "provenance": {
             "run_dir": str(run_dir.resolve()), **known["provenance"], "weights_sha256": _sha256(weights),
-            "corpus": str(corpus_path.resolve()), "corpus_manifest_sha256": _sha256(corpus.manifest_path),
+            "corpus": str(corpus_path.resolve()), "corpus_manifest_sha256": hashlib.sha256(Location.parse(corpus.manifest_path).read_bytes()).hexdigest(),
             "training_config": yaml.safe_load((run_dir / "config.yaml").read_text()),
             "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         },

@@ -32,7 +32,7 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any] | 
     where = Location.parse(path)
     if where.remote:
         with tempfile.TemporaryDirectory(prefix="octssl-put-") as folder:
-            where.upload(save_weights(model, Path(folder) / where.name, metadata))
+            where.upload(Path(str(save_weights(model, Path(folder) / where.name, metadata))))
         return where
     path = where.local
     model = _unwrap(model)

@@ -24,6 +24,7 @@ import torch
 
 from octssl.errors import CheckpointError
 from octssl.fsutil import atomic_write
+from octssl.storage import Location
 from octssl.train.state import RunState
 
 TAG = "state"
@@ -125,7 +126,7 @@ def load_state(ckpt_dir: Path, rank: int) -> RunState:
     return RunState.from_dict(raw)
 
 
-def export_weights(engine: Any, out_dir: Path, card: dict[str, Any]) -> Path | None:
+def export_weights(engine: Any, out_dir: Path, card: dict[str, Any]) -> Path | Location | None:
     """Write ``model.safetensors`` + ``model.json`` into ``out_dir`` on rank 0; every rank must call
     (under ZeRO-3 the partitioned parameters are gathered collectively first)."""
     import deepspeed

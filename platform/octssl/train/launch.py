@@ -111,6 +111,7 @@ def run(
     resources = {"CPU": config.scaling.cpus_per_worker}
     if gpu:
         resources["GPU"] = config.scaling.gpus_per_worker
+    storage_path, storage_filesystem = ray_storage(config.run.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": config.model_dump(mode="json"), "run_dir": str(run_dir), "metrics_port": metrics_port,
@@ -119,7 +120,7 @@ def run(
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RunConfig(  # type: ignore[call-arg]  # Train V2 field
             name=config.run.name,
-            **dict(zip(("storage_path", "storage_filesystem"), ray_storage(config.run.storage_path), strict=True)),
+            storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_last),
             worker_runtime_env={"env_vars": _worker_env(config)},

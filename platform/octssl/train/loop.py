@@ -32,6 +32,7 @@ from octssl.config import JobConfig, parse_config
 from octssl.data.transforms import collate
 from octssl.errors import OctsslError
 from octssl.objectives import average, score_batch
+from octssl.storage import Location
 from octssl.train import checkpoint as ckpt
 from octssl.train.board import Board, reconstructions
 from octssl.train.engine import build_engine, resolve_precision
@@ -206,7 +207,7 @@ class Trainer:
         with self.saved_checkpoint() as path:
             self.report(metrics, path)
 
-    def export(self, name: str) -> Path | None:
+    def export(self, name: str) -> Path | Location | None:
         c = self.config
         key = self.objective.primary_metric
         card = {
