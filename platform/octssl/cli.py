@@ -32,7 +32,8 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------- training
-def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int | None, kind: str) -> None:
+def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int | None, kind: str,
+           dry_run: bool = False) -> None:
     from octssl.config import load_config
     from octssl.train.launch import run
 
@@ -40,6 +41,11 @@ def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int |
         job = load_config(config, overrides)
         if job.kind != kind:
             raise OctsslError(f"{config}: kind is '{job.kind}', not '{kind}': use `octssl {job.kind}`")
+        if dry_run:
+            from octssl.dryrun import job_plan, render
+
+            print(render(job_plan(job), str(config)))
+            return
         summary = run(job, resume=resume, metrics_port=metrics_port)
     except OctsslError as err:
         _fail(err)
@@ -57,22 +63,25 @@ _CONFIG = typer.Option(..., "--config", "-c", help="job YAML (see jobs/)")
 _SET = typer.Option([], "--set", help="override a config key: --set optim.lr=0.01 (repeatable)")
 _RESUME = typer.Option(False, "--resume", help="continue the run named by run.name from its last checkpoint")
 _PORT = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics on PORT+rank per worker")
+_DRY_RUN = typer.Option(False, "--dry-run", help="print the plan (steps, memory, wall time); train nothing")
 
 
 @app.command()
 def pretrain(
-    config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT
+    config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT,
+    dry_run: bool = _DRY_RUN,
 ) -> None:
     """Self-supervised pretraining (reconstruct FAF or SLO from OCT) under Ray Train + DeepSpeed."""
-    _train(config, set_, resume, metrics_port, "pretrain")
+    _train(config, set_, resume, metrics_port, "pretrain", dry_run)
 
 
 @app.command()
 def finetune(
-    config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT
+    config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT,
+    dry_run: bool = _DRY_RUN,
 ) -> None:
     """Fine-tune for GA/RPD segmentation at a label fraction, from scratch or pretrained weights."""
-    _train(config, set_, resume, metrics_port, "finetune")
+    _train(config, set_, resume, metrics_port, "finetune", dry_run)
 
 
 # ---------------------------------------------------------------- Ray jobs (submit, status, logs, stop)
@@ -357,11 +366,16 @@ def _print_tables(summary: dict) -> None:
 
 
 @app.command()
-def sweep(config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET) -> None:
+def sweep(config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET, dry_run: bool = _DRY_RUN) -> None:
     """Fine-tune every task x label fraction x init x model with Ray Tune (ASHA), test the best, report."""
     from octssl.tune.sweep import load_sweep_config, run_sweep
 
     try:
+        if dry_run:
+            from octssl.dryrun import render, sweep_plan
+
+            print(render(sweep_plan(load_sweep_config(config, set_)), str(config)))
+            return
         summary = run_sweep(load_sweep_config(config, set_))
     except OctsslError as err:
         _fail(err)
