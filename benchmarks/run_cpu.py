@@ -127,6 +127,16 @@ def table() -> str:
         add(f"step: FPN {'x'.join(map(str, step['crop']))}", step,
             f"paper setup {base.get('volumes_per_s', float('nan')):.3f} vol/s; {tuned}; "
             f"fastest precision/layout = auto policy: {step['policy']['matches']}")
+    for levers in results("levers"):
+        if levers.get("smoke"):
+            continue
+        rows = {r["name"]: r for r in levers["rows"] if r["status"] == "ok"}
+        best, engine = levers.get("best") or {}, levers.get("best_octssl_engine") or {}
+        add(f"levers: FPN {'x'.join(map(str, levers['crop']))}", levers,
+            f"paper setup {rows.get('paper', {}).get('volumes_per_s', float('nan')):.1f} vol/s; octssl default "
+            f"x{levers.get('octssl_default_ratio') or float('nan'):.2f}; fastest row `{best.get('name')}` "
+            f"x{best.get('ratio_to_paper') or float('nan'):.2f}; fastest DeepSpeed row `{engine.get('name')}` "
+            f"x{engine.get('ratio_to_paper') or float('nan'):.2f}")
     for train in results("train"):
         ray = next(a for a in train["arms"] if a["arm"].startswith("ray"))
         add("train: full stack vs plain loop", train,

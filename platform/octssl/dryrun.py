@@ -77,12 +77,13 @@ def _schedule(config: JobConfig, volumes: int | None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- model cost
-@lru_cache(maxsize=32)
-def parameter_count(name: str, width: float) -> int:
+def parameter_count(name: str, width: float, shape: tuple[int, ...]) -> int:
+    """Trainable parameters of the model, after checking that the input ``shape`` (B, C, nB, D, W) fits it."""
     from octssl.models import build_model
 
     with torch.device("meta"):
         model = build_model(name, width=width)
+    model.check_input_shape(shape)  # ModelError naming each dimension that does not fit
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -94,17 +95,17 @@ def _flops(name: str, width: float, crop: tuple[int, int, int]) -> float:
 
 
 @lru_cache(maxsize=32)
-def _activations(name: str, width: float, crop: tuple[int, int, int], precision: str, ckpt: bool) -> int:
+def _activations(name: str, width: float, crop: tuple[int, int, int], batch: int, precision: str, ckpt: bool) -> int:
     from octssl.models.profile import training_activation_bytes
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return training_activation_bytes(name, crop, autocast_dtype=dtype, width=width,
+    return training_activation_bytes(name, crop, batch, autocast_dtype=dtype, width=width,
                                      checkpointing=ckpt)["activations"]
 
 
 def memory(name: str, width: float, crop: tuple[int, int, int], precision: str, batch: int) -> dict[str, float]:
-    """Estimated activation GiB per worker at ``batch``, without and with activation checkpointing."""
-    return {f"activations_gib{'_checkpointing' if ckpt else ''}": batch * _activations(name, width, crop, precision, ckpt) / GIB
+    """Activation GiB per worker at ``batch``, without and with activation checkpointing."""
+    return {f"activations_gib{'_checkpointing' if ckpt else ''}": _activations(name, width, crop, batch, precision, ckpt) / GIB
             for ckpt in (False, True)}
 
 
@@ -194,7 +195,7 @@ def job_plan(config: JobConfig, results: Path = RESULTS) -> dict[str, Any]:
     plan: dict[str, Any] = {
         "kind": c.kind, "objective": f"{c.objective.kind} of {c.objective.target}", **facts,
         "crop_nB_D_W": list(crop), "model": c.model.name, "width": c.model.width,
-        "parameters": parameter_count(c.model.name, c.model.width),
+        "parameters": parameter_count(c.model.name, c.model.width, (c.data.batch_size, 1, *crop)),
         "precision": f"{precision.name}{' + channels_last_3d inputs' if precision.channels_last else ''}",
         "device": f"GPU x{c.scaling.gpus_per_worker:g} per worker" if c.scaling.gpus_per_worker else "CPU",
         "checkpointing": c.model.checkpointing, **schedule,
