@@ -266,19 +266,25 @@ def _duration(seconds: float) -> str:
 
 
 LABELS = {"activations_gib": "activation memory / worker", "activations_gib_checkpointing": "  with checkpointing",
-          "seconds": "wall time / worker (train steps)", "seconds_per_1000_steps": "wall time / worker / 1000 steps", "all_trials_seconds": "all trials one after another (upper bound)",
+          "seconds": "wall time / worker (train steps)", "seconds_per_1000_steps": "wall time / worker / 1000 steps", "all_trials_seconds": "all trials in a row (upper bound)",
           "volumes_per_s": "estimated volumes/s / worker", "from": "  estimated from"}
 
 
 def render(plan: dict[str, Any], source: str) -> str:
     """The plan as aligned 'key: value' lines under a header naming the config file."""
     lines = [f"dry run of {source} (nothing is trained)"]
+
+    def line(key: str, value: Any, indent: str = "") -> str:
+        return f"{indent}{LABELS.get(key, key.replace('_', ' ')):{40 - len(indent)}s} {_value(key, value)}"
+
     for key, value in plan.items():
-        if key == "trial_plans":
-            for trial in value:
-                lines.append(f"\none trial of {trial['cell']}:")
-                lines += [f"  {LABELS.get(k, k.replace('_', ' ')):38s} {_value(k, v)}" for k, v in trial.items()
-                          if k not in ("cell", "kind")]
+        if key != "trial_plans":
+            lines.append(line(key, value))
             continue
-        lines.append(f"{LABELS.get(key, key.replace('_', ' ')):40s} {_value(key, value)}")
+        shared = {k: v for k, v in value[0].items() if k not in ("cell", "kind") and all(t.get(k) == v for t in value)}
+        lines.append("\nevery trial:")
+        lines += [line(k, v, "  ") for k, v in shared.items()]
+        for trial in value:
+            lines.append(f"one trial of {trial['cell']}:")
+            lines += [line(k, v, "  ") for k, v in trial.items() if k not in shared and k not in ("cell", "kind")]
     return "\n".join(lines)
