@@ -3,8 +3,8 @@
 Usage: python benchmarks/bench_ingest.py [--repeats 8] [--stacks 6] [--workers 1,2]
                                          [--out benchmarks/results/ingest-cpu.json]
 
-Real files: the two Spectralis exports in ../shared/data/heidelberg-vol (one 496 x 768 B-scan + 768 x 768
-SLO each, 2.1 MB), copied ``repeats`` times each. Every copy gets a distinct counter in the header's spare
+Real files: the project's two Spectralis test exports (one 496 x 768 B-scan + 768 x 768 SLO each, 2.1 MB;
+not in the repository: the benchmark reads them from beside the checkout when they are there), copied ``repeats`` times each. Every copy gets a distinct counter in the header's spare
 bytes (offset 300, inside the 1790 reserved bytes) so its content hash differs and ingest does not skip it
 as a duplicate. Synthetic: ``stacks`` raster stack folders of 49 PNG B-scans of 496 x 512 (speckle plus a
 bright retina band) with a 512 x 512 localizer, gridded to 49 x 128 x 512. Each measurement is one

@@ -244,7 +244,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         print(f"  {p['setup']:32s} b{p['batch_per_worker']}: {p['volumes_per_s']:.2f} vol/s "
               f"({p['volumes_per_s_per_worker']:.2f}/worker); compute {p['compute_s']:.3f} s, "
               f"wait {p['wait_s']:.3f} s, all-reduce {p['allreduce_s']:.3f} s", flush=True)
-    paper_b8_s = 8 / 92.7  # PAPER.md: H200, DeepSpeed ZeRO-1, torch_autocast bf16, channels_last, batch 8
+    paper_b8_s = 8 / 92.7  # reference H200 step (benchmarks/README.md): ZeRO-1, torch_autocast bf16, channels_last, b8
     grid_bytes = 49 * 128 * 512  # a flattened Heidelberg volume (49 B-scans, D 128, 512 A-scans), uint8
     return {
         "benchmark": "scaling", "env": common.finish(env), "crop": list(args.crop), "width": args.width,

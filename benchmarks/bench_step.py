@@ -5,7 +5,7 @@
 
 Rows, each with and without activation checkpointing (``ckpt``):
 (a) ``paper``: fp32, default layout, plain PyTorch, SGD (lr 0.1, momentum 0.9, wd 1e-4), batch 8 on GPU
-    (cuDNN benchmark on, as PAPER.md measured it); the baseline every ratio refers to.
+    (cuDNN benchmark on, as the reference GPU measurement had it: benchmarks/README.md); the baseline every ratio refers to.
 (b) ``octssl``: what the platform's loop runs on this device: a DeepSpeed ZeRO-1 engine from
     ``octssl.train.engine.build_engine`` with the precision ``auto`` resolves to (GPU: bf16 through
     DeepSpeed's torch_autocast, channels_last_3d inputs, contiguous parameters; CPU: fp32), the same SGD.

@@ -32,7 +32,7 @@ def test_every_paper_profile_dry_runs_without_the_paper_data(name: str) -> None:
     assert result.exit_code == 0, result.output
     text = result.output
     assert f"dry run of {PAPER / name}.yaml (nothing is trained)" in text
-    assert "runs/paper/corpus" in text and "not found" in text
+    assert "runs/paper/corpus: no corpus directory here" in text  # said, and the plan goes on without it
     assert "4,369,553" in text  # the paper's FPN at width 1.0
     assert "32 x 128 x 256" in text and "assumed, the paper's" in text
     lines = {line[:40].strip(): line[40:].strip() for line in text.splitlines() if not line.startswith(" ")}
@@ -67,8 +67,9 @@ def test_the_plan_counts_steps_from_the_corpus_and_times_them_from_a_benchmark(t
     plan = dryrun.job_plan(job, results)
     volumes = plan["train_volumes"]
     assert 0 < volumes < 24 and plan["depth"].startswith("64 (the corpus grid 16x64x64)")
-    assert plan["samples_per_epoch"] == volumes * 20
-    assert plan["steps_per_epoch"] == steps_per_epoch(volumes * 20, 1, 8)
+    assert plan["data"] == str(tiny_corpus)
+    assert plan["steps_per_epoch"] == steps_per_epoch(volumes * 20, 1, 8)  # 20 crops per volume, batch 8
+    assert plan["samples_per_epoch"] == plan["steps_per_epoch"] * 8
     assert plan["steps"] == 40 * plan["steps_per_epoch"] and plan["samples"] == plan["steps"] * 8
     flops = dryrun._flops("fpn", 1.0, (32, 128, 256)) / dryrun._flops("fpn", 0.25, (8, 64, 32))
     assert plan["volumes_per_s"] == pytest.approx(0.5 * flops)

@@ -171,7 +171,8 @@ def _query(base: str, promql: str) -> list[dict]:
 def prometheus_binary() -> str:
     path = shutil.which("prometheus")
     if path is None:
-        pytest.skip("the prometheus binary is not installed (`make prometheus` installs the Debian package)")
+        pytest.skip("the prometheus binary is not on PATH: install it with `sudo make prometheus` (the Debian "
+                    "package prometheus) or put a Prometheus 2.x binary on PATH; .ci/run installs it")
     return path
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from octssl.errors import ConfigError, SampleError
-from octssl.objectives import build_objective
+from octssl.objectives import average, build_objective
 
 EMPTY = torch.zeros(1, 1, 16, 24)
 
@@ -28,7 +28,7 @@ def test_ssim_of_an_image_with_itself_is_one() -> None:
     objective = build_objective("reconstruction", target="slo")
     batch = image_batch("slo")
     logits = logit(batch["slo"])
-    assert objective.metrics(logits, batch)["ssim"] == pytest.approx(1.0, abs=1e-4)
+    assert average(objective.per_volume(logits, batch))["ssim"] == pytest.approx(1.0, abs=1e-4)
     assert float(objective.loss(logits, batch)) == pytest.approx(0.0, abs=1e-4)
 
 
@@ -37,7 +37,8 @@ def test_ssim_decreases_with_noise() -> None:
     batch = image_batch("slo")
     gen = torch.Generator().manual_seed(1)
     noise = torch.randn(batch["slo"].shape, generator=gen)
-    ssims = [objective.metrics(logit(batch["slo"] + sigma * noise), batch)["ssim"] for sigma in (0.0, 0.05, 0.1, 0.3)]
+    ssims = [average(objective.per_volume(logit(batch["slo"] + sigma * noise), batch))["ssim"]
+             for sigma in (0.0, 0.05, 0.1, 0.3)]
     assert all(a > b for a, b in zip(ssims, ssims[1:], strict=False)), ssims
     losses = [float(objective.loss(logit(batch["slo"] + s * noise), batch)) for s in (0.0, 0.05, 0.1, 0.3)]
     assert all(a < b for a, b in zip(losses, losses[1:], strict=False)), losses
@@ -85,7 +86,7 @@ def test_dice_edge_cases() -> None:
     cases = [(EMPTY, EMPTY, 1.0), (EMPTY, blob, 0.0), (blob, EMPTY, 0.0), (blob, blob, 1.0), (shifted, blob, 0.5)]
     for pred, true, expected in cases:
         logits, batch = seg_batch(pred, true)
-        assert objective.metrics(logits, batch)["dice"] == pytest.approx(expected), (pred.sum(), true.sum())
+        assert average(objective.per_volume(logits, batch))["dice"] == pytest.approx(expected), (pred.sum(), true.sum())
 
 
 def test_hd95_in_millimetres_uses_the_en_face_spacing() -> None:
@@ -94,13 +95,13 @@ def test_hd95_in_millimetres_uses_the_en_face_spacing() -> None:
     row[..., 5, 2:20] = 1
     shifted_row[..., 8, 2:20] = 1  # 3 B-scans away everywhere
     logits, batch = seg_batch(shifted_row, row, spacing=(0.12, 0.004, 0.02))
-    assert objective.metrics(logits, batch)["hd95_mm"] == pytest.approx(3 * 0.12)
+    assert average(objective.per_volume(logits, batch))["hd95_mm"] == pytest.approx(3 * 0.12)
 
     column, shifted_column = EMPTY.clone(), EMPTY.clone()
     column[..., 2:14, 6] = 1
     shifted_column[..., 2:14, 10] = 1  # 4 A-scans away everywhere
     logits, batch = seg_batch(shifted_column, column, spacing=(0.12, 0.004, 0.02))
-    assert objective.metrics(logits, batch)["hd95_mm"] == pytest.approx(4 * 0.02)
+    assert average(objective.per_volume(logits, batch))["hd95_mm"] == pytest.approx(4 * 0.02)
 
 
 def test_hd95_when_masks_are_empty() -> None:
@@ -115,7 +116,7 @@ def test_hd95_when_masks_are_empty() -> None:
     logits = torch.cat([l_one, l_same])
     batch = {"rpd": torch.cat([b_one["rpd"], b_same["rpd"]]), "id": ["one-empty", "same"],
              "spacing_mm": torch.tensor([[0.1, 0.004, 0.01]] * 2)}
-    metrics = objective.metrics(logits, batch)
+    metrics = average(objective.per_volume(logits, batch))
     assert metrics["hd95_mm"] == 0.0 and metrics["hd95_undefined"] == 1.0
     assert metrics["dice"] == pytest.approx(0.5)
 
@@ -132,6 +133,6 @@ def test_configuration_and_batch_errors() -> None:
     with pytest.raises(SampleError, match="shape"):
         segmentation.loss(logits, {"ga": torch.zeros(1, 1, 16, 20), "id": ["x"]})
     with pytest.raises(SampleError, match="spacing_mm"):
-        segmentation.metrics(logits, {"ga": logits, "id": ["x"]})
+        segmentation.per_volume(logits, {"ga": logits, "id": ["x"]})
     with pytest.raises(SampleError, match="SSIM window"):
         build_objective("reconstruction", target="slo").loss(torch.zeros(1, 1, 8, 64), {"slo": torch.zeros(1, 1, 8, 64)})

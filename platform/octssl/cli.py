@@ -5,16 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+import typer.core
 from rich.console import Console
 
 from octssl.errors import OctsslError
 
+#: ``octssl --help`` lists commands in the order of the workflow (commands not named here come last)
+WORKFLOW = ("synth", "ingest", "label", "info", "verify", "export-shards", "publish", "pretrain", "finetune",
+            "sweep", "report", "export-model", "predict", "growth", "plot", "demo", "submit", "jobs")
+
+
+class _WorkflowOrder(typer.core.TyperGroup):
+    def list_commands(self, ctx: typer.core.click.Context) -> list[str]:  # type: ignore[name-defined]
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(WORKFLOW)}
+        return sorted(names, key=lambda name: (rank.get(name, len(WORKFLOW)), name))
+
+
 app = typer.Typer(
+    cls=_WorkflowOrder,
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # click's help: typer's rich panels print flags as "--json <bool>"
+    pretty_exceptions_enable=False,
     help="octssl: self-supervised 3D-to-2D OCT pretraining (Ray + DeepSpeed), fine-tuning sweeps and corpora.",
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
 
 
 def _fail(err: Exception) -> None:
@@ -22,9 +38,32 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"octssl {version('octssl')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """octssl: self-supervised 3D-to-2D OCT pretraining (Ray + DeepSpeed), fine-tuning sweeps and corpora."""
+
+
 def main() -> None:
-    """The `octssl` console script."""
-    app()
+    """The `octssl` console script: library errors and file-system errors end in one line, not a traceback."""
+    try:
+        app()
+    except OSError as err:  # e.g. --out naming an existing file, a folder under a file, a full disk
+        where = f"{err.filename}: " if err.filename else ""
+        console.print(f"[bold red]error:[/] {where}{err.strerror or err}")
+        raise SystemExit(2) from None
+    except OctsslError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise SystemExit(2) from None
 
 
 # Commands are added below, one block per area; each imports its library lazily so that
@@ -380,7 +419,9 @@ def sweep(config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET, dry_run: b
     except OctsslError as err:
         _fail(err)
     _print_tables(summary)
-    console.print(f"[green]done[/] {summary['sweep_dir']}/report.md ({summary['trials']} trials)")
+    counts = summary["trials"]
+    console.print(f"[green]done[/] {summary['sweep_dir']}/report.md ({sum(counts.values())} trials: "
+                  + ", ".join(f"{n} {status}" for status, n in counts.items()) + ")")
 
 
 @app.command()

@@ -15,9 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from octssl.errors import ConfigError
-
-RECONSTRUCTION_TARGETS = ("faf", "slo")
-SEGMENTATION_TASKS = ("ga", "rpd")
+from octssl.vocab import FAF, RECONSTRUCTION, SEGMENTATION, TARGETS, ObjectiveKind, Target
 
 
 class _Section(BaseModel):
@@ -49,14 +47,14 @@ class ModelConfig(_Section):
 class ObjectiveConfig(_Section):
     """Reconstruction (SSL) or segmentation, and its target."""
 
-    kind: Literal["reconstruction", "segmentation"] = "reconstruction"
-    target: Literal["faf", "slo", "ga", "rpd"] = "faf"
+    kind: ObjectiveKind = RECONSTRUCTION
+    target: Target = FAF
     label_fraction: float = Field(1.0, gt=0, le=1, description="share of labelled train patients")
     l1_weight: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _target_fits_kind(self) -> ObjectiveConfig:
-        allowed = RECONSTRUCTION_TARGETS if self.kind == "reconstruction" else SEGMENTATION_TASKS
+        allowed = TARGETS[self.kind]
         if self.target not in allowed:
             raise ValueError(f"objective.target={self.target!r} does not fit kind={self.kind!r}: use {allowed}")
         return self
@@ -103,6 +101,13 @@ class RunSection(_Section):
             raise ValueError("run: give max_steps or epochs")
         return self
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """``max_steps`` when given, else ``epochs`` epochs of ``steps_per_epoch``."""
+        if self.max_steps is not None:
+            return self.max_steps
+        assert self.epochs is not None  # the validator above
+        return self.epochs * steps_per_epoch
+
 
 class ScalingSection(_Section):
     """Ray Train workers and their resources."""
@@ -131,7 +136,7 @@ class JobConfig(_Section):
             raise ValueError("data.corpus is required for source=zarr")
         if self.data.source == "stream" and not self.data.shards:
             raise ValueError("data.shards is required for source=stream")
-        if self.objective.kind == "segmentation" and self.data.source == "stream":
+        if self.objective.kind == SEGMENTATION and self.data.source == "stream":
             raise ValueError("segmentation fine-tuning reads labelled subsets: use data.source=zarr")
         return self
 

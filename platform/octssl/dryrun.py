@@ -1,8 +1,8 @@
 """Dry run: what a training job or sweep would do (steps, samples, memory, wall time), without training.
 
-``octssl pretrain|finetune|sweep --dry-run`` prints this plan. It reads the corpus (or the shard index)
-when it exists to count the training volumes; when it does not, the plan says so and keeps what the
-config alone determines. Nothing is allocated: the parameter count and FLOPs come from the meta device,
+``octssl pretrain|finetune|sweep --dry-run`` prints this plan. It opens the training data the way the loop
+does (``octssl.data.feed``) to count volumes and steps; when they are not there, the plan says so and
+keeps what the config alone determines. Nothing is allocated: the parameter count and FLOPs come from the meta device,
 the activation memory from one fake-tensor step (:func:`octssl.models.profile.training_activation_bytes`),
 and the wall time from the newest benchmark result for the device in ``benchmarks/results/``.
 """
@@ -28,50 +28,36 @@ GIB = 2**30
 
 
 # ---------------------------------------------------------------- data
-def _corpus_facts(config: JobConfig) -> dict[str, Any]:
-    """Training volumes and the volume grid, from the corpus or the shard index, or why they are unknown."""
-    c = config
-    segmentation = c.objective.kind == "segmentation"
-    target = c.objective.target
-    if c.data.source == "stream":
-        index = Path(c.data.shards) / "index.json"
-        if not index.is_file():
-            return {"data": f"shards {c.data.shards}: not found (no index.json): volume count unknown"}
-        entries = [e for e in json.loads(index.read_text())["samples"].values()
-                   if e.get("split") == "train" and target in e.get("sha256", {})]
-        grids = sorted({e["grid"] for e in entries if e.get("grid")})
-        return {"data": f"shards {c.data.shards}", "train_volumes": len(entries), "grids": grids}
-    from octssl.corpus.store import Corpus
+def _data_facts(config: JobConfig) -> tuple[dict[str, Any], int | None]:
+    """What the training data say (through the loop's own data interface, so the counts are the loop's),
+    or why they are not available; and the steps per epoch per worker (None when unknown)."""
+    from octssl.data.feed import build_train_data
+    from octssl.errors import OctsslError
 
-    if not Path(c.data.corpus).is_dir():
-        return {"data": f"corpus {c.data.corpus}: not found: volume count unknown"}
-    corpus = Corpus.open(c.data.corpus)
-    ids = corpus.ids(split="train", label=target if segmentation else None,
-                     label_fraction=c.objective.label_fraction if segmentation else None, require=("oct", target))
-    return {"data": f"corpus {c.data.corpus}", "train_volumes": len(ids),
-            "grids": sorted({corpus.row(i)["grid"] for i in ids})}
+    try:
+        data = build_train_data(config, 0, config.scaling.workers)
+    except OctsslError as err:
+        return {"data": f"not available ({err}): volume count unknown"}, None
+    return {"data": data.where, "train_volumes": data.volumes, "grids": data.grids}, data.steps_per_epoch
 
 
-def _schedule(config: JobConfig, volumes: int | None) -> dict[str, Any]:
+def _schedule(config: JobConfig, per_epoch: int | None) -> dict[str, Any]:
     """Steps, samples and epochs per worker; None where they depend on an unknown volume count."""
-    from octssl.data.plan import steps_per_epoch
-
     c = config
     world, batch = c.scaling.workers, c.data.batch_size
-    per_epoch_samples = None if volumes is None else volumes * (c.data.crops_per_volume if c.data.source == "zarr" else 1)
-    per_epoch = None if not per_epoch_samples else steps_per_epoch(per_epoch_samples, world, batch)
-    if c.run.max_steps is not None:
-        steps = c.run.max_steps
-        epochs = None if per_epoch is None else steps / per_epoch
-    else:
-        epochs = c.run.epochs
-        steps = None if per_epoch is None else epochs * per_epoch
-    out: dict[str, Any] = {"workers": world, "batch_per_worker": batch, "global_batch": world * batch,
-                           "samples_per_epoch": per_epoch_samples, "steps_per_epoch": per_epoch, "steps": steps,
-                           "epochs": epochs, "samples": None if steps is None else steps * world * batch}
-    if steps is None:
-        crops = c.data.crops_per_volume if c.data.source == "zarr" else 1
-        out["steps_formula"] = (f"{epochs} epochs x {crops} crops x N train volumes / ({world} workers x batch "
+    steps: int | None = c.run.max_steps
+    epochs: float | None = c.run.epochs if steps is None else None
+    if per_epoch is not None:
+        steps = c.run.total_steps(per_epoch)
+        epochs = steps / per_epoch
+    out: dict[str, Any] = {
+        "workers": world, "batch_per_worker": batch, "global_batch": world * batch, "steps_per_epoch": per_epoch,
+        "samples_per_epoch": None if per_epoch is None else per_epoch * world * batch, "steps": steps,
+        "epochs": epochs, "samples": None if steps is None else steps * world * batch,
+    }
+    if steps is None and epochs is not None:
+        crops = c.data.crops_per_volume
+        out["steps_formula"] = (f"{epochs:g} epochs x {crops} crops x N train volumes / ({world} workers x batch "
                                 f"{batch}) = {epochs * crops / (world * batch):g} x N")
     return out
 
@@ -181,16 +167,16 @@ def wall_time(config: JobConfig, crop: tuple[int, int, int], steps: int | None, 
 def job_plan(config: JobConfig, results: Path = RESULTS) -> dict[str, Any]:
     """Everything the dry run of one pretraining or fine-tuning job prints, as a dict."""
     c = config
-    facts = _corpus_facts(c)
+    facts, per_epoch = _data_facts(c)
     grids = facts.get("grids") or []
     if len(grids) == 1:
         depth = int(grids[0].split("x")[1])
         facts["depth"] = f"{depth} (the corpus grid {grids[0]})"
     else:
         depth = PAPER_DEPTH
-        facts["depth"] = f"{depth} (assumed, the paper's: {'corpus absent' if not grids else f'grids {grids}'})"
+        facts["depth"] = f"{depth} (assumed, the paper's: {'no data' if not grids else f'grids {grids}'})"
     crop = (c.data.crop[0], depth, c.data.crop[1])
-    schedule = _schedule(c, facts.get("train_volumes"))
+    schedule = _schedule(c, per_epoch)
     precision = resolve_precision(c.deepspeed.precision, gpu=c.scaling.gpus_per_worker > 0)
     plan: dict[str, Any] = {
         "kind": c.kind, "objective": f"{c.objective.kind} of {c.objective.target}", **facts,

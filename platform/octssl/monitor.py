@@ -97,12 +97,13 @@ class TrainMetrics:
         """Count one step skipped for a non-finite loss."""
         SKIPPED_STEPS.labels(**self._labels).inc()
 
-    def restart(self, from_step: int | None = None) -> None:
-        """Count one restart of this rank from a checkpoint (call it after resuming).
-
-        `from_step`, the checkpoint's step, keeps the resumed steps out of `octssl_steps_total`.
+    def restart(self, from_step: int | None = None, *, count: bool = True) -> None:
+        """Note that this rank resumed from a checkpoint; ``count`` it as a restart after a failure (a
+        deliberate ``--resume`` is not one). `from_step`, the checkpoint's step, keeps the resumed steps
+        out of `octssl_steps_total`.
         """
-        WORKER_RESTARTS.labels(**self._labels).inc()
+        if count:
+            WORKER_RESTARTS.labels(**self._labels).inc()
         if from_step is not None:
             self._last_step = int(from_step)
 

@@ -4,7 +4,7 @@ Both take logits `(B, K, nB, W)` from a model and a collated batch (`octssl.data
 targets `(B, 1, nB, W)` float in [0, 1] under the target's key, `id` (list) and `spacing_mm` `(B, 3)` in
 (nB, D, W) order. Losses and metrics are computed in fp32 whatever the autocast state.
 
-Conventions (documented in the README):
+Conventions (documented in docs/models.md):
 - reconstruction loss = 1 - SSIM(sigmoid(logits), target) (+ l1_weight * mean |sigmoid(logits) - target|):
   MONAI's SSIMLoss, 11x11 Gaussian window, sigma 1.5, data range 1. It is the paper's negative SSIM
   shifted by 1 (same gradients), so 0 means a perfect reconstruction. The FAF target is inverted
@@ -22,13 +22,26 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from monai.losses import DiceLoss, SSIMLoss
 from monai.metrics import SSIMMetric, compute_dice, compute_hausdorff_distance
 
 from octssl.errors import ConfigError, SampleError
+from octssl.vocab import (
+    DICE,
+    FAF,
+    GA,
+    HD95,
+    L1,
+    PRIMARY_METRIC,
+    RECONSTRUCTION,
+    SEGMENTATION,
+    SSIM,
+    TARGETS,
+    VOLUME,
+)
 
-TARGETS = {"reconstruction": ("faf", "slo"), "segmentation": ("ga", "rpd")}
 SSIM_OPTIONS = {"spatial_dims": 2, "data_range": 1.0, "win_size": 11, "kernel_sigma": 1.5}
 
 
@@ -38,18 +51,33 @@ def _ids(batch: dict[str, Any], n: int) -> list[str]:
 
 
 def average(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean of each per-volume metric over the volumes where it is defined (nan when none is)."""
-    out = {}
-    for key in [k for k in rows[0] if k != "id"]:
-        values = [r[key] for r in rows if not math.isnan(r[key])]
-        out[key] = sum(values) / len(values) if values else math.nan
+    """Mean of each numeric per-volume metric over the volumes where it is defined (nan when none is), and
+    ``hd95_undefined``: how many volumes had no HD95 (a mask empty on one side only) when HD95 is scored."""
+    keys = sorted({k for r in rows for k, v in r.items() if _is_number(v)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns average to nan, said by the count
+        out = {k: float(np.nanmean([r.get(k, np.nan) for r in rows])) for k in keys}
+    if HD95 in keys:
+        out[HD95_UNDEFINED] = float(sum(math.isnan(r.get(HD95, math.nan)) for r in rows))
     return out
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+
+
+HD95_UNDEFINED = "hd95_undefined"
+
+
 class Objective:
-    """A loss on (logits, batch) plus its evaluation metrics; `target` is the batch key it reads."""
+    """A loss on (logits, batch) plus its per-volume metrics; `target` is the batch key it reads and
+    `primary_metric` the metric (higher is better) that picks the best checkpoint and the best trial."""
 
     kind = "objective"
+
+    @property
+    def primary_metric(self) -> str:
+        return PRIMARY_METRIC[self.kind]
 
     def __init__(self, target: str) -> None:
         self.target = target
@@ -71,22 +99,19 @@ class Objective:
     def per_volume(self, logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
         raise NotImplementedError
 
-    def metrics(self, logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, float]:
-        """Per-volume metrics averaged over the batch (nan-aware where a metric can be undefined)."""
-        return average(self.per_volume(logits, batch))
 
 
 class Reconstruction(Objective):
     """1 - SSIM between sigmoid(logits) and the (inverted FAF | SLO) image, optionally + L1."""
 
-    kind = "reconstruction"
+    kind = RECONSTRUCTION
 
-    def __init__(self, target: str = "faf", l1_weight: float = 0.0) -> None:
+    def __init__(self, target: str = FAF, l1_weight: float = 0.0) -> None:
         super().__init__(target)
-        self.invert = target == "faf"
+        self.invert = target == FAF
         self.l1_weight = float(l1_weight)
-        self.ssim_loss = SSIMLoss(**SSIM_OPTIONS)
-        self.ssim_metric = SSIMMetric(**SSIM_OPTIONS, reduction="none")
+        self.ssim_loss = SSIMLoss(**SSIM_OPTIONS)  # type: ignore[arg-type]  # monai's stubs type each keyword
+        self.ssim_metric = SSIMMetric(**SSIM_OPTIONS, reduction="none")  # type: ignore[arg-type]
 
     def target_tensor(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         target = super().target_tensor(logits, batch)
@@ -108,18 +133,18 @@ class Reconstruction(Objective):
     def per_volume(self, logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
         target = self.target_tensor(logits, batch)
         image = torch.sigmoid(logits.float())
-        ssim = self.ssim_metric(image, target).mean(dim=1)
+        ssim = torch.as_tensor(self.ssim_metric(image, target)).mean(dim=1)
         l1 = (image - target).abs().flatten(1).mean(dim=1)
-        return [{"id": i, "ssim": float(s), "l1": float(a)}
+        return [{"id": i, SSIM: float(s), L1: float(a)}
                 for i, s, a in zip(_ids(batch, len(ssim)), ssim, l1, strict=True)]
 
 
 class Segmentation(Objective):
     """(soft Dice + BCE) / 2 on logits; Dice at 0.5 and HD95 (mm) per volume."""
 
-    kind = "segmentation"
+    kind = SEGMENTATION
 
-    def __init__(self, target: str = "ga") -> None:
+    def __init__(self, target: str = GA) -> None:
         super().__init__(target)
         self.dice_loss = DiceLoss(sigmoid=True)
         self.bce = torch.nn.BCEWithLogitsLoss()
@@ -146,15 +171,9 @@ class Segmentation(Objective):
         spacing = self.enface_spacing(batch, len(pred))
         rows = []
         for i, sample_id in enumerate(_ids(batch, len(pred))):
-            rows.append({"id": sample_id, "dice": float(dice[i].mean()),
-                         "hd95_mm": hd95_mm(pred[i], target[i], tuple(spacing[i].tolist()))})
+            rows.append({"id": sample_id, DICE: float(dice[i].mean()),
+                         HD95: hd95_mm(pred[i], target[i], tuple(spacing[i].tolist()))})
         return rows
-
-    def metrics(self, logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, float]:
-        rows = self.per_volume(logits, batch)
-        out = average(rows)
-        out["hd95_undefined"] = float(sum(math.isnan(r["hd95_mm"]) for r in rows))
-        return out
 
 
 def hd95_mm(pred: torch.Tensor, target: torch.Tensor, spacing: tuple[float, float]) -> float:
@@ -175,14 +194,14 @@ def hd95_mm(pred: torch.Tensor, target: torch.Tensor, spacing: tuple[float, floa
     return math.nan if any(math.isnan(v) for v in values) else sum(values) / len(values)
 
 
-def build_objective(kind: str = "reconstruction", target: str | None = None, l1_weight: float = 0.0) -> Objective:
+def build_objective(kind: str = RECONSTRUCTION, target: str | None = None, l1_weight: float = 0.0) -> Objective:
     """Objective for `kind` ('reconstruction' | 'segmentation') reading batch[`target`]."""
     if kind not in TARGETS:
         raise ConfigError(f"objective kind {kind!r} is unknown; known: {', '.join(TARGETS)}")
     target = target or TARGETS[kind][0]
     if target not in TARGETS[kind]:
         raise ConfigError(f"objective {kind} cannot use target {target!r}; it takes {' or '.join(TARGETS[kind])}")
-    if kind == "reconstruction":
+    if kind == RECONSTRUCTION:
         if l1_weight < 0:
             raise ConfigError(f"objective reconstruction: l1_weight={l1_weight} must be >= 0")
         return Reconstruction(target, l1_weight)
@@ -212,3 +231,10 @@ def per_volume_at_original(objective: Objective, logits: torch.Tensor, batch: di
         original = {"id": [batch["id"][i]], target: mask.to(one.device), "spacing_mm": torch.tensor([list(spacing)])}
         rows += objective.per_volume(one, original)
     return rows
+
+
+def score_batch(model: Any, objective: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Forward one evaluation batch; (fp32 logits, per-volume metrics at each volume's original en-face size).
+    The one scoring path of validation here and of the sweep's test split."""
+    logits = model(batch[VOLUME]).float()
+    return logits, per_volume_at_original(objective, logits, batch)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from octssl.errors import ConfigError
+from octssl.vocab import DICE, FAF
 
 FIGURES = ("dice_vs_fraction.png", "reconstructions.png", "segmentations.png")
 
@@ -233,7 +234,7 @@ def plot_reconstructions(npz: Path, out: Path) -> None:
     axes = fig.subplots(len(rows), 3, squeeze=False)
     for r, (init, i) in enumerate(rows):
         modality = str(arrays[f"{init}|modality"])
-        target = f"1 - {modality.upper()}" if modality == "faf" else modality.upper()
+        target = f"1 - {modality.upper()}" if modality == FAF else modality.upper()
         panels = [("OCT mean projection", _stretch(arrays[f"{init}|enface"][i])), (f"target: {target}", arrays[f"{init}|target"][i]),
                   (f"{init} reconstruction", arrays[f"{init}|output"][i])]
         for c, (title, image) in enumerate(panels):
@@ -259,7 +260,7 @@ def plot_segmentations(summary: dict[str, Any], results: list[dict[str, Any]], n
     if not panels_by_task:
         _empty(out, "no test predictions were saved (every cell failed?)")
         return
-    dice = {(r["task"], r["fraction"], r["init"], r["model"], r["seed"], r["id"]): r["dice"] for r in results}
+    dice = {(r["task"], r["fraction"], r["init"], r["model"], r["seed"], r["id"]): r[DICE] for r in results}
     seed = summary["seeds"][0]
     rows = [(task, fraction, model, keys, i) for task, fraction, model, keys in panels_by_task
             for i in range(len(arrays[f"{keys[0]}|ids"]))]

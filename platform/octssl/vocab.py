@@ -6,11 +6,13 @@ the ``Literal`` types below (kept equal to the tuples by the assertions at the e
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Final, Literal, get_args
 
-VOLUME = "oct"
-FAF, SLO = "faf", "slo"
-GA, RPD = "ga", "rpd"
+VOLUME: Final = "oct"
+FAF: Final = "faf"
+SLO: Final = "slo"
+GA: Final = "ga"
+RPD: Final = "rpd"
 #: en-face images a volume can be paired with: the reconstruction targets of pretraining
 ENFACE_IMAGES = (FAF, SLO)
 #: binary en-face masks: the segmentation tasks of fine-tuning
@@ -18,10 +20,14 @@ MASKS = (GA, RPD)
 ENFACE_KEYS = ENFACE_IMAGES + MASKS
 ARRAY_KEYS = (VOLUME, *ENFACE_KEYS)
 
-RECONSTRUCTION, SEGMENTATION = "reconstruction", "segmentation"
+RECONSTRUCTION: Final = "reconstruction"
+SEGMENTATION: Final = "segmentation"
 TARGETS = {RECONSTRUCTION: ENFACE_IMAGES, SEGMENTATION: MASKS}
 
-SSIM, L1, DICE, HD95 = "ssim", "l1", "dice", "hd95_mm"
+SSIM: Final = "ssim"
+L1: Final = "l1"
+DICE: Final = "dice"
+HD95: Final = "hd95_mm"
 #: the metric that chooses the best checkpoint and the best trial (higher is better)
 PRIMARY_METRIC = {RECONSTRUCTION: SSIM, SEGMENTATION: DICE}
 

@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 import bench_step
-import common
-import run_cpu
+import table
 
 CPU = torch.device("cpu")
 TINY = (4, 64, 64)  # the smallest crop the FPN takes: nB % 4, W % 16, D >= 64
@@ -48,7 +47,7 @@ def test_a_failing_configuration_is_a_failed_row() -> None:
     assert row["status"] == "failed" and "fp16" in row["error"] and "volumes_per_s" not in row
 
 
-def test_tiny_run_writes_every_planned_row_and_the_policy_check(tmp_path, monkeypatch) -> None:
+def test_tiny_run_writes_every_planned_row_and_the_policy_check(tmp_path) -> None:
     out = tmp_path / "step-cpu-test.json"
     bench_step.main(["--device", "cpu", "--crop", "4x64x64", "--warmup", "1", "--repeats", "1",
                      "--only", "paper", "--out", str(out)])
@@ -66,8 +65,8 @@ def test_tiny_run_writes_every_planned_row_and_the_policy_check(tmp_path, monkey
     assert result["policy"]["auto"] == {"precision": "fp32", "channels_last": False}
     assert result["env"]["torch"] == torch.__version__ and "load_average_end" in result["env"]
     assert out.with_suffix(".png").stat().st_size > 1000
-    monkeypatch.setattr(common, "RESULTS", tmp_path)
-    assert "step: FPN 4x64x64" in run_cpu.table() and out.name in run_cpu.table()
+    rows = table.table(tmp_path)
+    assert "step: FPN 4x64x64" in rows and out.name in rows
 
 
 def _row(name: str, batch: int, vol_s: float, *, compiled: bool = False, ckpt: bool = False) -> dict:

@@ -98,7 +98,7 @@ def test_batchnorm_runs_in_fp32_under_bf16_autocast() -> None:
 
 
 def test_fpn_flops_match_the_paper() -> None:
-    # PAPER.md: "One fwd+bwd is 228 GFLOP per volume at this crop" (32 B-scans x 128 depth x 256 A-scans).
+    # The paper: "One fwd+bwd is 228 GFLOP per volume at this crop" (docs/models.md) (32 B-scans x 128 depth x 256 A-scans).
     flops = count_flops("fpn", (32, 128, 256))
     assert flops["forward_backward"] / 1e9 == pytest.approx(228, abs=0.5)
     assert 2.5 < flops["forward_backward"] / flops["forward"] < 3.0  # backward ~ 2x forward

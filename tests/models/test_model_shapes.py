@@ -23,7 +23,7 @@ def test_paper_parameter_counts(name: str, expected: int) -> None:
 
 
 def test_lachinov_has_about_1_51m_used_parameters() -> None:
-    # PAPER.md: "about 1.51M used parameters"; every parameter being used is checked by the gradient test.
+    # The paper: "about 1.51M used parameters" (docs/models.md); every parameter being used is checked by the gradient test.
     assert round(trainable(build_model("lachinov")) / 1e4) == 151
 
 

@@ -28,6 +28,7 @@ import zarr
 from numcodecs.zstd import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.metadata import ArrayV3Metadata
 
 EMPTY = 2**64 - 1  # offset and length of a chunk a shard does not hold (zarr v3 sharding spec)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -63,7 +64,7 @@ def layout_of(arr: zarr.Array) -> ShardLayout | None:
     only, the sharding codec alone, inner codecs ``bytes`` then optional ``zstd`` and ``crc32c``, index
     codecs ``bytes`` (little endian) and optional ``crc32c``, a native-endian numeric dtype."""
     meta = arr.metadata
-    if getattr(meta, "zarr_format", 2) != 3 or meta.storage_transformers or len(meta.codecs) != 1:
+    if not isinstance(meta, ArrayV3Metadata) or meta.storage_transformers or len(meta.codecs) != 1:
         return None
     sharding, grid = meta.codecs[0], meta.chunk_grid
     if not isinstance(sharding, ShardingCodec) or not isinstance(grid, RegularChunkGrid):
@@ -160,7 +161,7 @@ class ChunkReader:
         try:
             if chunks:
                 main = max(chunks, key=lambda i: located[i].length)  # type: ignore[union-attr]
-                helpers = {i: self._pool().submit(self._fetch, located[i], requests[i][1])
+                helpers = {i: self._pool().submit(self._fetch, located[i], requests[i][1])  # type: ignore[arg-type]
                            for i in chunks if i != main}
                 results[main] = self._fetch(located[main], requests[main][1])  # type: ignore[arg-type]
                 for i, future in helpers.items():
@@ -176,7 +177,7 @@ class ChunkReader:
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None or self._executor_pid != os.getpid():  # threads do not survive a fork
-            self._executor = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="octssl-shardread")
+            self._executor = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="octssl-chunkread")
             self._executor_pid = os.getpid()
         return self._executor
 

@@ -93,7 +93,7 @@ def parse_grid(text: str) -> tuple[int, int, int]:
         grid = ()
     if len(grid) != 3 or min(grid) < 1:
         raise ValueError(f"grid {text!r}: expected three positive integers NB,D,W such as 49,128,512")
-    return grid  # type: ignore[return-value]
+    return grid[0], grid[1], grid[2]
 
 
 def grid_name(shape: tuple[int, ...] | list[int]) -> str:

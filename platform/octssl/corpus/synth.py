@@ -200,12 +200,12 @@ def render(eye: EyeModel, visit: int, grid: tuple[int, int, int], noise_seed: li
         # A linear ramp one pixel wide: a partial-volume edge, cheaper than a sigmoid.
         edge = (surface[:, None, :] / DEPTH_MM).astype(np.float32)
         step = np.clip((z - edge) * depth + 0.5, 0.0, 1.0)
-        intensity = np.broadcast_to(intensity, surface.shape)[:, None, :].astype(np.float32)
-        volume += (intensity - below_prev) * step
-        below_prev = intensity
+        level = np.broadcast_to(np.asarray(intensity), surface.shape)[:, None, :].astype(np.float32)
+        volume += (level - below_prev) * step
+        below_prev = level
     speckle = rng.gamma(5.0, 1.0 / 5.0, volume.shape).astype(np.float32)
-    volume = volume * speckle * rng.normal(1.0, 0.05, (nb, 1, 1)) * rng.uniform(0.85, 1.15)
-    volume += rng.normal(0.03, 0.03, volume.shape).astype(np.float32) + np.float32(rng.uniform(-0.05, 0.05))
+    scan = volume * speckle * rng.normal(1.0, 0.05, (nb, 1, 1)) * rng.uniform(0.85, 1.15)  # float64 from here
+    scan += rng.normal(0.03, 0.03, volume.shape).astype(np.float32) + np.float32(rng.uniform(-0.05, 0.05))
 
     ring = np.clip(1.6 * _blur(ga, 0.15, (sy, sx)) - ga, 0.0, 1.0) * (1 - ga)
     faf = (0.55 + 0.08 * eye.field(0, yy + 7.0, xx, 0.2) - 0.22 * pit) * (1 - 0.55 * vessel)
@@ -215,7 +215,7 @@ def render(eye: EyeModel, visit: int, grid: tuple[int, int, int], noise_seed: li
     faf = faf * rng.uniform(0.85, 1.15) + rng.normal(0.0, 0.04, faf.shape)
     slo = slo * rng.uniform(0.85, 1.15) + rng.normal(0.0, 0.04, slo.shape)
     return {
-        "oct": _to_uint8(volume), "faf": _to_uint8(faf), "slo": _to_uint8(slo),
+        "oct": _to_uint8(scan), "faf": _to_uint8(faf), "slo": _to_uint8(slo),
         "ga": ga.astype(np.uint8), "rpd": rpd.astype(np.uint8),
     }
 
@@ -279,7 +279,7 @@ def synthesize(
         raise CorpusError(f"{out}: need volumes >= 1, 0 <= labelled <= 1 and a grid of 3 sizes >= 4; "
                           f"got volumes={volumes}, labelled={labelled}, grid={grid}")
     corpus = Corpus.create(out)
-    corpus.append(_Counted(samples(volumes, tuple(grid), seed, labelled), volumes), progress=progress)
+    corpus.append(_Counted(samples(volumes, (grid[0], grid[1], grid[2]), seed, labelled), volumes), progress=progress)
     if preview:
         from octssl.corpus.preview import write_preview
 

@@ -24,6 +24,7 @@ from octssl.corpus import manifest as mf
 from octssl.corpus.journal import Journal
 from octssl.corpus.layout import assign_split, prepared_sample, shard_length, to_uint8
 from octssl.errors import CorpusError, SampleError
+from octssl.progress import track
 from octssl.sample import ARRAY_KEYS, VOLUME_KEY
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ class AppendWriter:
         split_of = {row["patient"]: row["split"] for row in corpus.rows}
         ratios = corpus.settings["split_ratios"]
         rows: list[dict[str, Any]] = []
-        for sample in _progress(samples, progress):
+        for sample in track(samples, "appending volumes", progress):
             core = {k: v for k, v in sample.items() if k != LOCALIZER}  # the INTERFACES sample dict
             arrays, meta = prepared_sample(core, str(corpus.path))
             sid = sample["id"]
@@ -231,13 +232,3 @@ def prepared_localizer(sample: dict[str, Any], meta: dict[str, Any], at: str) ->
                               f"[[start_x, start_y], [end_x, end_y]]), got shape {array.shape}")
         meta["positions_mm"] = array.tolist()
     return to_uint8(LOCALIZER, localizer, at)
-
-
-def _progress(samples: Iterable[dict[str, Any]], enabled: bool) -> Iterable[dict[str, Any]]:
-    if not enabled:
-        yield from samples
-        return
-    from rich.progress import track
-
-    total = len(samples) if hasattr(samples, "__len__") else None  # type: ignore[arg-type]
-    yield from track(samples, description="appending volumes", total=total, transient=True)

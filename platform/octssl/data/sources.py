@@ -99,10 +99,6 @@ class ZarrSource(Dataset):
             raise IndexError(f"{self.corpus_path}: index {index} outside 0..{len(self) - 1}")
         return self._load(self.ids[index % len(self.ids)], index)
 
-    def by_id(self, sample_id: str) -> dict[str, Any]:
-        """The sample ``sample_id`` (draw 0 of the current epoch), whatever the source's filters."""
-        return self._load(sample_id, 0)
-
     def _load(self, sample_id: str, draw: int) -> dict[str, Any]:
         sample = _with_draw(self.corpus.read(sample_id, verify=self.verify), self.epoch, draw)
         return self.transform(sample) if self.transform else sample

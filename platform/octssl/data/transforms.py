@@ -25,6 +25,7 @@ from torch.utils.data import default_collate, get_worker_info
 
 from octssl.errors import SampleError
 from octssl.sample import MASKS, VOLUME_KEY
+from octssl.vocab import FAF
 
 #: B-scans whose standard deviation is below this are blank: they are centred but not scaled.
 BLANK_STD = 1e-6
@@ -78,7 +79,7 @@ class TrainTransform:
     def __init__(
         self,
         crop: Sequence[int | None] | None = (32, 256),
-        targets: Sequence[str] = ("faf",),
+        targets: Sequence[str] = (FAF,),
         seed: int = 0,
         flips: bool = True,
         rot180: bool = True,
@@ -110,8 +111,8 @@ class TrainTransform:
         w0 = int(rng.integers(0, w - cw + 1))
         flip_b, flip_w, rotate = (rng.random(3) < 0.5).tolist()
         offset = rng.normal(0.0, self.offset_std)
-        contrast = rng.uniform(*self.contrast)
-        shift = rng.uniform(*self.shift)
+        contrast = rng.uniform(self.contrast[0], self.contrast[1])
+        shift = rng.uniform(self.shift[0], self.shift[1])
         flip_b, flip_w = (flip_b and self.flips), (flip_w and self.flips)
         if self.rot180 and rotate:  # a 180-degree en-face rotation flips both en-face axes
             flip_b, flip_w = not flip_b, not flip_w
@@ -146,7 +147,7 @@ class EvalTransform:
     the original resolution), ``orig_spacing_mm`` and an updated ``spacing_mm`` for the resized grid.
     """
 
-    def __init__(self, multiple: int = 16, targets: Sequence[str] = ("faf",)) -> None:
+    def __init__(self, multiple: int = 16, targets: Sequence[str] = (FAF,)) -> None:
         self.multiple = int(multiple)
         self.targets = tuple(targets)
 
@@ -174,8 +175,8 @@ class EvalTransform:
             if resize:
                 mode = "nearest-exact" if key in MASKS else "bilinear"
                 extra = {} if key in MASKS else {"align_corners": False}
-                unit = F.interpolate(torch.from_numpy(unit)[None, None], size=(nb2, w2), mode=mode, **extra)[0, 0]
-                unit = unit.clamp_(0.0, 1.0).numpy()
+                resized = F.interpolate(torch.from_numpy(unit)[None, None], size=(nb2, w2), mode=mode, **extra)[0, 0]
+                unit = resized.clamp_(0.0, 1.0).numpy()
             out[key] = np.ascontiguousarray(unit, dtype=np.float32)[None]
             if key in MASKS:
                 orig_masks[key] = enface

@@ -6,7 +6,7 @@ scans; along the circle through the start point around the centre for circle sca
 ``(nB, W)`` en-face image on the volume's own grid, i.e. ``slo`` exactly under each A-scan.
 
 Circle direction: Heyex circle scans run temporal -> superior -> nasal -> inferior (TSNIT). On the real
-right-eye file in ../shared this is the direction whose SLO trace matches the B-scan's vessel shadows
+right-eye Spectralis test file (a Heidelberg .vol circle scan) this is the direction whose SLO trace matches the B-scan's vessel shadows
 (correlation 0.54 vs -0.08 the other way); left eyes are mirrored (TSNIT again), an assumption no test
 file covers yet.
 

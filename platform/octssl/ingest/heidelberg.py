@@ -113,10 +113,10 @@ def read_e2e(path: Path) -> list[Scan]:
         raise IngestError(f"{where}: truncated file ({_short(err)})") from err
     except construct.ConstructError as err:
         raise IngestError(f"{where}: corrupt .e2e container ({_short(err)})") from err
-    scans = [s for s in scans if s is not None]
-    if not scans:
+    found = [s for s in scans if s is not None]
+    if not found:
         raise IngestError(f"{where}: .e2e container holds no OCT B-scan series")
-    return scans
+    return found
 
 
 def _e2e_series(series, where: str, index: int) -> Scan | None:

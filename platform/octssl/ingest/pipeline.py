@@ -15,13 +15,14 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from octssl import progress as progress_display
 from octssl.errors import IngestError, SampleError
 from octssl.ingest import sink
 from octssl.ingest.convert import Record, UnitResult, convert_unit
@@ -59,7 +60,7 @@ def parse_grid(text: str) -> tuple[int, int, int]:
 
 
 def ingest(
-    sources: list[str | Path],
+    sources: Sequence[str | Path],
     out: str | Path,
     *,
     grid: tuple[int, int, int] = DEFAULT_GRID,
@@ -96,7 +97,7 @@ def ingest(
         sink.record_rejects(out, rejects)
 
     workers = max(1, workers or os.cpu_count() or 1)
-    with _executor(min(workers, max(1, len(units)))) as (submit, kind), _progress(len(units), progress) as tick:
+    with _executor(min(workers, max(1, len(units)))) as (submit, kind), progress_display.stage("ingest", len(units), progress) as tick:
         report.executor = kind
         pending: dict[Future, tuple[str, str]] = {}
         queue = [str(u) for u in units]
@@ -193,17 +194,3 @@ def _executor(workers: int) -> Iterator[tuple[Callable[..., Future], str]]:
             return future
 
         yield submit_inline, "inline"
-
-
-@contextmanager
-def _progress(total: int, enabled: bool) -> Iterator[Callable[[], None]]:
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
-        task = bar.add_task("ingest", total=total)
-        yield lambda: bar.advance(task)

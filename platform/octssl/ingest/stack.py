@@ -82,13 +82,15 @@ def read_stack(folder: Path) -> list[Scan]:
     laterality = normalise_laterality(sidecar["laterality"])
     if not laterality:
         raise IngestError(f"{sidecar_path}: laterality must be OD or OS, got {sidecar['laterality']!r}")
-    spacing = tuple(float(v) for v in sidecar["spacing_mm"])
-    if len(spacing) != 3:
-        raise IngestError(f"{sidecar_path}: spacing_mm needs 3 values (nB, D, W), got {len(spacing)}")
+    values = [float(v) for v in sidecar["spacing_mm"]]
+    if len(values) != 3:
+        raise IngestError(f"{sidecar_path}: spacing_mm needs 3 values (nB, D, W), got {len(values)}")
+    spacing = (values[0], values[1], values[2])
     localizer, loc_spacing, positions = None, None, None
     if localizer_name:
         localizer = _image(folder / localizer_name)
-        loc_spacing = tuple(float(v) for v in sidecar.get("localizer_spacing_mm", (1.0, 1.0)))
+        row_mm, col_mm = (float(v) for v in sidecar.get("localizer_spacing_mm", (1.0, 1.0)))
+        loc_spacing = (row_mm, col_mm)
         if "positions_mm" in sidecar:
             positions = np.asarray(sidecar["positions_mm"], dtype=np.float64)
             if positions.shape != (len(bscans), 2, 2):
@@ -102,14 +104,14 @@ def read_stack(folder: Path) -> list[Scan]:
     return [
         Scan(
             bscans=volume,
-            spacing_mm=spacing,  # type: ignore[arg-type]
+            spacing_mm=spacing,
             scan_pattern=pattern,
             laterality=laterality,
             device=str(sidecar.get("device", DEVICE)),
             acquired=day(sidecar.get("acquired")),
             device_patient_id=None if patient is None else str(patient),
             localizer=localizer,
-            localizer_spacing_mm=loc_spacing,  # type: ignore[arg-type]
+            localizer_spacing_mm=loc_spacing,
             positions_mm=positions,
         )
     ]

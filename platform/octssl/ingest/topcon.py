@@ -153,7 +153,7 @@ def read_topcon(path: Path) -> list[Scan]:
             bscans=bscans,
             spacing_mm=(float(spacing[1]), float(spacing[2]), float(spacing[0])),
             scan_pattern=pattern,
-            laterality=normalise_laterality({0: "OD", 1: "OS"}.get(capture.get("eye"), "")),
+            laterality=normalise_laterality({0: "OD", 1: "OS"}.get(int(capture.get("eye", -1)), "")),
             device=f"Topcon {str(hardware.get('model_name', '')).strip()}".strip(),
             acquired=f"{date[0]:04d}-{date[1]:02d}-{date[2]:02d}" if date and date[0] else None,
             device_patient_id=str(patient.get("patient_id", "")).strip() or None,

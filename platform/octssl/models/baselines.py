@@ -29,7 +29,7 @@ class Bottleneck(nn.Module):
     def __init__(self, channels: int, kernel: Triple) -> None:
         super().__init__()
         inner = channels // 8
-        padding = tuple(k // 2 for k in kernel)
+        padding = (kernel[0] // 2, kernel[1] // 2, kernel[2] // 2)
         self.body = nn.Sequential(
             nn.Conv3d(channels, inner, 1, bias=False), InstanceNorm3d(inner), nn.ReLU(),
             nn.Conv3d(inner, inner, kernel, padding=padding, bias=False), InstanceNorm3d(inner), nn.ReLU(),

@@ -1,7 +1,7 @@
 """The paper's feature projection network (FPN) and ReSensNet: 3D residual encoder, one FPB per level, 2D decoder.
 
-Layer for layer as in Morano et al. 2023 (PAPER.md). The paper writes tensors as C x nB x W x D; here they
-stay (B, C, nB, D, W) as the data arrives, so no permute is needed: kernels are written in (nB, D, W) order
+Layer for layer as in Morano et al. 2023 (summarised in docs/models.md). The paper writes tensors as
+C x nB x W x D; here they stay (B, C, nB, D, W) as the data arrives, so no permute is needed: kernels are written in (nB, D, W) order
 (the paper's 1x1x3 depth conv is (1, 3, 1) here; 1x3x3 and 3x1x1 are symmetric in W and D).
 """
 
@@ -63,7 +63,8 @@ class FPN(OctModel):
 
     def shape_problems(self, bscans: int, depth: int, ascans: int) -> list[str]:
         problems = multiple_problem("W", ascans, 16, self.name) + multiple_problem("nB", bscans, 4, self.name)
-        left = [fpb.output_depth(d) for fpb, d in zip(self.projections, self.level_depths(depth), strict=True)]
+        left = [fpb.output_depth(d)  # type: ignore[operator]  # nn.ModuleList items are typed as Tensor | Module
+                for fpb, d in zip(self.projections, self.level_depths(depth), strict=True)]
         if self.mean_projection and min(left) < 1:
             problems.append(f"D={depth} must be >= 64 for {self.name} (D/16 >= 4 for its depth-4 projection kernel)")
         if not self.mean_projection and any(d != 1 for d in left):

@@ -39,7 +39,7 @@ def saved_activation_bytes(model: torch.nn.Module, volume: torch.Tensor) -> int:
     seen: dict[tuple[int, int], int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()))
         seen[key] = max(seen.get(key, 0), tensor.numel() * tensor.element_size())
         return tensor
 

@@ -18,12 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from octssl.fsutil import atomic_write
+from octssl.train.state import RunState
+
 TAG = "state"
 
 
 def rng_state() -> dict[str, Any]:
     """torch, numpy and Python RNG states as JSON-ready values."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
     return {
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -41,21 +44,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def save_trainer_state(ckpt_dir: Path, rank: int, state: dict[str, Any]) -> None:
-    """Write this rank's trainer state (step, data position, RNG) beside DeepSpeed's files."""
-    state = {**state, "rng": rng_state()}
-    (ckpt_dir / f"trainer_rank{rank}.json").write_text(json.dumps(state))
+def save_state(ckpt_dir: Path, rank: int, state: RunState) -> None:
+    """Write this rank's run state and RNG states beside DeepSpeed's files (``trainer_rank{r}.json``)."""
+    atomic_write(ckpt_dir / f"trainer_rank{rank}.json", json.dumps({**state.to_dict(), "rng": rng_state()}))
 
 
-def load_trainer_state(ckpt_dir: Path, rank: int) -> dict[str, Any]:
-    """This rank's state; after a change of world size a new rank takes rank 0's position."""
+def load_state(ckpt_dir: Path, rank: int) -> RunState:
+    """This rank's run state (its RNG restored); after a change of world size a new rank takes rank 0's
+    position and keeps its own freshly seeded RNG."""
     path = ckpt_dir / f"trainer_rank{rank}.json"
     if not path.exists():
         path = ckpt_dir / "trainer_rank0.json"
-    state = json.loads(path.read_text())
+    raw = json.loads(path.read_text())
     if path.name == f"trainer_rank{rank}.json":
-        set_rng_state(state["rng"])
-    return state
+        set_rng_state(raw["rng"])
+    return RunState.from_dict(raw)
 
 
 def export_weights(engine: Any, out_dir: Path, card: dict[str, Any]) -> Path | None:

@@ -120,3 +120,20 @@ def build_engine(model: torch.nn.Module, config: JobConfig, total_steps: int, pr
         dist_init_required=not torch.distributed.is_initialized(),
     )
     return engine, scheduler
+
+
+def init_single_process_group() -> None:
+    """A world-size-1 process group for a run outside Ray Train (single process, sweep trial): NCCL on a GPU
+    unless ``DS_ACCELERATOR=cpu`` asks for the CPU path, gloo otherwise. No-op when one exists."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
+    dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)

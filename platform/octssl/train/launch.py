@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from octssl.cluster import require, root_cause
 from octssl.config import JobConfig, dump_config
 from octssl.errors import ConfigError, OctsslError
-from octssl.train.engine import resolve_precision
+from octssl.train.engine import init_single_process_group, resolve_precision
+from octssl.vocab import VAL, VOLUME
 
 
 def name_run(config: JobConfig, resume: bool | str) -> JobConfig:
@@ -48,25 +47,16 @@ def preflight(config: JobConfig) -> dict[str, Any]:
     """Everything that can be checked without workers: data, labels, model shapes, init weights, precision.
     Raises ConfigError/ModelError naming the problem; returns a few facts about the data."""
     from octssl.corpus.store import Corpus
+    from octssl.data.feed import build_train_data
     from octssl.models import build_model
 
     c = config
-    facts: dict[str, Any] = {}
     resolve_precision(c.deepspeed.precision, gpu=c.scaling.gpus_per_worker > 0)
-    target = c.objective.target
-    segmentation = c.objective.kind == "segmentation"
-    if c.data.source == "stream":
-        shape = _stream_shape(c)
-    else:
-        corpus = Corpus.open(c.data.corpus)
-        train_ids = corpus.ids(split="train", label=target if segmentation else None, require=("oct", target))
-        if not train_ids:
-            what = f"labelled '{target}'" if segmentation else f"'{target}'"
-            raise ConfigError(f"{c.data.corpus}: no train volumes with {what}: nothing to train on")
-        facts["train_volumes"] = len(train_ids)
-        facts["val_volumes"] = len(corpus.ids(split="val", require=("oct", target)))
-        shape = tuple(corpus.read(train_ids[0])["oct"].shape)
-    nb, depth, w = shape
+    data = build_train_data(c)
+    facts: dict[str, Any] = {"train_volumes": data.volumes}
+    if c.data.corpus:
+        facts["val_volumes"] = len(Corpus.open(c.data.corpus).ids(split=VAL, require=(VOLUME, c.objective.target)))
+    nb, depth, w = data.volume_shape()
     crop_nb, crop_w = c.data.crop
     if crop_nb > nb or crop_w > w:
         raise ConfigError(f"data.crop={tuple(c.data.crop)} is larger than the volumes (nB={nb}, W={w})")
@@ -81,43 +71,10 @@ def preflight(config: JobConfig) -> dict[str, Any]:
     return facts
 
 
-def _stream_shape(c: JobConfig) -> tuple[int, int, int]:
-    """The (nB, D, W) of the train samples in a shard export that carry the target (from index.json)."""
-    index_path = Path(c.data.shards) / "index.json"
-    if not index_path.is_file():
-        raise ConfigError(f"data.shards={c.data.shards}: no index.json (run `octssl export-shards` first)")
-    entries = json.loads(index_path.read_text())["samples"].values()
-    grids = {e.get("grid") for e in entries if e.get("split") == "train" and c.objective.target in e["sha256"]}
-    if not grids:
-        raise ConfigError(f"{index_path}: no train samples with '{c.objective.target}': nothing to train on")
-    if None in grids or len(grids) > 1:
-        raise ConfigError(f"{index_path}: train samples on grids {sorted(map(str, grids))}: export one grid")
-    nb, depth, w = (int(n) for n in grids.pop().split("x"))
-    return nb, depth, w
-
-
-def ray_up() -> dict[str, float]:
-    """Join the cluster at RAY_ADDRESS, or start a local Ray sized to this machine; its resources."""
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
-        else:
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    return ray.cluster_resources()
-
-
 def _ray_up(config: JobConfig) -> None:
-    resources = ray_up()
-    need_cpu = config.scaling.workers * config.scaling.cpus_per_worker
-    need_gpu = config.scaling.workers * config.scaling.gpus_per_worker
-    if need_cpu > resources.get("CPU", 0) or need_gpu > resources.get("GPU", 0):
-        raise ConfigError(
-            f"scaling asks {config.scaling.workers} workers x ({config.scaling.cpus_per_worker} CPU, "
-            f"{config.scaling.gpus_per_worker} GPU) but the cluster has {resources.get('CPU', 0):g} CPU, "
-            f"{resources.get('GPU', 0):g} GPU"
-        )
+    scaling = config.scaling
+    require(f"scaling: {scaling.workers} workers x ({scaling.cpus_per_worker} CPU, {scaling.gpus_per_worker} GPU)",
+            scaling.workers * scaling.cpus_per_worker, scaling.workers * scaling.gpus_per_worker)
 
 
 def _worker_env(config: JobConfig) -> dict[str, str]:
@@ -151,10 +108,11 @@ def run(
         resources["GPU"] = config.scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": config.model_dump(mode="json"), "run_dir": str(run_dir), "metrics_port": metrics_port},
+        train_loop_config={"job": config.model_dump(mode="json"), "run_dir": str(run_dir), "metrics_port": metrics_port,
+                           "attempt": uuid.uuid4().hex},
         scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        run_config=RunConfig(
+        run_config=RunConfig(  # type: ignore[call-arg]  # Train V2 field
             name=config.run.name,
             storage_path=config.run.storage_path,
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
@@ -162,29 +120,25 @@ def run(
             worker_runtime_env={"env_vars": _worker_env(config)},
         ),
     )
-    watcher = ProgressWatcher(run_dir, enabled=progress)
+    from octssl.progress import RunWatcher
+
+    watcher = RunWatcher(run_dir, enabled=progress)
     watcher.start()
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker errors; surface the cause's message
-        raise OctsslError(f"{run_dir}: training failed: {_root_cause(err)}") from err
+        raise OctsslError(f"{run_dir}: training failed: {root_cause(err)}") from err
     finally:
         watcher.stop()
-    if getattr(result, "error", None):
-        raise OctsslError(f"{run_dir}: training failed: {_root_cause(result.error)}")
+    if result.error is not None:
+        raise OctsslError(f"{run_dir}: training failed: {root_cause(result.error)}")
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def _root_cause(err: BaseException) -> str:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    text = str(err).strip().splitlines()
-    return text[-1] if text else type(err).__name__
-
-
 def run_single_process(config: JobConfig, *, resume_from: Path | None = None) -> dict[str, Any]:
-    """The same Trainer in this process (world size 1, no Ray): benchmarks and single-GPU checks."""
-    import torch.distributed as dist
+    """The same Trainer in this process (world size 1, no Ray): benchmarks and single-GPU checks.
+    Checkpoints are copied to ``RUN_DIR/checkpoints/stepNNNNNNNN``."""
+    import shutil
 
     from octssl.train.loop import Trainer, WorkerContext
 
@@ -193,76 +147,12 @@ def run_single_process(config: JobConfig, *, resume_from: Path | None = None) ->
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    init_single_process_group()
     ckpts = run_dir / "checkpoints"
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-        import shutil
-
         if ckpt_dir is not None:
             shutil.copytree(ckpt_dir, ckpts / f"step{metrics['step']:08d}", dirs_exist_ok=True)
 
     ctx = WorkerContext(rank=0, world_size=1, run_dir=run_dir, report=report, resume_from=resume_from)
     return Trainer(config, ctx).train()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ProgressWatcher:
-    """Shows step, loss, samples/s and ETA on the terminal by tailing RUN_DIR/metrics.jsonl."""
-
-    def __init__(self, run_dir: Path, enabled: bool = True, interval: float = 0.5) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled, self.interval = enabled, interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self.enabled:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        columns = (
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        )
-        with Progress(*columns, transient=False) as bar:
-            task = bar.add_task(self.path.parent.name, total=None, info="starting workers...")
-            while not self._stop.wait(self.interval):
-                last = _last_record(self.path)
-                if last:
-                    info = f"loss {last['loss']:.4f}  {last['samples_per_s']:.1f} samples/s" if last.get("loss") is not None else ""
-                    bar.update(task, completed=last["step"], total=last["total_steps"], info=info)
-            last = _last_record(self.path)
-            if last:
-                bar.update(task, completed=last["step"], total=last["total_steps"])
-
-
-def _last_record(path: Path) -> dict[str, Any] | None:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return None
-

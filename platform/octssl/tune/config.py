@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from octssl.config import SEGMENTATION_TASKS, JobConfig, apply_overrides, parse_config, read_yaml
+from octssl.config import JobConfig, apply_overrides, parse_config, read_yaml
 from octssl.errors import ConfigError
+from octssl.vocab import GA, MASKS, RPD, SEGMENTATION, Task
 
 SCRATCH = "scratch"
 #: job keys a sweep sets per trial (section -> keys); setting them in ``job`` is refused with a hint.
@@ -87,7 +88,7 @@ class SweepConfig(_Section):
     corpus: str = Field(..., description="corpus directory with GA/RPD labels")
     storage_path: str = "runs"
     name: str | None = Field(None, description="sweep directory name (default sweep-<time>)")
-    tasks: list[Literal["ga", "rpd"]] = Field(["ga", "rpd"], min_length=1)
+    tasks: list[Task] = Field([GA, RPD], min_length=1)
     fractions: list[float] = Field([0.05, 0.1, 0.2, 1.0], min_length=1)
     task_fractions: dict[str, list[float]] = Field({}, description="task -> its own fractions (else fractions)")
     inits: dict[str, str] = Field({SCRATCH: SCRATCH}, min_length=1, description="name -> 'scratch' or weights")
@@ -132,9 +133,9 @@ class SweepConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> SweepConfig:
         for key in ("task_overrides", "task_fractions"):
-            unknown = sorted(set(getattr(self, key)) - set(SEGMENTATION_TASKS))
+            unknown = sorted(set(getattr(self, key)) - set(MASKS))
             if unknown:
-                raise ValueError(f"{key}: unknown task(s) {unknown}; tasks are {SEGMENTATION_TASKS}")
+                raise ValueError(f"{key}: unknown task(s) {unknown}; tasks are {MASKS}")
         return self
 
     def fractions_of(self, task: str) -> list[float]:
@@ -199,7 +200,7 @@ def _check_job_keys(job: dict[str, Any], source: str) -> None:
         keys = [None] if owned is None else [k for k in (value or {}) if k in owned]
         for key in keys:
             where = f"job.{section}" + (f".{key}" if key else "")
-            hint = None if owned is None else owned[key]
+            hint = None if owned is None or key is None else owned[key]
             raise ConfigError(f"{source}: {where} is set by the sweep per trial"
                               + (f": use '{hint}' instead" if hint else ""))
 
@@ -232,7 +233,7 @@ def trial_job(config: SweepConfig, group: Group, params: dict[str, Any], name: s
         "kind": "finetune",
         "data": {"corpus": config.corpus, "source": "zarr"},
         "model": {"name": cell.model},
-        "objective": {"kind": "segmentation", "target": cell.task, "label_fraction": cell.fraction},
+        "objective": {"kind": SEGMENTATION, "target": cell.task, "label_fraction": cell.fraction},
         "optim": {"lr": float(params["lr"]), "weight_decay": float(params["weight_decay"])},
         "run": {"max_steps": int(params["steps"]), "epochs": None, "seed": int(group.seed), "name": name,
                 "init": config.inits[cell.init], "storage_path": storage_path or config.storage_path,

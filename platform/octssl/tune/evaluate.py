@@ -7,12 +7,14 @@ the train loop, and the metrics come from the segmentation objective (Dice at 0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from octssl.errors import ModelError
+from octssl.vocab import DICE, FAF, HD95, RECONSTRUCTION, SEGMENTATION, VOLUME
 
 
 def _device(gpu: bool) -> torch.device:
@@ -31,20 +33,20 @@ def mean_projection(volume: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[str], *, show: list[str] = (),
+def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[str], *, show: Sequence[str] = (),
                           threads: int = 1, gpu: bool = False) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Per-volume ``{id, dice, hd95_mm, truth_px, pred_px}`` of ``weights`` on ``ids`` (pixel counts of the
     mask and of the prediction on the evaluation grid tell healthy eyes from lesions); plus, for the volumes in ``show``,
     ``ids`` and en-face arrays ``enface`` (mean projection), ``truth`` and ``prob`` (sigmoid), ``(n, nB, W)``."""
     from octssl.corpus.store import Corpus
     from octssl.data.transforms import EvalTransform, collate
-    from octssl.objectives import build_objective, per_volume_at_original
+    from octssl.objectives import build_objective, score_batch
 
     torch.set_num_threads(max(1, threads))
     device = _device(gpu)
     corpus = Corpus.open(corpus_path)
     model = _load(weights, device)
-    objective = build_objective("segmentation", target=task)
+    objective = build_objective(SEGMENTATION, target=task)
     transform = EvalTransform(targets=(task,))
     rows: list[dict[str, Any]] = []
     preview: dict[str, list[Any]] = {"ids": [], "enface": [], "truth": [], "prob": []}
@@ -53,9 +55,10 @@ def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[s
         if task not in sample:
             raise ModelError(f"{corpus_path}: test sample {sample_id} has no '{task}' mask")
         batch = collate([transform(sample)])
-        logits = model(batch["oct"].to(device)).float().cpu()
-        (row,) = per_volume_at_original(objective, logits, batch)
-        rows.append({"id": sample_id, "dice": float(row["dice"]), "hd95_mm": float(row["hd95_mm"]),
+        batch[VOLUME] = batch[VOLUME].to(device)
+        logits, (row,) = score_batch(model, objective, batch)
+        logits = logits.cpu()
+        rows.append({"id": sample_id, DICE: float(row[DICE]), HD95: float(row[HD95]),
                      "truth_px": int(np.count_nonzero(sample[task])),
                      "pred_px": int((logits[0, 0] > 0).sum())})
         if sample_id in show:
@@ -95,7 +98,7 @@ def reconstruct(corpus_path: str, weights: str, ids: list[str], *, threads: int 
     torch.set_num_threads(max(1, threads))
     card = read_metadata(weights).get("card") or {}
     objective = card.get("objective") or {}
-    if objective.get("kind") != "reconstruction":
+    if objective.get("kind") != RECONSTRUCTION:
         raise ModelError(f"{weights}: not a reconstruction (pretraining) checkpoint: objective {objective}")
     target = objective["target"]
     device = _device(gpu)
@@ -106,11 +109,11 @@ def reconstruct(corpus_path: str, weights: str, ids: list[str], *, threads: int 
     for sample_id in ids:
         sample = corpus.read(sample_id)
         batch = collate([transform(sample)])
-        image = torch.sigmoid(model(batch["oct"].to(device)).float().cpu())[0, 0]
+        image = torch.sigmoid(model(batch[VOLUME].to(device)).float().cpu())[0, 0]
         shape = sample[target].shape
         unit = sample[target].astype(np.float32) / 255.0
-        out["enface"].append(mean_projection(sample["oct"]))
-        out["target"].append(1.0 - unit if target == "faf" else unit)
+        out["enface"].append(mean_projection(sample[VOLUME]))
+        out["target"].append(1.0 - unit if target == FAF else unit)
         out["output"].append(_resize(image, shape))
     return {k: np.stack(v).astype(np.float32) for k, v in out.items()} | {"modality": np.array(target)}
 

@@ -9,7 +9,10 @@ from typing import Any
 from ray.tune import Callback
 
 from octssl.monitor import SweepMetrics
+from octssl.progress import console
 from octssl.tune.config import SweepConfig
+from octssl.tune.results import stopped_early
+from octssl.vocab import DICE
 
 STATES = ("PENDING", "RUNNING", "TERMINATED", "ERROR")
 
@@ -30,10 +33,9 @@ class SweepProgress(Callback):
     def start(self) -> None:
         self._publish()
         if self.enabled:
-            from rich.console import Console
             from rich.live import Live
 
-            self.live = Live(self.render(), console=Console(stderr=True), refresh_per_second=2, transient=False)
+            self.live = Live(self.render(), console=console(), refresh_per_second=2, transient=False)
             self.live.start()
 
     def stop(self) -> None:
@@ -53,8 +55,8 @@ class SweepProgress(Callback):
         counts = self.counts()
         per_cell: dict[str, Counter] = {}
         for trial_id, state in self.state.items():
-            cell = self.group_of[trial_id].rsplit("-s", 1)[0]
-            per_cell.setdefault(cell, Counter())[state] += 1
+            cell_key = self.group_of[trial_id].rsplit("-s", 1)[0]
+            per_cell.setdefault(cell_key, Counter())[state] += 1
         per_trial = self.config.search.num_samples * len(self.config.seeds)
         table = Table(title=(f"sweep: {counts['TERMINATED'] + counts['ERROR']}/{self.total} trials finished, "
                              f"{counts['RUNNING']} running, {counts['ERROR']} failed, "
@@ -83,7 +85,7 @@ class SweepProgress(Callback):
         self._set(trial, "RUNNING")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        dice = result.get("dice")
+        dice = result.get(DICE)
         cell = trial.config["group"].rsplit("-s", 1)[0]
         if dice is not None and dice == dice and dice > self.best.get(cell, -1.0):
             self.best[cell] = float(dice)
@@ -91,7 +93,7 @@ class SweepProgress(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
-        if last.get("step", trial.config["steps"]) < trial.config["steps"]:
+        if stopped_early(last.get("step", trial.config["steps"]), trial.config["steps"]):
             self.stopped_early += 1
         self._set(trial, "TERMINATED")
 

@@ -22,8 +22,9 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from ray.tune.search import Searcher
 
 from octssl.tune.config import Group, SearchSection
+from octssl.vocab import DICE
 
-METRIC, MODE, TIME_ATTR = "dice", "max", "step"
+METRIC, MODE, TIME_ATTR = DICE, "max", "step"
 
 
 def search_space(search: SearchSection) -> dict[str, Any]:
@@ -101,7 +102,7 @@ class GroupSearch(Searcher):
             self.group_of[trial_id] = key
             return {"group": key, "trial": f"t{self.count:04d}-{key}", "lr": float(params["lr"]),
                     "weight_decay": float(params["weight_decay"]), "steps": int(params["steps"])}
-        return Searcher.FINISHED
+        return Searcher.FINISHED  # type: ignore[return-value]  # Ray's sentinel string ends the search
 
     def save(self, checkpoint_path: str) -> None:
         pass  # a sweep is never resumed in place (see octssl.tune.sweep), so there is no state to keep

@@ -10,7 +10,6 @@ it. Its run directory (metrics, val.jsonl, best/ weights) lies under ``SWEEP_DIR
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,14 +37,16 @@ class TrialPlan:
 
 
 class TrialTrainer(Trainer):
-    """The Trainer with one hook changed: a checkpoint step reports to Tune instead of saving state.
+    """The Trainer with its reporting changed: each checkpoint step reports to Tune, with the best metric.
 
-    Trials are never resumed (a failed trial is recorded and the sweep moves on), so the DeepSpeed
-    checkpoint that ``Trainer.save`` writes would only cost time; the best weights are still exported.
+    Trials are never resumed (a failed trial is recorded and the sweep moves on), so they keep no
+    resumable checkpoints (those would only cost time); the best weights are still exported.
     """
 
-    def save(self, metrics: dict[str, Any]) -> None:
-        self.ctx.report({**metrics, "best_dice": self.best_metric}, None)
+    keeps_checkpoints = False
+
+    def report(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        self.ctx.report({**metrics, f"best_{self.objective.primary_metric}": self.state.best_metric}, None)
 
 
 def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
@@ -71,7 +72,8 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
 def _prepare_process(plan: TrialPlan) -> None:
     """Per-trial process state: threads, accelerator, forwarded env, a world-size-1 process group."""
     import torch
-    import torch.distributed as dist
+
+    from octssl.train.engine import init_single_process_group
 
     resources = plan.config.resources
     gpu = resources.gpus_per_trial > 0
@@ -87,9 +89,4 @@ def _prepare_process(plan: TrialPlan) -> None:
     os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = "600"
     # More threads than CPUs granted oversubscribes a shared machine (measured: 0.33 s vs ~2 s per step).
     torch.set_num_threads(max(1, int(resources.cpus_per_trial)))
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("nccl" if gpu and torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    init_single_process_group()

@@ -29,6 +29,7 @@ from PIL import Image
 
 from octssl.errors import ShardError
 from octssl.fsutil import atomic_file, atomic_write
+from octssl.progress import stage
 from octssl.sample import ENFACE_KEYS, VOLUME_KEY
 from octssl.webds.index import FORMAT, INDEX_NAME, SHARD_PATTERN, file_sha256, shard_meta
 
@@ -102,16 +103,13 @@ def export_shards(
     counts = shard_counts(len(ids), samples_per_shard)
     shards: list[dict[str, Any]] = []
     samples: dict[str, dict[str, Any]] = {}
-    from rich.progress import Progress
-
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"export {corpus.path.name}", total=len(ids))
+    with stage(f"export {corpus.path.name}", len(ids), progress) as advance:
         start = 0
         for number, count in enumerate(counts):
             name = SHARD_PATTERN.format(number)
             chunk = ids[start:start + count]
             start += count
-            entries = _write_shard(corpus, out / name, chunk, rows, lambda: bar.advance(task))
+            entries = _write_shard(corpus, out / name, chunk, rows, advance)
             samples.update(entries)
             shards.append({"name": name, "count": count, "bytes": (out / name).stat().st_size,
                            "sha256": file_sha256(out / name), "ids": chunk})
@@ -132,7 +130,7 @@ def export_shards(
 
 def _prepare_dir(out: Path, overwrite: bool) -> None:
     if (out / INDEX_NAME).exists() and not overwrite:
-        raise ShardError(f"{out}: already holds an export ({INDEX_NAME}); pass overwrite to replace it")
+        raise ShardError(f"{out}: already holds an export ({INDEX_NAME}); pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     (out / INDEX_NAME).unlink(missing_ok=True)  # first, so a half-replaced export never looks finished
     for stale in [*out.glob("shard-*.tar"), *out.glob(".shard-*.tmp")]:

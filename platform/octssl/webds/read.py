@@ -135,9 +135,9 @@ def read_sample(handle: BinaryIO, entry: dict[str, Any], sample_id: str, where: 
                 verify: bool = True) -> dict[str, Any]:
     """Read one sample at its index byte range from an open shard file."""
     handle.seek(entry["offset"])
-    chunk = memoryview(np.empty(entry["size"], dtype=np.uint8))  # no zero-fill: readinto overwrites it
+    chunk = memoryview(np.empty(entry["size"], dtype=np.uint8).data)  # no zero-fill: readinto overwrites it
     got = 0
-    while got < entry["size"] and (count := handle.readinto(chunk[got:])):
+    while got < entry["size"] and (count := handle.readinto(chunk[got:])):  # type: ignore[attr-defined]
         got += count
     if got != entry["size"]:
         raise ShardError(f"{where}: sample {sample_id}: truncated tar ({got} of {entry['size']} bytes readable)")

@@ -64,7 +64,8 @@ def _tar_samples(path: Path, problems: list[str]) -> dict[str, dict[str, memoryv
         with tarfile.open(path, mode="r:") as tar:
             for member in _members(tar):
                 if member.isfile():
-                    data = tar.extractfile(member).read()
+                    handle = tar.extractfile(member)
+                    data = handle.read() if handle is not None else b""
                     if len(data) != member.size:
                         raise tarfile.ReadError(f"record {member.name} is cut short")
                     key, _, ext = member.name.partition(".")

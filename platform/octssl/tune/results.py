@@ -1,0 +1,131 @@
+"""Sweep results: one row per trial (status, val Dice), the chosen trial per group, the per-cell summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from octssl.cluster import root_cause
+from octssl.tune.config import SweepConfig
+from octssl.vocab import DICE, HD95
+
+#: trial statuses in trials.parquet and summary.json
+OK, STOPPED, ERROR = "ok", "stopped", "error"
+STATUSES = (OK, STOPPED, ERROR)
+RESULT_COLUMNS = ("task", "fraction", "init", "model", "seed", "trial", "id", DICE, HD95, "truth_px", "pred_px")
+
+
+def stopped_early(last_step: int, steps: int) -> bool:
+    """Whether a trial that ended without error was stopped by ASHA before its planned ``steps``."""
+    return last_step < steps
+
+
+def trial_row(config: SweepConfig, sweep_dir: Path, result: Any) -> dict[str, Any]:
+    params = result.config
+    group = next(g for g in config.groups if g.key == params["group"])
+    run_dir = sweep_dir / "trials" / params["trial"]
+    vals = _read_jsonl(run_dir / "val.jsonl")
+    dices = [v[DICE] for v in vals if v.get(DICE) is not None and not math.isnan(v[DICE])]
+    metrics = result.metrics or {}
+    last_step = max([int(v["step"]) for v in vals] or [0])
+    if result.error is not None:
+        status = ERROR
+    elif stopped_early(last_step, params["steps"]):
+        status = STOPPED
+    else:
+        status = OK
+    return {
+        "trial": params["trial"], "group": group.key, "cell": group.cell.key, "task": group.cell.task,
+        "fraction": group.cell.fraction, "init": group.cell.init, "model": group.cell.model, "seed": group.seed,
+        "lr": params["lr"], "weight_decay": params["weight_decay"], "steps": params["steps"],
+        "status": status, "val_dice": max(dices) if dices else None, "last_val_dice": dices[-1] if dices else None,
+        "last_step": last_step, "wall_s": metrics.get("time_total_s"),
+        "error": root_cause(result.error) if result.error is not None else None,
+        "best_weights": str(run_dir / "best" / "model.safetensors"),
+    }
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def choose(trials: list[dict[str, Any]], config: SweepConfig) -> dict[str, dict[str, Any]]:
+    """Per group, the trial with the best val Dice whose best weights exist (groups with none are absent)."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for group in config.groups:
+        candidates = [t for t in trials if t["group"] == group.key and t["val_dice"] is not None
+                      and Path(t["best_weights"]).is_file()]
+        if candidates:
+            chosen[group.key] = max(candidates, key=lambda t: (t["val_dice"], -t["steps"]))
+    return chosen
+
+
+def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[str, dict[str, Any]],
+              rows: list[dict[str, Any]], errors: dict[str, str], facts: dict[str, Any]) -> dict[str, Any]:
+    cells = []
+    for cell in config.cells:
+        mine = [r for r in rows if (r["task"], r["fraction"], r["init"], r["model"]) ==
+                (cell.task, cell.fraction, cell.init, cell.model)]
+        dice = np.array([r[DICE] for r in mine], float)
+        hd95 = np.array([r["hd95_mm"] for r in mine], float)
+        lesion = np.array([r["truth_px"] > 0 for r in mine], bool)
+        seeds = sorted({r["seed"] for r in mine})
+        per_seed = [float(np.mean([r[DICE] for r in mine if r["seed"] == s])) for s in seeds]
+        picks = [dict(chosen[g.key]) for g in config.groups if g.cell == cell and g.key in chosen]
+        best = max(picks, key=lambda t: t["val_dice"]) if picks else None
+        cell_trials = [t for t in trials if t["cell"] == cell.key]
+        failed = [f"seed {g.seed}: {errors[g.key]}" for g in config.groups if g.cell == cell and g.key in errors]
+        failed += [f"seed {g.seed}: every trial failed" for g in config.groups
+                   if g.cell == cell and g.key not in chosen]
+        cells.append({
+            "task": cell.task, "fraction": cell.fraction, "init": cell.init, "model": cell.model,
+            "dice_mean": float(dice.mean()) if dice.size else None,
+            "dice_std": float(dice.std()) if dice.size else None,
+            "dice_seed_std": float(np.std(per_seed)) if len(per_seed) > 1 else None,
+            "dice_seeds": per_seed,
+            "hd95_mean": float(np.nanmean(hd95)) if np.isfinite(hd95).any() else None,
+            "hd95_undefined": int(np.isnan(hd95).sum()),
+            # Dice on a healthy eye is all or nothing (1 if predicted empty): report both parts too
+            "dice_lesion_mean": float(dice[lesion].mean()) if lesion.any() else None,
+            "healthy_predicted_empty": float((dice[~lesion] == 1).mean()) if (~lesion).any() else None,
+            "n_test_healthy": int((~lesion).sum()) // max(1, len(seeds)),
+            "n_test": len(facts["test"][cell.task]), "n_seeds": len(seeds),
+            **facts["cells"][(cell.task, cell.fraction)],
+            "best_config": _config_of(best) if best else None,
+            "seed_configs": [_config_of(p) for p in picks],
+            "trials": len(cell_trials),
+            "trials_failed": sum(t["status"] == ERROR for t in cell_trials),
+            "trials_stopped": sum(t["status"] == STOPPED for t in cell_trials),
+            "errors": failed,
+        })
+    statuses = [t["status"] for t in trials]
+    return {
+        "name": config.name, "corpus": config.corpus, "tasks": config.tasks,
+        "fractions": sorted({c.fraction for c in config.cells}),
+        "inits": config.inits, "models": config.models, "seeds": config.seeds,
+        "num_samples": config.search.num_samples, "search": config.search.algorithm,
+        "trials": {s: statuses.count(s) for s in STATUSES},
+        "cells": cells,
+    }
+
+
+def _config_of(trial: dict[str, Any]) -> dict[str, Any]:
+    return {k: trial[k] for k in ("trial", "seed", "lr", "weight_decay", "steps", "val_dice")}
+
+
+def write_parquet(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...] | None = None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not rows and columns:
+        table = pa.table({c: pa.array([], pa.string() if c in ("task", "init", "model", "trial", "id")
+                                      else pa.float64()) for c in columns})
+    else:
+        table = pa.Table.from_pylist(rows)
+    pq.write_table(table, path)
