@@ -65,7 +65,8 @@ def test_gpu_sh_smoke_writes_every_row_when_rows_crash_hang_or_need_cuda(tmp_pat
     assert rows["cl-input"]["status"] == "timed out" and "bound 2 s" in rows["cl-input"]["error"]
     assert rows["cuda-graph"]["status"] == "skipped" and rows["cuda-graph"]["error"] == "needs CUDA"
     for name in ("paper", "octssl", "octssl-b32"):  # each after a fresh worker replaced the dead or stuck one
-        assert rows[name]["status"] == "ok" and rows[name]["volumes_per_s"] > 0 and rows[name]["peak_mib"] > 0
+        assert rows[name]["status"] == "ok", rows[name].get("error")
+        assert rows[name]["volumes_per_s"] > 0 and rows[name]["peak_mib"] > 0
     assert rows["paper"]["ratio_to_paper"] == pytest.approx(1.0) and result["octssl_default_ratio"] > 0
     assert rows["octssl"]["engine"] == "deepspeed" and rows["octssl"]["precision"] == "fp32"  # auto on CPU
     assert all(rows[n]["status"] == "skipped" and "not selected" in rows[n]["error"] for n in NAMES
