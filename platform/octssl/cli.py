@@ -33,8 +33,18 @@ app = typer.Typer(
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
 
 
+#: What a command turns into one line naming the file and the problem (exit code 2), never a traceback.
+_ERRORS = (OctsslError, OSError)
+
+
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    from rich.markup import escape
+
+    if isinstance(err, OSError) and err.filename is not None:
+        text = f"{err.filename}: {err.strerror or err}"
+    else:
+        text = str(err)
+    console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)  # one line, brackets kept as typed
     raise typer.Exit(2)
 
 
@@ -86,7 +96,7 @@ def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int |
             print(render(job_plan(job), str(config)))
             return
         summary = run(job, resume=resume, metrics_port=metrics_port)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     console.print(
         f"[green]done[/] {summary['steps']} steps, loss {_num(summary['first_loss'])} -> {_num(summary['final_loss'])}, "
@@ -161,7 +171,7 @@ def submit(
             return
         state = jobs_client.wait(job_id, address, timeout_s=timeout)
         print(jobs_client.logs(job_id, address), end="")
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     console.print(f"job {job_id}: {state}")
     if state != "SUCCEEDED":
@@ -175,7 +185,7 @@ def jobs_status(job_id: str, address: str = _ADDRESS) -> None:
 
     try:
         details = jobs_client.info(job_id, address)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     print(details["status"])
     if details["message"]:
@@ -189,7 +199,7 @@ def jobs_logs(job_id: str, address: str = _ADDRESS) -> None:
 
     try:
         text = jobs_client.logs(job_id, address)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     print(text, end="")
 
@@ -201,7 +211,7 @@ def jobs_stop(job_id: str, address: str = _ADDRESS) -> None:
 
     try:
         stopped = jobs_client.stop(job_id, address)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     console.print(f"job {job_id}: " + ("stop requested" if stopped else "already finished"))
 
@@ -230,7 +240,7 @@ def export_shards_command(
     try:
         index = export_shards(corpus, out, samples_per_shard=samples_per_shard, split=split,
                               raster_only=not all_scans, overwrite=overwrite)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     size = sum(shard["bytes"] for shard in index["shards"])
     console.print(f"[green]exported[/] {index['total']} samples into {len(index['shards'])} shards "
@@ -276,7 +286,7 @@ def ingest(
             console.print(f"[bold red]WARNING:[/] {EPHEMERAL_WARNING}")
         report = pipeline.ingest(sources, out, grid=shape, workers=workers, ephemeral_key=ephemeral_key,
                                  batch_size=batch_size, depth_mm=depth_mm, on_reject=rejected)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     mb = report.bytes_read / 2**20
     console.print(
@@ -326,7 +336,7 @@ def synth(
     try:
         corpus = synthesize(out, volumes=volumes, grid=shape, seed=seed, labelled=labelled, preview=preview,
                             progress=True)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     summary = corpus.summary()
     console.print(f"[green]wrote[/] {summary['volumes']} volumes of {grid} ({summary['patients']} patients, "
@@ -342,7 +352,7 @@ def info(corpus: Path = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
 
     try:
         summary = Corpus.open(corpus).summary()
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -365,21 +375,20 @@ def info(corpus: Path = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
 @app.command()
 def verify(path: Path = _VERIFY_PATH) -> None:
     """Recompute every checksum of a corpus (or shard directory); print every problem; exit 1 if any."""
-    from octssl.errors import CorpusError
     from octssl.webds.index import is_shard_dir
     from octssl.webds.verify import verify_shards
 
     if is_shard_dir(path):
         try:
             problems = verify_shards(path)
-        except OctsslError as err:
+        except _ERRORS as err:
             problems = [str(err)]
     else:
         from octssl.corpus.store import Corpus
 
         try:
             problems = Corpus.open(path).verify()
-        except CorpusError as err:
+        except _ERRORS as err:
             problems = [str(err)]
     for problem in problems:
         print(problem)
@@ -416,7 +425,7 @@ def sweep(config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET, dry_run: b
             print(render(sweep_plan(load_sweep_config(config, set_)), str(config)))
             return
         summary = run_sweep(load_sweep_config(config, set_))
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     _print_tables(summary)
     counts = summary["trials"]
@@ -433,7 +442,7 @@ def report(sweep_dir: Path = _REPORT_DIR) -> None:
 
     try:
         path = build_report(sweep_dir)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
     _print_tables(json.loads((sweep_dir / "summary.json").read_text()))
     console.print(f"[green]wrote[/] {path}")
@@ -446,6 +455,6 @@ def demo(out: Path = _DEMO_OUT, quick: bool = _DEMO_QUICK) -> None:
 
     try:
         run_demo(out, quick=quick, console=console)
-    except OctsslError as err:
+    except _ERRORS as err:
         _fail(err)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from octssl import reaper
 from octssl.errors import ConfigError
 
 
@@ -20,6 +21,7 @@ def ray_up() -> dict[str, float]:
             ray.init(log_to_driver=False)
         else:
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            reaper.guard()  # the agents of a local Ray outlive a killed driver: reap them
     return ray.cluster_resources()
 
 

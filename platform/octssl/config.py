@@ -8,18 +8,29 @@ worker starts.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from octssl.errors import ConfigError
 from octssl.vocab import FAF, RECONSTRUCTION, SEGMENTATION, TARGETS, ObjectiveKind, Target
 
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -95,6 +106,14 @@ class RunSection(_Section):
     init_scope: Literal["all", "encoder"] = "all"
     max_bad_steps: int = Field(5, ge=1, description="consecutive non-finite losses before the run stops")
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str | None) -> str | None:
+        if name is not None and not _RUN_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} must be one folder name inside storage_path: letters, digits, '.', '_' "
+                             "and '-', starting with a letter or digit, at most 128 characters")
+        return name
+
     @model_validator(mode="after")
     def _length_given(self) -> RunSection:
         if self.max_steps is None and self.epochs is None:
@@ -158,7 +177,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            problem = " ".join(str(getattr(err, "problem", None) or err).split())
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
     return out
 
 

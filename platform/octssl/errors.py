@@ -27,3 +27,7 @@ class ConfigError(OctsslError):
 
 class ModelError(OctsslError):
     """Invalid model options or input shapes, or mismatched weights on transfer."""
+
+
+class CheckpointError(OctsslError):
+    """A training checkpoint is unreadable or holds more than tensors and DeepSpeed's own state."""

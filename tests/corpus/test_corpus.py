@@ -306,7 +306,8 @@ def test_verify_flags_arrays_of_the_wrong_shape_or_dtype(corpus: Corpus) -> None
     import shutil
 
     shutil.rmtree(corpus.zarr_path / "faf" / "4x8x8")
-    zarr.create_array(zarr.storage.LocalStore(corpus.zarr_path), name="faf/4x8x8", shape=(2, 4, 9), dtype="uint16")
+    zarr.create_array(zarr.storage.LocalStore(corpus.zarr_path), name="faf/4x8x8", shape=(2, 4, 9),
+                      dtype="uint16")[:] = 1  # written: a missing shard file would be reported as such
     problems = Corpus.open(corpus.path).verify()
     assert any("faf/4x8x8: array is uint16(2, 4, 9), expected uint8[N, (4, 8)]" in p for p in problems)
     assert any("faf/4x8x8/c/0/0/0: sample a: 'faf' is uint16(4, 9)" in p for p in problems)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,9 +43,13 @@ def test_resume_after_the_driver_died(train_corpus: Path, tmp_path: Path) -> Non
     assert driver.poll() is None and checkpointed >= 8, "the driver finished or never checkpointed"
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
+    registered = sorted(p.name for p in (storage / "driver").glob("checkpoint_*"))
+    stray = storage / "driver" / "checkpoint_2000-01-01_00-00-00.000000"  # uploaded, never registered
+    shutil.copytree(storage / "driver" / registered[-1], stray)
     resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((storage / "driver" / "summary.json").read_text())
     assert summary["steps"] == 40
     steps = [json.loads(line)["step"] for line in (storage / "driver" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))  # replayed steps replaced, none missing, none twice
+    assert not stray.exists()  # pruned at resume; Ray's own num_to_keep handles the registered ones

@@ -9,7 +9,9 @@ same descriptor (writers replace shard files atomically, so index and chunk come
 reused buffer, check a crc32c when the chain has one, zstd-decode into the output array; a sample's arrays
 are read concurrently (``ChunkReader.read``). Everything else (another codec chain, a
 missing shard file, any I/O or decode failure) returns None and the caller takes the Zarr path, which gives
-the same arrays and raises the errors; a missing chunk inside a shard is the fill value, as in Zarr.
+the same arrays and raises the errors; a missing chunk inside a shard is the fill value, as in Zarr. Zarr
+also reads a missing shard *file* as the fill value, so ``shard_present`` tells the caller whether one is
+there (checked once per file, and again whenever this reader finds it gone).
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class ChunkReader:
     def __init__(self, max_indexes: int = INDEX_CACHE) -> None:
         self._indexes: OrderedDict[str, tuple[tuple[int, int, int], np.ndarray]] = OrderedDict()
         self._layouts: dict[str, tuple[zarr.Array, ShardLayout | None]] = {}
+        self._present: set[str] = set()  # shard files seen to exist (a read that finds one gone drops it)
         self._zstd = Zstd()
         self._lock = threading.Lock()  # the caches may be shared by a caller's threads
         self._local = threading.local()  # per thread: the buffer chunk bytes are read into
@@ -145,6 +148,16 @@ class ChunkReader:
         if cached is None or cached[0] is not arr:
             cached = self._layouts[name] = (arr, layout_of(arr))
         return cached[1]
+
+    def shard_present(self, path: str) -> bool:
+        """Whether the shard file ``path`` exists: a stat the first time, a set lookup after that."""
+        if path in self._present:
+            return True
+        if not os.path.isfile(path):
+            return False
+        with self._lock:
+            self._present.add(path)
+        return True
 
     def read(self, requests: list[tuple[str | Path, ShardLayout | None, int]]) -> list[np.ndarray | None]:
         """Slots of arrays, each request ``(array_dir, layout, slot)``; None where the caller must use Zarr.
@@ -188,7 +201,8 @@ class ChunkReader:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
-            return None  # no shard file: Zarr's fill value, or an error, is the Zarr path's to give
+            self._present.discard(path)  # gone (or unreadable): the caller checks again before Zarr
+            return None
         try:
             stat = os.fstat(fd)
             entries = self._index(fd, path, (stat.st_ino, stat.st_mtime_ns, stat.st_size), layout)

@@ -16,6 +16,7 @@ The cost here is one copy of at most one shard per array per append.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -29,29 +30,39 @@ from octssl.fsutil import atomic_write
 
 JOURNAL_DIR = ".journal"
 LOCK_NAME = ".lock"
+_BY_HAND = ("run `octssl verify` on the corpus: if it reports no damaged volume, delete the corpus's "
+            f"{JOURNAL_DIR} folder by hand; otherwise restore the corpus from a backup")
 
 
 class WriterLock:
-    """An exclusive, non-blocking ``flock`` on ``<corpus>/.lock``; the kernel drops it if the writer dies."""
+    """An exclusive, non-blocking ``flock`` on the corpus directory itself; the kernel drops it if the writer dies.
+
+    The directory, unlike a lock file, cannot be unlinked and recreated under a writer (a deleted lock file
+    would let a second writer in). ``<corpus>/.lock`` only tells who holds the lock, for the error message.
+    """
 
     def __init__(self, corpus_dir: Path) -> None:
+        self.dir = corpus_dir
         self.path = corpus_dir / LOCK_NAME
         self._fd: int | None = None
 
     def acquire(self) -> WriterLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            try:
+                holder = self.path.read_text(errors="replace").strip()[:32] or "unknown"
+            except OSError:
+                holder = "unknown"
             raise CorpusError(
                 f"{self.path}: another writer (pid {holder}) is appending to this corpus; "
                 "wait for it to finish (appends are not concurrent)"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
+        with contextlib.suppress(OSError):  # a read-only corpus can still be locked by a reader
+            self.path.write_text(str(os.getpid()))
         return self
 
     def try_acquire(self) -> bool:
@@ -64,7 +75,8 @@ class WriterLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            with contextlib.suppress(OSError):
+                self.path.unlink()
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -117,6 +129,13 @@ class Journal:
         self.state["arrays"][array_path] = entry
         self._save()  # write-ahead: recorded before the array is touched
 
+    def owned(self) -> bool:
+        """Whether the journal on disk is still this append's (nobody removed or replaced it)."""
+        try:
+            return json.loads((self.dir / "journal.json").read_text())["token"] == self.state.get("token")
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
     def finish(self) -> None:
         """Drop the journal after the manifest committed."""
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -127,7 +146,12 @@ class Journal:
             if self.dir.exists():
                 shutil.rmtree(self.dir)  # crashed before the journal was written: nothing touched
             return "none"
-        self.state = json.loads((self.dir / "journal.json").read_text())
+        path = self.dir / "journal.json"
+        try:
+            self.state = json.loads(path.read_text())
+            self.state["token"], self.state["arrays"].items()
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CorpusError(f"{path}: unreadable journal of an interrupted append ({err}); {_BY_HAND}") from None
         if self.state["token"] == committed_token:
             self._drop_partials()
             self.finish()
@@ -137,6 +161,7 @@ class Journal:
 
     def rollback(self) -> None:
         """Restore every array to its state before the append (idempotent: safe to rerun after a crash)."""
+        missing: list[Path] = []
         for array_path, entry in self.state["arrays"].items():
             array_dir = self.zarr_dir / array_path
             if entry["created"]:
@@ -149,8 +174,16 @@ class Journal:
                     if shard_dir.name.isdigit() and int(shard_dir.name) >= first_new_shard:
                         shutil.rmtree(shard_dir, ignore_errors=True)
             for rel in entry["backups"]:
-                _restore(self.dir / "files" / rel, self.zarr_dir / rel)
+                backup = self.dir / "files" / rel
+                if not backup.is_file():
+                    missing.append(backup)
+                    continue
+                _restore(backup, self.zarr_dir / rel)
         self._drop_partials()
+        if missing:
+            raise CorpusError(f"{missing[0]}: backup of the interrupted append is missing"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, so the append "
+                              f"cannot be undone automatically; {_BY_HAND}")
         self.finish()
 
     def _drop_partials(self) -> None:

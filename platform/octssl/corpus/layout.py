@@ -95,6 +95,14 @@ def prepared_sample(sample: dict[str, Any], where: str) -> tuple[dict[str, np.nd
     missing = [k for k in REQUIRED_META if meta.get(k) is None]
     if missing:
         raise SampleError(f"{at}: meta lacks {missing}")
+    for key in ("patient", "device", "scan_pattern"):
+        if not isinstance(meta[key], str) or not meta[key].strip():
+            raise SampleError(f"{at}: meta {key!r} must be a non-empty string, got {meta[key]!r}")
+    visit = meta["visit"]
+    if isinstance(visit, bool) or not isinstance(visit, (int, np.integer)) or not 0 <= visit < 2**31:
+        raise SampleError(f"{at}: meta 'visit' must be an integer in 0..2**31-1, got {visit!r}")
+    meta["visit"] = int(visit)
+    meta["acquired"] = _acquired_day(meta.get("acquired"), at)
     if meta["eye"] not in mf.EYES:
         raise SampleError(f"{at}: meta 'eye' is {meta['eye']!r}, expected one of {mf.EYES}")
     if meta.get("split") is not None and meta["split"] not in mf.SPLITS:
@@ -107,3 +115,17 @@ def prepared_sample(sample: dict[str, Any], where: str) -> tuple[dict[str, np.nd
         raise SampleError(f"{at}: 'oct' has an empty axis, shape {np.shape(sample[VOLUME_KEY])}")
     arrays = {k: to_uint8(k, np.asarray(sample[k]), at) for k in ARRAY_KEYS if k in sample}
     return arrays, meta
+
+
+def _acquired_day(value: object, at: str) -> dt.date | None:
+    """``meta["acquired"]`` as a date: None, a date, a datetime or an ISO ``YYYY-MM-DD...`` string."""
+    if value is None or (isinstance(value, dt.date) and not isinstance(value, dt.datetime)):
+        return value
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value[:10])
+        except ValueError:
+            pass
+    raise SampleError(f"{at}: meta 'acquired' must be a real date (YYYY-MM-DD) or None, got {value!r}")

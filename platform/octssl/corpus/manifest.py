@@ -115,6 +115,8 @@ def settings_of(table: pa.Table) -> dict[str, Any]:
     """The corpus settings stored in the manifest's schema metadata (defaults for absent keys)."""
     raw = (table.schema.metadata or {}).get(b"octssl")
     stored = json.loads(raw) if raw else {}
+    if not isinstance(stored, dict):
+        raise TypeError(f"expected a JSON object, got {type(stored).__name__}")
     return {**DEFAULT_SETTINGS, **stored}
 
 
@@ -141,7 +143,11 @@ def read_manifest(path: Path) -> pa.Table:
     problems = schema_problems(table, path)
     if problems:
         raise CorpusError("; ".join(problems))
-    return with_settings(table.select(SCHEMA.names), settings_of(table))
+    try:
+        settings = settings_of(table)
+    except (ValueError, TypeError) as err:
+        raise CorpusError(f"{path}: corpus settings (Parquet schema metadata 'octssl') are unreadable: {err}") from None
+    return with_settings(table.select(SCHEMA.names), settings)
 
 
 def with_optional_columns(table: pa.Table) -> pa.Table:

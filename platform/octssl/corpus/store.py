@@ -13,8 +13,10 @@ commit point; see ``octssl.corpus.journal`` for how a crashed append is undone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,6 +33,12 @@ from octssl.corpus.journal import Journal, WriterLock
 from octssl.corpus.layout import ZARR_NAME, array_path, meta_of, present, slot
 from octssl.errors import CorpusError
 from octssl.sample import MASKS, VOLUME_KEY
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_sha256(shape: tuple[int, ...]) -> str:
+    """The manifest digest of an all-zero uint8 array of ``shape``."""
+    return hashlib.sha256(bytes(math.prod(shape))).hexdigest()
 
 
 class Corpus:
@@ -64,9 +72,14 @@ class Corpus:
             raise CorpusError(f"{path}: a corpus already exists here")
         if len(split_ratios) != 3 or min(split_ratios) < 0 or sum(split_ratios) <= 0:
             raise CorpusError(f"{path}: split_ratios must be 3 non-negative numbers, got {split_ratios}")
+        if path.exists() and not path.is_dir():
+            raise CorpusError(f"{path}: is a file, not a folder for a corpus")
         path.mkdir(parents=True, exist_ok=True)
         with WriterLock(path):
-            zarr.open_group(LocalStore(path / ZARR_NAME), mode="w", zarr_format=3)
+            # Again under the lock: another creator may have committed since the check above.
+            if (path / mf.MANIFEST_NAME).exists() or (path / ZARR_NAME).exists():
+                raise CorpusError(f"{path}: a corpus already exists here")
+            zarr.open_group(LocalStore(path / ZARR_NAME), mode="w-", zarr_format=3)
             settings = {"split_ratios": list(split_ratios), "shard_bytes": int(shard_bytes),
                         "fraction_seed": int(fraction_seed)}
             table = mf.empty_table(settings)
@@ -82,7 +95,9 @@ class Corpus:
         if not (path / ZARR_NAME / "zarr.json").is_file():
             raise CorpusError(f"{path / ZARR_NAME}: missing (a corpus needs manifest.parquet and volumes.zarr)")
         journal = Journal(path, path / ZARR_NAME)
-        if journal.pending:
+        # Undo an interrupted append when no writer is active; a reader without write access reads the
+        # committed rows as they are and leaves recovery to the next writer.
+        if journal.pending and os.access(path, os.W_OK):
             lock = WriterLock(path)
             if lock.try_acquire():
                 try:
@@ -215,6 +230,10 @@ class Corpus:
             arrays.append(arr.async_array)
             requests.append((where, self._chunks.layout(where, arr), index))
         results = {key: data for key, data in zip(keys, self._chunks.read(requests), strict=True) if data is not None}
+        for key, (where, layout, index), stored, (grid, _) in zip(keys, requests, arrays, slots, strict=True):
+            if key not in results:  # Zarr would read a missing shard file as zeros: refuse that here
+                path = layout.shard_path(where, index) if layout else str(self.shard_file(key, grid, index))
+                self._check_shard_file(key, row, path, stored.shape[1:])
 
         async def fetch(chosen: list[int]) -> list[Any]:
             return await asyncio.gather(*(arrays[i].getitem(slots[i][1]) for i in chosen), return_exceptions=True)
@@ -232,6 +251,15 @@ class Corpus:
                 where = self.shard_file(key, *self.slot(key, row))
                 raise CorpusError(f"{where}: sample {row['id']}: cannot decode '{key}': {result}") from result
         return results
+
+    def _check_shard_file(self, key: str, row: dict[str, Any], path: str, slot_shape: tuple[int, ...]) -> None:
+        """CorpusError unless the shard file holding ``key`` of ``row`` exists, or the row's data is all
+        zeros (Zarr stores no chunk, and no file, for a slot that holds only the fill value)."""
+        if self._chunks.shard_present(path) or row["sha256"].get(key) == _zeros_sha256(tuple(slot_shape)):
+            return
+        raise CorpusError(f"{path}: sample {row['id']}: shard file holding '{key}' is missing (deleted, or "
+                          "never copied or synced); restore it from a backup or re-ingest (octssl verify lists "
+                          "every volume affected)")
 
     def read(self, sample_id: str, *, verify: bool = False, localizer: bool = False) -> dict[str, Any]:
         """The sample dict of ``sample_id`` (uint8 arrays, ``meta`` from the manifest).
@@ -274,13 +302,17 @@ class Corpus:
                 writer = AppendWriter(self, journal, hook=self._hook)
                 rows = writer.write_all(samples, progress=progress)
                 self._hook("written")
+                if not journal.owned():
+                    raise CorpusError(f"{journal.dir}: the journal of this append was removed or replaced by "
+                                      "another process; the append is abandoned, nothing was committed")
                 settings = {**self.settings, "append_token": token, "format": mf.FORMAT_VERSION}
                 table = pa.concat_tables([self._table, mf.rows_table(rows, settings)]).replace_schema_metadata(
                     mf.with_settings(self._table.slice(0, 0), settings).schema.metadata
                 )
                 mf.write_manifest(table, self.manifest_path)
             except BaseException:
-                journal.rollback()
+                if journal.owned():  # never undo with another process's journal
+                    journal.rollback()
                 self._arrays.clear()
                 raise
             self._hook("committed")

@@ -11,7 +11,6 @@ that has a native localizer; volumes of one grid may have localizers of several 
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -171,11 +170,7 @@ class AppendWriter:
 
 def _row(sid: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], split: str, grid: str,
          index: int) -> dict[str, Any]:
-    acquired = meta.get("acquired")
-    if isinstance(acquired, str):
-        acquired = dt.date.fromisoformat(acquired[:10])
-    elif isinstance(acquired, dt.datetime):
-        acquired = acquired.date()
+    acquired = meta.get("acquired")  # a date or None (checked by prepared_sample)
     raster = bool(meta.get("raster", True))
     return {
         "id": sid,

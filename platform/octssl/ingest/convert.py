@@ -9,6 +9,7 @@ the stored B-scans (``positions_mm``, moved onto the grid for raster volumes).
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 from octssl.errors import IngestError, OctsslError
 from octssl.ingest import detect
 from octssl.ingest.grid import DEPTH_WINDOW_MM, grid_positions, localizer_trace, to_grid
-from octssl.ingest.phi import pseudonym
+from octssl.ingest.phi import pseudonym, visit_pseudonym
 from octssl.ingest.scan import NOT_RASTER_REASON, Scan
 from octssl.sample import validate_sample
 
@@ -105,17 +106,18 @@ def to_record(
         spacing = (scan.spacing_mm[2], scan.spacing_mm[1], scan.spacing_mm[2])
         slo = None if trace is None else np.clip(np.rint(trace), 0, 255).astype(np.uint8)
         positions = scan.positions_mm
-    patient_key = scan.device_patient_id or f"source:{source}"
+    acquired = real_day(scan.acquired, where)
+    patient = pseudonym(scan.device_patient_id or f"source:{source}", key)
     meta = {
-        "patient": pseudonym(patient_key, key),
+        "patient": patient,
         "eye": scan.laterality,
-        "visit": int(scan.acquired.replace("-", "")) if scan.acquired else 0,  # YYYYMMDD of the visit
+        "visit": visit_pseudonym(patient, acquired, key),
         "device": scan.device,
         "scan_pattern": scan.scan_pattern,
         "spacing_mm": [float(v) for v in spacing],
         "raster": scan.raster,
         "source": source,
-        "acquired": scan.acquired,
+        "acquired": acquired,
         "raster_reason": None if scan.raster else NOT_RASTER_REASON[scan.scan_pattern],
     }
     sample: dict[str, Any] = {"id": sample_id, "oct": np.ascontiguousarray(volume, dtype=np.uint8), "meta": meta}
@@ -126,6 +128,16 @@ def to_record(
         return Record(sample=sample)
     return Record(sample=sample, localizer=scan.localizer, localizer_spacing_mm=scan.localizer_spacing_mm,
                   positions_mm=positions)
+
+
+def real_day(day: str | None, where: str) -> str | None:
+    """``day`` ('YYYY-MM-DD' or None) when it is a date that exists; IngestError otherwise."""
+    if day is None:
+        return None
+    try:
+        return dt.date.fromisoformat(day).isoformat()
+    except (TypeError, ValueError):
+        raise IngestError(f"{where}: acquisition date {day!r} is not a real date") from None
 
 
 def convert_unit(
@@ -149,7 +161,7 @@ def convert_unit(
             for scan in scans
         ]
     except OctsslError as err:
-        result.reason = _strip(str(err), path)
+        result.reason = strip_path(str(err), path)
     except Exception as err:  # noqa: BLE001 - a reader bug on one odd file must not stop the ingest
         result.reason = f"reader failed ({type(err).__name__}: {' '.join(str(err).split())[:300]})"
     if result.reason is not None:
@@ -157,7 +169,7 @@ def convert_unit(
     return result
 
 
-def _strip(message: str, path: str) -> str:
+def strip_path(message: str, path: str) -> str:
     """The reason without the unit's path (kept: a file inside a stack folder, named relative to it)."""
     if message.startswith(path + ": "):
         return message[len(path) + 2 :]

@@ -10,9 +10,14 @@ extension is found by its preamble.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from octssl.errors import IngestError
 
@@ -42,12 +47,8 @@ def detect_format(path: Path) -> str:
     if path.is_dir():
         stack_sidecar(path)  # raises with the reason when the folder is not a valid stack
         return STACK
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(_HEAD)
-    except OSError as err:
-        raise IngestError(f"{path}: cannot read ({err.strerror})") from err
+    with open_regular(path) as (handle, size):
+        head = handle.read(min(_HEAD, size))
     if size == 0:
         raise IngestError(f"{path}: empty file (0 bytes)")
     found = sniff(head)
@@ -58,6 +59,36 @@ def detect_format(path: Path) -> str:
             "'HSF-OCT-'/'CMDb', Topcon 'FOCT' or DICOM 'DICM' header)"
         )
     return found
+
+
+@contextmanager
+def open_regular(path: Path) -> Iterator[tuple[BinaryIO, int]]:
+    """``(handle, size)`` of ``path`` opened for reading, when it is a regular file (after symlinks);
+    IngestError naming what it is otherwise. Opening never blocks (a FIFO is refused, not waited on) and
+    callers read at most ``size`` bytes (a device file such as /dev/zero never ends)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise IngestError(f"{path}: {_os_reason(err, path)}") from None
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise IngestError(f"{path}: not a regular file ({_kind(mode)}); only regular files are read")
+        yield handle, os.fstat(fd).st_size
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
+def _os_reason(err: OSError, path: Path) -> str:
+    if err.errno == errno.ELOOP:
+        return "symlink loop (the link points back at itself)"
+    if err.errno == errno.ENOENT and path.is_symlink():
+        return f"broken symlink (to {os.readlink(path)})"
+    return f"cannot read ({err.strerror})"
 
 
 def stack_sidecar(folder: Path) -> Path:
@@ -77,52 +108,79 @@ def _is_stack(folder: Path, names: list[str]) -> bool:
 
 
 def discover(sources: list[Path]) -> list[Path]:
-    """Ingest units under ``sources``, sorted and unique.
+    """Ingest units under ``sources``, sorted and unique (what :func:`find_units` rejects is dropped)."""
+    return find_units(sources)[0]
+
+
+def find_units(sources: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Ingest units under ``sources`` (sorted, unique) and ``(path, reason)`` for what cannot be one.
 
     Paths named directly are always units. Walking a folder, a sub-folder with a JSON sidecar and images
     is one stack unit; other files are units when their extension is a device one or their magic bytes
-    are recognised (so README/LICENSE files beside the data are not reported as rejects).
+    are recognised (so README/LICENSE files beside the data are not reported as rejects). Rejected with a
+    reason: symlink loops and broken links, FIFOs and device files named like scans, unreadable folders.
     """
     units: set[Path] = set()
+    rejects: list[tuple[str, str]] = []
+
+    def unreadable(err: OSError) -> None:
+        rejects.append((str(err.filename), f"cannot read folder ({err.strerror})"))
+
     for source in sources:
         source = Path(source)
-        if not source.exists():
+        if not source.exists() and not source.is_symlink():
             raise IngestError(f"{source}: no such file or folder")
-        if source.is_file():
-            units.add(source.resolve())
-            continue
-        for root, dirs, files in os.walk(source):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            folder = Path(root)
-            if _is_stack(folder, files):
-                units.add(folder.resolve())
-                dirs[:] = []
-                continue
-            for name in files:
-                if name.startswith("."):
+        if source.is_dir():
+            for root, dirs, files in os.walk(source, onerror=unreadable):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                folder = Path(root)
+                if _is_stack(folder, files):
+                    units.add(folder.resolve())
+                    dirs[:] = []
                     continue
-                path = folder / name
-                if path.suffix.lower() in DEVICE_SUFFIXES or _sniff_file(path) is not None:
-                    units.add(path.resolve())
-    return sorted(units)
+                for name in files:
+                    if not name.startswith("."):
+                        _classify(folder / name, named=False, units=units, rejects=rejects)
+        else:
+            _classify(source, named=True, units=units, rejects=rejects)
+    return sorted(units), sorted(rejects)
+
+
+def _classify(path: Path, named: bool, units: set[Path], rejects: list[tuple[str, str]]) -> None:
+    """Add ``path`` to ``units`` or ``rejects``, or leave it (a file beside the data, not named directly)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        rejects.append((str(path), _os_reason(err, path)))
+        return
+    device = named or path.suffix.lower() in DEVICE_SUFFIXES
+    if not stat.S_ISREG(mode):
+        if device:
+            rejects.append((str(path), f"not a regular file ({_kind(mode)}); only regular files are read"))
+        return
+    if device or _sniff_file(path) is not None:
+        units.add(path.resolve())
 
 
 def _sniff_file(path: Path) -> str | None:
     try:
-        with open(path, "rb") as handle:
-            return sniff(handle.read(_HEAD))
-    except OSError:
+        with open_regular(path) as (handle, size):
+            return sniff(handle.read(min(_HEAD, size)))
+    except IngestError:
         return None
 
 
 def content_hash(path: Path) -> str:
-    """sha256 of a file's bytes, or of a stack folder's (name, bytes) pairs in name order."""
+    """sha256 of a file's bytes, or of a stack folder's (name, bytes) pairs in name order; IngestError when
+    a file (or any entry of the folder) is not a regular file. Reads at most each file's size."""
     digest = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.iterdir() if not p.is_dir()) if path.is_dir() else [path]
     for file in files:
         if path.is_dir():
             digest.update(file.name.encode("utf-8") + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
+        with open_regular(file) as (handle, size):
+            left = size
+            while left and (block := handle.read(min(left, 1 << 20))):
                 digest.update(block)
+                left -= len(block)
     return digest.hexdigest()

@@ -40,3 +40,12 @@ def pseudonym(device_patient_id: str, key: bytes) -> str:
     """Keyed, stable pseudonym of a device patient id (no way back without the key)."""
     digest = hmac.new(key, device_patient_id.strip().encode("utf-8"), hashlib.sha256).hexdigest()
     return "p" + digest[:24]
+
+
+def visit_pseudonym(patient: str, day: str | None, key: bytes) -> int:
+    """The manifest ``visit`` of a patient's acquisition day: a keyed number in 1..2**31-1 (0 when the day is
+    unknown). The same patient and day give the same visit; without the key no number leads back to a day."""
+    if day is None:
+        return 0
+    digest = hmac.new(key, f"visit:{patient}:{day}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") % (2**31 - 1) + 1

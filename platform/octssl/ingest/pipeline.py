@@ -12,6 +12,7 @@ already there (``RAY_ADDRESS`` set, or ``ray.init`` done in this process), else 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -23,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from octssl import progress as progress_display
-from octssl.errors import IngestError, SampleError
+from octssl.errors import IngestError, OctsslError, SampleError
 from octssl.ingest import sink
-from octssl.ingest.convert import Record, UnitResult, convert_unit
-from octssl.ingest.detect import content_hash, discover
+from octssl.ingest.convert import Record, UnitResult, convert_unit, strip_path
+from octssl.ingest.detect import content_hash, find_units
 from octssl.ingest.grid import DEPTH_WINDOW_MM
 from octssl.ingest.phi import EPHEMERAL_WARNING, load_key
 
@@ -76,11 +77,16 @@ def ingest(
     key, ephemeral = load_key(ephemeral_key)  # refuse before touching anything
     if ephemeral:
         logger.warning(EPHEMERAL_WARNING)
-    units = discover([Path(s) for s in sources])
+    if not (math.isfinite(depth_mm) and depth_mm > 0):
+        raise IngestError(f"--depth-mm {depth_mm}: the depth window must be a positive number of mm (default "
+                          f"{DEPTH_WINDOW_MM})")
+    if batch_size < 1:
+        raise IngestError(f"--batch-size {batch_size}: must be at least 1")
+    units, unusable = find_units([Path(s) for s in sources])
     out = Path(out)
     corpus = sink.open_corpus(out)
     known = sink.ingested_sources(corpus)
-    report = IngestReport(corpus=str(out), units=len(units), ephemeral_key=ephemeral)
+    report = IngestReport(corpus=str(out), units=len(units) + len(unusable), ephemeral_key=ephemeral)
     batch: list[Record] = []
     rejects: list[tuple[str, str, str]] = []
     taken: set[str] = set()
@@ -96,6 +102,8 @@ def ingest(
         batch.clear()
         sink.record_rejects(out, rejects)
 
+    for path, reason in unusable:
+        reject(path, "", reason)
     workers = max(1, workers or os.cpu_count() or 1)
     with _executor(min(workers, max(1, len(units)))) as (submit, kind), progress_display.stage("ingest", len(units), progress) as tick:
         report.executor = kind
@@ -111,8 +119,9 @@ def ingest(
                 if stage == "hash":
                     try:
                         sha = future.result()
-                    except OSError as err:
-                        reject(path, "", f"cannot read ({err})")
+                    except (OSError, OctsslError) as err:
+                        reject(path, "", strip_path(str(err), path) if isinstance(err, OctsslError)
+                               else f"cannot read ({err})")
                         tick()
                         continue
                     if sha in known or sha in taken:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from octssl.errors import IngestError
-from octssl.ingest.detect import IMAGE_SUFFIXES, stack_sidecar
+from octssl.ingest.detect import IMAGE_SUFFIXES, open_regular, stack_sidecar
 from octssl.ingest.scan import LINE, RASTER, SCAN_PATTERNS, Scan, day, normalise_laterality
 
 DEVICE = "generic B-scan stack"
@@ -41,7 +41,7 @@ def _image(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with open_regular(path) as (handle, _), Image.open(handle) as image:
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(image, dtype=np.float32) * (255.0 / 65535.0)
                 return np.clip(np.rint(array), 0, 255).astype(np.uint8)
@@ -54,7 +54,8 @@ def read_stack(folder: Path) -> list[Scan]:
     """Read a stack folder (see the module docstring for the sidecar)."""
     sidecar_path = stack_sidecar(folder)
     try:
-        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        with open_regular(sidecar_path) as (handle, size):
+            sidecar = json.loads(handle.read(size).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise IngestError(f"{sidecar_path}: invalid JSON sidecar ({err})") from err
     for key in ("spacing_mm", "laterality"):

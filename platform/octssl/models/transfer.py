@@ -94,6 +94,10 @@ def load_weights(model: nn.Module, path: str | Path, scope: str = "all") -> list
     if problems:
         raise ModelError(f"{path}: weights do not fit {getattr(model, 'name', type(model).__name__)} "
                          f"(scope={scope}), {len(problems)} problems: " + "; ".join(problems))
+    broken = [k for k in own if tensors[k].is_floating_point() and not bool(torch.isfinite(tensors[k]).all())]
+    if broken:
+        raise ModelError(f"{path}: weights hold NaN or inf in {len(broken)} tensors ({', '.join(broken[:5])}"
+                         f"{', ...' if len(broken) > 5 else ''}); a diverged run's weights cannot be an init")
     with torch.no_grad():
         for key, value in own.items():
             value.copy_(tensors[key].to(dtype=value.dtype))

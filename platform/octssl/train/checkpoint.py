@@ -2,8 +2,10 @@
 
 A checkpoint directory holds DeepSpeed's files under the tag ``state`` (model, optimiser, LR schedule;
 ZeRO shards from every rank, merged by Ray Train) and ``trainer_rank{r}.json`` per rank. RNG states are
-stored as base64 bytes in JSON: nothing here is ever unpickled except by DeepSpeed's own loader.
-Exported weights are safetensors plus a ``model.json`` model card.
+stored as base64 bytes in JSON. DeepSpeed's own files are pickles: on resume they are loaded
+``weights_only`` (tensors, plain containers and the three DeepSpeed state classes of ``SAFE_GLOBALS``), so a
+tampered checkpoint directory is refused instead of running code. Exported weights are safetensors plus a
+``model.json`` model card.
 """
 
 from __future__ import annotations
@@ -11,17 +13,79 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from octssl.errors import CheckpointError
 from octssl.fsutil import atomic_write
 from octssl.train.state import RunState
 
 TAG = "state"
+#: What DeepSpeed 0.19 pickles besides tensors and plain containers (ZeRO stages 0-3, SGD/AdamW, loss scaling).
+SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def load_checkpoint(engine: Any, ckpt_dir: Path) -> None:
+    """``engine.load_checkpoint(ckpt_dir, tag=TAG)`` with every file unpickled ``weights_only`` under the
+    SAFE_GLOBALS allow-list; CheckpointError naming the file when one holds anything else (code to run)."""
+    loader = engine.checkpoint_engine
+    allowed = [_resolve(name) for name in SAFE_GLOBALS]
+
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as err:
+                why = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), str(err)[:200])
+                raise CheckpointError(f"{path}: refused: holds more than tensors and DeepSpeed's state ({why}); "
+                                      "the checkpoint may have been tampered with") from None
+            except (RuntimeError, EOFError, OSError) as err:
+                raise CheckpointError(f"{path}: unreadable checkpoint file ({err})") from None
+
+    loader.load = load  # shadows the class's torch.load(weights_only=False) for this load only
+    try:
+        engine.load_checkpoint(str(ckpt_dir), tag=TAG)
+    finally:
+        del loader.load
+
+
+def prune_unregistered(run_dir: Path) -> list[Path]:
+    """Delete the ``checkpoint_*`` folders of RUN_DIR that Ray's checkpoint manager never registered (a
+    driver killed between a checkpoint's upload and its registration leaves one, which Ray then never
+    deletes); returns them. Call it only while no run writes to RUN_DIR (before resuming). An unreadable
+    manager snapshot leaves everything in place."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        state = json.loads(snapshot.read_text())
+    except FileNotFoundError:
+        state = {}
+    except (OSError, ValueError):
+        return []
+    results = [*state.get("checkpoint_results", []), *state.get("pending_training_results", []),
+               state.get("latest_checkpoint_result") or {}]
+    known = {result.get("checkpoint_dir_name") for result in results}
+    stray = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and p.name not in known)
+    for path in stray:
+        shutil.rmtree(path, ignore_errors=True)
+    return stray
+
+
+def _resolve(name: str) -> Any:
+    import importlib
+
+    module, _, attribute = name.rpartition(".")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def rng_state() -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 from octssl.cluster import require, root_cause
 from octssl.config import JobConfig, dump_config
 from octssl.errors import ConfigError, OctsslError
+from octssl.train import checkpoint as ckpt
 from octssl.train.engine import init_single_process_group, resolve_precision
 from octssl.vocab import VAL, VOLUME
 
@@ -101,6 +102,7 @@ def run(
     _ray_up(config)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.prune_unregistered(run_dir)  # what a killed driver left half-registered
     (run_dir / "config.yaml").write_text(dump_config(config))
     gpu = config.scaling.gpus_per_worker > 0
     resources = {"CPU": config.scaling.cpus_per_worker}

@@ -170,7 +170,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def restore(self, ckpt_dir: Path, *, after_failure: bool = True) -> None:
-        self.engine.load_checkpoint(str(ckpt_dir), tag=ckpt.TAG)
+        ckpt.load_checkpoint(self.engine, ckpt_dir)  # weights_only: a tampered checkpoint cannot run code
         self.state = ckpt.load_state(ckpt_dir, self.ctx.rank)
         self.state.world_size = self.ctx.world_size
         self.data.load_state_dict(self.state.data)

@@ -3,7 +3,7 @@
 A shard ``shard-000000.tar`` holds per sample ``{id}.oct.npy`` (uint8 ``(nB, D, W)``), ``{id}.faf.png``,
 ``{id}.slo.png``, ``{id}.ga.png``, ``{id}.rpd.png`` (8-bit grey PNG; masks keep their 0/1 values) and
 ``{id}.json`` (the manifest fields of the sample dict's ``meta`` and nothing else: no acquisition date, no
-source-file hash, no device identifiers). Any WebDataset reader can consume the tars. Tar headers carry
+source-file hash, no device identifiers; ``visit`` is the visit's ordinal per patient and eye). Any WebDataset reader can consume the tars. Tar headers carry
 fixed owner and mtime, so exporting the same corpus twice gives byte-identical shards.
 
 ``index.json`` records per shard its count, byte size, sha256 and ids, and per sample its shard, byte
@@ -97,6 +97,7 @@ def export_shards(
         raise ShardError(f"{corpus.path}: sample ids {bad[:5]} contain characters other than letters, digits, '_' "
                          "and '-' (a WebDataset key ends at the first dot)")
     rows = {sid: corpus.row(sid) for sid in ids}
+    visits = visit_ordinals(corpus.rows)
     ids.sort(key=lambda sid: _SPLIT_ORDER.get(rows[sid]["split"], 3))  # stable: manifest order within a split
     _prepare_dir(out, overwrite)
 
@@ -109,7 +110,7 @@ def export_shards(
             name = SHARD_PATTERN.format(number)
             chunk = ids[start:start + count]
             start += count
-            entries = _write_shard(corpus, out / name, chunk, rows, advance)
+            entries = _write_shard(corpus, out / name, chunk, rows, visits, advance)
             samples.update(entries)
             shards.append({"name": name, "count": count, "bytes": (out / name).stat().st_size,
                            "sha256": file_sha256(out / name), "ids": chunk})
@@ -128,7 +129,26 @@ def export_shards(
     return index
 
 
+def visit_ordinals(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Per sample id, the ordinal (0, 1, ...) of its visit among its patient's visits of that eye, in order of
+    acquisition day: what shards carry as ``visit``, so that no stored visit number (a day as YYYYMMDD in
+    corpora ingested before visits were pseudonymised) leaves the corpus."""
+    by_eye: dict[tuple[str, str], set[tuple[Any, int]]] = {}
+    for row in rows:
+        by_eye.setdefault((row["patient"], row["eye"]), set()).add(_visit_key(row))
+    order = {eye: {key: n for n, key in enumerate(sorted(keys))} for eye, keys in by_eye.items()}
+    return {row["id"]: order[(row["patient"], row["eye"])][_visit_key(row)] for row in rows}
+
+
+def _visit_key(row: dict[str, Any]) -> tuple[Any, int]:
+    """Sort key of a row's visit: its acquisition day (unknown days last), then the stored visit number."""
+    day = row["acquired"]
+    return (day.toordinal() if day is not None else math.inf, row["visit"])
+
+
 def _prepare_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"{out}: is a file, not a folder for shards")
     if (out / INDEX_NAME).exists() and not overwrite:
         raise ShardError(f"{out}: already holds an export ({INDEX_NAME}); pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +157,8 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
         stale.unlink()
 
 
-def _write_shard(corpus: Any, path: Path, ids: list[str], rows: dict[str, dict], advance: Any) -> dict[str, Any]:
+def _write_shard(corpus: Any, path: Path, ids: list[str], rows: dict[str, dict], visits: dict[str, int],
+                 advance: Any) -> dict[str, Any]:
     """Write one tar under a temporary name, fsync, rename; returns the per-sample index entries."""
     entries: dict[str, dict[str, Any]] = {}
     with atomic_file(path) as handle:
@@ -149,7 +170,8 @@ def _write_shard(corpus: Any, path: Path, ids: list[str], rows: dict[str, dict],
                 for key in ENFACE_KEYS:
                     if key in sample:
                         _add_member(tar, f"{sid}.{key}.png", _png_bytes(sample[key]))
-                _add_member(tar, f"{sid}.json", json.dumps(shard_meta(sample["meta"])).encode())
+                meta = {**shard_meta(sample["meta"]), "visit": visits[sid]}
+                _add_member(tar, f"{sid}.json", json.dumps(meta).encode())
                 digests = rows[sid]["sha256"]
                 entries[sid] = {
                     "shard": path.name, "offset": begin, "size": tar.offset - begin,

@@ -8,24 +8,24 @@ from pathlib import Path
 from typing import Any
 
 from octssl.errors import ShardError
-from octssl.webds.index import INDEX_NAME, file_sha256, load_index
-from octssl.webds.read import decode_sample
+from octssl.webds.index import INDEX_NAME, file_sha256, index_problems, read_index, well_formed_shard
+from octssl.webds.read import decode_sample, read_sample
 
 
 def verify_shards(shards_dir: str | Path) -> list[str]:
     """Every problem of an export in one pass: missing/truncated shards, checksums, counts; each named."""
     root = Path(shards_dir)
     try:
-        index = load_index(root)
+        index = read_index(root)
     except ShardError as err:
         return [str(err)]
-    problems: list[str] = []
-    listed = {shard["name"] for shard in index["shards"]}
+    problems = index_problems(index, root)
+    if not isinstance(index.get("shards"), list) or not isinstance(index.get("samples"), dict):
+        return problems
+    shards = [shard for shard in index["shards"] if well_formed_shard(shard)]
+    listed = {shard["name"] for shard in shards}
     problems += [f"{p}: not listed in {INDEX_NAME}" for p in sorted(root.glob("shard-*.tar")) if p.name not in listed]
-    if sum(shard["count"] for shard in index["shards"]) != index["total"]:
-        problems.append(f"{root / INDEX_NAME}: shard counts sum to "
-                        f"{sum(s['count'] for s in index['shards'])}, total says {index['total']}")
-    for shard in index["shards"]:
+    for shard in shards:
         problems += _shard_problems(root / shard["name"], shard, index["samples"])
     return problems
 
@@ -49,12 +49,23 @@ def _shard_problems(path: Path, shard: dict[str, Any], samples: dict[str, Any]) 
         if sid not in found:
             problems.append(f"{path}: sample {sid}: missing from the tar")
             continue
+        entry = samples.get(sid)
         try:
-            decode_sample(found[sid], sid, samples.get(sid, {}).get("sha256"), str(path))
+            decode_sample(found[sid], sid, entry.get("sha256") if isinstance(entry, dict) else None, str(path))
+            if isinstance(entry, dict) and _usable(entry, shard):  # the reader's way in: the indexed byte range
+                with open(path, "rb") as handle:
+                    read_sample(handle, entry, sid, str(path))
         except ShardError as err:
             problems.append(str(err))
     problems += [f"{path}: sample {sid}: in the tar but not in the index" for sid in found if sid not in shard["ids"]]
     return problems
+
+
+def _usable(entry: Any, shard: dict[str, Any]) -> bool:
+    """Whether an entry's byte range is sane enough to read (index_problems reports it otherwise)."""
+    return (isinstance(entry, dict) and entry.get("shard") == shard["name"]
+            and all(isinstance(entry.get(k), int) and entry[k] >= 0 for k in ("offset", "size"))
+            and entry["offset"] + entry["size"] <= shard["bytes"])
 
 
 def _tar_samples(path: Path, problems: list[str]) -> dict[str, dict[str, memoryview]]:
