@@ -274,8 +274,11 @@ class Worker:
 
     def __init__(self, names: list[str], args: argparse.Namespace) -> None:
         argv = [sys.executable, __file__, "--worker", "--rows", ",".join(names), *sum((["--fault", f] for f in args.fault), [])]
+        # a world of its own: an inherited MASTER_PORT may be the caller's own process group (address in use)
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                                "LOCAL_RANK")}
         self.proc = subprocess.Popen(argv + (["--smoke"] if args.smoke else []), stdout=subprocess.PIPE, text=True,
-                                     start_new_session=True, cwd=common.REPO)
+                                     start_new_session=True, cwd=common.REPO, env=env)
         self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
