@@ -19,7 +19,11 @@ checked against what ``resolve_precision("auto")`` picks for this device.
 Per row: seconds per step (median, min, max over repeats after warm-up, device synchronised), volumes/s,
 peak memory, ratio to (a) and achieved model TFLOP/s (fwd+bwd FLOPs from ``octssl.models.profile``,
 recomputation under checkpointing not counted). A configuration that fails (e.g. out of memory) stays in
-the table as ``failed`` with its error; one not run for lack of time as ``skipped`` with the reason.
+the table as ``failed`` with its error; one not run as ``skipped`` with the reason: half precision on a
+CPU without native bf16 (emulated there, ~100x slower than fp32), or the time budget. Every row is bounded
+by the time left in ``--budget-s``: a row whose earlier comparable rows took longer than what is left is
+not started; a started row times only the repeats its first step says will fit, and one still running at
+the deadline is stopped (between two PyTorch calls) and reported as skipped with what it had measured.
 Writes ``benchmarks/results/step-<device>.json`` and ``.png``.
 """
 
@@ -27,8 +31,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -90,6 +97,51 @@ def _cpu_bf16() -> bool:
     except ImportError:  # an older engine without the check: bf16 is refused on every CPU
         return False
     return cpu_has_native_bf16()
+
+
+def unsupported(cfg: StepConfig, device: torch.device) -> str | None:
+    """Why ``cfg`` is not worth measuring on ``device`` (None: it is)."""
+    if device.type == "cpu" and cfg.precision != "fp32" and not _cpu_bf16():
+        return (f"{cfg.precision} on a CPU without native bf16 (no avx512_bf16/amx_bf16 in /proc/cpuinfo): "
+                "emulated there, ~100x slower than fp32")
+    return None
+
+
+class OutOfTime(BaseException):
+    """The benchmark's time budget ran out inside a row (a BaseException: library code must not swallow it)."""
+
+
+@contextmanager
+def time_limit(deadline: float | None) -> Iterator[None]:
+    """Raise :class:`OutOfTime` in this thread once ``time.monotonic()`` passes ``deadline``.
+
+    A SIGALRM timer, so only in the main thread (elsewhere no limit); the exception is raised between two
+    Python-level calls, i.e. a single long PyTorch call (one backward pass) finishes first.
+    """
+    if deadline is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise OutOfTime("no time left")
+
+    def expire(signum: int, frame: object) -> None:
+        raise OutOfTime("the time budget ran out")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, left)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def repeats_that_fit(first_step_s: float, warmup: int, repeats: int, inner: int, left_s: float) -> int:
+    """How many of ``repeats`` timed repeats (``inner`` steps each, after ``warmup`` untimed steps) fit in
+    ``left_s``, taking the first step's time as every step's (an over-estimate: it includes setup)."""
+    spare = left_s - first_step_s * warmup
+    return max(0, min(repeats, int(spare // (first_step_s * inner))))
 
 
 def check_layout(model: torch.nn.Module, volume: torch.Tensor, channels_last: bool) -> None:
@@ -165,24 +217,35 @@ def build_step(cfg: StepConfig, device: torch.device, crop: tuple[int, int, int]
 
 
 def run_config(cfg: StepConfig, device: torch.device, crop: tuple[int, int, int], gflop: float,
-               warmup: int, repeats: int, inner: int) -> dict[str, Any]:
+               warmup: int, repeats: int, inner: int, deadline: float | None = None) -> dict[str, Any]:
+    """Measure one configuration; stop it (reported as skipped) if it would run past ``deadline``."""
     row: dict[str, Any] = {**asdict(cfg), "label": cfg.label, "crop": list(crop), "status": "ok"}
     keep: list[Any] = []
     step = None
+    began = time.monotonic()
     try:
-        with common.PeakMemory(device) as peak:
+        with time_limit(deadline), common.PeakMemory(device) as peak:
             step, keep = build_step(cfg, device, crop)
             start = time.perf_counter()
             step()  # first step: kernel selection, cuDNN benchmark, compilation
             common.synchronize(device)
             row["first_step_s"] = round(time.perf_counter() - start, 3)
-            timing = common.time_repeats(step, device, warmup=max(0, warmup - 1), repeats=repeats, inner=inner)
+            fit = repeats if deadline is None else repeats_that_fit(
+                row["first_step_s"], max(0, warmup - 1), repeats, inner, deadline - time.monotonic())
+            if fit == 0:
+                raise OutOfTime(f"the first step took {row['first_step_s']:.1f} s: no timed repeat fits in the "
+                                f"{deadline - time.monotonic():.0f} s left")
+            if fit < repeats:
+                row["repeats_cut"] = f"{fit} of {repeats} repeats: the rest would overrun the time budget"
+            timing = common.time_repeats(step, device, warmup=max(0, warmup - 1), repeats=fit, inner=inner)
         row["seconds_per_step"] = timing
         row["volumes_per_s"] = cfg.batch / timing["median"]
         row["volumes_per_s_best"] = cfg.batch / timing["min"]
         row["model_tflop_per_s"] = row["volumes_per_s"] * gflop / 1e3
         row["peak_mib"] = peak.peak_bytes / 2**20
         row["peak_what"] = peak.what
+    except OutOfTime as err:
+        row.update(status="skipped", error=f"stopped after {time.monotonic() - began:.0f} s at the time budget: {err}")
     except Exception as err:  # every failure is a result: reported, never dropped
         row.update(status="failed", error=common.error_text(err))
     finally:  # drop every reference to the model, optimiser and batch before the next configuration
@@ -194,9 +257,22 @@ def run_config(cfg: StepConfig, device: torch.device, crop: tuple[int, int, int]
         if device.type == "cuda":
             torch.cuda.empty_cache()
         common.release_host_memory()
+    row["row_s"] = round(time.monotonic() - began, 1)
     shown = f"{row['volumes_per_s']:.3f} vol/s" if row["status"] == "ok" else row["error"]
     print(f"  {cfg.label:36s} {shown}", flush=True)
     return row
+
+
+def over_budget(cfg: StepConfig, rows: list[dict[str, Any]], deadline: float, budget_s: float) -> str | None:
+    """Why ``cfg`` should not start with the time left (None: start it): the budget is spent, or every
+    earlier measured row at the same batch took longer than what is left."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return f"time budget of {budget_s:.0f} s spent"
+    took = [r["row_s"] for r in rows if r["status"] == "ok" and r["batch"] == cfg.batch and "row_s" in r]
+    if took and min(took) > left:
+        return f"would need ~{min(took):.0f} s (the quickest earlier row at batch {cfg.batch}), {left:.0f} s left"
+    return None
 
 
 def skipped(cfg: StepConfig, crop: tuple[int, int, int], reason: str) -> dict[str, Any]:
@@ -281,29 +357,28 @@ def run(device: torch.device, crop: tuple[int, int, int], batch: int, warmup: in
     deadline = time.monotonic() + budget_s
     rows: list[dict[str, Any]] = []
     print(f"FPN train step at {crop} (nB x D x W) on {env['device']}: {gflop:.1f} GFLOP per volume fwd+bwd")
+
+    def measure(cfg: StepConfig, steps_per_repeat: int) -> dict[str, Any]:
+        reason = unsupported(cfg, device) or over_budget(cfg, rows, deadline, budget_s)
+        if reason:
+            return skipped(cfg, crop, reason)
+        return run_config(cfg, device, crop, gflop, warmup, repeats, steps_per_repeat, deadline)
+
     for cfg in plan(device, batch, compile_gpu):
         if only is not None and cfg.name not in only:
             rows.append(skipped(cfg, crop, "not selected (--only)"))
-        elif time.monotonic() > deadline:
-            rows.append(skipped(cfg, crop, f"time budget of {budget_s:.0f} s spent"))
         else:
-            rows.append(run_config(cfg, device, crop, gflop, warmup, repeats, inner))
+            rows.append(measure(cfg, inner))
     for cfg in batch_sweep(rows, batch, max_batch):
         smaller_failed = any(r["status"] == "failed" and r["checkpointing"] == cfg.checkpointing
                              and r["name"] == cfg.name and r["batch"] < cfg.batch for r in rows)
         if smaller_failed:
             rows.append(skipped(cfg, crop, "a smaller batch already failed"))
-        elif time.monotonic() > deadline:
-            rows.append(skipped(cfg, crop, f"time budget of {budget_s:.0f} s spent"))
         else:  # about as many volumes per timed repeat as at the base batch
-            rows.append(run_config(cfg, device, crop, gflop, warmup, repeats, max(1, inner * batch // cfg.batch)))
+            rows.append(measure(cfg, max(1, inner * batch // cfg.batch)))
     compiled = compile_at_best_batch(rows, batch)
     if compiled is not None:
-        if time.monotonic() > deadline:
-            rows.append(skipped(compiled, crop, f"time budget of {budget_s:.0f} s spent"))
-        else:
-            rows.append(run_config(compiled, device, crop, gflop, warmup, repeats,
-                                   max(1, inner * batch // compiled.batch)))
+        rows.append(measure(compiled, max(1, inner * batch // compiled.batch)))
     add_ratios(rows)
     ok = [r for r in rows if r["status"] == "ok" and r["role"] == "tuned"]
     winner = max(ok, key=lambda r: r["volumes_per_s"]) if ok else None

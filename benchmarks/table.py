@@ -56,6 +56,17 @@ def _step(step: dict[str, Any]) -> tuple[str, str]:
             f"fastest precision/layout = auto policy: {step['policy']['matches']}")
 
 
+def _levers(levers: dict[str, Any]) -> tuple[str, str]:
+    rows = {r["name"]: r for r in levers["rows"] if r["status"] == "ok"}
+    best, engine = levers.get("best") or {}, levers.get("best_octssl_engine") or {}
+    nan = float("nan")
+    return (f"levers{' (smoke)' if levers.get('smoke') else ''}: FPN {'x'.join(map(str, levers['crop']))}",
+            f"paper setup {rows.get('paper', {}).get('volumes_per_s', nan):.1f} vol/s; octssl default "
+            f"x{levers.get('octssl_default_ratio') or nan:.2f}; fastest row `{best.get('name')}` "
+            f"x{best.get('ratio_to_paper') or nan:.2f}; fastest DeepSpeed row `{engine.get('name')}` "
+            f"x{engine.get('ratio_to_paper') or nan:.2f}")
+
+
 def _train(train: dict[str, Any]) -> tuple[str, str]:
     ray = next(a for a in train["arms"] if a["arm"].startswith("ray"))
     return ("train: full stack vs plain loop",
@@ -112,8 +123,8 @@ def _predict(predict: dict[str, Any]) -> tuple[str, str]:
 
 #: result kind (file-name prefix) -> its row; in the order the table lists them
 ROWS: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
-    "step": _step, "train": _train, "scaling": _scaling, "data": _data, "models": _models, "ingest": _ingest,
-    "predict": _predict,
+    "step": _step, "levers": _levers, "train": _train, "scaling": _scaling, "data": _data, "models": _models,
+    "ingest": _ingest, "predict": _predict,
 }
 
 

@@ -92,7 +92,8 @@ def _local_ray(dashboard: bool, worker_logs: bool) -> None:
             os.environ[env] = "1"
 
 
-def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int | None, kind: str) -> None:
+def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int | None, kind: str,
+           dry_run: bool = False) -> None:
     from octssl.config import load_config
     from octssl.train.launch import run
 
@@ -100,6 +101,11 @@ def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int |
         job = load_config(config, overrides)
         if job.kind != kind:
             raise OctsslError(f"{config}: kind is '{job.kind}', not '{kind}': use `octssl {job.kind}`")
+        if dry_run:
+            from octssl.dryrun import job_plan, render
+
+            print(render(job_plan(job), str(config)))
+            return
         summary = run(job, resume=resume, metrics_port=metrics_port)
     except _ERRORS as err:
         _fail(err)
@@ -119,26 +125,27 @@ _RESUME = typer.Option(False, "--resume", help="continue the run named by run.na
 _PORT = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics on PORT+rank per worker")
 _DASHBOARD = typer.Option(False, "--dashboard", help="local Ray only: start Ray's dashboard on 127.0.0.1:8265")
 _WORKER_LOGS = typer.Option(False, "--worker-logs", help="show the Ray workers' output on this terminal")
+_DRY_RUN = typer.Option(False, "--dry-run", help="print the plan (steps, memory, wall time); train nothing")
 
 
 @app.command()
 def pretrain(
     config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT,
-    dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS,
+    dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN,
 ) -> None:
     """Self-supervised pretraining (reconstruct FAF or SLO from OCT) under Ray Train + DeepSpeed."""
     _local_ray(dashboard, worker_logs)
-    _train(config, set_, resume, metrics_port, "pretrain")
+    _train(config, set_, resume, metrics_port, "pretrain", dry_run)
 
 
 @app.command()
 def finetune(
     config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT,
-    dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS,
+    dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN,
 ) -> None:
     """Fine-tune for GA/RPD segmentation at a label fraction, from scratch or pretrained weights."""
     _local_ray(dashboard, worker_logs)
-    _train(config, set_, resume, metrics_port, "finetune")
+    _train(config, set_, resume, metrics_port, "finetune", dry_run)
 
 
 _RUN_DIR = typer.Argument(..., help="a training run directory (metrics.jsonl, val.jsonl)")
@@ -530,12 +537,17 @@ def _print_tables(summary: dict) -> None:
 
 @app.command()
 def sweep(config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET, dashboard: bool = _DASHBOARD,
-          worker_logs: bool = _WORKER_LOGS) -> None:
+          worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN) -> None:
     """Fine-tune every task x label fraction x init x model with Ray Tune (ASHA), test the best, report."""
     from octssl.tune.sweep import load_sweep_config, run_sweep
 
     _local_ray(dashboard, worker_logs)
     try:
+        if dry_run:
+            from octssl.dryrun import render, sweep_plan
+
+            print(render(sweep_plan(load_sweep_config(config, set_)), str(config)))
+            return
         summary = run_sweep(load_sweep_config(config, set_))
     except _ERRORS as err:
         _fail(err)

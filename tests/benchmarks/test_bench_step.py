@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 
 import pytest
@@ -84,3 +85,40 @@ def test_gpu_batch_sweep_doubles_the_eager_path_and_compiles_once_at_its_best_ba
     assert again is not None and again.compile and again.batch == 32 and again.name == "octssl+compile"
     rows[1]["volumes_per_s"] = 80.0  # compiling lost at the base batch: not tried again
     assert bench_step.compile_at_best_batch(rows, base=8) is None
+
+
+def test_half_precision_rows_are_skipped_with_the_reason_on_a_cpu_without_native_bf16(monkeypatch) -> None:
+    monkeypatch.setattr(bench_step, "_cpu_bf16", lambda: False)
+    result = bench_step.run(CPU, TINY, batch=1, warmup=1, repeats=1, inner=1, max_batch=0, compile_gpu=False,
+                            budget_s=60, only={"plain bf16 default", "plain bf16 cl"})
+    half = [r for r in result["rows"] if r["precision"] == "bf16"]
+    assert [r["label"] for r in half] == ["plain bf16 default b1", "plain bf16 cl b1"]
+    assert all(r["status"] == "skipped" and "without native bf16" in r["error"] for r in half)
+    fp32 = bench_step.StepConfig("paper", "baseline", "plain", "fp32", False, False, False, 1)
+    assert bench_step.unsupported(fp32, CPU) is None
+
+
+def test_a_row_is_bounded_by_the_time_left() -> None:
+    """The watchdog stops a running row between two PyTorch calls; the repeats are cut to what fits."""
+    start = time.monotonic()
+    with pytest.raises(bench_step.OutOfTime):
+        with bench_step.time_limit(start + 0.3):
+            while True:
+                torch.ones(64).add_(1)
+    assert time.monotonic() - start < 2.0
+    assert bench_step.repeats_that_fit(first_step_s=10, warmup=1, repeats=2, inner=1, left_s=35) == 2
+    assert bench_step.repeats_that_fit(first_step_s=10, warmup=1, repeats=5, inner=1, left_s=35) == 2
+    assert bench_step.repeats_that_fit(first_step_s=10, warmup=0, repeats=2, inner=1, left_s=8) == 0
+    cfg = bench_step.StepConfig("paper", "baseline", "plain", "fp32", False, False, False, 1)
+    row = bench_step.run_config(cfg, CPU, TINY, gflop=1.0, warmup=1, repeats=1, inner=1,
+                                deadline=time.monotonic() - 1)
+    assert row["status"] == "skipped" and "time budget" in row["error"] and "volumes_per_s" not in row
+
+
+def test_a_row_is_not_started_when_earlier_rows_say_it_cannot_finish() -> None:
+    cfg = bench_step.StepConfig("octssl", "tuned", "deepspeed", "fp32", False, False, False, 1)
+    earlier = [{"status": "ok", "batch": 1, "row_s": 40.0}, {"status": "ok", "batch": 1, "row_s": 50.0}]
+    reason = bench_step.over_budget(cfg, earlier, time.monotonic() + 30, budget_s=100)
+    assert reason is not None and "~40 s" in reason
+    assert bench_step.over_budget(cfg, earlier, time.monotonic() + 45, budget_s=100) is None
+    assert "spent" in bench_step.over_budget(cfg, [], time.monotonic() - 1, budget_s=100)
