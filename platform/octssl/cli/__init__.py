@@ -1,0 +1,91 @@
+"""The `octssl` command line: thin typer commands that parse, load config and call the library.
+
+The app and its error handling live here; the commands, one module per area, register on import:
+``corpus`` (synth, ingest, label, info, verify, export-shards, publish), ``training`` (pretrain, finetune,
+plot, sweep, report, demo), ``predict`` (export-model, predict, growth) and ``jobs`` (submit, jobs).
+"""
+
+from __future__ import annotations
+
+import typer
+import typer.core
+from rich.console import Console
+
+from octssl.errors import OctsslError
+
+#: ``octssl --help`` lists commands in the order of the workflow (commands not named here come last)
+WORKFLOW = ("synth", "ingest", "label", "info", "verify", "export-shards", "publish", "pretrain", "finetune",
+            "sweep", "report", "export-model", "predict", "growth", "plot", "demo", "submit", "jobs")
+
+
+class _WorkflowOrder(typer.core.TyperGroup):
+    def list_commands(self, ctx: typer.core.click.Context) -> list[str]:  # type: ignore[name-defined]
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(WORKFLOW)}
+        return sorted(names, key=lambda name: (rank.get(name, len(WORKFLOW)), name))
+
+
+app = typer.Typer(
+    cls=_WorkflowOrder,
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,  # click's help: typer's rich panels print flags as "--json <bool>"
+    pretty_exceptions_enable=False,
+    help="octssl: self-supervised 3D-to-2D OCT pretraining (Ray + DeepSpeed), fine-tuning sweeps and corpora.",
+)
+console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
+
+
+#: What a command turns into one line naming the file and the problem (exit code 2), never a traceback.
+_ERRORS = (OctsslError, OSError)
+
+
+def _fail(err: Exception) -> None:
+    from rich.markup import escape
+
+    if isinstance(err, OSError) and err.filename is not None:
+        text = f"{err.filename}: {err.strerror or err}"
+    else:
+        text = str(err)
+    console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)  # one line, brackets kept as typed
+    raise typer.Exit(2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"octssl {version('octssl')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """octssl: self-supervised 3D-to-2D OCT pretraining (Ray + DeepSpeed), fine-tuning sweeps and corpora."""
+
+
+def main() -> None:
+    """The `octssl` console script: library errors and file-system errors end in one line, not a traceback."""
+    try:
+        app()
+    except OSError as err:  # e.g. --out naming an existing file, a folder under a file, a full disk
+        where = f"{err.filename}: " if err.filename else ""
+        console.print(f"[bold red]error:[/] {where}{err.strerror or err}")
+        raise SystemExit(2) from None
+    except OctsslError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise SystemExit(2) from None
+
+
+# Commands are added below, one block per area; each imports its library lazily so that
+# `octssl --help` stays fast.
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+# The commands register on `app` as their modules are imported (after everything above exists).
+from octssl.cli import corpus, jobs, predict, training  # noqa: E402, F401

@@ -1,0 +1,158 @@
+"""`octssl pretrain | finetune | plot | sweep | report | demo`: training runs, sweeps and the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from octssl.cli import _ERRORS, _fail, _num, app, console
+from octssl.errors import OctsslError
+
+
+# ---------------------------------------------------------------- training
+def _local_ray(dashboard: bool, worker_logs: bool) -> None:
+    """Ask the local Ray this command starts for its dashboard and for the workers' output on stderr."""
+    import os
+
+    from octssl.cluster import DASHBOARD_ENV, WORKER_LOGS_ENV
+
+    for env, wanted in ((DASHBOARD_ENV, dashboard), (WORKER_LOGS_ENV, worker_logs)):
+        if wanted:
+            os.environ[env] = "1"
+
+
+def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int | None, kind: str,
+           dry_run: bool = False) -> None:
+    from octssl.config import load_config
+    from octssl.train.launch import run
+
+    try:
+        job = load_config(config, overrides)
+        if job.kind != kind:
+            raise OctsslError(f"{config}: kind is '{job.kind}', not '{kind}': use `octssl {job.kind}`")
+        if dry_run:
+            from octssl.dryrun import job_plan, render
+
+            print(render(job_plan(job), str(config)))
+            return
+        summary = run(job, resume=resume, metrics_port=metrics_port)
+    except _ERRORS as err:
+        _fail(err)
+    console.print(
+        f"[green]done[/] {summary['steps']} steps, loss {_num(summary['first_loss'])} -> {_num(summary['final_loss'])}, "
+        f"best {summary['best_metric_name']} {_num(summary['best_metric'])}, weights {summary['weights']}"
+    )
+
+
+_CONFIG = typer.Option(..., "--config", "-c", help="job YAML (see jobs/)")
+_SET = typer.Option([], "--set", help="override a config key: --set optim.lr=0.01 (repeatable)")
+_RESUME = typer.Option(False, "--resume", help="continue the run named by run.name from its last checkpoint")
+_PORT = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics on PORT+rank per worker")
+_DASHBOARD = typer.Option(False, "--dashboard", help="local Ray only: start Ray's dashboard on 127.0.0.1:8265")
+_WORKER_LOGS = typer.Option(False, "--worker-logs", help="show the Ray workers' output on this terminal")
+_DRY_RUN = typer.Option(False, "--dry-run", help="print the plan (steps, memory, wall time); train nothing")
+
+
+@app.command()
+def pretrain(
+    config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT,
+    dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN,
+) -> None:
+    """Self-supervised pretraining (reconstruct FAF or SLO from OCT) under Ray Train + DeepSpeed."""
+    _local_ray(dashboard, worker_logs)
+    _train(config, set_, resume, metrics_port, "pretrain", dry_run)
+
+
+@app.command()
+def finetune(
+    config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT,
+    dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN,
+) -> None:
+    """Fine-tune for GA/RPD segmentation at a label fraction, from scratch or pretrained weights."""
+    _local_ray(dashboard, worker_logs)
+    _train(config, set_, resume, metrics_port, "finetune", dry_run)
+
+
+_RUN_DIR = typer.Argument(..., help="a training run directory (metrics.jsonl, val.jsonl)")
+
+
+@app.command()
+def plot(run_dir: Path = _RUN_DIR) -> None:
+    """Write a run's loss, validation and throughput curves to RUN_DIR/plots/*.png."""
+    from octssl.plots import plot_run
+
+    try:
+        paths = plot_run(run_dir)
+    except _ERRORS as err:
+        _fail(err)
+    for path in paths:
+        print(path)
+
+
+# ---------------------------------------------------------------- sweep, report, demo
+_SWEEP_CONFIG = typer.Option(..., "--config", "-c", help="sweep YAML (kind: sweep; see jobs/sweep.yaml)")
+_SWEEP_SET = typer.Option([], "--set", help="override a sweep key: --set fractions=[0.1,1.0] (repeatable)")
+_REPORT_DIR = typer.Argument(..., help="a sweep directory (summary.json, results.parquet, trials.parquet)")
+_DEMO_OUT = typer.Option(Path("runs/demo"), "--out", "-o", help="demo directory (a previous demo there is replaced)")
+_DEMO_QUICK = typer.Option(False, "--quick", help="smoke-sized demo (about a minute; numbers mean nothing)")
+
+
+def _print_tables(summary: dict) -> None:
+    from octssl.report import rich_tables
+
+    for table in rich_tables(summary):
+        Console().print(table)
+
+
+@app.command()
+def sweep(config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET, dashboard: bool = _DASHBOARD,
+          worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN) -> None:
+    """Fine-tune every task x label fraction x init x model with Ray Tune (ASHA), test the best, report."""
+    from octssl.tune.sweep import load_sweep_config, run_sweep
+
+    _local_ray(dashboard, worker_logs)
+    try:
+        if dry_run:
+            from octssl.dryrun import render, sweep_plan
+
+            print(render(sweep_plan(load_sweep_config(config, set_)), str(config)))
+            return
+        summary = run_sweep(load_sweep_config(config, set_))
+    except _ERRORS as err:
+        _fail(err)
+    _print_tables(summary)
+    counts = summary["trials"]
+    console.print(f"[green]done[/] {summary['sweep_dir']}/report.md ({sum(counts.values())} trials: "
+                  + ", ".join(f"{n} {status}" for status, n in counts.items()) + ")")
+
+
+@app.command()
+def report(sweep_dir: Path = _REPORT_DIR) -> None:
+    """Rebuild report.md and the figures of a sweep directory from its files; print the table."""
+    import json
+
+    from octssl.report import build_report
+
+    try:
+        path = build_report(sweep_dir)
+    except _ERRORS as err:
+        _fail(err)
+    _print_tables(json.loads((sweep_dir / "summary.json").read_text()))
+    console.print(f"[green]wrote[/] {path}")
+
+
+_DEMO_LOOP = typer.Option(False, "--close-loop", help="GA grows at known rates; the sweep's GA bundle then predicts "
+                          "the test split and GA growth is added to report.md")
+
+
+@app.command()
+def demo(out: Path = _DEMO_OUT, quick: bool = _DEMO_QUICK, close_loop: bool = _DEMO_LOOP) -> None:
+    """Synthesise a corpus, export shards, pretrain (2 workers), sweep GA/RPD fine-tuning, write the report."""
+    from octssl.demo import run_demo
+
+    try:
+        run_demo(out, quick=quick, console=console, close_loop=close_loop)
+    except _ERRORS as err:
+        _fail(err)
