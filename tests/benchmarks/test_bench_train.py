@@ -22,7 +22,8 @@ def test_steady_state_uses_the_windows_after_warm_up() -> None:
 
 def test_profile_of_the_loops_per_step_extras(tmp_path) -> None:
     extras = bench_train.profile_extras(tmp_path, n=20)
-    assert set(extras) == {"samples_jsonl_append_ms", "heartbeat_write_ms", "metrics_update_ms_per_log_step"}
+    assert set(extras) == {"samples_jsonl_append_ms", "heartbeat_write_ms", "metrics_update_ms_per_log_step",
+                           "metrics_observe_ms_per_step"}
     assert all(0 < v < 1000 for v in extras.values())
     assert len((tmp_path / "profile-samples.jsonl").read_text().splitlines()) == 20
 
