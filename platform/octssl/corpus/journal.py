@@ -119,15 +119,21 @@ class Journal:
             backups = [array_dir / "zarr.json"]
             if length % shard_len:
                 backups += sorted((array_dir / "c" / str(length // shard_len)).rglob("*"))
-            for src in backups:
-                if src.is_file():
-                    rel = src.relative_to(self.zarr_dir).as_posix()
-                    dst = self.dir / "files" / rel
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    _durable_copy(src, dst)
-                    entry["backups"].append(rel)
+            entry["backups"] += self._back_up(backups)
         self.state["arrays"][array_path] = entry
         self._save()  # write-ahead: recorded before the array is touched
+
+    def _back_up(self, sources: list[Path]) -> list[str]:
+        """Durable copies of the existing files among ``sources`` under the journal; their Zarr-relative names."""
+        saved = []
+        for src in sources:
+            if src.is_file():
+                rel = src.relative_to(self.zarr_dir).as_posix()
+                dst = self.dir / "files" / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _durable_copy(src, dst)
+                saved.append(rel)
+        return saved
 
     def owned(self) -> bool:
         """Whether the journal on disk is still this append's (nobody removed or replaced it)."""
@@ -146,13 +152,7 @@ class Journal:
         sources = [array_dir / "zarr.json"]
         for shard in shards:
             sources += sorted((array_dir / "c" / str(shard)).rglob("*"))
-        for src in sources:
-            if src.is_file():
-                rel = src.relative_to(self.zarr_dir).as_posix()
-                dst = self.dir / "files" / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                _durable_copy(src, dst)
-                entry["backups"].append(rel)
+        entry["backups"] += self._back_up(sources)
         # A shard file absent now (all its chunks empty) must be absent again after a rollback.
         entry["absent"] = [f"{array_path}/c/{s}" for s in shards if not (array_dir / "c" / str(s)).exists()]
         self.state["arrays"][array_path] = entry
