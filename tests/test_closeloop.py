@@ -37,7 +37,10 @@ def test_close_loop_on_a_sweep_directory(finetuned_run: Path, growth_corpus: Pat
 @pytest.mark.slow
 def test_quick_demo_closes_the_loop(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--quick", "--close-loop"])
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--quick", "--no-close-loop"])
+    assert result.exit_code == 0, result.output
+    assert "loop" not in json.loads((out / "demo.json").read_text())["timings_s"]  # opting out skips the stage
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--quick"])
     assert result.exit_code == 0, result.output
     done = json.loads((out / "demo.json").read_text())
     assert "loop" in done["timings_s"] and (out / "corpus" / "ga_growth.csv").is_file()

@@ -20,7 +20,7 @@ def test_quick_demo_runs_every_stage(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     done = json.loads((out / "demo.json").read_text())
     assert done["status"] == "done" and done["quick"] is True
-    assert set(done["timings_s"]) == {"synth", "shards", "pretrain", "sweep", "total"}
+    assert set(done["timings_s"]) == {"synth", "shards", "pretrain", "sweep", "loop", "total"}  # the loop closes by default
     assert (out / "shards" / "index.json").is_file()
     pretrain = json.loads((out / "runs" / "pretrain-faf" / "summary.json").read_text())
     assert pretrain["world_size"] == 2 and pretrain["best_metric_name"] == "ssim"

@@ -114,7 +114,7 @@ def sweep_config(out: Path, s: DemoSettings, inits: dict[str, str]) -> dict[str,
 
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bool = True,
-             console: Console | None = None, close_loop: bool = False) -> dict[str, Any]:
+             console: Console | None = None, close_loop: bool = True) -> dict[str, Any]:
     """Run every stage into ``out``; returns {settings, timings_s, paths, summary}. ``close_loop``: the corpus
     grows GA at known rates, and a last stage predicts the test split with the sweep's GA bundle, measures
     growth and adds both to report.md (:mod:`octssl.closeloop`)."""

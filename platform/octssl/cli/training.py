@@ -143,8 +143,8 @@ def report(sweep_dir: Path = _REPORT_DIR) -> None:
     console.print(f"[green]wrote[/] {path}")
 
 
-_DEMO_LOOP = typer.Option(False, "--close-loop", help="GA grows at known rates; the sweep's GA bundle then predicts "
-                          "the test split and GA growth is added to report.md")
+_DEMO_LOOP = typer.Option(True, "--close-loop/--no-close-loop", help="GA grows at known rates; the sweep's GA bundle "
+                          "then predicts the test split and GA growth is added to report.md (default: on)")
 
 
 @app.command()
