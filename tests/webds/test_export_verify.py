@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -21,20 +20,6 @@ from octssl.errors import ShardError
 from octssl.webds.export import export_shards
 from octssl.webds.index import INDEX_NAME, META_KEYS
 from octssl.webds.verify import verify_shards
-
-
-@pytest.fixture(scope="module")
-def shards(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A read-only export of the tiny corpus, 5 samples per shard."""
-    out = tmp_path_factory.mktemp("shards") / "all"
-    export_shards(tiny_corpus, out, samples_per_shard=5, progress=False)
-    return out
-
-
-@pytest.fixture
-def damaged(shards: Path, tmp_path: Path) -> Path:
-    """A private copy of the export, free to damage."""
-    return Path(shutil.copytree(shards, tmp_path / "copy"))
 
 
 def _index(path: Path) -> dict:

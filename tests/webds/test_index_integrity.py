@@ -4,7 +4,6 @@ MemoryError, OSError or KeyError); shards carry visit ordinals, never acquisitio
 from __future__ import annotations
 
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -20,18 +19,6 @@ from octssl.errors import OctsslError, ShardError
 from octssl.webds.export import export_shards
 from octssl.webds.index import INDEX_NAME
 from octssl.webds.verify import verify_shards
-
-
-@pytest.fixture(scope="module")
-def shards(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "all"
-    export_shards(tiny_corpus, out, samples_per_shard=5, progress=False)
-    return out
-
-
-@pytest.fixture
-def copy(shards: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(shards, tmp_path / "copy"))
 
 
 def tamper(root: Path, change) -> tuple[dict, str]:
@@ -71,43 +58,43 @@ def _escape(index: dict, sid: str) -> None:
 
 
 @pytest.mark.parametrize("change", [_shift, _shrink, _drop, _huge, _negative, _other_shard, _escape])
-def test_verify_catches_and_the_reader_refuses_a_tampered_index(copy: Path, change) -> None:
-    index, victim = tamper(copy, change)
-    problems = verify_shards(copy)
+def test_verify_catches_and_the_reader_refuses_a_tampered_index(damaged: Path, change) -> None:
+    index, victim = tamper(damaged, change)
+    problems = verify_shards(damaged)
     assert problems, "a tampered index passed verify"
     assert any(victim in p or "etc/passwd" in p for p in problems), problems
     with pytest.raises(ShardError, match=INDEX_NAME if change is not _shift and change is not _shrink else victim):
-        source = StreamSource(copy, batch_size=1, verify=False)
+        source = StreamSource(damaged, batch_size=1, verify=False)
         for _ in source:
             pass
 
 
-def test_a_garbage_index_is_one_shard_error(copy: Path) -> None:
-    (copy / INDEX_NAME).write_text('{"format": "octssl-shards/1", "shards": 7}')
+def test_a_garbage_index_is_one_shard_error(damaged: Path) -> None:
+    (damaged / INDEX_NAME).write_text('{"format": "octssl-shards/1", "shards": 7}')
     with pytest.raises(ShardError, match=INDEX_NAME):
-        StreamSource(copy)
-    assert any(INDEX_NAME in p for p in verify_shards(copy))
-    (copy / INDEX_NAME).write_text("{not json")
+        StreamSource(damaged)
+    assert any(INDEX_NAME in p for p in verify_shards(damaged))
+    (damaged / INDEX_NAME).write_text("{not json")
     with pytest.raises(ShardError, match=INDEX_NAME):
-        StreamSource(copy)
+        StreamSource(damaged)
 
 
-def test_source_stream_with_a_garbage_index_fails_preflight_in_one_line(copy: Path, tmp_path: Path) -> None:
+def test_source_stream_with_a_garbage_index_fails_preflight_in_one_line(damaged: Path, tmp_path: Path) -> None:
     from octssl.train.launch import preflight
 
-    (copy / INDEX_NAME).write_text("{not json")
-    config = load_config(None, ["data.source=stream", f"data.shards={copy}", "run.max_steps=1"])
+    (damaged / INDEX_NAME).write_text("{not json")
+    config = load_config(None, ["data.source=stream", f"data.shards={damaged}", "run.max_steps=1"])
     with pytest.raises(OctsslError, match=INDEX_NAME):
         preflight(config)
     cfg = tmp_path / "job.yaml"
-    cfg.write_text(f"kind: pretrain\ndata: {{source: stream, shards: {copy}}}\nrun: {{max_steps: 1}}\n")
+    cfg.write_text(f"kind: pretrain\ndata: {{source: stream, shards: {damaged}}}\nrun: {{max_steps: 1}}\n")
     result = CliRunner().invoke(app, ["pretrain", "--config", str(cfg)])
     assert result.exit_code == 2 and INDEX_NAME in result.output and "Traceback" not in result.output
 
 
-def test_verify_of_an_export_without_its_index_says_index_missing(copy: Path) -> None:
-    (copy / INDEX_NAME).unlink()
-    result = CliRunner().invoke(app, ["verify", str(copy)])
+def test_verify_of_an_export_without_its_index_says_index_missing(damaged: Path) -> None:
+    (damaged / INDEX_NAME).unlink()
+    result = CliRunner().invoke(app, ["verify", str(damaged)])
     assert result.exit_code == 1
     assert f"{INDEX_NAME}: missing" in result.output and "volumes.zarr" not in result.output
 

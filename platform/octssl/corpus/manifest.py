@@ -11,8 +11,10 @@ digest in ``sha256``. A format-1 manifest lacks them; it is read as "no localize
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,12 @@ def grid_name(shape: tuple[int, ...] | list[int]) -> str:
 def array_sha256(array: np.ndarray) -> str:
     """Hex sha256 of an array's C-order bytes (the checksum stored per array in the manifest)."""
     return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def zeros_sha256(shape: tuple[int, ...]) -> str:
+    """The digest :func:`array_sha256` gives an all-zero uint8 array of ``shape`` (what Zarr stores no file for)."""
+    return hashlib.sha256(bytes(math.prod(shape))).hexdigest()
 
 
 def empty_table(settings: dict[str, Any] | None = None) -> pa.Table:

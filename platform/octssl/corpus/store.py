@@ -17,7 +17,6 @@ the shard fast path (``octssl.corpus.chunkread``) through range requests.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import math
 import os
@@ -38,12 +37,6 @@ from octssl.corpus.layout import ZARR_NAME, array_path, meta_of, present, slot
 from octssl.errors import CorpusError
 from octssl.sample import MASKS, VOLUME_KEY
 from octssl.storage import Location, fsspec_async
-
-
-@functools.lru_cache(maxsize=64)
-def _zeros_sha256(shape: tuple[int, ...]) -> str:
-    """The manifest digest of an all-zero uint8 array of ``shape``."""
-    return hashlib.sha256(bytes(math.prod(shape))).hexdigest()
 
 
 class Corpus:
@@ -289,7 +282,7 @@ class Corpus:
     def _check_shard_file(self, key: str, row: dict[str, Any], path: str, slot_shape: tuple[int, ...]) -> None:
         """CorpusError unless the shard file holding ``key`` of ``row`` exists, or the row's data is all
         zeros (Zarr stores no chunk, and no file, for a slot that holds only the fill value)."""
-        if self._chunks.shard_present(path) or row["sha256"].get(key) == _zeros_sha256(tuple(slot_shape)):
+        if self._chunks.shard_present(path) or row["sha256"].get(key) == mf.zeros_sha256(tuple(slot_shape)):
             return
         raise CorpusError(f"{path}: sample {row['id']}: shard file holding '{key}' is missing (deleted, or "
                           "never copied or synced); restore it from a backup or re-ingest (octssl verify lists "
