@@ -204,7 +204,6 @@ def build(row: Row, device: Any, crop: tuple[int, int, int], smoke: bool) -> tup
 def measure(row: Row, device: Any, crop: tuple[int, int, int], gflop: float, smoke: bool, timing: dict[str, int],
             fault: str | None) -> dict[str, Any]:
     """One row's numbers (volumes/s, peak memory, TFLOP/s), or its failure."""
-    import torch
 
     out = described(row, crop) | {"status": "ok"}
     if fault == "hang":
@@ -235,11 +234,7 @@ def measure(row: Row, device: Any, crop: tuple[int, int, int], gflop: float, smo
             out["fatal"] = True  # the CUDA context is lost: the supervisor starts a fresh worker
     finally:
         keep.clear()
-        if row.compile:
-            torch._dynamo.reset()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        common.release_host_memory()
+        common.release_row_memory(device, row.compile)
     return out
 
 

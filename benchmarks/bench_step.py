@@ -30,7 +30,6 @@ Writes ``benchmarks/results/step-<device>.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
-import gc
 import signal
 import threading
 import time
@@ -251,12 +250,7 @@ def run_config(cfg: StepConfig, device: torch.device, crop: tuple[int, int, int]
     finally:  # drop every reference to the model, optimiser and batch before the next configuration
         keep.clear()
         del keep, step
-        gc.collect()
-        if cfg.compile:
-            torch._dynamo.reset()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        common.release_host_memory()
+        common.release_row_memory(device, cfg.compile)
     row["row_s"] = round(time.monotonic() - began, 1)
     shown = f"{row['volumes_per_s']:.3f} vol/s" if row["status"] == "ok" else row["error"]
     print(f"  {cfg.label:36s} {shown}", flush=True)

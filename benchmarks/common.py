@@ -183,6 +183,17 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def release_row_memory(device: Any, compiled: bool) -> None:
+    """After a benchmark row: drop compiled graphs, empty the CUDA cache, give heap pages back to the OS."""
+    import torch
+
+    if compiled:
+        torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    release_host_memory()
+
+
 def release_host_memory() -> None:
     """Give freed heap pages back to the OS so that the next CPU peak-memory reading starts clean."""
     import gc
