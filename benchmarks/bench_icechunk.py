@@ -11,11 +11,14 @@ stored in batches of ``--batch`` volumes, one commit per batch:
   both engines pay for it), ``session.commit``.
 - ``icechunk chunked`` (local): the same without the sharding codec, one object per chunk: icechunk's own
   manifests index the chunks, so an append writes only the new volumes instead of rewriting a shard.
+  ``icechunk direct`` reads that repository without Zarr's array machinery: one ``get`` of the chunk's key
+  from the icechunk store and a zstd decode, as octssl's fast path reads a chunk straight from its shard file.
 
 Reads: every volume's ``oct`` array once in a random order (per-volume reads, in this process), best of
-``--passes`` passes (the arms take turns pass by pass), checked against the volumes written; octssl through ``Corpus.read_array`` (the shard
-fast path), icechunk through ``zarr.open_array(session.store)[i]``. A ``zarr`` row reads the octssl corpus
-through plain Zarr (``LocalStore``), which separates the fast path's share from the engine's.
+``--passes`` passes (the arms take turns pass by pass), each array checked against the volume written;
+octssl through ``Corpus.read_array`` (the shard fast path), icechunk through
+``zarr.open_array(session.store)[i]``. A ``zarr`` row reads the octssl corpus through plain Zarr
+(``LocalStore``), which separates the fast path's share from the engine's.
 
 With ``--s3`` (the default; ``--no-s3`` skips it) a SeaweedFS server on loopback (``octssl.s3local``) also
 holds: ``octssl`` = ``octssl publish`` of the local corpus (a corpus on S3 is read-only: appending means a
@@ -115,6 +118,22 @@ class IcechunkCorpus:
                               path=f"oct/{self.name}", mode="r")
         return lambda i: arr[i]
 
+    def direct_reader(self) -> Callable[[int], np.ndarray]:
+        """Reads slot ``i`` of an unsharded ``oct`` array by one ``get`` of its chunk from the icechunk store
+        and a zstd decode, without Zarr's array machinery: the shortcut octssl's shard fast path takes."""
+        from numcodecs import Zstd
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        store = self.repo.readonly_session(snapshot_id=self.snapshots[-1]).store
+        prototype, zstd, tail = default_buffer_prototype(), Zstd(), "/0" * len(self.grid)
+
+        def read(i: int) -> np.ndarray:
+            chunk = sync(store.get(f"oct/{self.name}/c/{i}{tail}", prototype))
+            return np.frombuffer(zstd.decode(chunk.as_numpy_array()), np.uint8).reshape(self.grid)
+
+        return read
+
 
 def _timed_appends(append: Callable[[list[dict[str, Any]]], Any], samples: list[dict[str, Any]],
                    batch: int) -> dict[str, Any]:
@@ -210,6 +229,9 @@ def icechunk_arms(samples: list[dict[str, Any]], batch: int, shard_bytes: int,
         name = f"sharded ({per_shard} volumes per shard)" if layout == "sharded" else "one object per volume"
         arms.append((_row("icechunk", name, where, **appends, **facts, snapshots=store.snapshots,
                           read_path="zarr.open_array(session.store)[i]"), store.reader()))
+        if layout == "chunked":
+            arms.append((_row("icechunk direct", "the same repository, read only", where,
+                              read_path="session.store.get(chunk key) + zstd decode"), store.direct_reader()))
     return arms
 
 
@@ -273,11 +295,11 @@ def print_table(result: dict[str, Any]) -> None:
           f"appended {result['batch']} per commit; icechunk {result['icechunk'] or 'absent'}, zarr {result['zarr']}")
     if result["icechunk_skipped"]:
         print(f"icechunk rows skipped: {result['icechunk_skipped']}")
-    print(f"{'engine':9s} {'storage':7s} {'layout':34s} {'append s/vol':>12s} {'x':>6s} {'read MB/s':>9s} {'x':>6s}")
+    print(f"{'engine':15s} {'storage':7s} {'layout':34s} {'append s/vol':>12s} {'x':>6s} {'read MB/s':>9s} {'x':>6s}")
     for row in result["rows"]:
         ratio = row["ratio_to_octssl_local"]
         append = f"{row['append_s_per_volume']:12.4f} {ratio['append']:6.2f}" if "append" in ratio else " " * 19
-        print(f"{row['engine']:9s} {row['storage']:7s} {row['layout']:34s} {append} {row['read_MB_per_s']:9.1f} "
+        print(f"{row['engine']:15s} {row['storage']:7s} {row['layout']:34s} {append} {row['read_MB_per_s']:9.1f} "
               f"{ratio['read']:6.2f}")
 
 
@@ -301,14 +323,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--volumes", type=int, default=48)
     parser.add_argument("--grid", default="32,128,256", help="nB,D,W of each synthetic volume")
     parser.add_argument("--batch", type=int, default=8, help="volumes per append (one commit each)")
-    parser.add_argument("--passes", type=int, default=2, help="timed read passes (the best counts)")
+    parser.add_argument("--passes", type=int, default=5, help="timed read passes per arm (the best counts)")
     parser.add_argument("--s3", action=argparse.BooleanOptionalAction, default=True,
                         help="also run on a local S3 server (SeaweedFS on loopback)")
     parser.add_argument("--quick", action="store_true", help="8 volumes of 16x64x64, batch 4 (the test)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/icechunk-<device>.json)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.volumes, args.grid, args.batch = 8, "16,64,64", 4
+        args.volumes, args.grid, args.batch, args.passes = 8, "16,64,64", 4, 2
     grid = tuple(int(n) for n in args.grid.split(","))
     with tempfile.TemporaryDirectory(prefix="octssl-bench-icechunk-") as tmp, contextlib.ExitStack() as stack:
         s3 = None
