@@ -29,8 +29,8 @@ and MB/s of reads over the octssl local row (> 1: faster than octssl on local di
 
     python benchmarks/bench_icechunk.py [--volumes 48] [--grid 32,128,256] [--batch 8] [--no-s3] [--quick]
 
-icechunk is an optional benchmark dependency (``pip install -e .[bench]``); without it only the octssl rows
-run, and the JSON says why the icechunk rows are missing.
+icechunk is a benchmark-only dependency (in the dev extras: ``pip install -e '.[dev]'``); without it only the
+octssl rows run, and the JSON's ``icechunk_skipped`` says why the icechunk rows are missing.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def icechunk_missing() -> str | None:
     try:
         import icechunk  # noqa: F401
     except ImportError as err:
-        return f"icechunk is not installed ({err}); pip install icechunk (the 'bench' extra)"
+        return f"icechunk is not installed ({err}); pip install 'icechunk>=1.1,<2' (part of the dev extras)"
     return None
 
 
