@@ -7,6 +7,7 @@ import json
 import pytest
 
 import bench_icechunk
+import table
 from octssl.s3local import weed_binary
 
 
@@ -33,6 +34,8 @@ def test_quick_run_measures_octssl_and_icechunk_rows(tmp_path) -> None:
     icechunk_rows = [r for r in result["rows"] if r["engine"] == "icechunk"]
     assert all(len(r["snapshots"]) == r["commits"] == 2 for r in icechunk_rows)  # 8 volumes, 4 per commit
     assert result["icechunk_skipped"] is None and result["env"]["load_average_end"]
+    name, headline = table._icechunk(result)
+    assert name == "icechunk: 8 x 16x64x64, 4 per commit" and "direct chunk get x" in headline
 
 
 def test_without_icechunk_only_octssl_rows_run_and_the_json_says_why(tmp_path, monkeypatch) -> None:
@@ -51,3 +54,4 @@ def test_without_icechunk_only_octssl_rows_run_and_the_json_says_why(tmp_path, m
     result = json.loads(out.read_text())
     assert "icechunk is not installed" in result["icechunk_skipped"]
     assert {r["engine"] for r in result["rows"]} == {"octssl", "zarr"}
+    assert table._icechunk(result)[1].endswith("icechunk rows skipped")
