@@ -141,6 +141,10 @@ class Location:
     def is_file(self) -> bool:
         return self.info().type == pafs.FileType.File
 
+    def is_dir(self) -> bool:
+        """A folder, or a prefix that holds at least one object."""
+        return self.info().type == pafs.FileType.Directory
+
     def size(self) -> int:
         info = self.info()
         if info.type != pafs.FileType.File:
@@ -233,6 +237,26 @@ def local_copy(path: str | Path | Location) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="octssl-get-") as folder:
         yield where.download(Path(folder) / where.name)
+
+
+def download_files(where: str | Path | Location, target: str | Path, names: list[str]) -> list[str]:
+    """Copy the files ``names`` (relative to ``where``) to the same names under the local ``target``; those
+    that do not exist are skipped. Returns the names copied."""
+    where = Location.parse(where)
+    copied = []
+    for name in names:
+        try:
+            (where / name).download(Path(target) / name)
+        except FileNotFoundError:
+            continue
+        copied.append(name)
+    return copied
+
+
+def absolute(value: str | Path) -> str:
+    """``value`` as an absolute local path, or the URL it is (a URL is never resolved against the cwd)."""
+    where = Location.parse(value)
+    return str(where) if where.remote else str(where.local.resolve())
 
 
 def upload_tree(source: str | Path, target: str | Path | Location) -> None:
