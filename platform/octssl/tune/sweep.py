@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -159,6 +160,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if place.remote:
         upload_tree(sweep_dir, place)
+        shutil.rmtree(sweep_dir)  # the sweep's files now live on the object store
     return summary
 
 
