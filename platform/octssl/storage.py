@@ -259,11 +259,24 @@ def absolute(value: str | Path) -> str:
     return str(where) if where.remote else str(where.local.resolve())
 
 
-def upload_tree(source: str | Path, target: str | Path | Location) -> None:
-    """Copy every file under the local folder ``source`` to the same names under ``target``."""
+def upload_tree(source: str | Path, target: str | Path | Location, last: tuple[str, ...] = ()) -> None:
+    """Copy every file under the local folder ``source`` to the same names under ``target``; the files that
+    match the glob patterns ``last`` (relative to ``source``) go after all the others, pattern by pattern
+    (so that an object whose presence means "complete" appears only once the rest is there)."""
     target = Location.parse(target)
     if not target.remote:
         raise StorageError(f"{target}: upload_tree needs an object-store URL")
+    if last:
+        from concurrent.futures import ThreadPoolExecutor
+
+        folder = Path(source)
+        late = [p for pattern in last for p in sorted(folder.glob(pattern)) if p.is_file()]
+        early = [p for p in sorted(folder.rglob("*")) if p.is_file() and p not in late]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda p: (target / p.relative_to(folder).as_posix()).upload(p), early))
+        for path in late:
+            (target / path.relative_to(folder).as_posix()).upload(path)
+        return
     try:
         pafs.copy_files(str(source), target.path, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=target.fs, use_threads=True)

@@ -96,3 +96,24 @@ def test_sweep_inits_on_s3_pass_preflight_and_missing_ones_are_named(published_c
     config, _ = sweep_dir_of(parse_sweep_config({**raw, "inits": {"ssl": missing}}))
     with pytest.raises(ConfigError, match=f"inits.ssl: {missing}: no such weights file"):
         preflight_sweep(config)
+
+
+def test_upload_tree_puts_the_last_patterns_after_everything_else(s3: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from octssl.storage import upload_tree
+
+    for name in ("summary.json", "bundles/ga/config.json", "bundles/ga/model.safetensors", "trials/t/val.jsonl",
+                 "report.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    order: list[str] = []
+    real = Location.upload
+
+    def recording(self: Location, source: str | Path) -> None:
+        real(self, source)
+        order.append(Path(source).relative_to(tmp_path).as_posix())
+
+    monkeypatch.setattr(Location, "upload", recording)
+    upload_tree(tmp_path, s3, last=("bundles/*/config.json", "summary.json"))
+    assert order[-2:] == ["bundles/ga/config.json", "summary.json"] and len(order) == 5
+    assert (Location.parse(s3) / "trials/t/val.jsonl").read_bytes() == b"trials/t/val.jsonl"

@@ -159,7 +159,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     summary["timings_s"]["report"] = round(time.time() - t0, 2)
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if place.remote:
-        upload_tree(sweep_dir, place)
+        upload_tree(sweep_dir, place, last=("bundles/*/config.json", "summary.json"))  # whole bundles, then done
         shutil.rmtree(sweep_dir)  # the sweep's files now live on the object store
     return summary
 
