@@ -107,6 +107,13 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float((p & t).sum()) / total
 
 
+def pooled_dice(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> float:
+    """One Dice over all the pixels of several volumes' binary masks; 1.0 when all are empty."""
+    overlap = sum(int(np.count_nonzero((p > 0) & (t > 0))) for p, t in zip(preds, truths, strict=True))
+    total = sum(int(np.count_nonzero(p)) + int(np.count_nonzero(t)) for p, t in zip(preds, truths, strict=True))
+    return 1.0 if total == 0 else 2.0 * overlap / total
+
+
 def hd95(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) -> float:
     """HD95 in mm on the en-face grid (nan when exactly one mask is empty; 0 when both are)."""
     from octssl.objectives import hd95_mm
@@ -116,12 +123,13 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) -> fl
 
 
 def choose_threshold(probabilities: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> tuple[float, float]:
-    """The threshold (of ``THRESHOLDS``) with the best mean Dice over the volumes, and that Dice; ties go to
-    the threshold nearest 0.5. (0.5, nan) when there are no volumes."""
+    """The threshold (of ``THRESHOLDS``) with the best pooled Dice over the volumes (one Dice of all their
+    pixels, as validation picks checkpoints: healthy eyes predicted empty do not outvote missed lesions),
+    and that Dice; ties go to the threshold nearest 0.5. (0.5, nan) when there are no volumes."""
     if not probabilities:
         return 0.5, math.nan
-    scores = {t: float(np.mean([dice(p >= t, m) for p, m in zip(probabilities, truths, strict=True)]))
-              for t in THRESHOLDS}
+    truths = [m > 0 for m in truths]
+    scores = {t: pooled_dice([p >= t for p in probabilities], truths) for t in THRESHOLDS}
     best = max(scores, key=lambda t: (round(scores[t], 9), -abs(t - 0.5)))
     return best, scores[best]
 

@@ -9,8 +9,14 @@ Conventions (documented in docs/models.md):
   MONAI's SSIMLoss, 11x11 Gaussian window, sigma 1.5, data range 1. It is the paper's negative SSIM
   shifted by 1 (same gradients), so 0 means a perfect reconstruction. The FAF target is inverted
   (1 - faf: GA shows bright); SLO is used as is.
-- segmentation loss = (soft Dice + BCE) / 2 on logits (MONAI DiceLoss(sigmoid=True) + BCEWithLogits).
-- Dice per volume at threshold 0.5; both masks empty -> 1.0.
+- segmentation loss = (soft Dice + BCE) / 2 on logits (MONAI DiceLoss(sigmoid=True, batch=True) +
+  BCEWithLogits). The soft Dice is one ratio over the whole batch, not a mean of per-crop Dices: a crop
+  without the lesion then adds its false positives to the denominator instead of scoring a whole Dice
+  of 0 or 1 on its own, which for small lesions (RPD: most crops empty) rewarded predicting nothing.
+- Dice per volume at threshold 0.5; both masks empty -> 1.0. Each volume also reports its pixel counts
+  (truth, prediction, overlap), and `average()` turns them into the split's pooled Dice
+  (2 * sum overlap / (sum truth + sum prediction); 1.0 when the split has no lesion and none is predicted),
+  the primary metric of segmentation: an empty model scores 0 on it, however many healthy eyes there are.
 - HD95 in millimetres on the en-face grid (spacing nB, W from `spacing_mm`); both masks empty -> 0.0;
   exactly one empty -> nan (undefined). `metrics()` averages HD95 over the volumes where it is defined
   and reports how many were not as `hd95_undefined`; `hd95_mm` is nan when none is defined.
@@ -32,13 +38,17 @@ from octssl.vocab import (
     DICE,
     FAF,
     GA,
+    DICE_POOLED,
     HD95,
     L1,
+    OVERLAP_PX,
+    PRED_PX,
     PRIMARY_METRIC,
     RECONSTRUCTION,
     SEGMENTATION,
     SSIM,
     TARGETS,
+    TRUTH_PX,
     VOLUME,
 )
 
@@ -52,14 +62,27 @@ def _ids(batch: dict[str, Any], n: int) -> list[str]:
 
 def average(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Mean of each numeric per-volume metric over the volumes where it is defined (nan when none is), and
-    ``hd95_undefined``: how many volumes had no HD95 (a mask empty on one side only) when HD95 is scored."""
-    keys = sorted({k for r in rows for k, v in r.items() if _is_number(v)})
+    ``hd95_undefined``: how many volumes had no HD95 (a mask empty on one side only) when HD95 is scored,
+    and ``dice_pooled`` when the rows carry pixel counts (segmentation)."""
+    keys = sorted({k for r in rows for k, v in r.items() if _is_number(v) and k not in PIXEL_COUNTS})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns average to nan, said by the count
         out = {k: float(np.nanmean([r.get(k, np.nan) for r in rows])) for k in keys}
     if HD95 in keys:
         out[HD95_UNDEFINED] = float(sum(math.isnan(r.get(HD95, math.nan)) for r in rows))
+    if rows and all(OVERLAP_PX in r for r in rows):
+        out[DICE_POOLED] = pooled_dice(rows)
     return out
+
+
+PIXEL_COUNTS = (TRUTH_PX, PRED_PX, OVERLAP_PX)  # summed into dice_pooled, never averaged
+
+
+def pooled_dice(rows: list[dict[str, Any]]) -> float:
+    """One Dice over all ``rows`` from their pixel counts; 1.0 when no row has a lesion or a prediction."""
+    overlap = sum(int(r[OVERLAP_PX]) for r in rows)
+    total = sum(int(r[TRUTH_PX]) + int(r[PRED_PX]) for r in rows)
+    return 2.0 * overlap / total if total else 1.0
 
 
 def _is_number(v: Any) -> bool:
@@ -146,7 +169,7 @@ class Segmentation(Objective):
 
     def __init__(self, target: str = GA) -> None:
         super().__init__(target)
-        self.dice_loss = DiceLoss(sigmoid=True)
+        self.dice_loss = DiceLoss(sigmoid=True, batch=True)  # one Dice over the batch: see module docstring
         self.bce = torch.nn.BCEWithLogitsLoss()
 
     def loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
@@ -172,7 +195,9 @@ class Segmentation(Objective):
         rows = []
         for i, sample_id in enumerate(_ids(batch, len(pred))):
             rows.append({"id": sample_id, DICE: float(dice[i].mean()),
-                         HD95: hd95_mm(pred[i], target[i], tuple(spacing[i].tolist()))})
+                         HD95: hd95_mm(pred[i], target[i], tuple(spacing[i].tolist())),
+                         TRUTH_PX: int(target[i].sum()), PRED_PX: int(pred[i].sum()),
+                         OVERLAP_PX: int((pred[i] & target[i]).sum())})
         return rows
 
 

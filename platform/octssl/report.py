@@ -154,12 +154,12 @@ def build_report(sweep_dir: str | Path) -> Path:
         lines.append(f"- cell {cell['task']}/{cell['fraction']:g}/{cell['init']}/{cell['model']}: {error}")
     if failed or errors:
         lines.append("")
-    lines += ["| cell | seed | chosen trial | lr | weight decay | steps | val Dice |", "|---|---|---|---|---|---|---|"]
+    lines += ["| cell | seed | chosen trial | lr | weight decay | steps | pooled val Dice |", "|---|---|---|---|---|---|---|"]
     for c in summary["cells"]:
         for cfg in c.get("seed_configs", []):
             lines.append(f"| {c['task']}/{c['fraction']:g}/{c['init']}/{c['model']} | {cfg['seed']} | "
                          f"`{cfg['trial']}` | {cfg['lr']:.2g} | {cfg['weight_decay']:.2g} | {cfg['steps']} | "
-                         f"{100 * cfg['val_dice']:.1f} |")
+                         f"{100 * cfg['val_dice_pooled']:.1f} |")
     timings = summary.get("timings_s", {})
     lines += ["", "## Figures", "", "![Dice vs label fraction](dice_vs_fraction.png)", "",
               "![Reconstructions: en-face mean projection | target | reconstruction](reconstructions.png)", "",

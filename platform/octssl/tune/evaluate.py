@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from octssl.errors import ModelError
-from octssl.vocab import DICE, FAF, HD95, RECONSTRUCTION, SEGMENTATION, VOLUME
+from octssl.vocab import DICE, FAF, HD95, OVERLAP_PX, PRED_PX, RECONSTRUCTION, SEGMENTATION, TRUTH_PX, VOLUME
 
 
 def _device(gpu: bool) -> torch.device:
@@ -59,8 +59,7 @@ def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[s
         logits, (row,) = score_batch(model, objective, batch)
         logits = logits.cpu()
         rows.append({"id": sample_id, DICE: float(row[DICE]), HD95: float(row[HD95]),
-                     "truth_px": int(np.count_nonzero(sample[task])),
-                     "pred_px": int((logits[0, 0] > 0).sum())})
+                     TRUTH_PX: int(row[TRUTH_PX]), PRED_PX: int(row[PRED_PX]), OVERLAP_PX: int(row[OVERLAP_PX])})
         if sample_id in show:
             preview["ids"].append(sample_id)
             preview["enface"].append(mean_projection(sample["oct"]))

@@ -12,8 +12,7 @@ from ray.tune import Callback
 from octssl.monitor import SweepMetrics
 from octssl.progress import Ticker, console, interactive
 from octssl.tune.config import SweepConfig
-from octssl.tune.results import stopped_early
-from octssl.vocab import DICE
+from octssl.tune.results import METRIC, stopped_early
 
 STATES = ("PENDING", "RUNNING", "TERMINATED", "ERROR")
 
@@ -99,7 +98,7 @@ class SweepProgress(Callback):
         self._set(trial, "RUNNING")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        dice = result.get(DICE)
+        dice = result.get(METRIC)
         cell = trial.config["group"].rsplit("-s", 1)[0]
         if dice is not None and dice == dice and dice > self.best.get(cell, -1.0):
             self.best[cell] = float(dice)
