@@ -22,9 +22,6 @@ import torch
 
 from octssl.ingest.grid import DEPTH_WINDOW_MM, resize, retina_window
 
-#: probability thresholds tried on the val split (``choose_threshold``)
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.951, 0.05))
-
 
 def fit_depth(volume: np.ndarray, depth: int, depth_spacing_mm: float, raster: bool) -> np.ndarray:
     """``volume`` with ``depth`` rows: non-raster scans cropped to the retina window first, then resized."""
@@ -107,13 +104,6 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float((p & t).sum()) / total
 
 
-def pooled_dice(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> float:
-    """One Dice over all the pixels of several volumes' binary masks; 1.0 when all are empty."""
-    overlap = sum(int(np.count_nonzero((p > 0) & (t > 0))) for p, t in zip(preds, truths, strict=True))
-    total = sum(int(np.count_nonzero(p)) + int(np.count_nonzero(t)) for p, t in zip(preds, truths, strict=True))
-    return 1.0 if total == 0 else 2.0 * overlap / total
-
-
 def hd95(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) -> float:
     """HD95 in mm on the en-face grid (nan when exactly one mask is empty; 0 when both are)."""
     from octssl.objectives import hd95_mm
@@ -123,15 +113,16 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) -> fl
 
 
 def choose_threshold(probabilities: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> tuple[float, float]:
-    """The threshold (of ``THRESHOLDS``) with the best pooled Dice over the volumes (one Dice of all their
-    pixels, as validation picks checkpoints: healthy eyes predicted empty do not outvote missed lesions),
-    and that Dice; ties go to the threshold nearest 0.5. (0.5, nan) when there are no volumes."""
+    """The threshold with the best pooled Dice over the volumes (one Dice of all their pixels, the rule
+    validation uses: healthy eyes predicted empty cannot outvote missed lesions), and that Dice; ties go to
+    the threshold nearest 0.5. (0.5, nan) when there are no volumes."""
+    from octssl.objectives import best_threshold, counts_at_thresholds
+
     if not probabilities:
         return 0.5, math.nan
-    truths = [m > 0 for m in truths]
-    scores = {t: pooled_dice([p >= t for p in probabilities], truths) for t in THRESHOLDS}
-    best = max(scores, key=lambda t: (round(scores[t], 9), -abs(t - 0.5)))
-    return best, scores[best]
+    masks = [torch.from_numpy(np.asarray(m) > 0) for m in truths]
+    counts = [counts_at_thresholds(torch.from_numpy(np.asarray(p)), m) for p, m in zip(probabilities, masks, strict=True)]
+    return best_threshold([int(m.sum()) for m in masks], [c[0] for c in counts], [c[1] for c in counts])
 
 
 def measure(prob: np.ndarray, threshold: float, meta: dict[str, Any], truth: np.ndarray | None) -> dict[str, Any]:

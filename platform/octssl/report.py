@@ -119,7 +119,7 @@ def build_report(sweep_dir: str | Path) -> Path:
             "stopping), the best chosen on the val split" if summary["num_samples"] > 1 else
             "One trial per cell and seed (no search)") +
         "; the chosen trial's best-on-val weights are measured on the test split.", "",
-        f"Dice in % at threshold 0.5, mean over test volumes and seeds ± {spread}. Best mean per column in bold.",
+        f"Dice in % at the probability threshold each chosen trial took on the val split (best pooled Dice), mean over test volumes and seeds ± {spread}. Best mean per column in bold.",
         "",
     ]
     for task in summary["tasks"]:

@@ -34,6 +34,8 @@ DICE_POOLED: Final = "dice_pooled"
 TRUTH_PX: Final = "truth_px"
 PRED_PX: Final = "pred_px"
 OVERLAP_PX: Final = "overlap_px"
+#: the probability threshold a segmentation model is operated at: chosen on the val split
+THRESHOLD: Final = "threshold"
 #: the metric that chooses the best checkpoint and the best trial (higher is better). Segmentation uses
 #: the pooled Dice: an empty prediction scores 0 on it as soon as one volume shows the lesion, while the
 #: mean of per-volume Dices gives every healthy eye predicted empty a whole 1 (small lesions collapsed).

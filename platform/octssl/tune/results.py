@@ -11,14 +11,15 @@ import numpy as np
 
 from octssl.cluster import root_cause
 from octssl.tune.config import SweepConfig
-from octssl.vocab import DICE, HD95, PRIMARY_METRIC, SEGMENTATION
+from octssl.vocab import DICE, HD95, OVERLAP_PX, PRED_PX, PRIMARY_METRIC, SEGMENTATION, THRESHOLD, TRUTH_PX
 
 METRIC = PRIMARY_METRIC[SEGMENTATION]  # what picks a trial's best checkpoint and the chosen trial
 
 #: trial statuses in trials.parquet and summary.json
 OK, STOPPED, ERROR = "ok", "stopped", "error"
 STATUSES = (OK, STOPPED, ERROR)
-RESULT_COLUMNS = ("task", "fraction", "init", "model", "seed", "trial", "id", DICE, HD95, "truth_px", "pred_px")
+RESULT_COLUMNS = ("task", "fraction", "init", "model", "seed", "trial", THRESHOLD, "id", DICE, HD95, TRUTH_PX, PRED_PX,
+                  OVERLAP_PX)
 
 
 def stopped_early(last_step: int, steps: int) -> bool:
@@ -31,7 +32,9 @@ def trial_row(config: SweepConfig, sweep_dir: Path, result: Any) -> dict[str, An
     group = next(g for g in config.groups if g.key == params["group"])
     run_dir = sweep_dir / "trials" / params["trial"]
     vals = _read_jsonl(run_dir / "val.jsonl")
-    dices = [v[METRIC] for v in vals if v.get(METRIC) is not None and not math.isnan(v[METRIC])]
+    scored = [v for v in vals if v.get(METRIC) is not None and not math.isnan(v[METRIC])]
+    dices = [v[METRIC] for v in scored]
+    best = max(scored, key=lambda v: v[METRIC]) if scored else {}  # the evaluation that wrote best/
     metrics = result.metrics or {}
     last_step = max([int(v["step"]) for v in vals] or [0])
     if result.error is not None:
@@ -45,7 +48,7 @@ def trial_row(config: SweepConfig, sweep_dir: Path, result: Any) -> dict[str, An
         "fraction": group.cell.fraction, "init": group.cell.init, "model": group.cell.model, "seed": group.seed,
         "lr": params["lr"], "weight_decay": params["weight_decay"], "steps": params["steps"],
         "status": status, "val_dice_pooled": max(dices) if dices else None,
-        "last_val_dice_pooled": dices[-1] if dices else None,
+        "last_val_dice_pooled": dices[-1] if dices else None, THRESHOLD: best.get(THRESHOLD, 0.5),
         "last_step": last_step, "wall_s": metrics.get("time_total_s"),
         "error": root_cause(result.error) if result.error is not None else None,
         "best_weights": str(run_dir / "best" / "model.safetensors"),
@@ -77,7 +80,7 @@ def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[st
                 (cell.task, cell.fraction, cell.init, cell.model)]
         dice = np.array([r[DICE] for r in mine], float)
         hd95 = np.array([r["hd95_mm"] for r in mine], float)
-        lesion = np.array([r["truth_px"] > 0 for r in mine], bool)
+        lesion = np.array([r[TRUTH_PX] > 0 for r in mine], bool)
         seeds = sorted({r["seed"] for r in mine})
         per_seed = [float(np.mean([r[DICE] for r in mine if r["seed"] == s])) for s in seeds]
         picks = [dict(chosen[g.key]) for g in config.groups if g.cell == cell and g.key in chosen]
@@ -119,7 +122,7 @@ def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[st
 
 
 def _config_of(trial: dict[str, Any]) -> dict[str, Any]:
-    return {k: trial[k] for k in ("trial", "seed", "lr", "weight_decay", "steps", "val_dice_pooled")}
+    return {k: trial[k] for k in ("trial", "seed", "lr", "weight_decay", "steps", "val_dice_pooled", THRESHOLD)}
 
 
 def write_parquet(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...] | None = None) -> None:
