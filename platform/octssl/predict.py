@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from octssl.errors import OctsslError, PredictError
 from octssl.fsutil import atomic_write
+from octssl.storage import Location, absolute
 
 COLUMNS = ("id", "patient", "eye", "visit", "acquired", "scan_pattern", "raster", "split", "source", "task",
            "threshold", "area_mm2", "area_reason", "lesions", "pixels", "label_area_mm2", "dice", "hd95_mm")
@@ -53,8 +54,8 @@ def _segmenter(bundle_path: str, batch_size: int) -> tuple[Any, Any]:
     from octssl.inference import Segmenter
     from octssl.models.bundle import load_bundle
 
-    stamps = tuple((Path(bundle_path) / name).stat().st_mtime_ns if (Path(bundle_path) / name).exists() else 0
-                   for name in ("config.json", "model.safetensors"))
+    where = Location.parse(bundle_path)
+    stamps = tuple((where / name).info().mtime_ns or 0 for name in ("config.json", "model.safetensors"))
     key = (bundle_path, stamps, batch_size)  # a bundle replaced in place is loaded again
     if key not in _BUNDLES:
         bundle = load_bundle(bundle_path)
@@ -160,17 +161,22 @@ def predict_file(bundle_path: str, path: str, key: bytes, batch_size: int = 4) -
 def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | Path, *, split: str | None = None,
             ids: list[str] | None = None, batch_size: int = 4, ephemeral_key: bool = False,
             progress: bool = True) -> PredictReport:
-    """Run the bundle on ``sources`` (one corpus, or device files/folders); write ``out``; return the report."""
+    """Run the bundle (a folder or a URL) on ``sources`` (one corpus, a folder or a published corpus's URL, or
+    device files/folders); write ``out`` (a local folder); return the report."""
     from octssl.corpus.layout import ZARR_NAME
     from octssl.progress import stage
 
     start = time.perf_counter()
-    bundle_file = str(Path(bundle_path).resolve())
+    bundle_file = absolute(bundle_path)
     _segmenter(bundle_file, batch_size)  # refuse a bad bundle before anything else
-    out = Path(out)
+    out = Location.parse(out).local
     report = PredictReport(out=str(out))
-    paths = [Path(s) for s in sources]
-    corpus_mode = len(paths) == 1 and (paths[0] / ZARR_NAME).is_dir()
+    places = [Location.parse(s) for s in sources]
+    corpus_mode = len(places) == 1 and (places[0].remote or (places[0].local / ZARR_NAME).is_dir())
+    if not corpus_mode and any(p.remote for p in places):
+        raise PredictError(f"{next(p for p in places if p.remote)}: device files are read from local paths; a URL "
+                           "source must be one published corpus")
+    paths = [p.local for p in places] if not corpus_mode else []
     if not corpus_mode and (split or ids):
         raise PredictError("--split/--ids select volumes of a corpus; the sources here are device files")
     out.mkdir(parents=True, exist_ok=True)
@@ -186,15 +192,15 @@ def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | P
     if corpus_mode:
         from octssl.corpus.store import Corpus
 
-        corpus = Corpus.open(paths[0])
+        corpus = Corpus.open(places[0])
         chosen = ids if ids else corpus.ids(split=split, raster_only=False)
         unknown = [i for i in chosen if i not in corpus]
         if unknown:
-            raise PredictError(f"{paths[0]}: no volume(s) {unknown[:5]} in this corpus")
+            raise PredictError(f"{places[0]}: no volume(s) {unknown[:5]} in this corpus")
         with stage("predict", len(chosen), progress) as advance:
             for begin in range(0, len(chosen), batch_size):
                 part = chosen[begin : begin + batch_size]
-                items = [Item(corpus.read(i, localizer=True), str(paths[0])) for i in part]
+                items = [Item(corpus.read(i, localizer=True), str(places[0])) for i in part]
                 save(predict_items(bundle_file, items, batch_size))
                 advance(len(part))
     else:

@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 
 from octssl.errors import ConfigError
+from octssl.storage import Location, download_files
 from octssl.vocab import DICE, FAF
 
 FIGURES = ("dice_vs_fraction.png", "reconstructions.png", "segmentations.png")
+SWEEP_FILES = ("summary.json", "results.parquet", "trials.parquet")  # what a finished sweep directory holds
 
 
 def load_sweep(sweep_dir: str | Path) -> dict[str, Any]:
@@ -26,7 +28,7 @@ def load_sweep(sweep_dir: str | Path) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     sweep_dir = Path(sweep_dir)
-    missing = [n for n in ("summary.json", "results.parquet", "trials.parquet") if not (sweep_dir / n).is_file()]
+    missing = [n for n in SWEEP_FILES if not (sweep_dir / n).is_file()]
     if missing:
         raise ConfigError(f"{sweep_dir}: not a finished sweep directory (missing {', '.join(missing)})")
     return {
@@ -98,9 +100,13 @@ def _patients_line(summary: dict[str, Any], task: str) -> str:
     return ", ".join(f"{f:g}: {p} patients / {v} volumes" for f, (p, v) in sorted(seen.items()))
 
 
-def build_report(sweep_dir: str | Path) -> Path:
-    """Write report.md and the three PNGs into ``sweep_dir``; returns report.md's path."""
-    sweep_dir = Path(sweep_dir)
+def build_report(sweep_dir: str | Path | Location) -> Path | Location:
+    """Write report.md and the three PNGs into ``sweep_dir``; returns report.md's path. On an object store
+    the sweep's files are downloaded, the report built in a temporary folder and uploaded beside them."""
+    where = Location.parse(sweep_dir)
+    if where.remote:
+        return _build_remote(where)
+    sweep_dir = where.local
     data = load_sweep(sweep_dir)
     summary, trials = data["summary"], data["trials"]
     plot_dice_vs_fraction(summary, sweep_dir / FIGURES[0])
@@ -168,6 +174,21 @@ def build_report(sweep_dir: str | Path) -> Path:
     path = sweep_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _build_remote(where: Location) -> Location:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="octssl-report-") as folder:
+        got = download_files(where, folder, [*SWEEP_FILES, "figures/reconstructions.npz", "figures/segmentations.npz"])
+        missing = [n for n in SWEEP_FILES if n not in got]
+        if missing:
+            raise ConfigError(f"{where}: not a finished sweep directory (missing {', '.join(missing)})")
+        build_report(folder)
+        for name in (*FIGURES, "report.md"):
+            if (Path(folder) / name).is_file():
+                (where / name).upload(Path(folder) / name)
+    return where / "report.md"
 
 
 # ---------------------------------------------------------------- figures (matplotlib, no pyplot state)

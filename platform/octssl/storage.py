@@ -141,6 +141,10 @@ class Location:
     def is_file(self) -> bool:
         return self.info().type == pafs.FileType.File
 
+    def is_dir(self) -> bool:
+        """A folder, or a prefix that holds at least one object."""
+        return self.info().type == pafs.FileType.Directory
+
     def size(self) -> int:
         info = self.info()
         if info.type != pafs.FileType.File:
@@ -235,11 +239,44 @@ def local_copy(path: str | Path | Location) -> Iterator[Path]:
         yield where.download(Path(folder) / where.name)
 
 
-def upload_tree(source: str | Path, target: str | Path | Location) -> None:
-    """Copy every file under the local folder ``source`` to the same names under ``target``."""
+def download_files(where: str | Path | Location, target: str | Path, names: list[str]) -> list[str]:
+    """Copy the files ``names`` (relative to ``where``) to the same names under the local ``target``; those
+    that do not exist are skipped. Returns the names copied."""
+    where = Location.parse(where)
+    copied = []
+    for name in names:
+        try:
+            (where / name).download(Path(target) / name)
+        except FileNotFoundError:
+            continue
+        copied.append(name)
+    return copied
+
+
+def absolute(value: str | Path) -> str:
+    """``value`` as an absolute local path, or the URL it is (a URL is never resolved against the cwd)."""
+    where = Location.parse(value)
+    return str(where) if where.remote else str(where.local.resolve())
+
+
+def upload_tree(source: str | Path, target: str | Path | Location, last: tuple[str, ...] = ()) -> None:
+    """Copy every file under the local folder ``source`` to the same names under ``target``; the files that
+    match the glob patterns ``last`` (relative to ``source``) go after all the others, pattern by pattern
+    (so that an object whose presence means "complete" appears only once the rest is there)."""
     target = Location.parse(target)
     if not target.remote:
         raise StorageError(f"{target}: upload_tree needs an object-store URL")
+    if last:
+        from concurrent.futures import ThreadPoolExecutor
+
+        folder = Path(source)
+        late = [p for pattern in last for p in sorted(folder.glob(pattern)) if p.is_file()]
+        early = [p for p in sorted(folder.rglob("*")) if p.is_file() and p not in late]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda p: (target / p.relative_to(folder).as_posix()).upload(p), early))
+        for path in late:
+            (target / path.relative_to(folder).as_posix()).upload(path)
+        return
     try:
         pafs.copy_files(str(source), target.path, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=target.fs, use_threads=True)

@@ -28,3 +28,22 @@ def s3(s3_server: LocalS3, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixt
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     return f"s3://{s3_server.bucket}/{request.node.name.replace('[', '-').rstrip(']')}-{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3_server):
+    """A local Ray started with the S3 variables in its environment (workers inherit them, as pods
+    inherit a Secret's env on a cluster; nothing secret goes into Ray's runtime env)."""
+    import ray
+
+    saved = {key: os.environ.get(key) for key in s3_server.env()}
+    os.environ.update(s3_server.env())
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield s3_server
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

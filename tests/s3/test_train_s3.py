@@ -21,25 +21,6 @@ JOBS = Path(__file__).resolve().parents[2] / "jobs"
 GRID = (16, 64, 64)
 
 
-@pytest.fixture(scope="module")
-def s3_ray(s3_server):
-    """A local Ray started with the S3 variables in its environment (workers inherit them, as pods
-    inherit a Secret's env on a cluster; nothing secret goes into Ray's runtime env)."""
-    import ray
-
-    saved = {key: os.environ.get(key) for key in s3_server.env()}
-    os.environ.update(s3_server.env())
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield s3_server
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def _kill_after_checkpoint(remote_run: Location, local_run: Path, rank: int, timeout: float = 300.0) -> dict:
     """SIGKILL worker ``rank`` once Ray's checkpoint snapshot (on S3) shows a checkpoint it has passed."""
     done: dict = {}

@@ -163,7 +163,8 @@ _SYNTH_PREVIEW = typer.Option(False, "--preview", help="also write OUT/preview.p
 _SYNTH_GROWTH = typer.Option(False, "--ga-growth", help="grow GA at known per-eye rates (OUT/ga_growth.csv)")
 _INFO_CORPUS = typer.Argument(..., help="corpus directory")
 _INFO_JSON = typer.Option(False, "--json", help="print JSON instead of a table")
-_VERIFY_PATH = typer.Argument(..., help="corpus directory, or a shard folder / s3://BUCKET/PREFIX holding index.json")
+_VERIFY_PATH = typer.Argument(..., help="a corpus (a folder, or a published corpus's s3:// URL), or a shard "
+                              "export (a folder or an s3:// prefix holding index.json)")
 
 
 def _parse_grid(text: str) -> tuple[int, int, int]:
@@ -231,15 +232,28 @@ def info(corpus: Path = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
 @app.command()
 def verify(path: str = _VERIFY_PATH) -> None:
     """Recompute every checksum of a corpus (or shard directory); print every problem; exit 1 if any."""
+    from octssl.corpus.manifest import MANIFEST_NAME
+    from octssl.errors import StorageError
     from octssl.storage import Location
-    from octssl.webds.index import is_shard_dir
+    from octssl.webds.index import INDEX_NAME, is_shard_dir
     from octssl.webds.verify import verify_shards
 
     try:
-        shards = is_shard_dir(path)
+        where = Location.parse(path)
+        if not where.remote:
+            shards = is_shard_dir(where)
+        elif (where / INDEX_NAME).is_file():
+            shards = True
+        elif (where / MANIFEST_NAME).is_file():
+            shards = False  # a published corpus
+        elif is_shard_dir(where):
+            shards = True  # shard objects without their index: verify names what is missing
+        else:
+            raise StorageError(f"{where}: nothing to verify here: expected a shard export ({INDEX_NAME}) or a "
+                               f"published corpus ({MANIFEST_NAME}) at this URL")
     except _ERRORS as err:
         _fail(err)
-    if shards or Location.parse(path).remote:
+    if shards:
         try:
             problems = verify_shards(path, progress=True)
         except _ERRORS as err:

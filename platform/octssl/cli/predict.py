@@ -10,12 +10,15 @@ from octssl.cli import _ERRORS, _fail, _num, app, console
 from octssl.cli.corpus import _INGEST_EPHEMERAL
 
 # ---------------------------------------------------------------- bundles, predict, growth
-_EXPORT_SOURCE = typer.Argument(..., help="a fine-tuning run directory, or a sweep directory (its best cell)")
+_EXPORT_SOURCE = typer.Argument(..., help="a fine-tuning run directory, or a sweep directory (its best cell); "
+                                "a folder or an s3:// URL")
 _EXPORT_TASK = typer.Option(..., "--task", help="ga or rpd")
-_EXPORT_BUNDLE = typer.Option(..., "--out", "-o", help="bundle directory to write (model.safetensors + config.json)")
+_EXPORT_BUNDLE = typer.Option(..., "--out", "-o", help="bundle directory to write (model.safetensors + "
+                               "config.json): a folder or an s3:// URL")
 _EXPORT_REPLACE = typer.Option(False, "--overwrite", help="replace a bundle already at --out")
-_PREDICT_BUNDLE = typer.Argument(..., help="model bundle directory (octssl export-model)")
-_PREDICT_SRC = typer.Argument(..., help="one corpus directory, or device files and folders")
+_PREDICT_BUNDLE = typer.Argument(..., help="model bundle directory or URL (octssl export-model)")
+_PREDICT_SRC = typer.Argument(..., help="one corpus (a folder or a published corpus's URL), or device files and "
+                              "folders")
 _PREDICT_OUT = typer.Option(..., "--out", "-o", help="output directory (PNGs per volume, predictions.parquet/.csv)")
 _PREDICT_SPLIT = typer.Option(None, "--split", help="corpus only: predict train, val or test volumes")
 _PREDICT_IDS = typer.Option([], "--ids", help="corpus only: these volume ids (repeatable)")
@@ -25,24 +28,25 @@ _GROWTH_OUT = typer.Option(..., "--out", "-o", help="output directory (growth.cs
 
 
 @app.command("export-model")
-def export_model_command(source: Path = _EXPORT_SOURCE, task: str = _EXPORT_TASK, out: Path = _EXPORT_BUNDLE,
+def export_model_command(source: str = _EXPORT_SOURCE, task: str = _EXPORT_TASK, out: str = _EXPORT_BUNDLE,
                          overwrite: bool = _EXPORT_REPLACE) -> None:
     """Write a model bundle for TASK: weights, threshold chosen on the val split, metrics and provenance."""
     import json
 
-    from octssl.models.bundle import export_model
+    from octssl.models.bundle import CONFIG_NAME, export_model
+    from octssl.storage import Location
 
     try:
         path = export_model(source, task, out, overwrite=overwrite)
+        config = json.loads((Location.parse(path) / CONFIG_NAME).read_bytes())
     except _ERRORS as err:
         _fail(err)
-    config = json.loads((path / "config.json").read_text())
     console.print(f"[green]wrote[/] {path}: {config['model']['name']} for {task}, threshold {config['threshold']}, "
                   f"val Dice {_num(config['metrics']['val']['dice'])}")
 
 
 @app.command()
-def predict(bundle: Path = _PREDICT_BUNDLE, sources: list[Path] = _PREDICT_SRC, out: Path = _PREDICT_OUT,
+def predict(bundle: str = _PREDICT_BUNDLE, sources: list[str] = _PREDICT_SRC, out: str = _PREDICT_OUT,
             split: str | None = _PREDICT_SPLIT, ids: list[str] = _PREDICT_IDS, batch_size: int = _PREDICT_BATCH,
             ephemeral_key: bool = _INGEST_EPHEMERAL) -> None:
     """Segment GA/RPD with a bundle on a corpus or device files: PNGs per volume, area, lesions, Dice/HD95."""

@@ -94,7 +94,7 @@ def plot(run_dir: Path = _RUN_DIR) -> None:
 # ---------------------------------------------------------------- sweep, report, demo
 _SWEEP_CONFIG = typer.Option(..., "--config", "-c", help="sweep YAML (kind: sweep; see jobs/sweep.yaml)")
 _SWEEP_SET = typer.Option([], "--set", help="override a sweep key: --set fractions=[0.1,1.0] (repeatable)")
-_REPORT_DIR = typer.Argument(..., help="a sweep directory (summary.json, results.parquet, trials.parquet)")
+_REPORT_DIR = typer.Argument(..., help="a sweep directory or URL (summary.json, results.parquet, trials.parquet)")
 _DEMO_OUT = typer.Option(Path("runs/demo"), "--out", "-o", help="demo directory (a previous demo there is replaced)")
 _DEMO_QUICK = typer.Option(False, "--quick", help="smoke-sized demo (about a minute; numbers mean nothing)")
 
@@ -129,17 +129,19 @@ def sweep(config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET, dashboard:
 
 
 @app.command()
-def report(sweep_dir: Path = _REPORT_DIR) -> None:
-    """Rebuild report.md and the figures of a sweep directory from its files; print the table."""
+def report(sweep_dir: str = _REPORT_DIR) -> None:
+    """Rebuild report.md and the figures of a sweep directory (a folder or a URL) from its files; print the table."""
     import json
 
     from octssl.report import build_report
+    from octssl.storage import Location
 
     try:
         path = build_report(sweep_dir)
+        summary = json.loads((Location.parse(sweep_dir) / "summary.json").read_bytes())
     except _ERRORS as err:
         _fail(err)
-    _print_tables(json.loads((sweep_dir / "summary.json").read_text()))
+    _print_tables(summary)
     console.print(f"[green]wrote[/] {path}")
 
 

@@ -11,6 +11,7 @@ from octssl.corpus.layout import ZARR_NAME
 from octssl.errors import CorpusError
 from octssl.progress import track
 from octssl.sample import ARRAY_KEYS, VOLUME_KEY
+from octssl.storage import Location
 
 if TYPE_CHECKING:
     from octssl.corpus.store import Corpus
@@ -19,7 +20,8 @@ LOCALIZER = mf.LOCALIZER_KEY
 
 
 def verify_corpus(corpus: Corpus, progress: bool = False) -> list[str]:
-    """Recompute every checksum and check structure; problems name file and sample.
+    """Recompute every checksum and check structure; problems name file and sample. A published corpus
+    (on an object store) gets the same checks, its arrays read with range requests.
 
     Problems that do not put committed data at risk (data without a manifest row) start with
     ``"warning: "``.
@@ -71,6 +73,9 @@ def _check_array(corpus: Corpus, key: str, row: dict[str, Any]) -> list[str]:
 
 
 def _stored_grids(corpus: Corpus, key: str) -> list[str]:
+    if corpus.remote:  # a published corpus: the buckets are the prefixes holding a zarr.json
+        prefix = Location.parse(corpus.zarr_path / key)
+        return sorted({f.parent.name for f in prefix.files() if f.name == "zarr.json" and f.parent.parent == prefix})
     root = corpus.folder / ZARR_NAME / key
     return [p.name for p in root.iterdir() if (p / "zarr.json").is_file()] if root.is_dir() else []
 
@@ -109,7 +114,7 @@ def _check_localizer_bucket(corpus: Corpus, grid: str, referenced: set[int]) -> 
 
 
 def _orphans(corpus: Corpus, key: str, grid: str, stored: int, referenced: set[int]) -> list[str]:
-    if Journal(corpus.folder, corpus.folder / ZARR_NAME).pending:
+    if not corpus.remote and Journal(corpus.folder, corpus.folder / ZARR_NAME).pending:
         return []  # slots past the committed rows belong to an append still in progress
     orphans = sorted(set(range(stored)) - referenced)
     if not orphans:

@@ -29,7 +29,7 @@ import yaml
 
 from octssl import __version__
 from octssl.errors import ModelError
-from octssl.storage import Location
+from octssl.storage import Location, absolute, download_files
 from octssl.vocab import MASKS, SEGMENTATION, VAL
 
 FORMAT = "octssl-bundle/1"
@@ -41,7 +41,7 @@ MULTIPLE = 16
 class Bundle:
     """A loaded bundle: the model (eval mode, CPU) and its config."""
 
-    path: Path
+    path: Path | Location  # the folder, or the URL the bundle was read from
     config: dict[str, Any]
     model: Any
 
@@ -67,25 +67,35 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """The bundle at ``path`` with its model built and loaded; ModelError naming the bundle when refused."""
+def load_bundle(path: str | Path | Location) -> Bundle:
+    """The bundle at ``path`` (a folder or an object-store URL) with its model built and loaded; ModelError
+    naming the bundle when refused."""
+    where = Location.parse(path)
+    if not where.remote:
+        return _load(where.local, where)
+    with tempfile.TemporaryDirectory(prefix="octssl-bundle-") as folder:
+        download_files(where, folder, [CONFIG_NAME, WEIGHTS_NAME])  # one absent is refused below, by name
+        return _load(Path(folder), where)
+
+
+def _load(folder: Path, where: Location) -> Bundle:
+    """The bundle whose files lie in ``folder``; errors name ``where`` (the folder or the URL it came from)."""
     from octssl.models.registry import build_model
     from octssl.models.transfer import MODEL_KEY, OPTIONS_KEY, load_weights, read_metadata
 
-    path = Path(path)
-    config_path, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    config_path, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config_path.is_file() or not weights.is_file():
-        raise ModelError(f"{path}: not a model bundle (needs {CONFIG_NAME} and {WEIGHTS_NAME}; make one with "
+        raise ModelError(f"{where}: not a model bundle (needs {CONFIG_NAME} and {WEIGHTS_NAME}; make one with "
                          "`octssl export-model`)")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelError(f"{config_path}: not valid JSON ({err})") from None
+        raise ModelError(f"{where / CONFIG_NAME}: not valid JSON ({err})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ModelError(f"{config_path}: format {config.get('format') if isinstance(config, dict) else None!r} "
+        raise ModelError(f"{where / CONFIG_NAME}: format {config.get('format') if isinstance(config, dict) else None!r} "
                          f"is not {FORMAT!r}")
     if config.get("octssl_version") != __version__:
-        raise ModelError(f"{path}: bundle made by octssl {config.get('octssl_version')}, this is octssl "
+        raise ModelError(f"{where}: bundle made by octssl {config.get('octssl_version')}, this is octssl "
                          f"{__version__}: export it again with this version")
     problems = []
     if config.get("task") not in MASKS:
@@ -105,68 +115,95 @@ def load_bundle(path: str | Path) -> Bundle:
         problems.append(f"config model {model_config.get('name')!r} {model_config.get('options')} differs from the "
                         f"weights' {metadata.get(MODEL_KEY)!r} {metadata.get(OPTIONS_KEY)}")
     if problems:
-        raise ModelError(f"{path}: bundle refused: " + "; ".join(problems))
+        raise ModelError(f"{where}: bundle refused: " + "; ".join(problems))
     model = build_model(model_config["name"], **model_config["options"])
     load_weights(model, weights, scope="all")
-    return Bundle(path=path, config=config, model=model.eval())
+    return Bundle(path=where.local if not where.remote else where, config=config, model=model.eval())
 
 
 # ---------------------------------------------------------------- export
-def _run_of(source: Path, task: str, summary: dict[str, Any] | None) -> tuple[Path, dict[str, Any]]:
-    """The fine-tuning run to bundle and what is known about it (sweep, trial, test metrics)."""
+def _run_of(source: Path, task: str, summary: dict[str, Any] | None, shown: str) -> tuple[Path, dict[str, Any]]:
+    """The fine-tuning run to bundle and what is known about it (sweep, trial, test metrics); ``shown``
+    names ``source`` (its URL when it was downloaded) in errors and provenance."""
     summary_path = source / "summary.json"
     if summary is None and summary_path.is_file() and (source / "trials").is_dir():  # a sweep directory
         summary = json.loads(summary_path.read_text())
     if summary is not None:
         cells = [c for c in summary.get("cells", []) if c.get("task") == task and c.get("best_config")]
         if not cells:
-            raise ModelError(f"{source}: the sweep has no finished cell for task {task!r}")
+            raise ModelError(f"{shown}: the sweep has no finished cell for task {task!r}")
         cell = max(cells, key=lambda c: c["best_config"]["val_dice_pooled"])
         trial = cell["best_config"]["trial"]
         test = {"dice": cell.get("dice_mean"), "hd95_mm": cell.get("hd95_mean"), "n": cell.get("n_test"),
                 "seeds": cell.get("n_seeds")}
-        extra = {"sweep": str(source), "trial": trial,
+        extra = {"sweep": shown, "trial": trial, "run_dir": f"{shown}/trials/{trial}",
                  "cell": {k: cell[k] for k in ("task", "fraction", "init", "model")}}
         return source / "trials" / trial, {"test": test, "provenance": extra}
-    return source, {"test": None, "provenance": {}}
+    return source, {"test": None, "provenance": {"run_dir": shown}}
 
 
-def _weights_of(run_dir: Path) -> Path:
+def _weights_of(run_dir: Path, shown: str) -> Path:
     for name in ("best", "final"):
         if (run_dir / name / WEIGHTS_NAME).is_file():
             return run_dir / name / WEIGHTS_NAME
-    raise ModelError(f"{run_dir}: no best/ or final/ {WEIGHTS_NAME}: not a finished fine-tuning run (or a sweep "
+    raise ModelError(f"{shown}: no best/ or final/ {WEIGHTS_NAME}: not a finished fine-tuning run (or a sweep "
                      "directory with summary.json)")
 
 
-def export_model(source: str | Path, task: str, out: str | Path, *, overwrite: bool = False,
-                 summary: dict[str, Any] | None = None) -> Path:
+def export_model(source: str | Path | Location, task: str, out: str | Path | Location, *, overwrite: bool = False,
+                 summary: dict[str, Any] | None = None, named: str | None = None) -> Path | Location:
     """Write a bundle for ``task`` from a fine-tuning run directory or a sweep directory; returns ``out``.
-    ``summary``: the sweep's summary when it is not on disk yet (the sweep itself, at its end)."""
+    Either may be an object-store URL (the source's few files needed are downloaded; the bundle is uploaded
+    with config.json last). ``summary``: the sweep's summary when it is not on disk yet (the sweep itself, at
+    its end); ``named``: what provenance calls the source (default: the source itself)."""
+    where, target = Location.parse(source), Location.parse(out)
+    if task not in MASKS:
+        raise ModelError(f"--task {task!r}: bundles are for segmentation tasks {MASKS}")
+    if (target / CONFIG_NAME).exists() and not overwrite:
+        raise ModelError(f"{target}: a bundle is already there (pass --overwrite to replace it)")
+    with tempfile.TemporaryDirectory(prefix="octssl-export-") as folder:
+        local = Path(folder) / "source" if where.remote else where.local
+        if where.remote and where.is_dir():
+            local.mkdir()
+            if (where / "trials").is_dir():  # a sweep directory: its summary, then the chosen trial's run
+                (local / "trials").mkdir()
+                if summary is None:
+                    download_files(where, local, ["summary.json"])
+        if not local.is_dir():
+            raise ModelError(f"{where}: no such run or sweep directory")
+        shown = named or (str(where) if where.remote else str(local.resolve()))
+        run_dir, known = _run_of(local, task, summary, shown)
+        if where.remote:
+            relative = run_dir.relative_to(local).as_posix()
+            remote_run = where if relative == "." else where / relative
+            download_files(remote_run, run_dir, ["config.yaml"])
+            if not download_files(remote_run, run_dir, [f"best/{WEIGHTS_NAME}"]):
+                download_files(remote_run, run_dir, [f"final/{WEIGHTS_NAME}"])
+        config, weights = _bundle_config(run_dir, task, known)
+        _write_bundle(target, weights, config)
+    return target.local if not target.remote else target
+
+
+def _bundle_config(run_dir: Path, task: str, known: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """config.json of the bundle of ``run_dir`` (a local folder) and the weights file it describes."""
     from octssl.config import load_config
     from octssl.corpus.store import Corpus
     from octssl.models.transfer import model_from_weights, read_metadata
 
-    source, out = Path(source), Path(out)
-    if task not in MASKS:
-        raise ModelError(f"--task {task!r}: bundles are for segmentation tasks {MASKS}")
-    if not source.is_dir():
-        raise ModelError(f"{source}: no such run or sweep directory")
-    if (out / CONFIG_NAME).exists() and not overwrite:
-        raise ModelError(f"{out}: a bundle is already there (pass --overwrite to replace it)")
-    run_dir, known = _run_of(source, task, summary)
-    weights = _weights_of(run_dir)
+    weights = _weights_of(run_dir, known["provenance"]["run_dir"])
+    if not (run_dir / "config.yaml").is_file():
+        raise ModelError(f"{known['provenance']['run_dir']}/config.yaml: missing (the run's resolved config)")
     job = load_config(run_dir / "config.yaml")
     objective = job.objective
     if objective.kind != SEGMENTATION or objective.target != task:
-        raise ModelError(f"{run_dir}: the run trained {objective.kind} of {objective.target!r}, not segmentation "
-                         f"of {task!r}")
-    corpus_path = Path(job.data.corpus or "")
+        raise ModelError(f"{known['provenance']['run_dir']}: the run trained {objective.kind} of "
+                         f"{objective.target!r}, not segmentation of {task!r}")
+    corpus_path = job.data.corpus or ""
     try:
         corpus = Corpus.open(corpus_path)
     except Exception as err:  # noqa: BLE001 - any reason the corpus cannot be read is reported the same way
-        raise ModelError(f"{run_dir}: the training corpus {corpus_path} cannot be opened to choose the threshold "
-                         f"on its val split ({err})") from None
+        raise ModelError(f"{known['provenance']['run_dir']}: the training corpus {corpus_path} cannot be opened to "
+                         f"choose the threshold on its val split ({err})") from None
     card = read_metadata(weights).get("card") or {}
     grid = _grid(card, corpus)
     val = _val_threshold(model_from_weights(weights), corpus, task, grid[1])
@@ -179,20 +216,32 @@ def export_model(source: str | Path, task: str, out: str | Path, *, overwrite: b
         "threshold": val.pop("threshold"), "threshold_source": f"best pooled Dice on the val split ({val['n']} volumes)",
         "metrics": {VAL: val, "test": known["test"]},
         "provenance": {
-            "run_dir": str(run_dir.resolve()), **known["provenance"], "weights_sha256": _sha256(weights),
-            "corpus": str(corpus_path.resolve()), "corpus_manifest_sha256": hashlib.sha256(Location.parse(corpus.manifest_path).read_bytes()).hexdigest(),
+            **known["provenance"], "weights_sha256": _sha256(weights),
+            "corpus": absolute(corpus_path), "corpus_manifest_sha256": hashlib.sha256(Location.parse(corpus.manifest_path).read_bytes()).hexdigest(),
             "training_config": yaml.safe_load((run_dir / "config.yaml").read_text()),
             "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         },
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    return config, weights
+
+
+def _write_bundle(out: Location, weights: Path, config: dict[str, Any]) -> None:
+    """Put the two files at ``out`` whole or not at all: a local folder is renamed into place; on an object
+    store the old config.json goes first and the new one is uploaded last (no config.json, no bundle)."""
+    text = json.dumps(config, indent=2, default=str)
+    if out.remote:
+        (out / CONFIG_NAME).delete()
+        (out / WEIGHTS_NAME).upload(weights)
+        (out / CONFIG_NAME).write_bytes(text.encode())
+        return
+    folder = out.local
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     shutil.copyfile(weights, staging / WEIGHTS_NAME)
-    (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out
+    (staging / CONFIG_NAME).write_text(text)
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
 
 
 def _grid(card: dict[str, Any], corpus: Any) -> tuple[int, int, int]:
@@ -230,15 +279,15 @@ def _val_threshold(model: Any, corpus: Any, task: str, depth: int) -> dict[str, 
             "hd95_mm": float(np.mean(finite)) if finite else None, "hd95_undefined": len(hd) - len(finite)}
 
 
-def write_sweep_bundles(sweep_dir: Path, summary: dict[str, Any]) -> dict[str, str]:
+def write_sweep_bundles(sweep_dir: Path, summary: dict[str, Any], named: str | None = None) -> dict[str, str]:
     """One bundle per task of ``summary`` (the sweep's, before summary.json is written) for its best cell,
     under ``SWEEP_DIR/bundles/<task>``; a task whose bundle cannot be made is given as ``error: <reason>``
-    (the sweep's results stand without it)."""
+    (the sweep's results stand without it). ``named``: what provenance calls the sweep directory."""
     made = {}
     for task in summary["tasks"]:
         try:
             made[task] = str(export_model(sweep_dir, task, sweep_dir / "bundles" / task, overwrite=True,
-                                          summary=summary))
+                                          summary=summary, named=named))
         except ModelError as err:
             made[task] = f"error: {err}"
     return made

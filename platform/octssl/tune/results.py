@@ -1,4 +1,5 @@
-"""Sweep results: one row per trial (status, val Dice), the chosen trial per group, the per-cell summary."""
+"""Sweep results: one row per trial (status, val Dice), the chosen trial per group, the per-cell summary,
+and where they are written (SWEEP_DIR itself, or a local staging folder for a SWEEP_DIR on object storage)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from octssl.cluster import root_cause
+from octssl.storage import Location, staging_dir
 from octssl.tune.config import SweepConfig
 from octssl.vocab import DICE, HD95, OVERLAP_PX, PRED_PX, PRIMARY_METRIC, SEGMENTATION, THRESHOLD, TRUTH_PX
 
@@ -135,3 +137,29 @@ def write_parquet(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ..
     else:
         table = pa.Table.from_pylist(rows)
     pq.write_table(table, path)
+
+
+def staged_sweep_dir(place: Location) -> Path:
+    """The new local folder the sweep writes into: SWEEP_DIR itself, or for a SWEEP_DIR on an object store
+    a fresh staging folder (``OCTSSL_STAGING``) uploaded there when the sweep ends."""
+    import shutil
+
+    if not place.remote:
+        place.local.mkdir(parents=True)
+        return place.local
+    folder = staging_dir(place)
+    shutil.rmtree(folder, ignore_errors=True)  # what an interrupted attempt left (a sweep never resumes)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def published(value: Any, folder: Path, place: Location) -> Any:
+    """``value`` (rows, a summary) with every path under the staging ``folder`` renamed to its place in
+    SWEEP_DIR (unchanged when the sweep writes SWEEP_DIR itself)."""
+    if isinstance(value, str) and (value == str(folder) or value.startswith(f"{folder}/")):
+        return str(place) + value[len(str(folder)):]
+    if isinstance(value, dict):
+        return {k: published(v, folder, place) for k, v in value.items()}
+    if isinstance(value, list):
+        return [published(v, folder, place) for v in value]
+    return value

@@ -11,7 +11,9 @@ the choice per group, the summary) are :mod:`octssl.tune.results`; the test spli
 Outputs in ``SWEEP_DIR = storage_path/name``: ``sweep.yaml`` (resolved config), ``trials.parquet``
 (one row per trial), ``results.parquet`` (one row per test volume, cell and seed), ``summary.json``,
 ``figures/*.npz`` (the arrays behind the figures), ``report.md`` and its PNGs; ``trials/<trial>/`` are
-the trials' run directories and ``tune/`` is Ray Tune's experiment state.
+the trials' run directories and ``tune/`` is Ray Tune's experiment state. With ``storage_path`` on an
+object store, Tune keeps its state there and the rest is written to a local staging folder, uploaded to
+SWEEP_DIR when the sweep ends (:func:`octssl.tune.results.staged_sweep_dir`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -28,21 +31,31 @@ import yaml
 
 from octssl.cluster import require
 from octssl.errors import ConfigError, CorpusError, OctsslError
+from octssl.storage import Location, absolute, ray_storage, upload_tree
 from octssl.tune.config import SCRATCH, Cell, Group, SweepConfig, load_sweep_config, trial_job
-from octssl.tune.results import RESULT_COLUMNS, choose, summarise, trial_row, write_parquet
+from octssl.tune.results import (
+    RESULT_COLUMNS,
+    choose,
+    published,
+    staged_sweep_dir,
+    summarise,
+    trial_row,
+    write_parquet,
+)
 from octssl.tune.testsplit import evaluate_chosen, figure_data
 
 __all__ = ["load_sweep_config", "preflight_sweep", "run_sweep", "sweep_dir_of"]
 
 
-def sweep_dir_of(config: SweepConfig) -> tuple[SweepConfig, Path]:
-    """The config with absolute paths (trials run with another working directory) and a fresh SWEEP_DIR."""
+def sweep_dir_of(config: SweepConfig) -> tuple[SweepConfig, Location]:
+    """The config with absolute paths (trials run with another working directory; URLs stay URLs) and a
+    fresh SWEEP_DIR (a folder or an object-store prefix)."""
     config = config.model_copy(deep=True)
     config.name = config.name or f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
-    config.storage_path = str(Path(config.storage_path).expanduser().resolve())
-    config.corpus = str(Path(config.corpus).expanduser().resolve())
-    config.inits = {k: v if v == SCRATCH else str(Path(v).expanduser().resolve()) for k, v in config.inits.items()}
-    sweep_dir = Path(config.storage_path) / config.name
+    config.storage_path = absolute(config.storage_path)
+    config.corpus = absolute(config.corpus)
+    config.inits = {k: v if v == SCRATCH else absolute(v) for k, v in config.inits.items()}
+    sweep_dir = Location.parse(config.storage_path) / config.name
     if sweep_dir.exists():
         raise ConfigError(f"{sweep_dir} already exists: choose another name (a sweep is never resumed in place)")
     return config, sweep_dir
@@ -56,7 +69,7 @@ def preflight_sweep(config: SweepConfig) -> dict[str, Any]:
 
     corpus = Corpus.open(config.corpus)
     for name, path in config.inits.items():
-        if path != SCRATCH and not Path(path).is_file():
+        if path != SCRATCH and not Location.parse(path).is_file():
             raise ConfigError(f"inits.{name}: {path}: no such weights file (pretrain first, or fix the path)")
     facts: dict[str, Any] = {"val": {}, "test": {}, "figure": {}, "cells": {}}
     for task in config.tasks:
@@ -107,7 +120,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
 
     started = time.time()
     timings: dict[str, float] = {}
-    config, sweep_dir = sweep_dir_of(config)
+    config, place = sweep_dir_of(config)
     facts = preflight_sweep(config)
     timings["preflight"] = time.time() - started
     if config.metrics_port is not None:
@@ -115,12 +128,12 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
 
         serve(config.metrics_port)
     concurrent = _ray_up(config)
-    sweep_dir.mkdir(parents=True)
+    sweep_dir = staged_sweep_dir(place)
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
     t0 = time.time()
-    trials = _search(config, sweep_dir, concurrent, progress)
-    write_parquet(sweep_dir / "trials.parquet", trials)
+    trials = _search(config, sweep_dir, place, concurrent, progress)
+    write_parquet(sweep_dir / "trials.parquet", published(trials, sweep_dir, place))
     timings["search"] = time.time() - t0
 
     t0 = time.time()
@@ -134,10 +147,10 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     timings["figures"] = time.time() - t0
 
     summary = summarise(config, trials, chosen, rows, errors, facts)
-    summary["sweep_dir"] = str(sweep_dir)
+    summary["sweep_dir"] = str(place)
     from octssl.models.bundle import write_sweep_bundles  # one bundle per task: its best cell's chosen trial
 
-    summary["bundles"] = write_sweep_bundles(sweep_dir, summary)
+    summary["bundles"] = published(write_sweep_bundles(sweep_dir, summary, named=str(place)), sweep_dir, place)
     timings["total"] = time.time() - started  # the report's own build time is added after it
     summary["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -145,11 +158,15 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     build_report(sweep_dir)
     summary["timings_s"]["report"] = round(time.time() - t0, 2)
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if place.remote:
+        upload_tree(sweep_dir, place, last=("bundles/*/config.json", "summary.json"))  # whole bundles, then done
+        shutil.rmtree(sweep_dir)  # the sweep's files now live on the object store
     return summary
 
 
 # ---------------------------------------------------------------- search
-def _search(config: SweepConfig, sweep_dir: Path, concurrent: int, progress: bool) -> list[dict[str, Any]]:
+def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: int,
+            progress: bool) -> list[dict[str, Any]]:
     from ray import tune
 
     from octssl.tune.progress import SweepProgress
@@ -165,6 +182,7 @@ def _search(config: SweepConfig, sweep_dir: Path, concurrent: int, progress: boo
     # Our own progress display replaces Tune's console output (its new output engine ignores verbose=0).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    storage_path, storage_filesystem = ray_storage(str(place))  # Tune's state: on the object store itself
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(run_trial, plan=plan), resources),
         tune_config=tune.TuneConfig(
@@ -175,7 +193,7 @@ def _search(config: SweepConfig, sweep_dir: Path, concurrent: int, progress: boo
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=[watcher],
+            name="tune", storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0, callbacks=[watcher],
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
@@ -185,5 +203,5 @@ def _search(config: SweepConfig, sweep_dir: Path, concurrent: int, progress: boo
     finally:
         watcher.stop()
     if len(grid) < total:  # Tune stops gracefully on Ctrl-C and returns what ran: do not report that as done
-        raise OctsslError(f"{sweep_dir}: sweep interrupted after {len(grid)} of {total} trials; no results written")
+        raise OctsslError(f"{place}: sweep interrupted after {len(grid)} of {total} trials; no results written")
     return [trial_row(config, sweep_dir, grid[i]) for i in range(len(grid))]
