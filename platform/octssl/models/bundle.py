@@ -9,7 +9,7 @@ the sweep when the bundle comes from one) and ``provenance`` (run directory, swe
 and the sha256 of its manifest, the training config, the weights' sha256, creation time).
 
 :func:`export_model` makes one from a fine-tuning run directory or from a sweep directory (the cell of
-``task`` whose chosen trial has the best val Dice); :func:`load_bundle` checks everything before it builds
+``task`` whose chosen trial has the best pooled val Dice); :func:`load_bundle` checks everything before it builds
 the model and refuses, naming the bundle and the problem, a bundle of another octssl version, another
 format, weights that differ from the config, or a config that does not fit.
 """

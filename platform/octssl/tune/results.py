@@ -64,7 +64,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def choose(trials: list[dict[str, Any]], config: SweepConfig) -> dict[str, dict[str, Any]]:
-    """Per group, the trial with the best val Dice whose best weights exist (groups with none are absent)."""
+    """Per group, the trial with the best pooled val Dice whose best weights exist (groups with none are absent)."""
     chosen: dict[str, dict[str, Any]] = {}
     for group in config.groups:
         candidates = [t for t in trials if t["group"] == group.key and t["val_dice_pooled"] is not None
