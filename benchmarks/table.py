@@ -121,10 +121,29 @@ def _predict(predict: dict[str, Any]) -> tuple[str, str]:
             f"{predict['width']}); forward pass {predict['forward_s_per_volume_batch4']:.3f} s/volume")
 
 
+def _icechunk(result: dict[str, Any]) -> tuple[str, str]:
+    rows = {(r["engine"], r["storage"], r["layout"].startswith("one")): r for r in result["rows"]}
+    base, chunked = rows[("octssl", "local", False)], rows.get(("icechunk", "local", True))
+    direct = {where: rows.get(("icechunk direct", where, False)) for where in ("local", "s3")}
+    if chunked is None:
+        headline = f"octssl {base['append_s_per_volume'] * 1000:.0f} ms/volume appends; icechunk rows skipped"
+    else:
+        headline = (f"appends: octssl {base['append_s_per_volume'] * 1000:.0f} ms/volume, icechunk one object per "
+                    f"volume x{chunked['ratio_to_octssl_local']['append']:.2f}; local reads: octssl "
+                    f"{base['read_MB_per_s']:.0f} MB/s, icechunk via Zarr x{chunked['ratio_to_octssl_local']['read']:.2f}, "
+                    f"direct chunk get x{direct['local']['ratio_to_octssl_local']['read']:.2f}")
+        octssl_s3 = rows.get(("octssl", "s3", False))
+        if octssl_s3 and direct["s3"]:
+            headline += (f"; S3 reads: octssl {octssl_s3['read_MB_per_s']:.0f} MB/s, icechunk direct "
+                         f"{direct['s3']['read_MB_per_s']:.0f} MB/s")
+    return (f"icechunk: {result['volumes']} x {'x'.join(map(str, result['grid']))}, {result['batch']} per commit",
+            headline)
+
+
 #: result kind (file-name prefix) -> its row; in the order the table lists them
 ROWS: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
     "step": _step, "levers": _levers, "train": _train, "scaling": _scaling, "data": _data, "models": _models,
-    "ingest": _ingest, "predict": _predict,
+    "ingest": _ingest, "predict": _predict, "icechunk": _icechunk,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -99,6 +100,8 @@ def test_summary_matches_its_schema(finished) -> None:
     jsonschema.validate(on_disk, SUMMARY_SCHEMA)
     assert on_disk["cells"] == summary["cells"]
     assert len(on_disk["cells"]) == 4
+    manifest = Path(on_disk["corpus"]) / "manifest.parquet"  # the corpus version the sweep read, to the byte
+    assert on_disk["corpus_version"]["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
 
 
 def test_report_renders_and_rebuilds_from_files(finished) -> None:

@@ -161,6 +161,16 @@ def read_manifest(path: Path | Location) -> pa.Table:
     return with_settings(table.select(SCHEMA.names), settings)
 
 
+def manifest_sha256(corpus: str | Path | Location) -> str:
+    """The version of the corpus at ``corpus`` (a folder or a published corpus's URL), pinned to the byte: the
+    sha256 of its manifest.parquet, which holds every array's sha256 (so equal digests mean equal data)."""
+    path = Location.parse(corpus) / MANIFEST_NAME
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: manifest is missing (not an octssl corpus, or it was never committed)") from None
+
+
 def with_optional_columns(table: pa.Table) -> pa.Table:
     """``table`` with every absent OPTIONAL_COLUMNS column added as nulls (an older format read as new)."""
     for name in OPTIONAL_COLUMNS:

@@ -82,6 +82,7 @@ class Trainer:
         from octssl.data.feed import build_train_data
         from octssl.data.sources import ZarrSource
         from octssl.data.transforms import EvalTransform
+        from octssl.data.version import corpus_version
         from octssl.models import build_model
         from octssl.monitor import TrainMetrics, serve
         from octssl.objectives import build_objective
@@ -94,6 +95,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.precision.channels_last else None
         self.objective = build_objective(c.objective.kind, target=c.objective.target, l1_weight=c.objective.l1_weight)
         target = c.objective.target
+        self.corpus_version = corpus_version(c.data.corpus, c.data.shards if c.data.source == "stream" else None)
         self.data = build_train_data(c, self.ctx.rank, self.ctx.world_size)
         self.val_source = None
         if c.data.corpus:
@@ -315,6 +317,7 @@ class Trainer:
             "best_weights": str(self.run_dir / "best" / "model.safetensors") if state.best_metric is not None else None,
             "wall_s": time.time() - self.started,
             "world_size": self.ctx.world_size,
+            "corpus_version": self.corpus_version,
         }
         if self.ctx.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -114,7 +114,7 @@ def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[st
         })
     statuses = [t["status"] for t in trials]
     return {
-        "name": config.name, "corpus": config.corpus, "tasks": config.tasks,
+        "name": config.name, "corpus": config.corpus, "corpus_version": facts["corpus_version"], "tasks": config.tasks,
         "fractions": sorted({c.fraction for c in config.cells}),
         "inits": config.inits, "models": config.models, "seeds": config.seeds,
         "num_samples": config.search.num_samples, "search": config.search.algorithm,

@@ -64,6 +64,7 @@ def sweep_dir_of(config: SweepConfig) -> tuple[SweepConfig, Location]:
 def preflight_sweep(config: SweepConfig) -> dict[str, Any]:
     """Fail with the reason before any trial starts; returns per-cell facts (labelled patients, volumes)."""
     from octssl.corpus.store import Corpus
+    from octssl.data.version import corpus_version
     from octssl.train.launch import preflight
     from octssl.tune.evaluate import figure_ids
 
@@ -71,7 +72,8 @@ def preflight_sweep(config: SweepConfig) -> dict[str, Any]:
     for name, path in config.inits.items():
         if path != SCRATCH and not Location.parse(path).is_file():
             raise ConfigError(f"inits.{name}: {path}: no such weights file (pretrain first, or fix the path)")
-    facts: dict[str, Any] = {"val": {}, "test": {}, "figure": {}, "cells": {}}
+    facts: dict[str, Any] = {"val": {}, "test": {}, "figure": {}, "cells": {},
+                             "corpus_version": corpus_version(config.corpus)}
     for task in config.tasks:
         try:
             corpus.label_fraction_patients(task, 1.0)
