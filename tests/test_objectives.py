@@ -136,3 +136,62 @@ def test_configuration_and_batch_errors() -> None:
         segmentation.per_volume(logits, {"ga": logits, "id": ["x"]})
     with pytest.raises(SampleError, match="SSIM window"):
         build_objective("reconstruction", target="slo").loss(torch.zeros(1, 1, 8, 64), {"slo": torch.zeros(1, 1, 8, 64)})
+
+
+def test_segmentation_loss_prefers_finding_a_small_lesion_to_predicting_nothing() -> None:
+    """The small-lesion collapse, cheaply: in a batch where one crop of four holds a small lesion (RPD-like),
+    finding it with as many false-positive pixels again in every empty crop must cost less than an empty
+    prediction. A per-crop soft Dice scores each empty crop's false alarm as a whole Dice of 0 and so
+    prefers predicting nothing (the RPD cells of the demo collapsed to empty masks)."""
+    import torch
+
+    from octssl.objectives import Segmentation
+
+    target = torch.zeros(4, 1, 16, 32)
+    target[0, 0, 6:10, 10:14] = 1.0  # 16 of 512 pixels, in one crop of four
+    batch = {"rpd": target, "id": ["a", "b", "c", "d"]}
+    empty = torch.full_like(target, -30.0)  # nothing, confidently
+    found = torch.where(target > 0, 30.0, -30.0)
+    found[1:, 0, 0:4, 0:4] = 0.0  # 16 undecided pixels (probability 0.5) in each empty crop
+    loss = Segmentation("rpd").loss
+    assert float(loss(found, batch)) < float(loss(empty, batch))
+
+
+def test_pooled_dice_scores_an_empty_model_zero_where_the_mean_rewards_it() -> None:
+    """Validation picks checkpoints on the pooled Dice: with one lesion among four volumes an empty
+    prediction has a mean per-volume Dice of 0.75 (three healthy eyes count 1 each) but a pooled Dice of
+    0, below a model that finds half the lesion with a few false alarms on a healthy eye."""
+    from octssl.objectives import PRIMARY_METRIC
+    from octssl.vocab import SEGMENTATION
+
+    objective = build_objective("segmentation", target="rpd")
+    truth = torch.zeros(4, 1, 16, 32)
+    truth[0, 0, 4:8, 4:12] = 1.0  # 32 lesion pixels in volume 0
+    batch = {"rpd": truth, "id": list("abcd"), "spacing_mm": torch.tensor([[0.1, 0.004, 0.01]] * 4)}
+    empty = average(objective.per_volume(torch.full_like(truth, -5.0), batch))
+    found = torch.full_like(truth, -5.0)
+    found[0, 0, 4:8, 4:8] = 5.0  # half the lesion
+    found[1, 0, 0:2, 0:4] = 5.0  # 8 false-positive pixels on a healthy eye
+    half = average(objective.per_volume(found, batch))
+    assert PRIMARY_METRIC[SEGMENTATION] == "dice_pooled"
+    assert empty["dice"] == pytest.approx(0.75) and empty["dice_pooled"] == 0.0
+    assert half["dice_pooled"] == pytest.approx(2 * 16 / (32 + 24))
+    assert half["dice"] < empty["dice"] and half["dice_pooled"] > empty["dice_pooled"]
+    assert "truth_px" not in half  # pixel counts are summed into the pooled Dice, never averaged
+    all_healthy = average(objective.per_volume(torch.full_like(truth, -5.0), {**batch, "rpd": torch.zeros_like(truth)}))
+    assert all_healthy["dice_pooled"] == 1.0
+
+
+def test_threshold_chosen_on_pooled_dice_finds_a_faint_lesion() -> None:
+    """A model whose lesion probabilities are low (0.3) on the one sick eye of four: the best mean Dice
+    would take a threshold above 0.3 (everything empty: 0.75), the pooled Dice takes one that finds it."""
+    import numpy as np
+
+    from octssl.inference import choose_threshold
+
+    truths = [np.zeros((8, 8), bool) for _ in range(4)]
+    truths[0][2:6, 2:6] = True
+    probs = [np.full((8, 8), 0.05, np.float32) for _ in range(4)]
+    probs[0][2:6, 2:6] = 0.3
+    threshold, score = choose_threshold(probs, truths)
+    assert 0.05 < threshold <= 0.3 and score == pytest.approx(1.0)

@@ -179,7 +179,8 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
             console.rule("[bold]+ the GA bundle predicts the test split; GA growth on the predictions")
             t0 = time.time()
             loop = predict_and_grow(summary["sweep_dir"], out / "corpus", progress=progress)
-            console.print(f"{loop['volumes']} test volumes, GA area Pearson r {loop['pearson_r']}, "
+            r = loop["pearson_r"]
+            console.print(f"{loop['volumes']} test volumes, GA area Pearson r {'n/a' if r is None else f'{r:.3f}'}, "
                           f"{loop['growth']['eyes_fitted']} eyes with a growth rate")
             timings["loop"] = time.time() - t0
     finally:

@@ -22,9 +22,6 @@ import torch
 
 from octssl.ingest.grid import DEPTH_WINDOW_MM, resize, retina_window
 
-#: probability thresholds tried on the val split (``choose_threshold``)
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.951, 0.05))
-
 
 def fit_depth(volume: np.ndarray, depth: int, depth_spacing_mm: float, raster: bool) -> np.ndarray:
     """``volume`` with ``depth`` rows: non-raster scans cropped to the retina window first, then resized."""
@@ -116,14 +113,16 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) -> fl
 
 
 def choose_threshold(probabilities: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> tuple[float, float]:
-    """The threshold (of ``THRESHOLDS``) with the best mean Dice over the volumes, and that Dice; ties go to
+    """The threshold with the best pooled Dice over the volumes (one Dice of all their pixels, the rule
+    validation uses: healthy eyes predicted empty cannot outvote missed lesions), and that Dice; ties go to
     the threshold nearest 0.5. (0.5, nan) when there are no volumes."""
+    from octssl.objectives import best_threshold, counts_at_thresholds
+
     if not probabilities:
         return 0.5, math.nan
-    scores = {t: float(np.mean([dice(p >= t, m) for p, m in zip(probabilities, truths, strict=True)]))
-              for t in THRESHOLDS}
-    best = max(scores, key=lambda t: (round(scores[t], 9), -abs(t - 0.5)))
-    return best, scores[best]
+    masks = [torch.from_numpy(np.asarray(m) > 0) for m in truths]
+    counts = [counts_at_thresholds(torch.from_numpy(np.asarray(p)), m) for p, m in zip(probabilities, masks, strict=True)]
+    return best_threshold([int(m.sum()) for m in masks], [c[0] for c in counts], [c[1] for c in counts])
 
 
 def measure(prob: np.ndarray, threshold: float, meta: dict[str, Any], truth: np.ndarray | None) -> dict[str, Any]:

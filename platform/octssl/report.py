@@ -125,7 +125,7 @@ def build_report(sweep_dir: str | Path | Location) -> Path | Location:
             "stopping), the best chosen on the val split" if summary["num_samples"] > 1 else
             "One trial per cell and seed (no search)") +
         "; the chosen trial's best-on-val weights are measured on the test split.", "",
-        f"Dice in % at threshold 0.5, mean over test volumes and seeds ± {spread}. Best mean per column in bold.",
+        f"Dice in % at the probability threshold each chosen trial took on the val split (best pooled Dice), mean over test volumes and seeds ± {spread}. Best mean per column in bold.",
         "",
     ]
     for task in summary["tasks"]:
@@ -160,12 +160,12 @@ def build_report(sweep_dir: str | Path | Location) -> Path | Location:
         lines.append(f"- cell {cell['task']}/{cell['fraction']:g}/{cell['init']}/{cell['model']}: {error}")
     if failed or errors:
         lines.append("")
-    lines += ["| cell | seed | chosen trial | lr | weight decay | steps | val Dice |", "|---|---|---|---|---|---|---|"]
+    lines += ["| cell | seed | chosen trial | lr | weight decay | steps | pooled val Dice |", "|---|---|---|---|---|---|---|"]
     for c in summary["cells"]:
         for cfg in c.get("seed_configs", []):
             lines.append(f"| {c['task']}/{c['fraction']:g}/{c['init']}/{c['model']} | {cfg['seed']} | "
                          f"`{cfg['trial']}` | {cfg['lr']:.2g} | {cfg['weight_decay']:.2g} | {cfg['steps']} | "
-                         f"{100 * cfg['val_dice']:.1f} |")
+                         f"{100 * cfg['val_dice_pooled']:.1f} |")
     timings = summary.get("timings_s", {})
     lines += ["", "## Figures", "", "![Dice vs label fraction](dice_vs_fraction.png)", "",
               "![Reconstructions: en-face mean projection | target | reconstruction](reconstructions.png)", "",

@@ -28,8 +28,18 @@ SSIM: Final = "ssim"
 L1: Final = "l1"
 DICE: Final = "dice"
 HD95: Final = "hd95_mm"
-#: the metric that chooses the best checkpoint and the best trial (higher is better)
-PRIMARY_METRIC = {RECONSTRUCTION: SSIM, SEGMENTATION: DICE}
+#: one Dice over all the volumes of a split: 2 * sum(overlap) / (sum(truth) + sum(prediction)) in pixels
+DICE_POOLED: Final = "dice_pooled"
+#: per-volume pixel counts behind DICE_POOLED: lesion pixels in the truth, in the prediction, in both
+TRUTH_PX: Final = "truth_px"
+PRED_PX: Final = "pred_px"
+OVERLAP_PX: Final = "overlap_px"
+#: the probability threshold a segmentation model is operated at: chosen on the val split
+THRESHOLD: Final = "threshold"
+#: the metric that chooses the best checkpoint and the best trial (higher is better). Segmentation uses
+#: the pooled Dice: an empty prediction scores 0 on it as soon as one volume shows the lesion, while the
+#: mean of per-volume Dices gives every healthy eye predicted empty a whole 1 (small lesions collapsed).
+PRIMARY_METRIC = {RECONSTRUCTION: SSIM, SEGMENTATION: DICE_POOLED}
 
 SPLITS = ("train", "val", "test")
 TRAIN, VAL, TEST = SPLITS

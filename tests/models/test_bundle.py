@@ -82,8 +82,8 @@ def test_sweep_directory_bundles_its_best_cell(finetuned_run: Path, tmp_path: Pa
     cell = {"task": "ga", "fraction": 1.0, "init": "scratch", "model": "fpn", "dice_mean": 0.4, "hd95_mean": 1.0,
             "n_test": 4, "n_seeds": 1}
     summary = {"cells": [
-        {**cell, "fraction": 0.1, "best_config": {"trial": "t-worse", "val_dice": 0.1}},
-        {**cell, "best_config": {"trial": "t-best", "val_dice": 0.3}},
+        {**cell, "fraction": 0.1, "best_config": {"trial": "t-worse", "val_dice_pooled": 0.1}},
+        {**cell, "best_config": {"trial": "t-best", "val_dice_pooled": 0.3}},
         {**cell, "task": "rpd", "best_config": None},
     ]}
     made = write_sweep_bundles(sweep, {**summary, "tasks": ["ga", "rpd"]})  # as the sweep calls it: before summary.json

@@ -106,7 +106,7 @@ def _fake_sweep(finetuned_run: Path, root: Path) -> Path:
             "n_seeds": 1, "n_train_patients": 3, "n_train_volumes": 6, "trials": 1, "trials_failed": 0,
             "trials_stopped": 0, "errors": [], "dice_lesion_mean": None, "healthy_predicted_empty": None,
             "n_test_healthy": 0,
-            "best_config": {"trial": "t-best", "seed": 0, "lr": 0.01, "weight_decay": 0.0, "steps": 6, "val_dice": 0.3}}
+            "best_config": {"trial": "t-best", "seed": 0, "lr": 0.01, "weight_decay": 0.0, "steps": 6, "val_dice_pooled": 0.3, "threshold": 0.5}}
     summary = {"name": "sweep", "corpus": "c", "tasks": ["ga"], "fractions": [1.0], "inits": {"scratch": "scratch"},
                "models": ["fpn"], "seeds": [0], "num_samples": 1, "search": "random", "cells": [cell],
                "trials": {"ok": 1, "stopped": 0, "error": 0}, "timings_s": {"total": 1.0}}

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from octssl import monitor, progress
 from octssl.tune.config import parse_sweep_config
 from octssl.tune.progress import SweepProgress
-from octssl.vocab import DICE
+from octssl.vocab import DICE_POOLED
 
 
 def test_sweep_progress_prints_plain_lines_and_sets_the_gauge(tmp_path, capsys, monkeypatch):
@@ -26,13 +26,13 @@ def test_sweep_progress_prints_plain_lines_and_sets_the_gauge(tmp_path, capsys, 
               for i in range(2)]
     for trial in trials:
         watcher.on_trial_start(0, trials, trial)
-    watcher.on_trial_result(0, trials, trials[0], {DICE: 0.42})
+    watcher.on_trial_result(0, trials, trials[0], {DICE_POOLED: 0.42})
     time.sleep(0.2)
     watcher.on_trial_complete(0, trials, trials[0])
     watcher.stop()
     lines = capsys.readouterr().err.splitlines()
     assert any(line.startswith("sweep: 0/2 trials finished, 2 running") for line in lines), lines
-    assert lines[-1] == f"sweep: 1/2 trials finished, 1 running, 0 failed, 0 stopped early by ASHA; best val Dice: {cell.key} 0.420"
+    assert lines[-1] == f"sweep: 1/2 trials finished, 1 running, 0 failed, 0 stopped early by ASHA; best pooled val Dice: {cell.key} 0.420"
     gauge = {s.labels["state"]: s.value for f in monitor.REGISTRY.collect() for s in f.samples
              if s.name == "octssl_sweep_trials" and s.labels[monitor.RUN_LABEL] == "lines-sweep"}
     assert gauge == {"PENDING": 0, "RUNNING": 1, "TERMINATED": 1, "ERROR": 0}

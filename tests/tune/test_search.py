@@ -11,7 +11,7 @@ from ray.tune.search import Searcher
 
 from octssl.errors import ConfigError
 from octssl.tune.config import load_sweep_config, parse_sweep_config, trial_job
-from octssl.tune.search import GroupASHA, GroupSearch, make_sampler
+from octssl.tune.search import METRIC, GroupASHA, GroupSearch, make_sampler
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,7 +96,7 @@ def test_optuna_sampler_starts_from_the_given_points(sweep_raw) -> None:
     first, second = search.suggest("a"), search.suggest("b")
     assert (first["lr"], first["weight_decay"], first["steps"]) == (0.004, 1e-4, 6)
     assert second["lr"] != 0.004 and 1e-3 <= second["lr"] <= 3e-2
-    search.on_trial_complete("a", {"dice": 0.5, "step": 6})
+    search.on_trial_complete("a", {METRIC: 0.5, "step": 6})
     search.on_trial_complete("b", None, error=True)  # a failed trial is told to Optuna without a value
     assert search.suggest("c") == Searcher.FINISHED
 
@@ -112,10 +112,10 @@ def test_asha_compares_trials_only_within_their_group(sweep_raw) -> None:
     good, bad, other = trial("good", "g1"), trial("bad", "g1"), trial("other", "g2")
     for t in (good, bad, other):
         asha.on_trial_add(None, t)
-    assert asha.on_trial_result(None, good, {"step": 3, "dice": 0.8}) == TrialScheduler.CONTINUE
-    assert asha.on_trial_result(None, bad, {"step": 3, "dice": 0.1}) == TrialScheduler.STOP
+    assert asha.on_trial_result(None, good, {"step": 3, METRIC: 0.8}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, bad, {"step": 3, METRIC: 0.1}) == TrialScheduler.STOP
     # the same poor Dice in another group (e.g. another label fraction) is not judged against g1
-    assert asha.on_trial_result(None, other, {"step": 3, "dice": 0.1}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, other, {"step": 3, METRIC: 0.1}) == TrialScheduler.CONTINUE
     # reaching its own last step is a normal end, not an early stop
-    assert asha.on_trial_result(None, good, {"step": 12, "dice": 0.9}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, good, {"step": 12, METRIC: 0.9}) == TrialScheduler.CONTINUE
     assert asha.stopped == 1

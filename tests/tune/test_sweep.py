@@ -30,7 +30,7 @@ CELL_SCHEMA = {
         "n_test": {"type": "integer", "minimum": 1},
         "best_config": {
             "type": ["object", "null"],
-            "required": ["lr", "weight_decay", "steps", "seed", "trial", "val_dice"],
+            "required": ["lr", "weight_decay", "steps", "seed", "trial", "val_dice_pooled"],
         },
     },
 }
@@ -76,7 +76,7 @@ def test_sweep_runs_end_to_end_and_records_the_failed_task(finished) -> None:
     for init in ("scratch", "ssl"):
         ga = by_cell[f"ga-f1-{init}-fpn"]
         assert ga["status"] == "ok" and ga["error"] is None and ga["last_step"] == 6, ga
-        assert 0 <= ga["val_dice"] <= 1 and ga["wall_s"] > 0
+        assert 0 <= ga["val_dice_pooled"] <= 1 and ga["wall_s"] > 0
         assert 0.003 <= ga["lr"] <= 0.01
         rpd = by_cell[f"rpd-f1-{init}-fpn"]
         assert rpd["status"] == "error" and "non-finite" in rpd["error"], rpd

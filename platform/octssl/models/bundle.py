@@ -3,13 +3,13 @@
 ``BUNDLE/model.safetensors`` (the weights, never pickle) and ``BUNDLE/config.json``: ``format``,
 ``octssl_version``, ``task``, ``model`` (registry name and build options, width included), ``input``
 (normalisation, the en-face size multiple, the training ``grid`` nB x D x W and ``depth_mm`` window that
-device files are put on), ``threshold`` (the probability threshold with the best mean Dice on the val
+device files are put on), ``threshold`` (the probability threshold with the best pooled Dice on the val
 split, over 0.05..0.95) with ``threshold_source``, ``metrics`` (``val`` at that threshold; ``test`` from
 the sweep when the bundle comes from one) and ``provenance`` (run directory, sweep and trial, corpus path
 and the sha256 of its manifest, the training config, the weights' sha256, creation time).
 
 :func:`export_model` makes one from a fine-tuning run directory or from a sweep directory (the cell of
-``task`` whose chosen trial has the best val Dice); :func:`load_bundle` checks everything before it builds
+``task`` whose chosen trial has the best pooled val Dice); :func:`load_bundle` checks everything before it builds
 the model and refuses, naming the bundle and the problem, a bundle of another octssl version, another
 format, weights that differ from the config, or a config that does not fit.
 """
@@ -132,7 +132,7 @@ def _run_of(source: Path, task: str, summary: dict[str, Any] | None, shown: str)
         cells = [c for c in summary.get("cells", []) if c.get("task") == task and c.get("best_config")]
         if not cells:
             raise ModelError(f"{shown}: the sweep has no finished cell for task {task!r}")
-        cell = max(cells, key=lambda c: c["best_config"]["val_dice"])
+        cell = max(cells, key=lambda c: c["best_config"]["val_dice_pooled"])
         trial = cell["best_config"]["trial"]
         test = {"dice": cell.get("dice_mean"), "hd95_mm": cell.get("hd95_mean"), "n": cell.get("n_test"),
                 "seeds": cell.get("n_seeds")}
@@ -213,7 +213,7 @@ def _bundle_config(run_dir: Path, task: str, known: dict[str, Any]) -> tuple[dic
         "model": {"name": metadata["octssl.model"], "options": metadata["octssl.options"]},
         "input": {"normalisation": "z-score per B-scan", "multiple": MULTIPLE, "grid": list(grid),
                   "depth_mm": 1.0},
-        "threshold": val.pop("threshold"), "threshold_source": f"best mean Dice on the val split ({val['n']} volumes)",
+        "threshold": val.pop("threshold"), "threshold_source": f"best pooled Dice on the val split ({val['n']} volumes)",
         "metrics": {VAL: val, "test": known["test"]},
         "provenance": {
             **known["provenance"], "weights_sha256": _sha256(weights),
@@ -264,17 +264,18 @@ def _val_threshold(model: Any, corpus: Any, task: str, depth: int) -> dict[str, 
     """Threshold chosen on the val volumes labelled ``task``, with Dice and HD95 there."""
     import numpy as np
 
-    from octssl.inference import Segmenter, choose_threshold, hd95
+    from octssl.inference import Segmenter, choose_threshold, dice, hd95
 
     ids = corpus.ids(split=VAL, label=task)
     samples = [corpus.read(i) for i in ids]
     probs = Segmenter(model, depth=depth).probabilities([s["oct"] for s in samples],
                                                        [s["meta"]["spacing_mm"] for s in samples])
     truths = [s[task] for s in samples]
-    threshold, dice = choose_threshold(probs, truths)
+    threshold, pooled = choose_threshold(probs, truths)
     hd = [hd95(p >= threshold, t, s["meta"]["spacing_mm"]) for p, t, s in zip(probs, truths, samples, strict=True)]
     finite = [h for h in hd if np.isfinite(h)]
-    return {"threshold": threshold, "dice": None if not ids else dice, "n": len(ids),
+    mean_dice = float(np.mean([dice(p >= threshold, t) for p, t in zip(probs, truths, strict=True)])) if ids else None
+    return {"threshold": threshold, "dice": mean_dice, "dice_pooled": None if not ids else pooled, "n": len(ids),
             "hd95_mm": float(np.mean(finite)) if finite else None, "hd95_undefined": len(hd) - len(finite)}
 
 

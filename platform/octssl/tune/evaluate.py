@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from octssl.errors import ModelError
-from octssl.vocab import DICE, FAF, HD95, RECONSTRUCTION, SEGMENTATION, VOLUME
+from octssl.vocab import DICE, FAF, HD95, OVERLAP_PX, PRED_PX, RECONSTRUCTION, SEGMENTATION, TRUTH_PX, VOLUME
 
 
 def _device(gpu: bool) -> torch.device:
@@ -33,10 +33,12 @@ def mean_projection(volume: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[str], *, show: Sequence[str] = (),
-                          threads: int = 1, gpu: bool = False) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Per-volume ``{id, dice, hd95_mm, truth_px, pred_px}`` of ``weights`` on ``ids`` (pixel counts of the
-    mask and of the prediction on the evaluation grid tell healthy eyes from lesions); plus, for the volumes in ``show``,
+def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[str], *, threshold: float = 0.5,
+                          show: Sequence[str] = (), threads: int = 1,
+                          gpu: bool = False) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Per-volume ``{id, dice, hd95_mm, truth_px, pred_px, overlap_px}`` of ``weights`` on ``ids`` at
+    ``threshold`` (the probability its trial chose on the val split; pixel counts of the mask and of the
+    prediction tell healthy eyes from lesions); plus, for the volumes in ``show``,
     ``ids`` and en-face arrays ``enface`` (mean projection), ``truth`` and ``prob`` (sigmoid), ``(n, nB, W)``."""
     from octssl.corpus.store import Corpus
     from octssl.data.transforms import EvalTransform, collate
@@ -56,11 +58,10 @@ def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[s
             raise ModelError(f"{corpus_path}: test sample {sample_id} has no '{task}' mask")
         batch = collate([transform(sample)])
         batch[VOLUME] = batch[VOLUME].to(device)
-        logits, (row,) = score_batch(model, objective, batch)
+        logits, (row,) = score_batch(model, objective, batch, threshold)
         logits = logits.cpu()
         rows.append({"id": sample_id, DICE: float(row[DICE]), HD95: float(row[HD95]),
-                     "truth_px": int(np.count_nonzero(sample[task])),
-                     "pred_px": int((logits[0, 0] > 0).sum())})
+                     TRUTH_PX: int(row[TRUTH_PX]), PRED_PX: int(row[PRED_PX]), OVERLAP_PX: int(row[OVERLAP_PX])})
         if sample_id in show:
             preview["ids"].append(sample_id)
             preview["enface"].append(mean_projection(sample["oct"]))

@@ -1,4 +1,4 @@
-"""Live sweep progress: a rich table of cells (trials running / finished / failed, best val Dice) on the
+"""Live sweep progress: a rich table of cells (trials running / finished / failed, best pooled val Dice) on the
 terminal (a plain line at a steady cadence when stderr is not one) and the ``octssl_sweep_trials`` gauge for
 Prometheus, both fed by a Ray Tune callback."""
 
@@ -12,8 +12,7 @@ from ray.tune import Callback
 from octssl.monitor import SweepMetrics
 from octssl.progress import Ticker, console, interactive
 from octssl.tune.config import SweepConfig
-from octssl.tune.results import stopped_early
-from octssl.vocab import DICE
+from octssl.tune.results import METRIC, stopped_early
 
 STATES = ("PENDING", "RUNNING", "TERMINATED", "ERROR")
 
@@ -64,7 +63,7 @@ class SweepProgress(Callback):
     def line(self) -> str:
         """The sweep's state as one plain line (non-terminal output)."""
         best = ", ".join(f"{cell} {dice:.3f}" for cell, dice in sorted(self.best.items()))
-        return self.title() + (f"; best val Dice: {best}" if best else "")
+        return self.title() + (f"; best pooled val Dice: {best}" if best else "")
 
     def render(self) -> Any:
         from rich.table import Table
@@ -75,7 +74,7 @@ class SweepProgress(Callback):
             per_cell.setdefault(cell_key, Counter())[state] += 1
         per_trial = self.config.search.num_samples * len(self.config.seeds)
         table = Table(title=self.title(), title_justify="left")
-        for column in ("cell", "finished", "running", "failed", "best val Dice"):
+        for column in ("cell", "finished", "running", "failed", "best pooled val Dice"):
             table.add_column(column, justify="left" if column == "cell" else "right")
         for cell in self.config.cells:
             c = per_cell.get(cell.key, Counter())
@@ -99,7 +98,7 @@ class SweepProgress(Callback):
         self._set(trial, "RUNNING")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        dice = result.get(DICE)
+        dice = result.get(METRIC)
         cell = trial.config["group"].rsplit("-s", 1)[0]
         if dice is not None and dice == dice and dice > self.best.get(cell, -1.0):
             self.best[cell] = float(dice)

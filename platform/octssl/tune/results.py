@@ -13,12 +13,15 @@ import numpy as np
 from octssl.cluster import root_cause
 from octssl.storage import Location, staging_dir
 from octssl.tune.config import SweepConfig
-from octssl.vocab import DICE, HD95
+from octssl.vocab import DICE, HD95, OVERLAP_PX, PRED_PX, PRIMARY_METRIC, SEGMENTATION, THRESHOLD, TRUTH_PX
+
+METRIC = PRIMARY_METRIC[SEGMENTATION]  # what picks a trial's best checkpoint and the chosen trial
 
 #: trial statuses in trials.parquet and summary.json
 OK, STOPPED, ERROR = "ok", "stopped", "error"
 STATUSES = (OK, STOPPED, ERROR)
-RESULT_COLUMNS = ("task", "fraction", "init", "model", "seed", "trial", "id", DICE, HD95, "truth_px", "pred_px")
+RESULT_COLUMNS = ("task", "fraction", "init", "model", "seed", "trial", THRESHOLD, "id", DICE, HD95, TRUTH_PX, PRED_PX,
+                  OVERLAP_PX)
 
 
 def stopped_early(last_step: int, steps: int) -> bool:
@@ -31,7 +34,9 @@ def trial_row(config: SweepConfig, sweep_dir: Path, result: Any) -> dict[str, An
     group = next(g for g in config.groups if g.key == params["group"])
     run_dir = sweep_dir / "trials" / params["trial"]
     vals = _read_jsonl(run_dir / "val.jsonl")
-    dices = [v[DICE] for v in vals if v.get(DICE) is not None and not math.isnan(v[DICE])]
+    scored = [v for v in vals if v.get(METRIC) is not None and not math.isnan(v[METRIC])]
+    dices = [v[METRIC] for v in scored]
+    best = max(scored, key=lambda v: v[METRIC]) if scored else {}  # the evaluation that wrote best/
     metrics = result.metrics or {}
     last_step = max([int(v["step"]) for v in vals] or [0])
     if result.error is not None:
@@ -44,7 +49,8 @@ def trial_row(config: SweepConfig, sweep_dir: Path, result: Any) -> dict[str, An
         "trial": params["trial"], "group": group.key, "cell": group.cell.key, "task": group.cell.task,
         "fraction": group.cell.fraction, "init": group.cell.init, "model": group.cell.model, "seed": group.seed,
         "lr": params["lr"], "weight_decay": params["weight_decay"], "steps": params["steps"],
-        "status": status, "val_dice": max(dices) if dices else None, "last_val_dice": dices[-1] if dices else None,
+        "status": status, "val_dice_pooled": max(dices) if dices else None,
+        "last_val_dice_pooled": dices[-1] if dices else None, THRESHOLD: best.get(THRESHOLD, 0.5),
         "last_step": last_step, "wall_s": metrics.get("time_total_s"),
         "error": root_cause(result.error) if result.error is not None else None,
         "best_weights": str(run_dir / "best" / "model.safetensors"),
@@ -58,13 +64,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def choose(trials: list[dict[str, Any]], config: SweepConfig) -> dict[str, dict[str, Any]]:
-    """Per group, the trial with the best val Dice whose best weights exist (groups with none are absent)."""
+    """Per group, the trial with the best pooled val Dice whose best weights exist (groups with none are absent)."""
     chosen: dict[str, dict[str, Any]] = {}
     for group in config.groups:
-        candidates = [t for t in trials if t["group"] == group.key and t["val_dice"] is not None
+        candidates = [t for t in trials if t["group"] == group.key and t["val_dice_pooled"] is not None
                       and Path(t["best_weights"]).is_file()]
         if candidates:
-            chosen[group.key] = max(candidates, key=lambda t: (t["val_dice"], -t["steps"]))
+            chosen[group.key] = max(candidates, key=lambda t: (t["val_dice_pooled"], -t["steps"]))
     return chosen
 
 
@@ -76,11 +82,11 @@ def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[st
                 (cell.task, cell.fraction, cell.init, cell.model)]
         dice = np.array([r[DICE] for r in mine], float)
         hd95 = np.array([r["hd95_mm"] for r in mine], float)
-        lesion = np.array([r["truth_px"] > 0 for r in mine], bool)
+        lesion = np.array([r[TRUTH_PX] > 0 for r in mine], bool)
         seeds = sorted({r["seed"] for r in mine})
         per_seed = [float(np.mean([r[DICE] for r in mine if r["seed"] == s])) for s in seeds]
         picks = [dict(chosen[g.key]) for g in config.groups if g.cell == cell and g.key in chosen]
-        best = max(picks, key=lambda t: t["val_dice"]) if picks else None
+        best = max(picks, key=lambda t: t["val_dice_pooled"]) if picks else None
         cell_trials = [t for t in trials if t["cell"] == cell.key]
         failed = [f"seed {g.seed}: {errors[g.key]}" for g in config.groups if g.cell == cell and g.key in errors]
         failed += [f"seed {g.seed}: every trial failed" for g in config.groups
@@ -118,7 +124,7 @@ def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[st
 
 
 def _config_of(trial: dict[str, Any]) -> dict[str, Any]:
-    return {k: trial[k] for k in ("trial", "seed", "lr", "weight_decay", "steps", "val_dice")}
+    return {k: trial[k] for k in ("trial", "seed", "lr", "weight_decay", "steps", "val_dice_pooled", THRESHOLD)}
 
 
 def write_parquet(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...] | None = None) -> None:

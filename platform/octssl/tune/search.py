@@ -22,9 +22,9 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from ray.tune.search import Searcher
 
 from octssl.tune.config import Group, SearchSection
-from octssl.vocab import DICE
+from octssl.vocab import PRIMARY_METRIC, SEGMENTATION
 
-METRIC, MODE, TIME_ATTR = DICE, "max", "step"
+METRIC, MODE, TIME_ATTR = PRIMARY_METRIC[SEGMENTATION], "max", "step"  # ASHA compares trials on it
 
 
 def search_space(search: SearchSection) -> dict[str, Any]:

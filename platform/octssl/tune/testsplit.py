@@ -11,7 +11,7 @@ import numpy as np
 from octssl.cluster import root_cause
 from octssl.progress import stage
 from octssl.tune.config import SCRATCH, SweepConfig
-from octssl.vocab import ENFACE_IMAGES, VOLUME
+from octssl.vocab import ENFACE_IMAGES, THRESHOLD, VOLUME
 
 
 def evaluate_chosen(config: SweepConfig, chosen: dict[str, dict[str, Any]], facts: dict[str, Any],
@@ -29,7 +29,8 @@ def evaluate_chosen(config: SweepConfig, chosen: dict[str, dict[str, Any]], fact
             continue
         show = facts["figure"][group.cell.task] if group.seed == config.seeds[0] else []
         ref = task_fn.remote(config.corpus, chosen[group.key]["best_weights"], group.cell.task,  # type: ignore[call-arg]
-                             facts["test"][group.cell.task], show=show, threads=int(res.cpus_per_trial),
+                             facts["test"][group.cell.task], threshold=chosen[group.key][THRESHOLD],
+                             show=show, threads=int(res.cpus_per_trial),
                              gpu=res.gpus_per_trial > 0)
         pending[ref] = group
     rows: list[dict[str, Any]] = []
@@ -48,7 +49,8 @@ def evaluate_chosen(config: SweepConfig, chosen: dict[str, dict[str, Any]], fact
             cell = group.cell
             for row in volume_rows:
                 rows.append({"task": cell.task, "fraction": cell.fraction, "init": cell.init, "model": cell.model,
-                             "seed": group.seed, "trial": chosen[group.key]["trial"], **row})
+                             "seed": group.seed, "trial": chosen[group.key]["trial"],
+                             THRESHOLD: chosen[group.key][THRESHOLD], **row})
             if preview:
                 previews[cell.key] = preview
             advance()
