@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -136,7 +137,7 @@ class IcechunkCorpus(Corpus):
                        else repo.readonly_session(branch=BRANCH))
         except ic.IcechunkError as err:
             raise CorpusError(f"{repository}@{snapshot or BRANCH}: no such snapshot in this icechunk repository "
-                              f"({str(err).splitlines()[0]})") from None
+                              f"({_first_line(err)})") from None
         return cls(repository, session, read_manifest_bytes(repository, session))
 
     def _zarr_store(self) -> Any:
@@ -176,8 +177,9 @@ class IcechunkCorpus(Corpus):
         results = {}
         for key, chunk, shape, data in zip(keys, chunks, shapes, _get(self.session.store, chunks), strict=True):
             where, expected = f"{self.zarr_path}/{chunk}", (row["sha256"] or {}).get(key)
-            if isinstance(data, BaseException):
-                raise CorpusError(f"{where}: sample {row['id']}: cannot read '{key}': {data}") from data
+            if isinstance(data, BaseException):  # e.g. the object was deleted: icechunk's first line names it
+                raise CorpusError(f"{where}: sample {row['id']}: cannot read '{key}' (object missing or "
+                                  f"unreadable): {_first_line(data)}") from data
             if data is None:  # no object: the slot holds the fill value, which only an all-zero array may
                 if expected == mf.zeros_sha256(shape):
                     results[key] = np.zeros(shape, np.uint8)
@@ -194,12 +196,25 @@ class IcechunkCorpus(Corpus):
         return results
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of an icechunk error (the rest is a Rust backtrace-like context)."""
+    lines = [line.strip(" x|") for line in str(err).splitlines() if line.strip(" x|")]
+    return lines[0] if lines else type(err).__name__
+
+
 def read_manifest_bytes(repository: Location, session: Any) -> bytes:
-    """The manifest.parquet bytes stored in ``session``'s snapshot (CorpusError when it holds none)."""
-    data = _get(session.store, [f"{MANIFEST_ARRAY}/c/0"])[0]
-    if data is None or isinstance(data, BaseException):
-        raise CorpusError(f"{repository}@{session.snapshot_id}: an icechunk repository without an octssl "
-                          f"corpus (no '{MANIFEST_ARRAY}' array){f': {data}' if data else ''}")
+    """The manifest.parquet bytes stored in ``session``'s snapshot, checked against the sha256 its array's
+    attributes record (CorpusError when it holds none, or a damaged one)."""
+    where = f"{repository}@{session.snapshot_id}/{MANIFEST_ARRAY}"
+    meta, data = _get(session.store, [f"{MANIFEST_ARRAY}/zarr.json", f"{MANIFEST_ARRAY}/c/0"])
+    for got in (meta, data):
+        if got is None or isinstance(got, BaseException):
+            raise CorpusError(f"{where}: missing: an icechunk repository without an octssl corpus"
+                              f"{f' ({_first_line(got)})' if got else ''}")
+    recorded = json.loads(meta).get("attributes", {}).get("sha256")
+    if hashlib.sha256(data).hexdigest() != recorded:
+        raise CorpusError(f"{where}/c/0: the manifest's sha256 differs from the one recorded at publish "
+                          "(damaged object)")
     return bytes(data)
 
 
