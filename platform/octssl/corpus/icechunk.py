@@ -102,7 +102,7 @@ def _repository(where: Location, create: bool = False) -> Any:
             return ic.Repository.create(storage_of(where), ic.RepositoryConfig(inline_chunk_threshold_bytes=0))
         return ic.Repository.open(storage_of(where))
     except ic.IcechunkError as err:
-        raise storage_error(where, err) from err
+        raise storage_error(where, RuntimeError(_first_line(err))) from None
 
 
 def _get(store: Any, keys: list[str]) -> list[Any]:
@@ -130,6 +130,8 @@ class IcechunkCorpus(Corpus):
     @classmethod
     def at(cls, repository: Location, snapshot: str | None = None) -> IcechunkCorpus:
         """The corpus at ``snapshot`` (default: the tip of branch main); CorpusError when there is none."""
+        if not is_repository(repository):  # also where wrong keys are reported, naming the bucket
+            raise CorpusError(f"{repository}: no icechunk repository here (no branch '{BRANCH}')")
         ic = _icechunk()
         repo = _repository(repository)
         try:
