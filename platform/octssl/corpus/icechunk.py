@@ -220,6 +220,16 @@ def read_manifest_bytes(repository: Location, session: Any) -> bytes:
     return bytes(data)
 
 
+def pinned(value: str) -> str:
+    """``value`` pinned to the snapshot it reads now: an icechunk repository's ``URL`` becomes
+    ``URL@SNAPSHOT_ID`` (the tip of main), so every worker of a run reads the same snapshot; anything else
+    (a snapshot already, or another kind of corpus) comes back as it is."""
+    where, snapshot = split_snapshot(value)
+    if snapshot is not None or not is_repository(where):
+        return value
+    return f"{value.rstrip('/')}@{_repository(where).lookup_branch(BRANCH)}"
+
+
 def version_of(value: str | Path | Location) -> dict[str, str] | None:
     """``{"manifest_sha256", "snapshot_id"}`` of the icechunk corpus at ``value`` (``URL`` or
     ``URL@SNAPSHOT_ID``); None when ``value`` is not an icechunk repository."""
