@@ -89,9 +89,12 @@ def _data(data: dict[str, Any]) -> tuple[str, str]:
             for p in ("ZarrSource", "StreamSource")}
     waits = ", ".join(f"{r['source']} {r['loader_workers']}w {r['data_wait_fraction'] * 100:.1f}%"
                       for r in data.get("training", []) if r["status"] == "ok")
+    remote = [r for r in data["rows"] if r["path"] == "StreamSource (S3)"]
+    s3 = ", ".join(f"{r['workers']}w {r['MB_per_s']:.0f} MB/s (x{r['ratio_to_local']:.2f})" for r in remote)
     return (f"data: {data['volumes']} x {'x'.join(map(str, data['grid']))}{' cold' if data['cold_cache'] else ''}",
             f"ZarrSource {best['ZarrSource']['MB_per_s']:.0f} MB/s ({best['ZarrSource']['workers']}w), "
             f"StreamSource {best['StreamSource']['MB_per_s']:.0f} MB/s ({best['StreamSource']['workers']}w)"
+            + (f"; StreamSource from S3 (local SeaweedFS) vs local: {s3}" if s3 else "")
             + (f"; data-wait share of training steps: {waits}" if waits else ""))
 
 

@@ -42,6 +42,8 @@ class DataConfig(_Section):
     crop: tuple[PositiveInt, PositiveInt] = Field((32, 64), description="training crop (nB, W); depth is kept whole")
     batch_size: int = Field(2, ge=1, description="per worker")
     loader_workers: int = Field(0, ge=0)
+    prefetch: int = Field(4, ge=0, le=64, description="source=stream: samples each loader worker reads ahead "
+                          "(range requests in flight on an object store, fadvise hints on disk)")
     crops_per_volume: int = Field(4, ge=1, description="random crops per training volume per epoch")
     augment: bool = True
     val_volumes: int | None = Field(None, ge=1, description="cap on val volumes per evaluation")

@@ -78,3 +78,14 @@ def test_missing_data_is_a_config_error(tiny_corpus: Path, tmp_path: Path) -> No
     Corpus.create(tmp_path / "empty")
     with pytest.raises(ConfigError, match="no train volumes with 'faf'"):
         build_train_data(_config(tmp_path / "empty", tmp_path, "zarr"))
+
+
+def test_stream_prefetch_comes_from_the_config(tiny_corpus: Path, shards: Path) -> None:
+    """``data.prefetch`` sets how many samples each loader worker of a shard feed reads ahead (the range
+    requests in flight on an object store); the default is 4."""
+    default = build_train_data(_config(tiny_corpus, shards, "stream"))
+    deeper = build_train_data(_config(tiny_corpus, shards, "stream", "data.prefetch=12"))
+    assert isinstance(default, ShardFeed) and isinstance(deeper, ShardFeed)
+    assert (default.stream.prefetch, deeper.stream.prefetch) == (4, 12)
+    with pytest.raises(ConfigError, match="prefetch"):
+        _config(tiny_corpus, shards, "stream", "data.prefetch=-1")

@@ -141,7 +141,7 @@ class ShardFeed(TrainData):
             raise ConfigError(f"data.shards={c.data.shards}: no index.json (run `octssl export-shards` first)")
         try:
             stream = StreamSource(c.data.shards, split=TRAIN, rank=rank, world_size=world_size, seed=c.run.seed,
-                                  batch_size=c.data.batch_size, transform=train_transform(c))
+                                  batch_size=c.data.batch_size, transform=train_transform(c), prefetch=c.data.prefetch)
         except ShardError as err:
             raise ConfigError(str(err)) from None
         return cls(stream, loader_workers=c.data.loader_workers, target=c.objective.target)
