@@ -11,8 +11,7 @@ commit point; see ``octssl.corpus.journal`` for how a crashed append is undone.
 
 A corpus published to an object store (``octssl publish``) opens read-only from its URL
 (``Corpus.open("s3://bucket/corpus")``): Zarr reads through an fsspec view of the pyarrow S3 filesystem,
-the shard fast path (``octssl.corpus.chunkread``) through range requests. One published with ``--icechunk``
-opens as ``octssl.corpus.icechunk.IcechunkCorpus`` (a snapshot of an icechunk repository).
+the shard fast path (``octssl.corpus.chunkread``) through range requests.
 """
 
 from __future__ import annotations
