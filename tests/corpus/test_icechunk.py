@@ -129,3 +129,25 @@ def test_a_damaged_manifest_object_is_named(make_corpus, tmp_path: Path):
     stored.write_bytes(stored.read_bytes()[:-9] + b"damaged!!")
     with pytest.raises(CorpusError, match=r"manifest.parquet/c/0: the manifest's sha256 differs"):
         Corpus.open(repo)
+
+
+def test_a_publish_stopped_before_its_commit_leaves_the_old_snapshot_and_runs_again(tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch):
+    from octssl.corpus import icechunk as ice
+
+    volumes = list(samples(8, GRID, 0, 0.5))
+    local, repo = _corpus(tmp_path / "corpus", volumes[:5]), tmp_path / "repo"
+    first = publish(local.path, repo, progress=False)["snapshot_id"]
+    local.append(volumes[5:], progress=False)
+
+    def stop(*args: object) -> None:
+        raise KeyboardInterrupt  # the new arrays are uploaded, the commit not made
+
+    monkeypatch.setattr(ice, "_verify_written", stop)
+    with pytest.raises(KeyboardInterrupt):
+        publish(local.path, repo, progress=False)
+    reader = Corpus.open(repo)
+    assert (reader.snapshot_id, len(reader)) == (first, 5) and reader.verify() == []
+    monkeypatch.undo()
+    again = publish(local.path, repo, progress=False)
+    assert again["snapshot_id"] != first and len(Corpus.open(repo)) == 8
