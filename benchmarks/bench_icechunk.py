@@ -59,7 +59,7 @@ def icechunk_missing() -> str | None:
     try:
         import icechunk  # noqa: F401
     except ImportError as err:
-        return f"icechunk is not installed ({err}); pip install 'icechunk>=1.1,<2' (part of the dev extras)"
+        return f"icechunk is not installed ({err}); pip install 'icechunk>=1.1,<2' (an octssl dependency)"
     return None
 
 

@@ -47,6 +47,21 @@ def test_predict_a_corpus_split(bundle: Path, growth_corpus: Path, tmp_path: Pat
         assert Image.open(tmp_path / "out" / "volumes" / row["id"] / "overlay.png").mode == "RGB"
 
 
+def test_predict_a_split_of_an_icechunk_snapshot_like_the_local_corpus(bundle: Path, growth_corpus: Path,
+                                                                        tmp_path: Path) -> None:
+    from octssl.corpus.icechunk import publish
+
+    snapshot = publish(growth_corpus, tmp_path / "repo", progress=False)["snapshot_id"]
+    local = predict(bundle, [growth_corpus], tmp_path / "local", split="test", batch_size=3, progress=False)
+    result = CliRunner().invoke(app, ["predict", str(bundle), f"{tmp_path / 'repo'}@{snapshot}", "--split", "test",
+                                      "--out", str(tmp_path / "ice")])
+    assert result.exit_code == 0, result.output
+    ice = pq.read_table(tmp_path / "ice" / "predictions.parquet").to_pylist()
+    assert len(ice) == len(local.rows) > 0 and all(row.pop("source").endswith(f"@{snapshot}") for row in ice)
+    assert ice == [{k: v for k, v in row.items() if k != "source"}
+                   for row in pq.read_table(tmp_path / "local" / "predictions.parquet").to_pylist()]
+
+
 def test_predict_device_files_gives_masks_but_no_area_for_line_and_circle(bundle: Path, shared_dir: Path,
                                                                          tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("OCTSSL_PSEUDONYM_KEY", "test-key")

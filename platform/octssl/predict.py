@@ -163,6 +163,7 @@ def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | P
             progress: bool = True) -> PredictReport:
     """Run the bundle (a folder or a URL) on ``sources`` (one corpus, a folder or a published corpus's URL, or
     device files/folders); write ``out`` (a local folder); return the report."""
+    from octssl.corpus.icechunk import is_repository, split_snapshot
     from octssl.corpus.layout import ZARR_NAME
     from octssl.progress import stage
 
@@ -172,7 +173,8 @@ def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | P
     out = Location.parse(out).local
     report = PredictReport(out=str(out))
     places = [Location.parse(s) for s in sources]
-    corpus_mode = len(places) == 1 and (places[0].remote or (places[0].local / ZARR_NAME).is_dir())
+    corpus_mode = len(places) == 1 and (places[0].remote or (places[0].local / ZARR_NAME).is_dir()
+                                         or split_snapshot(places[0])[1] is not None or is_repository(places[0]))
     if not corpus_mode and any(p.remote for p in places):
         raise PredictError(f"{next(p for p in places if p.remote)}: device files are read from local paths; a URL "
                            "source must be one published corpus")

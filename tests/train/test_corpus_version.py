@@ -26,3 +26,14 @@ def test_pretrain_summary_records_the_corpus_manifest_sha256(job, train_corpus: 
     second = run_single_process(job("pretrain.yaml", "run.name=v2", f"data.corpus={corpus}", "run.max_steps=2"))
     assert second["corpus_version"]["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
     assert second["corpus_version"]["manifest_sha256"] != first["corpus_version"]["manifest_sha256"]
+
+
+def test_a_run_on_an_icechunk_corpus_reads_and_records_one_snapshot(job, train_corpus: Path, tmp_path: Path) -> None:
+    from octssl.corpus.icechunk import publish
+
+    repo = tmp_path / "repo"
+    published = publish(train_corpus, repo, progress=False)
+    done = run_single_process(job("pretrain.yaml", "run.name=ice", f"data.corpus={repo}", "run.max_steps=2"))
+    assert done["corpus_version"] == {
+        "manifest_sha256": hashlib.sha256((train_corpus / "manifest.parquet").read_bytes()).hexdigest(),
+        "snapshot_id": published["snapshot_id"], "corpus": f"{repo}@{published['snapshot_id']}", "shards": None}

@@ -43,14 +43,27 @@ def export_shards_command(
 
 
 _PUBLISH_CORPUS = typer.Argument(..., help="local corpus directory")
-_PUBLISH_URL = typer.Argument(..., help="destination s3://BUCKET/PREFIX (endpoint and keys from AWS_* variables)")
+_PUBLISH_URL = typer.Argument(..., help="destination s3://BUCKET/PREFIX (endpoint and keys from AWS_* variables); "
+                              "with --icechunk also a local folder")
+_PUBLISH_ICECHUNK = typer.Option(False, "--icechunk", help="commit into an icechunk repository (one object per "
+                                 "volume, snapshots; publishing again commits only what is new)")
 
 
 @app.command()
-def publish(corpus: Path = _PUBLISH_CORPUS, url: str = _PUBLISH_URL) -> None:
+def publish(corpus: Path = _PUBLISH_CORPUS, url: str = _PUBLISH_URL, icechunk: bool = _PUBLISH_ICECHUNK) -> None:
     """Upload a corpus to object storage: data, then a read-back check, then the manifest (resumable)."""
     from octssl.corpus.publish import publish as publish_corpus
 
+    if icechunk:
+        from octssl.corpus.icechunk import publish as commit_corpus
+
+        try:
+            done = commit_corpus(corpus, url)
+        except _ERRORS as err:
+            _fail(err)
+        said = "already published" if done["already"] else f"published ({done['arrays']} arrays written)"
+        console.print(f"[green]{said}[/] {done['samples']} samples at {url}@{done['snapshot_id']}")
+        return
     try:
         done = publish_corpus(corpus, url)
     except _ERRORS as err:
@@ -161,7 +174,8 @@ _SYNTH_SEED = typer.Option(0, "--seed", help="random seed: the same seed gives i
 _SYNTH_LABELLED = typer.Option(0.5, "--labelled", help="share of volumes (per split) with GA/RPD masks")
 _SYNTH_PREVIEW = typer.Option(False, "--preview", help="also write OUT/preview.png")
 _SYNTH_GROWTH = typer.Option(False, "--ga-growth", help="grow GA at known per-eye rates (OUT/ga_growth.csv)")
-_INFO_CORPUS = typer.Argument(..., help="corpus directory")
+_INFO_CORPUS = typer.Argument(..., help="corpus directory, or a published corpus's URL (URL@SNAPSHOT_ID for an "
+                               "icechunk snapshot)")
 _INFO_JSON = typer.Option(False, "--json", help="print JSON instead of a table")
 _VERIFY_PATH = typer.Argument(..., help="a corpus (a folder, or a published corpus's s3:// URL), or a shard "
                               "export (a folder or an s3:// prefix holding index.json)")
@@ -201,7 +215,7 @@ def synth(
 
 
 @app.command()
-def info(corpus: Path = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
+def info(corpus: str = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
     """Counts per grid, split, modality and label; patients; raster scans; size on disk."""
     import json
 
@@ -226,12 +240,15 @@ def info(corpus: Path = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
     table.add_row("raster / non-raster", f"{summary['raster']} / {summary['volumes'] - summary['raster']}"
                   + (f" ({reasons})" if reasons else ""))
     table.add_row("size on disk", f"{summary['bytes_on_disk'] / 2**20:.1f} MiB")
+    if "snapshot_id" in summary:
+        table.add_row("icechunk snapshot", summary["snapshot_id"])
     Console().print(table)
 
 
 @app.command()
 def verify(path: str = _VERIFY_PATH) -> None:
     """Recompute every checksum of a corpus (or shard directory); print every problem; exit 1 if any."""
+    from octssl.corpus.icechunk import is_repository, split_snapshot
     from octssl.corpus.manifest import MANIFEST_NAME
     from octssl.errors import StorageError
     from octssl.storage import Location
@@ -244,8 +261,8 @@ def verify(path: str = _VERIFY_PATH) -> None:
             shards = is_shard_dir(where)
         elif (where / INDEX_NAME).is_file():
             shards = True
-        elif (where / MANIFEST_NAME).is_file():
-            shards = False  # a published corpus
+        elif (where / MANIFEST_NAME).is_file() or split_snapshot(where)[1] or is_repository(where):
+            shards = False  # a published corpus (an icechunk one: a repository, or URL@SNAPSHOT_ID)
         elif is_shard_dir(where):
             shards = True  # shard objects without their index: verify names what is missing
         else:

@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+import pyarrow.fs as pafs
+
 from octssl.corpus import manifest as mf
+from octssl.corpus.icechunk import IcechunkCorpus
 from octssl.corpus.journal import Journal
 from octssl.corpus.layout import ZARR_NAME
 from octssl.errors import CorpusError
 from octssl.progress import track
 from octssl.sample import ARRAY_KEYS, VOLUME_KEY
-from octssl.storage import Location
+from octssl.storage import Location, storage_error
 
 if TYPE_CHECKING:
     from octssl.corpus.store import Corpus
@@ -73,11 +76,19 @@ def _check_array(corpus: Corpus, key: str, row: dict[str, Any]) -> list[str]:
 
 
 def _stored_grids(corpus: Corpus, key: str) -> list[str]:
+    if isinstance(corpus, IcechunkCorpus):
+        return corpus.stored_grids(key)
     if corpus.remote:  # a published corpus: the buckets are the prefixes holding a zarr.json
         prefix = Location.parse(corpus.zarr_path / key)
         return sorted({f.parent.name for f in prefix.files() if f.name == "zarr.json" and f.parent.parent == prefix})
     root = corpus.folder / ZARR_NAME / key
     return [p.name for p in root.iterdir() if (p / "zarr.json").is_file()] if root.is_dir() else []
+
+
+def _has_array(corpus: Corpus, key: str, grid: str) -> bool:
+    if isinstance(corpus, IcechunkCorpus):
+        return corpus.has_array(key, grid)
+    return (corpus.zarr_path / key / grid / "zarr.json").is_file()
 
 
 def _check_bucket(corpus: Corpus, grid: str, referenced: set[int]) -> list[str]:
@@ -86,7 +97,7 @@ def _check_bucket(corpus: Corpus, grid: str, referenced: set[int]) -> list[str]:
     nb, depth, width = (int(n) for n in grid.split("x"))
     for key in ARRAY_KEYS:
         path = corpus.zarr_path / key / grid
-        if not (path / "zarr.json").is_file():
+        if not _has_array(corpus, key, grid):
             continue
         arr = corpus.array(key, grid)
         expected = (nb, depth, width) if key == VOLUME_KEY else (nb, width)
@@ -101,7 +112,7 @@ def _check_bucket(corpus: Corpus, grid: str, referenced: set[int]) -> list[str]:
 def _check_localizer_bucket(corpus: Corpus, grid: str, referenced: set[int]) -> list[str]:
     """Shape and dtype of one ``localizer/<H>x<W>`` array; slots no manifest row refers to."""
     path = corpus.zarr_path / LOCALIZER / grid
-    if not (path / "zarr.json").is_file():
+    if not _has_array(corpus, LOCALIZER, grid):
         return []  # rows pointing here are reported as "array missing" per sample
     expected = _localizer_shape(grid)
     if expected is None:
@@ -127,7 +138,7 @@ def _orphans(corpus: Corpus, key: str, grid: str, stored: int, referenced: set[i
 def summarize(corpus: Corpus) -> dict[str, Any]:
     """Counts for `octssl info`."""
     rows = corpus.rows
-    size = sum(p.stat().st_size for p in corpus.folder.rglob("*") if p.is_file())
+    size = _stored_bytes(Location.parse(corpus.repository if isinstance(corpus, IcechunkCorpus) else corpus.path))
     non_raster = Counter(r["raster_reason"] or r["scan_pattern"] for r in rows if not r["raster"])
     return {
         "path": str(corpus.path),
@@ -152,4 +163,15 @@ def summarize(corpus: Corpus) -> dict[str, Any]:
         "devices": dict(Counter(r["device"] for r in rows)),
         "bytes_on_disk": size,
         "settings": {k: v for k, v in corpus.settings.items() if k != "append_token"},
+        **({"snapshot_id": corpus.snapshot_id} if isinstance(corpus, IcechunkCorpus) else {}),
     }
+
+
+def _stored_bytes(where: Location) -> int:
+    """Bytes of every file under ``where`` (a folder or an object-store prefix; an icechunk repository counts
+    all its snapshots)."""
+    try:
+        infos = where.fs.get_file_info(pafs.FileSelector(where.path, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise storage_error(where, err) from err
+    return sum(info.size for info in infos if info.type == pafs.FileType.File)

@@ -150,6 +150,22 @@ def read_manifest(path: Path | Location) -> pa.Table:
         table = pq.read_table(where.path, filesystem=where.fs)
     except (pa.ArrowException, OSError) as err:
         raise CorpusError(f"{path}: cannot read manifest as Parquet: {err}") from err
+    return checked_manifest(table, path)
+
+
+def parse_manifest(data: bytes, where: str) -> pa.Table:
+    """The manifest held in ``data`` (a manifest.parquet's bytes, e.g. stored in an icechunk snapshot),
+    validated like :func:`read_manifest`; ``where`` names it in errors."""
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as err:
+        raise CorpusError(f"{where}: cannot read manifest as Parquet: {err}") from err
+    return checked_manifest(table, where)
+
+
+def checked_manifest(table: pa.Table, path: Path | Location | str) -> pa.Table:
+    """``table`` with the optional columns added and its schema and settings checked (CorpusError naming
+    ``path`` otherwise)."""
     table = with_optional_columns(table)
     problems = schema_problems(table, str(path))
     if problems:
@@ -163,7 +179,13 @@ def read_manifest(path: Path | Location) -> pa.Table:
 
 def manifest_sha256(corpus: str | Path | Location) -> str:
     """The version of the corpus at ``corpus`` (a folder or a published corpus's URL), pinned to the byte: the
-    sha256 of its manifest.parquet, which holds every array's sha256 (so equal digests mean equal data)."""
+    sha256 of its manifest.parquet, which holds every array's sha256 (so equal digests mean equal data); for an
+    icechunk corpus the manifest stored in its snapshot."""
+    from octssl.corpus.icechunk import version_of
+
+    snapshot = version_of(corpus)
+    if snapshot is not None:
+        return snapshot["manifest_sha256"]
     path = Location.parse(corpus) / MANIFEST_NAME
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()

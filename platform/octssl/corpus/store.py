@@ -97,8 +97,13 @@ class Corpus:
     @classmethod
     def open(cls, path: str | Path | Location) -> Corpus:
         """Open a committed corpus (a folder, or a published corpus's URL, read-only); an interrupted append
-        is undone first when no writer is active."""
-        where = Location.parse(path)
+        is undone first when no writer is active. An icechunk repository (``URL`` or ``URL@SNAPSHOT_ID``) opens
+        read-only at that snapshot (``octssl.corpus.icechunk``)."""
+        from octssl.corpus.icechunk import IcechunkCorpus, is_repository, split_snapshot
+
+        where, snapshot = split_snapshot(path)
+        if snapshot is not None or is_repository(where):
+            return IcechunkCorpus.at(where, snapshot)
         if where.remote:  # the manifest is uploaded last: without it there is no corpus yet
             table = mf.read_manifest(where / mf.MANIFEST_NAME)
             if not (where / ZARR_NAME / "zarr.json").is_file():

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from octssl import __version__
+from octssl.corpus.manifest import manifest_sha256
 from octssl.errors import ModelError
 from octssl.storage import Location, absolute, download_files
 from octssl.vocab import MASKS, SEGMENTATION, VAL
@@ -217,7 +218,7 @@ def _bundle_config(run_dir: Path, task: str, known: dict[str, Any]) -> tuple[dic
         "metrics": {VAL: val, "test": known["test"]},
         "provenance": {
             **known["provenance"], "weights_sha256": _sha256(weights),
-            "corpus": absolute(corpus_path), "corpus_manifest_sha256": hashlib.sha256(Location.parse(corpus.manifest_path).read_bytes()).hexdigest(),
+            "corpus": absolute(corpus_path), "corpus_manifest_sha256": manifest_sha256(corpus.path),
             "training_config": yaml.safe_load((run_dir / "config.yaml").read_text()),
             "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         },

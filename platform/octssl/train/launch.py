@@ -25,7 +25,8 @@ from octssl.vocab import VAL, VOLUME
 
 
 def name_run(config: JobConfig, resume: bool | str) -> JobConfig:
-    """Give the run an absolute storage path and a name; check RUN_DIR against ``resume``
+    """Give the run an absolute storage path, a name and (for an icechunk corpus) the snapshot it reads; check
+    RUN_DIR against ``resume``
     (True: it must exist; False: it must not; "auto": continue it if it exists, e.g. a RayJob retry)."""
     config = config.model_copy(deep=True)
     if resume == "auto":
@@ -38,6 +39,10 @@ def name_run(config: JobConfig, resume: bool | str) -> JobConfig:
         if resume:
             raise ConfigError("--resume needs the run's name: --set run.name=NAME")
         config.run.name = f"{config.kind}-{datetime.now():%Y%m%d-%H%M%S}"
+    if config.data.corpus:  # an icechunk corpus: every worker reads the snapshot the run starts on
+        from octssl.corpus.icechunk import pinned
+
+        config.data.corpus = pinned(config.data.corpus)
     run_dir = Location.parse(config.run_dir)
     if resume and not run_dir.exists():
         raise ConfigError(f"{run_dir}: no such run to resume")
