@@ -151,3 +151,28 @@ def test_a_publish_stopped_before_its_commit_leaves_the_old_snapshot_and_runs_ag
     monkeypatch.undo()
     again = publish(local.path, repo, progress=False)
     assert again["snapshot_id"] != first and len(Corpus.open(repo)) == 8
+
+
+def test_a_resumed_run_keeps_the_snapshot_it_started_on(tmp_path: Path):
+    """A run names the snapshot it reads when it starts; resuming it after a new publish reads that snapshot
+    again (from the run's saved config), not the new tip."""
+    from octssl.config import dump_config, load_config
+    from octssl.train.launch import name_run
+
+    volumes = list(samples(10, GRID, 0, 0.5))
+    local, repo = _corpus(tmp_path / "corpus", volumes[:8]), tmp_path / "repo"
+    first = publish(local.path, repo, progress=False)
+    jobs = Path(__file__).resolve().parents[2] / "jobs"
+    config = load_config(jobs / "pretrain.yaml", [f"data.corpus={repo}", f"run.storage_path={tmp_path / 'runs'}",
+                                                  "run.name=pinned"])
+    started = name_run(config, resume=False)
+    assert started.data.corpus == f"{repo}@{first['snapshot_id']}"
+    run_dir = Path(started.run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_config(started))
+    local.append(volumes[8:], progress=False)
+    second = publish(local.path, repo, progress=False)
+    assert name_run(config, resume=True).data.corpus == f"{repo}@{first['snapshot_id']}"
+    fresh = load_config(jobs / "pretrain.yaml", [f"data.corpus={repo}", f"run.storage_path={tmp_path / 'runs'}",
+                                                 "run.name=fresh"])
+    assert name_run(fresh, resume=False).data.corpus == f"{repo}@{second['snapshot_id']}"

@@ -18,6 +18,7 @@ from typing import Any
 from octssl.config import JobConfig
 from octssl.data import plan
 from octssl.data.transforms import TrainTransform, collate
+from octssl.data.version import corpus_version
 from octssl.errors import ConfigError, ShardError
 from octssl.vocab import SEGMENTATION, TRAIN, VOLUME
 
@@ -30,6 +31,7 @@ class TrainData:
     steps_per_epoch: int
     grids: list[str]  # volume grids "nBxDxW" of the training samples
     volumes: int  # training volumes (before crops per volume, ranks and batching)
+    version: dict[str, Any]  # the corpus version read (octssl.data.version.corpus_version), for the run summary
 
     def __init__(self) -> None:
         self.epoch, self.step = 0, 0
@@ -110,8 +112,10 @@ class CorpusFeed(TrainData):
         if not source.ids:
             what = f"labelled '{target}'" if segmentation else f"'{target}'"
             raise ConfigError(f"{c.data.corpus}: no train volumes with {what}: nothing to train on")
-        return cls(source, batch_size=c.data.batch_size, seed=c.run.seed, rank=rank, world_size=world_size,
+        feed = cls(source, batch_size=c.data.batch_size, seed=c.run.seed, rank=rank, world_size=world_size,
                    loader_workers=c.data.loader_workers)
+        feed.version = corpus_version(c.data.corpus)
+        return feed
 
 
 class ShardFeed(TrainData):
@@ -144,7 +148,9 @@ class ShardFeed(TrainData):
                                   batch_size=c.data.batch_size, transform=train_transform(c), prefetch=c.data.prefetch)
         except ShardError as err:
             raise ConfigError(str(err)) from None
-        return cls(stream, loader_workers=c.data.loader_workers, target=c.objective.target)
+        feed = cls(stream, loader_workers=c.data.loader_workers, target=c.objective.target)
+        feed.version = corpus_version(c.data.corpus, c.data.shards)
+        return feed
 
 
 def train_transform(c: JobConfig) -> TrainTransform:

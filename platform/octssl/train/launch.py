@@ -39,16 +39,31 @@ def name_run(config: JobConfig, resume: bool | str) -> JobConfig:
         if resume:
             raise ConfigError("--resume needs the run's name: --set run.name=NAME")
         config.run.name = f"{config.kind}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Location.parse(config.run_dir)
     if config.data.corpus:  # an icechunk corpus: every worker reads the snapshot the run starts on
         from octssl.corpus.icechunk import pinned
 
-        config.data.corpus = pinned(config.data.corpus)
-    run_dir = Location.parse(config.run_dir)
+        earlier = _pinned_before(run_dir, config.data.corpus) if resume else None
+        config.data.corpus = earlier or pinned(config.data.corpus)
     if resume and not run_dir.exists():
         raise ConfigError(f"{run_dir}: no such run to resume")
     if not resume and run_dir.exists():
         raise ConfigError(f"{run_dir} already exists: pass --resume to continue it, or choose another run.name")
     return config
+
+
+def _pinned_before(run_dir: Location, corpus: str) -> str | None:
+    """The ``corpus@SNAPSHOT`` a run being resumed started on (from its config.yaml, in RUN_DIR or, for a run
+    on an object store, its local staging copy), so a resumed run reads the same snapshot; None if none."""
+    import yaml
+
+    for saved in (run_dir / "config.yaml", Location.parse(staging_dir(run_dir)) / "config.yaml") if run_dir.remote \
+            else (run_dir / "config.yaml",):
+        if saved.is_file():
+            before = str((yaml.safe_load(saved.read_bytes()) or {}).get("data", {}).get("corpus") or "")
+            if before.startswith(corpus.rstrip("/") + "@"):
+                return before
+    return None
 
 
 def preflight(config: JobConfig) -> dict[str, Any]:

@@ -82,7 +82,6 @@ class Trainer:
         from octssl.data.feed import build_train_data
         from octssl.data.sources import ZarrSource
         from octssl.data.transforms import EvalTransform
-        from octssl.data.version import corpus_version
         from octssl.models import build_model
         from octssl.monitor import TrainMetrics, serve
         from octssl.objectives import build_objective
@@ -95,8 +94,8 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.precision.channels_last else None
         self.objective = build_objective(c.objective.kind, target=c.objective.target, l1_weight=c.objective.l1_weight)
         target = c.objective.target
-        self.corpus_version = corpus_version(c.data.corpus, c.data.shards if c.data.source == "stream" else None)
         self.data = build_train_data(c, self.ctx.rank, self.ctx.world_size)
+        self.corpus_version = self.data.version
         self.val_source = None
         if c.data.corpus:
             self.val_source = ZarrSource(c.data.corpus, split=VAL, require=(VOLUME, target),
