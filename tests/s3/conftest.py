@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -47,3 +48,16 @@ def s3_ray(s3_server):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def damage_first_oct_shard(url: str) -> Any:
+    """Flip one byte a third of the way into the published corpus's first ``oct`` shard object at ``url``;
+    returns the object's Location (what an error must name)."""
+    from octssl.corpus.store import Corpus
+
+    remote = Corpus.open(url)
+    shard = remote.shard_file("oct", *remote.slot("oct", remote.rows[0]))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return shard

@@ -15,6 +15,8 @@ from octssl.data.sources import ZarrSource
 from octssl.errors import CorpusError
 from octssl.storage import Location
 
+from .conftest import damage_first_oct_shard
+
 
 def test_publish_then_read_every_sample_like_local(tiny_corpus: Path, s3: str):
     url = f"{s3}/corpus"
@@ -62,12 +64,7 @@ def test_corrupt_published_object_is_named(make_corpus, s3: str):
     path = make_corpus(volumes=4)
     url = f"{s3}/corpus"
     pub.publish(path, url, progress=False)
-    remote = Corpus.open(url)
-    row = remote.rows[0]
-    shard = remote.shard_file("oct", *remote.slot("oct", row))
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 3] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    shard = damage_first_oct_shard(url)
     with pytest.raises(CorpusError, match=str(shard).replace(".", r"\.")):
         for r in Corpus.open(url).rows:
             Corpus.open(url).read(r["id"], verify=True)

@@ -12,6 +12,8 @@ from octssl.corpus import publish as pub
 from octssl.corpus.store import Corpus
 from octssl.webds.export import export_shards
 
+from .conftest import damage_first_oct_shard
+
 
 def test_verify_a_published_corpus_url_finds_a_corrupt_object(make_corpus, s3: str) -> None:
     url = f"{s3}/corpus"
@@ -21,12 +23,7 @@ def test_verify_a_published_corpus_url_finds_a_corrupt_object(make_corpus, s3: s
     assert ok.exit_code == 0 and f"ok {url}" in ok.output, ok.output
     assert Corpus.open(url).verify() == Corpus.open(local).verify() == []
 
-    remote = Corpus.open(url)
-    row = remote.rows[0]
-    shard = remote.shard_file("oct", *remote.slot("oct", row))
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 3] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    shard = damage_first_oct_shard(url)
     bad = CliRunner().invoke(app, ["verify", url])
     assert bad.exit_code == 1 and str(shard) in bad.output and "verify failed" in bad.output, bad.output
 

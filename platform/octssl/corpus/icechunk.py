@@ -166,14 +166,7 @@ class IcechunkCorpus(Corpus):
         chunks, shapes = [], []
         for key in keys:
             grid, index = self.slot(key, row)
-            where = f"{self.zarr_path}/{array_path(key, grid)}"
-            try:
-                arr = self.array(key, grid)
-            except CorpusError:
-                raise CorpusError(f"{where}: sample {row['id']}: array missing") from None
-            if index >= arr.shape[0]:
-                raise CorpusError(f"{where}: sample {row['id']}: manifest index {index} is beyond the "
-                                  f"array's {arr.shape[0]} volumes (row without data)")
+            _, arr = self._stored(key, grid, index, row)
             chunks.append(f"{array_path(key, grid)}/c/{index}" + "/0" * (arr.ndim - 1))
             shapes.append(tuple(arr.shape[1:]))
         results = {}

@@ -17,8 +17,6 @@ the shard fast path (``octssl.corpus.chunkread``) through range requests.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -33,9 +31,9 @@ from zarr.storage import LocalStore
 from octssl.corpus import manifest as mf
 from octssl.corpus.chunkread import ChunkReader
 from octssl.corpus.journal import Journal, WriterLock
-from octssl.corpus.layout import ZARR_NAME, array_path, meta_of, present, slot
+from octssl.corpus.layout import ZARR_NAME, array_path, label_fraction_patients, meta_of, present, slot
 from octssl.errors import CorpusError
-from octssl.sample import MASKS, VOLUME_KEY
+from octssl.sample import VOLUME_KEY
 from octssl.storage import Location, fsspec_async
 
 
@@ -190,22 +188,9 @@ class Corpus:
         ]
 
     def label_fraction_patients(self, label: str, fraction: float) -> list[str]:
-        """Nested, deterministic subset of the train patients having ``label``: round(f x n), at least 1.
-
-        Patients are ranked by a seeded hash, and a fraction takes a prefix of that ranking, so the
-        patients of fraction 0.1 are among those of 0.2, and so on.
-        """
-        if label not in MASKS:
-            raise CorpusError(f"{self.path}: unknown label {label!r}; expected one of {MASKS}")
-        if not 0 < fraction <= 1:
-            raise CorpusError(f"{self.path}: label fraction must lie in (0, 1], got {fraction}")
-        labelled = {r["patient"] for r in self._rows if r["split"] == "train" and label in r["labels"]}
-        if not labelled:
-            raise CorpusError(f"{self.path}: no train patient has label {label!r}")
-        seed = self.settings["fraction_seed"]
-        ranked = sorted(labelled, key=lambda p: hashlib.sha256(f"{seed}:{label}:{p}".encode()).hexdigest())
-        count = max(1, math.floor(fraction * len(ranked) + 0.5))
-        return sorted(ranked[:count])
+        """Nested, deterministic subset of the train patients having ``label``: round(f x n), at least 1
+        (:func:`octssl.corpus.layout.label_fraction_patients`)."""
+        return label_fraction_patients(self._rows, label, fraction, self.settings["fraction_seed"], self.path)
 
     # ---- reading ---------------------------------------------------------------------------------
     def array(self, key: str, grid: str) -> zarr.Array:
@@ -244,6 +229,19 @@ class Corpus:
         """One stored array of one manifest row; CorpusError naming the file and sample on failure."""
         return self._read_arrays([key], row)[key]
 
+    def _stored(self, key: str, grid: str, index: int, row: dict[str, Any]) -> tuple[str, Any]:
+        """(its path, the Zarr array) holding ``key`` of ``row`` at slot ``index``; CorpusError naming the
+        array and sample when the array is missing or the slot lies beyond it."""
+        where = f"{self.zarr_path}/{array_path(key, grid)}"  # a str: pathlib costs 5% of a small read
+        try:
+            arr = self.array(key, grid)
+        except CorpusError:
+            raise CorpusError(f"{where}: sample {row['id']}: array missing") from None
+        if index >= arr.shape[0]:
+            raise CorpusError(f"{where}: sample {row['id']}: manifest index {index} is beyond the "
+                              f"array's {arr.shape[0]} volumes (row without data)")
+        return where, arr
+
     def _read_arrays(self, keys: list[str], row: dict[str, Any]) -> dict[str, np.ndarray]:
         """Several arrays of one row: straight from the shard files where ``octssl.corpus.chunkread`` can
         (2.5-3.5x the read rate of 0.5-1 MiB volumes); the rest fetched concurrently in one trip through Zarr's
@@ -251,14 +249,7 @@ class Corpus:
         arrays, slots = [], [self.slot(key, row) for key in keys]
         requests: list[Any] = []
         for key, (grid, index) in zip(keys, slots, strict=True):
-            where = f"{self.zarr_path}/{array_path(key, grid)}"  # a str: pathlib costs 5% of a small read
-            try:
-                arr = self.array(key, grid)
-            except CorpusError:
-                raise CorpusError(f"{where}: sample {row['id']}: array missing") from None
-            if index >= arr.shape[0]:
-                raise CorpusError(f"{where}: sample {row['id']}: manifest index {index} is beyond the "
-                                  f"array's {arr.shape[0]} volumes (row without data)")
+            where, arr = self._stored(key, grid, index, row)
             arrays.append(arr.async_array)
             requests.append((where, self._chunks.layout(where, arr), index))
         results = {key: data for key, data in zip(keys, self._chunks.read(requests), strict=True) if data is not None}
