@@ -176,3 +176,17 @@ def test_a_resumed_run_keeps_the_snapshot_it_started_on(tmp_path: Path):
     fresh = load_config(jobs / "pretrain.yaml", [f"data.corpus={repo}", f"run.storage_path={tmp_path / 'runs'}",
                                                  "run.name=fresh"])
     assert name_run(fresh, resume=False).data.corpus == f"{repo}@{second['snapshot_id']}"
+
+
+def test_appended_volumes_lacking_some_arrays_publish_a_snapshot_that_verifies(tmp_path: Path):
+    """Volumes appended with OCT only (e.g. ingested B-scan stacks) grow every array of their grid locally;
+    the republished snapshot must mirror that, or verify finds arrays of one grid differing in length."""
+    volumes = list(samples(10, GRID, 0, 1.0))
+    local, repo = _corpus(tmp_path / "corpus", volumes[:8]), tmp_path / "repo"
+    publish(local.path, repo, progress=False)
+    bare = [{k: v for k, v in volume.items() if k not in ("faf", "slo", "ga", "rpd")} for volume in volumes[8:]]
+    local.append(bare, progress=False)
+    publish(local.path, repo, progress=False)
+    tip = Corpus.open(repo)
+    assert len(tip) == 10 and tip.verify() == [] == Corpus.open(local.path).verify()
+    _same_arrays(Corpus.open(local.path), tip, [row["id"] for row in tip.rows])

@@ -295,11 +295,12 @@ def _missing_arrays(published: IcechunkCorpus, corpus: Corpus) -> list[tuple[dic
 
 
 def _write_arrays(session: Any, corpus: Corpus, todo: list[tuple[dict[str, Any], str]], progress: bool) -> None:
-    """Create or grow each array like the local one (one chunk per slot), then write ``todo``'s arrays."""
+    """Create or grow every array to the local one's shape (one chunk per slot; the local writer grows all
+    the arrays of a grid together, also those a new row lacks), then write ``todo``'s arrays."""
     from octssl.corpus.writer import ZSTD_LEVEL
 
     arrays: dict[str, Any] = {}
-    for key, grid in sorted({(key, slot(key, row)[0]) for row, key in todo}):
+    for key, grid in sorted({(key, slot(key, row)[0]) for row in corpus.rows for key in present(row)}):
         local, name = corpus.array(key, grid), array_path(key, grid)
         try:
             arr = zarr.open_array(session.store, path=name, mode="r+")
