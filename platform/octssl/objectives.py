@@ -153,6 +153,10 @@ class Objective:
     def loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_enface(self, size: tuple[int, int], what: str) -> None:
+        """ConfigError when an en-face ``size`` (nB, W), named ``what``, cannot be scored (checked before
+        any worker starts)."""
+
     def per_volume(self, logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
         raise NotImplementedError
 
@@ -178,6 +182,12 @@ class Reconstruction(Objective):
                               f"is smaller than the {window}x{window} SSIM window")
         return 1.0 - target if self.invert else target
 
+    def check_enface(self, size: tuple[int, int], what: str) -> None:
+        window = int(SSIM_OPTIONS["win_size"])
+        if min(size) < window:
+            raise ConfigError(f"{what}={tuple(size)}: the en-face size is smaller than the {window}x{window} SSIM "
+                              f"window of reconstruction; use at least {window} B-scans and A-scans")
+
     def loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         target = self.target_tensor(logits, batch)
         image = torch.sigmoid(logits.float())
@@ -197,7 +207,8 @@ class Reconstruction(Objective):
 
 
 class Segmentation(Objective):
-    """(soft Dice + BCE) / 2 on logits; Dice at 0.5 and HD95 (mm) per volume."""
+    """(soft Dice + BCE) / 2 on logits (soft Dice over the batch); per volume Dice, HD95 (mm) and pixel
+    counts at a probability threshold (see the module docstring for how val chooses it)."""
 
     kind = SEGMENTATION
 
@@ -283,8 +294,10 @@ def per_volume_at_original(objective: Objective, logits: torch.Tensor, batch: di
     """
     metas = batch.get("meta") or []
     target = objective.target
-    if not isinstance(objective, Segmentation) or not all(target in (m.get("orig_masks") or {}) for m in metas):
+    if not isinstance(objective, Segmentation):
         return objective.per_volume(logits, batch)
+    if not all(target in (m.get("orig_masks") or {}) for m in metas):
+        return objective.per_volume(logits, batch, threshold)
     rows: list[dict[str, Any]] = []
     for i, meta in enumerate(metas):
         mask = torch.as_tensor(meta["orig_masks"][target], dtype=torch.float32)[None, None]

@@ -137,3 +137,22 @@ def test_existing_run_is_not_silently_resumed(job, reference) -> None:
     config.run.storage_path = str(reference(1).parent)
     with pytest.raises(ConfigError, match="already exists: pass --resume"):
         run(config, progress=False)
+
+
+def test_an_en_face_crop_below_the_ssim_window_fails_preflight(job) -> None:
+    """Reconstruction scores SSIM in 11x11 windows: a smaller crop is refused before any worker starts
+    (it used to fail after the workers' start-up)."""
+    with pytest.raises(ConfigError, match=r"data.crop=\(8, 64\).*11x11 SSIM window"):
+        preflight(job("pretrain.yaml", "data.crop=[8, 64]"))
+    preflight(job("finetune_ga.yaml", "data.crop=[8, 64]"))  # segmentation has no window
+
+
+def test_relative_data_paths_become_absolute_for_the_workers(job, train_corpus: Path, monkeypatch) -> None:
+    """Ray workers do not start in the caller's directory: a run reads its local paths absolute."""
+    from octssl.train.launch import name_run
+
+    monkeypatch.chdir(train_corpus.parent)
+    named = name_run(job("pretrain.yaml", f"data.corpus={train_corpus.name}", "data.shards=shards"), resume=False)
+    assert named.data.corpus == str(train_corpus) and named.data.shards == str(train_corpus.parent / "shards")
+    remote = name_run(job("pretrain.yaml", "data.shards=s3://bucket/shards"), resume=False)
+    assert remote.data.shards == "s3://bucket/shards"

@@ -266,8 +266,9 @@ def verify(path: str = _VERIFY_PATH) -> None:
         elif is_shard_dir(where):
             shards = True  # shard objects without their index: verify names what is missing
         else:
-            raise StorageError(f"{where}: nothing to verify here: expected a shard export ({INDEX_NAME}) or a "
-                               f"published corpus ({MANIFEST_NAME}) at this URL")
+            raise StorageError(f"{where}: nothing to verify here: expected a shard export ({INDEX_NAME}), a "
+                               f"published corpus ({MANIFEST_NAME}) or an icechunk repository at this URL "
+                               "(or the bucket does not exist)")
     except _ERRORS as err:
         _fail(err)
     if shards:

@@ -18,7 +18,7 @@ from typing import Any
 from octssl.cluster import require, root_cause
 from octssl.config import JobConfig, dump_config
 from octssl.errors import ConfigError, OctsslError
-from octssl.storage import Location, ray_storage, staging_dir
+from octssl.storage import Location, is_url, ray_storage, staging_dir
 from octssl.train import checkpoint as ckpt
 from octssl.train.engine import init_single_process_group, resolve_precision
 from octssl.vocab import VAL, VOLUME
@@ -35,6 +35,10 @@ def name_run(config: JobConfig, resume: bool | str) -> JobConfig:
         resume = (Location.parse(config.run.storage_path) / config.run.name).exists()
     storage = Location.parse(config.run.storage_path)  # a URL stays a URL (s3://bucket/runs)
     config.run.storage_path = str(storage) if storage.remote else str(storage.local.resolve())
+    # Ray workers do not start in this directory: every local path the run reads becomes absolute.
+    config.data.corpus, config.data.shards = _absolute(config.data.corpus), _absolute(config.data.shards)
+    if config.run.init != "scratch":
+        config.run.init = str(_absolute(config.run.init))
     if config.run.name is None:
         if resume:
             raise ConfigError("--resume needs the run's name: --set run.name=NAME")
@@ -50,6 +54,13 @@ def name_run(config: JobConfig, resume: bool | str) -> JobConfig:
     if not resume and run_dir.exists():
         raise ConfigError(f"{run_dir} already exists: pass --resume to continue it, or choose another run.name")
     return config
+
+
+def _absolute(value: str | None) -> str | None:
+    """A local path made absolute; a URL (or ``URL@SNAPSHOT``) and None as they are."""
+    if value is None or is_url(value):
+        return value
+    return str(Path(value).expanduser().resolve())
 
 
 def _pinned_before(run_dir: Location, corpus: str) -> str | None:
@@ -72,6 +83,7 @@ def preflight(config: JobConfig) -> dict[str, Any]:
     from octssl.corpus.store import Corpus
     from octssl.data.feed import build_train_data
     from octssl.models import build_model
+    from octssl.objectives import build_objective
 
     c = config
     resolve_precision(c.deepspeed.precision, gpu=c.scaling.gpus_per_worker > 0)
@@ -83,6 +95,8 @@ def preflight(config: JobConfig) -> dict[str, Any]:
     crop_nb, crop_w = c.data.crop
     if crop_nb > nb or crop_w > w:
         raise ConfigError(f"data.crop={tuple(c.data.crop)} is larger than the volumes (nB={nb}, W={w})")
+    build_objective(c.objective.kind, target=c.objective.target, l1_weight=c.objective.l1_weight).check_enface(
+        (crop_nb, crop_w), "data.crop")
     model = build_model(c.model.name, width=c.model.width, out_channels=1)
     model.check_input_shape((c.data.batch_size, 1, crop_nb, depth, crop_w))
     if c.run.init != "scratch":
