@@ -54,3 +54,21 @@ def test_cadence_defaults_to_30_seconds(monkeypatch):
     monkeypatch.setenv(progress.EVERY_ENV, "soon")
     assert progress.cadence() == 30.0
     assert progress.elapsed(3725) == "1h02m05s" and progress.elapsed(65) == "1m05s"
+
+
+def test_the_last_line_is_not_repeated_with_only_a_later_time(capsys, monkeypatch):
+    """At the end a ticker prints the state once more, unless its last line already said exactly that:
+    a finished run's `step 3/3` appeared twice, differing only in the elapsed time. A line whose state
+    changed is printed, also when only its tail after a comma changed."""
+    monkeypatch.setenv(progress.EVERY_ENV, "100")  # no periodic line in this test: `_emit` stands for one
+    times = iter(["1s", "2s"])
+    same = progress.Ticker(lambda: f"run: step 3/3, loss 0.1000, {next(times)}").start()
+    same._emit()
+    same.stop()
+    assert capsys.readouterr().err.splitlines() == ["run: step 3/3, loss 0.1000, 1s"]
+    best = iter(["sweep: 1/2 finished; best a 0.4, b 0.5", "sweep: 2/2 finished; best a 0.4, b 0.6"])
+    changed = progress.Ticker(lambda: next(best)).start()
+    changed._emit()
+    changed.stop()
+    assert capsys.readouterr().err.splitlines() == ["sweep: 1/2 finished; best a 0.4, b 0.5",
+                                                    "sweep: 2/2 finished; best a 0.4, b 0.6"]

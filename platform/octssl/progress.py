@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -49,11 +50,16 @@ def elapsed(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{s % 60:02d}s" if hours else f"{minutes}m{s % 60:02d}s" if minutes else f"{s}s"
 
 
+_ELAPSED = re.compile(r", (\d+h)?(\d+m)?\d+s$")  # a line's trailing elapsed time (:func:`elapsed`)
+
+
 class Ticker:
-    """Prints ``line()`` to stderr every :func:`cadence` seconds from a thread, and once more at ``stop``."""
+    """Prints ``line()`` to stderr every :func:`cadence` seconds from a thread, and once more at ``stop``
+    unless that line would only repeat the last one with a later elapsed time (its final ``, <time>``)."""
 
     def __init__(self, line: Callable[[], str | None]) -> None:
         self.line = line
+        self._last: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -65,15 +71,20 @@ class Ticker:
         while not self._stop.wait(cadence()):
             self._emit()
 
-    def _emit(self) -> None:
+    def _emit(self, final: bool = False) -> None:
         text = self.line()
-        if text:
-            print(text, file=sys.stderr, flush=True)
+        if not text:
+            return
+        state = _ELAPSED.sub("", text)
+        if final and state == self._last:
+            return
+        self._last = state
+        print(text, file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self._emit()
+        self._emit(final=True)
 
 
 @contextmanager
