@@ -43,7 +43,7 @@ def test_resume_after_the_driver_died(train_corpus: Path, tmp_path: Path) -> Non
     assert driver.poll() is None and checkpointed >= 8, "the driver finished or never checkpointed"
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
-    registered = sorted(p.name for p in (storage / "driver").glob("checkpoint_*"))
+    registered = sorted(p.name for p in (storage / "driver").glob("checkpoint_*") if p.is_dir())
     stray = storage / "driver" / "checkpoint_2000-01-01_00-00-00.000000"  # uploaded, never registered
     shutil.copytree(storage / "driver" / registered[-1], stray)
     resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
