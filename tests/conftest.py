@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,3 +90,33 @@ def finetuned_run(growth_corpus: Path, tmp_path_factory: pytest.TempPathFactory)
     card = {"objective": job.objective.model_dump(), "grid": ["16x64x64"], "crop": [16, 64]}
     save_weights(torch_model, run_dir / "best" / "model.safetensors", {"card": card})
     return run_dir
+
+
+def kill_after_checkpoint(run_dir: Any, beats: Path, rank: int, timeout: float = 240.0, poll: float = 0.02) -> dict:
+    """SIGKILL worker ``rank`` (by pid, from outside) once Ray has registered a checkpoint in ``run_dir`` (a
+    path or an s3:// Location) and the worker's heartbeat in ``beats/workers`` shows it has stepped past it,
+    so the resumed run must replay steps. Returns what it did (``killed_at``, ``checkpoint``, ``thread``)."""
+    from octssl.storage import Location
+
+    snapshot_file = Location.parse(run_dir) / "checkpoint_manager_snapshot.json"
+    done: dict = {}
+
+    def watch() -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                snapshot = json.loads(snapshot_file.read_bytes())
+                ckpt_step = snapshot["latest_checkpoint_result"]["metrics"]["step"]
+                beat = json.loads((beats / "workers" / f"rank{rank}.json").read_text())
+            except (OSError, json.JSONDecodeError, KeyError, TypeError):
+                time.sleep(poll)
+                continue
+            if beat["step"] > ckpt_step:
+                os.kill(beat["pid"], signal.SIGKILL)
+                done.update(killed_at=beat["step"], checkpoint=ckpt_step)
+                return
+            time.sleep(poll)
+
+    done["thread"] = threading.Thread(target=watch, daemon=True)
+    done["thread"].start()
+    return done

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,33 +14,12 @@ from octssl.storage import Location, staging_dir
 from octssl.train.launch import run
 from octssl.webds.export import export_shards
 
+from ..conftest import kill_after_checkpoint
+
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 GRID = (16, 64, 64)
 
 
-def _kill_after_checkpoint(remote_run: Location, local_run: Path, rank: int, timeout: float = 300.0) -> dict:
-    """SIGKILL worker ``rank`` once Ray's checkpoint snapshot (on S3) shows a checkpoint it has passed."""
-    done: dict = {}
-
-    def watch() -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                snapshot = json.loads((remote_run / "checkpoint_manager_snapshot.json").read_bytes())
-                ckpt_step = snapshot["latest_checkpoint_result"]["metrics"]["step"]
-                beat = json.loads((local_run / "workers" / f"rank{rank}.json").read_text())
-            except (OSError, json.JSONDecodeError, KeyError, TypeError):
-                time.sleep(0.05)
-                continue
-            if beat["step"] > ckpt_step:
-                os.kill(beat["pid"], signal.SIGKILL)
-                done.update(killed_at=beat["step"], checkpoint=ckpt_step)
-                return
-            time.sleep(0.05)
-
-    done["thread"] = threading.Thread(target=watch, daemon=True)
-    done["thread"].start()
-    return done
 
 
 @pytest.mark.slow
@@ -63,7 +39,7 @@ def test_pretrain_from_s3_resumes_after_killed_worker_then_finetune_from_s3_weig
         "scaling.max_failures=1", "run.max_steps=12", "run.ckpt_every=3", "run.eval_every=6",
     ])
     remote_run = Location.parse(f"{base}/runs/pre")
-    killer = _kill_after_checkpoint(remote_run, staging_dir(remote_run), rank=1)
+    killer = kill_after_checkpoint(remote_run, staging_dir(remote_run), rank=1, timeout=300.0, poll=0.05)
     summary = run(config, progress=False)
     killer["thread"].join(timeout=1)
     assert killer.get("killed_at", 99) < 12, "the worker was never killed mid-run"

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -14,35 +11,13 @@ import pytest
 from octssl.errors import ConfigError, ModelError
 from octssl.train.launch import preflight, run
 
+from ..conftest import kill_after_checkpoint
+
 
 def _records(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
     return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
 
 
-def _kill_after_checkpoint(run_dir: Path, rank: int, timeout: float = 240.0) -> dict:
-    """SIGKILL worker ``rank`` (by pid, from outside) once Ray has registered a checkpoint and the worker
-    has stepped past it, so the resumed run must replay steps. Returns what it did."""
-    done: dict = {}
-
-    def watch() -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-                ckpt_step = snapshot["latest_checkpoint_result"]["metrics"]["step"]
-                beat = json.loads((run_dir / "workers" / f"rank{rank}.json").read_text())
-            except (OSError, json.JSONDecodeError, KeyError, TypeError):
-                time.sleep(0.02)
-                continue
-            if beat["step"] > ckpt_step:
-                os.kill(beat["pid"], signal.SIGKILL)
-                done.update(killed_at=beat["step"], checkpoint=ckpt_step)
-                return
-            time.sleep(0.02)
-
-    done["thread"] = threading.Thread(target=watch, daemon=True)
-    done["thread"].start()
-    return done
 
 
 # eval_every=6 with 3 val volumes on 2 ranks: an odd split, which under ZeRO-3 hangs unless every rank
@@ -101,7 +76,7 @@ def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_sampl
         *TWO_WORKERS,
     )
     run_dir = Path(config.run.storage_path) / f"killed{stage}"
-    killer = _kill_after_checkpoint(run_dir, rank=1)
+    killer = kill_after_checkpoint(run_dir, run_dir, rank=1)
     summary = run(config, progress=False)
     killer["thread"].join(timeout=1)
     assert killer.get("killed_at", 99) < 12, "the worker was never killed mid-run"
