@@ -68,8 +68,10 @@ def _pinned_before(run_dir: Location, corpus: str) -> str | None:
     on an object store, its local staging copy), so a resumed run reads the same snapshot; None if none."""
     import yaml
 
-    for saved in (run_dir / "config.yaml", Location.parse(staging_dir(run_dir)) / "config.yaml") if run_dir.remote \
-            else (run_dir / "config.yaml",):
+    saved_configs = [run_dir / "config.yaml"]
+    if run_dir.remote:
+        saved_configs.append(Location.parse(staging_dir(run_dir)) / "config.yaml")
+    for saved in saved_configs:
         if saved.is_file():
             before = str((yaml.safe_load(saved.read_bytes()) or {}).get("data", {}).get("corpus") or "")
             if before.startswith(corpus.rstrip("/") + "@"):
