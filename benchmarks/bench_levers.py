@@ -124,7 +124,7 @@ def build(row: Row, device: Any, crop: tuple[int, int, int], smoke: bool) -> tup
 
     import bench_step
     from octssl.models import build_model
-    from octssl.objectives import build_objective
+    from octssl.train.objectives import build_objective
 
     gpu = device.type == "cuda"
     torch.manual_seed(0)

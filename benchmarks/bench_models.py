@@ -24,7 +24,7 @@ import torch
 from common import cpu_name  # benchmarks/ is on sys.path when a script runs
 from octssl.models import MODELS, build_model
 from octssl.models.profile import count_flops, saved_activation_bytes
-from octssl.objectives import build_objective
+from octssl.train.objectives import build_objective
 
 PAPER_CROP = (32, 128, 256)
 

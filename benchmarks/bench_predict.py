@@ -23,13 +23,13 @@ import numpy as np
 import torch
 
 from common import cpu_name, environment, finish, write_json  # benchmarks/ is on sys.path when a script runs
-from octssl.config import dump_config, load_config
+from octssl.apply.bundle import export_model, load_bundle
+from octssl.apply.predict import predict
+from octssl.apply.predictor import Segmenter
+from octssl.config.job import dump_config, load_config
 from octssl.corpus.manifest import parse_grid
 from octssl.corpus.synth import synthesize
-from octssl.inference import Segmenter
 from octssl.models import build_model, save_weights
-from octssl.models.bundle import export_model, load_bundle
-from octssl.predict import predict
 
 REPO = Path(__file__).resolve().parents[1]
 

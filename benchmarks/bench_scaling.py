@@ -51,10 +51,10 @@ def scaling_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from octssl.config import load_config
+    from octssl.config.job import load_config
     from octssl.models import build_model
-    from octssl.objectives import build_objective
     from octssl.train.engine import build_engine, resolve_precision
+    from octssl.train.objectives import build_objective
 
     torch.set_num_threads(cfg["threads"])
     ctx = ray.train.get_context()

@@ -164,7 +164,7 @@ def make_batch(device: torch.device, batch: int, crop: tuple[int, int, int], cha
 
 def ds_job(cfg: StepConfig) -> Any:
     """A job config for build_engine with the paper's optimiser (no clipping: the same maths as the baseline)."""
-    from octssl.config import load_config
+    from octssl.config.job import load_config
 
     return load_config(None, [
         "data.corpus=synthetic", f"data.batch_size={cfg.batch}", "optim.name=sgd", "optim.lr=0.1",
@@ -177,7 +177,7 @@ def ds_job(cfg: StepConfig) -> Any:
 def build_step(cfg: StepConfig, device: torch.device, crop: tuple[int, int, int]) -> tuple[Any, list[Any]]:
     """A closure doing one train step for ``cfg``, and the objects to drop afterwards."""
     from octssl.models import build_model
-    from octssl.objectives import build_objective
+    from octssl.train.objectives import build_objective
 
     torch.manual_seed(0)
     model = build_model("fpn", checkpointing=cfg.checkpointing)

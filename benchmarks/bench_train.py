@@ -37,7 +37,7 @@ TARGET_OVERHEAD = 0.10
 
 
 def job_config(corpus: Path, storage: Path, name: str, args: argparse.Namespace) -> Any:
-    from octssl.config import load_config
+    from octssl.config.job import load_config
 
     return load_config(JOBS / "pretrain.yaml", [
         f"data.corpus={corpus}", f"run.storage_path={storage}", f"run.name={name}",
@@ -68,8 +68,8 @@ def plain_arm(config: Any, args: argparse.Namespace) -> dict[str, Any]:
     from octssl.data.sources import ZarrSource
     from octssl.data.transforms import TrainTransform, collate
     from octssl.models import build_model
-    from octssl.objectives import build_objective
     from octssl.train.engine import lr_factor
+    from octssl.train.objectives import build_objective
 
     start = time.time()
     c = config
@@ -152,7 +152,7 @@ def describe(name: str, arm: dict[str, Any], args: argparse.Namespace) -> dict[s
 def profile_extras(run_dir: Path, n: int = 200) -> dict[str, float]:
     """Milliseconds per step of the loop's per-step extras, timed alone: the samples/*.jsonl append, the
     workers/*.json heartbeat, the per-step Prometheus observation and (per log step) the gauge update."""
-    from octssl.monitor import TrainMetrics
+    from octssl.observe.metrics import TrainMetrics
 
     ids = [f"vol{i:05d}" for i in range(4)]
     samples = run_dir / "profile-samples.jsonl"
@@ -182,8 +182,8 @@ def profile_extras(run_dir: Path, n: int = 200) -> dict[str, float]:
 def engine_vs_plain(config: Any, depth: int, repeats: int) -> dict[str, Any]:
     """Seconds per step of the DeepSpeed engine against plain PyTorch on one fixed batch (no data loading)."""
     from octssl.models import build_model
-    from octssl.objectives import build_objective
     from octssl.train.engine import build_engine, resolve_precision
+    from octssl.train.objectives import build_objective
 
     c = config
     device = torch.device("cpu")

@@ -78,7 +78,7 @@ def finetuned_run(growth_corpus: Path, tmp_path_factory: pytest.TempPathFactory)
     """A GA fine-tuning run directory as the train loop leaves it (config.yaml, best/model.safetensors with its
     card), with untrained weights: training itself is tested in tests/train (and end to end, slow, in
     tests/test_predict.py); what reads a run needs only its files."""
-    from octssl.config import dump_config, load_config
+    from octssl.config.job import dump_config, load_config
     from octssl.models import build_model, save_weights
 
     run_dir = tmp_path_factory.mktemp("runs") / "ga"
@@ -96,7 +96,7 @@ def kill_after_checkpoint(run_dir: Any, beats: Path, rank: int, timeout: float =
     """SIGKILL worker ``rank`` (by pid, from outside) once Ray has registered a checkpoint in ``run_dir`` (a
     path or an s3:// Location) and the worker's heartbeat in ``beats/workers`` shows it has stepped past it,
     so the resumed run must replay steps. Returns what it did (``killed_at``, ``checkpoint``, ``thread``)."""
-    from octssl.storage import Location
+    from octssl.storage.location import Location
 
     snapshot_file = Location.parse(run_dir) / "checkpoint_manager_snapshot.json"
     done: dict = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from octssl.cli import WORKFLOW, app
-from octssl.demo import pretrain_line
+from octssl.demo.run import pretrain_line
 
 
 def _octssl(*args: str) -> subprocess.CompletedProcess:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = run_sweep(load_sweep_config(args.config, args.overrides))  # plain progress lines in the job's log
         else:
-            from octssl.config import load_config
+            from octssl.config.job import load_config
             from octssl.train.launch import run
 
             config = load_config(args.config, args.overrides)

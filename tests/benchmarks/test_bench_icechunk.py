@@ -8,7 +8,7 @@ import pytest
 
 import bench_icechunk
 import table
-from octssl.s3local import weed_binary
+from octssl.dev.s3local import weed_binary
 
 
 def test_quick_run_measures_octssl_and_icechunk_rows(tmp_path) -> None:

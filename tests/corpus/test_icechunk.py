@@ -156,7 +156,7 @@ def test_a_publish_stopped_before_its_commit_leaves_the_old_snapshot_and_runs_ag
 def test_a_resumed_run_keeps_the_snapshot_it_started_on(tmp_path: Path):
     """A run names the snapshot it reads when it starts; resuming it after a new publish reads that snapshot
     again (from the run's saved config), not the new tip."""
-    from octssl.config import dump_config, load_config
+    from octssl.config.job import dump_config, load_config
     from octssl.train.launch import name_run
 
     volumes = list(samples(10, GRID, 0, 0.5))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from octssl.config import load_config
+from octssl.config.job import load_config
 from octssl.data.feed import CorpusFeed, ShardFeed, build_train_data
 from octssl.errors import ConfigError
 from octssl.webds.export import export_shards

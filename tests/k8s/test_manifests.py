@@ -10,7 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from octssl.config import load_config
+from octssl.config.job import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = ("base", "dev-cpu", "gpu")  # conftest.py renders each
@@ -219,7 +219,7 @@ def test_rayjobs_run_octssl_jobs_and_clean_up(rendered, target):
 
 
 def test_pretrain_entrypoint_config_loads_and_fits_one_rank_per_pod(rendered, target, tmp_path):
-    """The entrypoint's config + --set load with octssl.config, and each worker pod holds exactly one rank
+    """The entrypoint's config + --set load with octssl.config.job, and each worker pod holds exactly one rank
     (the metrics port scheme: every worker pod serves its rank on 9100)."""
     objects = rendered[target]
     job = {j["metadata"]["name"]: j for j in _by_kind(objects, "RayJob")}["octssl-pretrain"]

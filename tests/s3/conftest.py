@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from octssl.s3local import LocalS3, weed_binary
+from octssl.dev.s3local import LocalS3, weed_binary
 
 
 @pytest.fixture(scope="session")

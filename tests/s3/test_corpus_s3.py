@@ -13,7 +13,7 @@ from octssl.corpus import publish as pub
 from octssl.corpus.store import Corpus
 from octssl.data.sources import ZarrSource
 from octssl.errors import CorpusError
-from octssl.storage import Location
+from octssl.storage.location import Location
 
 from .conftest import damage_first_oct_shard
 
@@ -71,7 +71,7 @@ def test_corrupt_published_object_is_named(make_corpus, s3: str):
 
 
 def test_finetune_preflight_reads_a_published_corpus(tiny_corpus: Path, s3: str):
-    from octssl.config import load_config
+    from octssl.config.job import load_config
     from octssl.train.launch import preflight
 
     url = f"{s3}/corpus"

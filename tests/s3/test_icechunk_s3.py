@@ -16,7 +16,7 @@ from octssl.corpus.synth import samples
 from octssl.data.sources import ZarrSource
 from octssl.data.version import corpus_version
 from octssl.errors import CorpusError, StorageError
-from octssl.storage import Location
+from octssl.storage.location import Location
 
 pytest.importorskip("icechunk")
 GRID = (8, 32, 32)

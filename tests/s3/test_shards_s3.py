@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from octssl.cli import app
 from octssl.data.sources import StreamSource
+from octssl.dev.s3local import LocalS3
 from octssl.errors import ShardError
-from octssl.s3local import LocalS3
-from octssl.storage import Location
+from octssl.storage.location import Location
 from octssl.webds.export import export_shards
 from octssl.webds.verify import verify_shards
 

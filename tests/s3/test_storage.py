@@ -1,4 +1,4 @@
-"""octssl.storage: URLs are never local paths, unknown schemes are refused, S3 reads/writes and errors."""
+"""octssl.storage.location: URLs are never local paths, unknown schemes are refused, S3 reads/writes and errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from octssl.cli import app
 from octssl.errors import StorageError
-from octssl.storage import Location, is_url
+from octssl.storage.location import Location, is_url
 
 
 def test_parse_keeps_urls_and_paths_apart(tmp_path: Path):

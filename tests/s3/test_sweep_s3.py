@@ -13,11 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from octssl.cli import app
+from octssl.config.sweep import parse_sweep_config
 from octssl.corpus.publish import publish
 from octssl.errors import ConfigError
 from octssl.models import load_bundle
-from octssl.storage import Location, staging_dir
-from octssl.tune.config import parse_sweep_config
+from octssl.storage.location import Location, staging_dir
 from octssl.tune.sweep import preflight_sweep, run_sweep, sweep_dir_of
 
 GRID = (16, 64, 64)  # the smallest grid the fpn accepts
@@ -100,7 +100,7 @@ def test_sweep_inits_on_s3_pass_preflight_and_missing_ones_are_named(published_c
 
 def test_upload_tree_puts_the_last_patterns_after_everything_else(s3: str, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from octssl.storage import upload_tree
+    from octssl.storage.location import upload_tree
 
     for name in ("summary.json", "bundles/ga/config.json", "bundles/ga/model.safetensors", "trials/t/val.jsonl",
                  "report.md"):

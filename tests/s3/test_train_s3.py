@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from octssl.config import load_config
-from octssl.storage import Location, staging_dir
+from octssl.config.job import load_config
+from octssl.storage.location import Location, staging_dir
 from octssl.train.launch import run
 from octssl.webds.export import export_shards
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from octssl.config import JobConfig, load_config
+from octssl.config.job import JobConfig, load_config
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 GRID = (16, 64, 64)  # the smallest grid the fpn accepts: nB % 4, W % 16, D / 16 >= 4

@@ -31,7 +31,7 @@ TWO_WORKERS = (
 @pytest.fixture(scope="module")
 def reference(local_ray, train_corpus: Path, tmp_path_factory):
     """``reference(stage)``: the RUN_DIR of an uninterrupted 2-worker run at that ZeRO stage (run once)."""
-    from octssl.config import load_config
+    from octssl.config.job import load_config
 
     from .conftest import JOBS
 

@@ -80,7 +80,7 @@ def test_finetune_from_pretrained_beats_frozen_random(job, train_corpus: Path) -
     from octssl.data.sources import ZarrSource
     from octssl.data.transforms import EvalTransform, collate
     from octssl.models import build_model
-    from octssl.objectives import build_objective
+    from octssl.train.objectives import build_objective
 
     pre = job("pretrain.yaml", "run.name=pre", "run.max_steps=8")
     weights = run_single_process(pre)["weights"]
@@ -103,7 +103,7 @@ def test_finetune_from_pretrained_beats_frozen_random(job, train_corpus: Path) -
 def test_loop_updates_prometheus_metrics_and_tensorboard(job, monkeypatch) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from octssl.monitor import TrainMetrics
+    from octssl.observe.metrics import TrainMetrics
 
     monkeypatch.setenv(FAULT_NAN_STEPS, "2")
     config = job("pretrain.yaml", "run.name=metrics-run", "run.log_every=2", "run.eval_every=3")

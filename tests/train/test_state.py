@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from octssl.monitor import TrainMetrics
+from octssl.observe.metrics import TrainMetrics
 from octssl.train import checkpoint as ckpt
 from octssl.train.loop import _started_before
 from octssl.train.state import Cadence, RunState

@@ -9,8 +9,8 @@ import pytest
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
+from octssl.config.sweep import load_sweep_config, parse_sweep_config, trial_job
 from octssl.errors import ConfigError
-from octssl.tune.config import load_sweep_config, parse_sweep_config, trial_job
 from octssl.tune.search import METRIC, GroupASHA, GroupSearch, make_sampler
 
 REPO = Path(__file__).resolve().parents[2]

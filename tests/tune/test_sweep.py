@@ -10,8 +10,8 @@ import jsonschema
 import pyarrow.parquet as pq
 import pytest
 
+from octssl.config.sweep import parse_sweep_config
 from octssl.errors import ConfigError
-from octssl.tune.config import parse_sweep_config
 from octssl.tune.sweep import run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -108,7 +108,7 @@ def test_report_renders_and_rebuilds_from_files(finished) -> None:
     from typer.testing import CliRunner
 
     from octssl.cli import app
-    from octssl.report import FIGURES
+    from octssl.tune.report import FIGURES
 
     _, sweep_dir = finished
     report = (sweep_dir / "report.md").read_text()

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from octssl.cli import app
-from octssl.config import load_config
+from octssl.config.job import load_config
 from octssl.corpus.store import Corpus
 from octssl.data.sources import StreamSource
 from octssl.errors import OctsslError, ShardError

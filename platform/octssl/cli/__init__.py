@@ -88,4 +88,4 @@ def _num(value: float | None) -> str:
 
 
 # The commands register on `app` as their modules are imported (after everything above exists).
-from octssl.cli import corpus, jobs, predict, training  # noqa: E402, F401
+from octssl.cli import apply, cluster, corpus, training  # noqa: E402, F401

@@ -251,7 +251,7 @@ def verify(path: str = _VERIFY_PATH) -> None:
     from octssl.corpus.icechunk import is_repository, split_snapshot
     from octssl.corpus.manifest import MANIFEST_NAME
     from octssl.errors import StorageError
-    from octssl.storage import Location
+    from octssl.storage.location import Location
     from octssl.webds.index import INDEX_NAME, is_shard_dir
     from octssl.webds.verify import verify_shards
 

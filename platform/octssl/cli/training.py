@@ -16,7 +16,7 @@ def _local_ray(dashboard: bool, worker_logs: bool) -> None:
     """Ask the local Ray this command starts for its dashboard and for the workers' output on stderr."""
     import os
 
-    from octssl.cluster import DASHBOARD_ENV, WORKER_LOGS_ENV
+    from octssl.cluster.local import DASHBOARD_ENV, WORKER_LOGS_ENV
 
     for env, wanted in ((DASHBOARD_ENV, dashboard), (WORKER_LOGS_ENV, worker_logs)):
         if wanted:
@@ -25,7 +25,7 @@ def _local_ray(dashboard: bool, worker_logs: bool) -> None:
 
 def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int | None, kind: str,
            dry_run: bool = False) -> None:
-    from octssl.config import load_config
+    from octssl.config.job import load_config
     from octssl.train.launch import run
 
     try:
@@ -33,7 +33,7 @@ def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int |
         if job.kind != kind:
             raise OctsslError(f"{config}: kind is '{job.kind}', not '{kind}': use `octssl {job.kind}`")
         if dry_run:
-            from octssl.dryrun import job_plan, render
+            from octssl.train.dryrun import job_plan, render
 
             print(render(job_plan(job), str(config)))
             return
@@ -81,7 +81,7 @@ _RUN_DIR = typer.Argument(..., help="a training run directory (metrics.jsonl, va
 @app.command()
 def plot(run_dir: Path = _RUN_DIR) -> None:
     """Write a run's loss, validation and throughput curves to RUN_DIR/plots/*.png."""
-    from octssl.plots import plot_run
+    from octssl.observe.plots import plot_run
 
     try:
         paths = plot_run(run_dir)
@@ -100,7 +100,7 @@ _DEMO_QUICK = typer.Option(False, "--quick", help="smoke-sized demo (about a min
 
 
 def _print_tables(summary: dict) -> None:
-    from octssl.report import rich_tables
+    from octssl.tune.report import rich_tables
 
     for table in rich_tables(summary):
         Console().print(table)
@@ -115,7 +115,7 @@ def sweep(config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET, dashboard:
     _local_ray(dashboard, worker_logs)
     try:
         if dry_run:
-            from octssl.dryrun import render, sweep_plan
+            from octssl.train.dryrun import render, sweep_plan
 
             print(render(sweep_plan(load_sweep_config(config, set_)), str(config)))
             return
@@ -133,8 +133,8 @@ def report(sweep_dir: str = _REPORT_DIR) -> None:
     """Rebuild report.md and the figures of a sweep directory (a folder or a URL) from its files; print the table."""
     import json
 
-    from octssl.report import build_report
-    from octssl.storage import Location
+    from octssl.storage.location import Location
+    from octssl.tune.report import build_report
 
     try:
         path = build_report(sweep_dir)
@@ -152,7 +152,7 @@ _DEMO_LOOP = typer.Option(True, "--close-loop/--no-close-loop", help="GA grows a
 @app.command()
 def demo(out: Path = _DEMO_OUT, quick: bool = _DEMO_QUICK, close_loop: bool = _DEMO_LOOP) -> None:
     """Synthesise a corpus, export shards, pretrain (2 workers), sweep GA/RPD fine-tuning, write the report."""
-    from octssl.demo import run_demo
+    from octssl.demo.run import run_demo
 
     try:
         run_demo(out, quick=quick, console=console, close_loop=close_loop)

@@ -30,7 +30,7 @@ from zarr.storage import LocalStore
 from octssl.corpus import manifest as mf
 from octssl.corpus.layout import ZARR_NAME, array_path
 from octssl.errors import CorpusError, SampleError
-from octssl.fsutil import atomic_file
+from octssl.storage.files import atomic_file
 from octssl.vocab import ENFACE_IMAGES, ENFACE_KEYS, MASKS
 
 if TYPE_CHECKING:

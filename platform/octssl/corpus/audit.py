@@ -12,9 +12,9 @@ from octssl.corpus.icechunk import IcechunkCorpus
 from octssl.corpus.journal import Journal
 from octssl.corpus.layout import ZARR_NAME
 from octssl.errors import CorpusError
-from octssl.progress import track
+from octssl.observe.progress import track
 from octssl.sample import ARRAY_KEYS, VOLUME_KEY
-from octssl.storage import Location, storage_error
+from octssl.storage.location import Location, storage_error
 
 if TYPE_CHECKING:
     from octssl.corpus.store import Corpus

@@ -35,7 +35,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.metadata import ArrayV3Metadata
 
-from octssl.storage import Location, is_url
+from octssl.storage.location import Location, is_url
 
 EMPTY = 2**64 - 1  # offset and length of a chunk a shard does not hold (zarr v3 sharding spec)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

@@ -39,8 +39,8 @@ from octssl.corpus import manifest as mf
 from octssl.corpus.layout import array_path, present, slot
 from octssl.corpus.store import Corpus
 from octssl.errors import CorpusError, StorageError
-from octssl.progress import stage
-from octssl.storage import Location, storage_error
+from octssl.observe.progress import stage
+from octssl.storage.location import Location, storage_error
 
 BRANCH = "main"
 MANIFEST_ARRAY = mf.MANIFEST_NAME  # the manifest's bytes, as a 1-D uint8 array at the repository's root

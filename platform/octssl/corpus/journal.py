@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from octssl.errors import CorpusError
-from octssl.fsutil import atomic_write
+from octssl.storage.files import atomic_write
 
 JOURNAL_DIR = ".journal"
 LOCK_NAME = ".lock"

@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from octssl.errors import CorpusError
-from octssl.fsutil import atomic_file
 from octssl.sample import ARRAY_KEYS, ENFACE_IMAGES, MASKS, VOLUME_KEY
-from octssl.storage import Location
+from octssl.storage.files import atomic_file
+from octssl.storage.location import Location
 
 MANIFEST_NAME = "manifest.parquet"
 FORMAT_VERSION = 2

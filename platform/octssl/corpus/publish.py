@@ -20,8 +20,8 @@ from octssl.corpus.journal import WriterLock
 from octssl.corpus.layout import ZARR_NAME
 from octssl.corpus.store import Corpus
 from octssl.errors import CorpusError, StorageError
-from octssl.progress import stage
-from octssl.storage import Location
+from octssl.observe.progress import stage
+from octssl.storage.location import Location
 
 LEDGER_NAME = ".octssl-publish.json"
 LEDGER_EVERY_BYTES = 256 * 2**20  # the ledger is rewritten after this many uploaded bytes (and at the end)

@@ -34,7 +34,7 @@ from octssl.corpus.journal import Journal, WriterLock
 from octssl.corpus.layout import ZARR_NAME, array_path, label_fraction_patients, meta_of, present, slot
 from octssl.errors import CorpusError
 from octssl.sample import VOLUME_KEY
-from octssl.storage import Location, fsspec_async
+from octssl.storage.location import Location, fsspec_async
 
 
 class Corpus:

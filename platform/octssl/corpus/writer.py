@@ -23,7 +23,7 @@ from octssl.corpus import manifest as mf
 from octssl.corpus.journal import Journal
 from octssl.corpus.layout import ZARR_NAME, assign_split, prepared_sample, shard_length, to_uint8
 from octssl.errors import CorpusError, SampleError
-from octssl.progress import track
+from octssl.observe.progress import track
 from octssl.sample import ARRAY_KEYS, VOLUME_KEY
 
 if TYPE_CHECKING:

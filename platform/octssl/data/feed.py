@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from octssl.config import JobConfig
+from octssl.config.job import JobConfig
 from octssl.data import plan
 from octssl.data.transforms import TrainTransform, collate
 from octssl.data.version import corpus_version

@@ -20,7 +20,7 @@ counts unequal and its buffer state is lost at a restart. The index stores every
 so a worker reads a sample with one seek and one read; every decoded array is checked against the
 corpus manifest's sha256. The shards remain ordinary WebDataset tars for any other reader.
 
-Shards on an object store (``s3://bucket/shards``, see ``octssl.storage``) are read the same way: one
+Shards on an object store (``s3://bucket/shards``, see ``octssl.storage.location``) are read the same way: one
 range request per sample, the next ``prefetch`` samples of the worker fetched ahead by a few threads
 (on local disk the kernel is asked to read ahead instead), each request with bounded timeouts and
 retries with backoff; a failed read raises ShardError naming the shard URL and the sample.
@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from octssl.data.transforms import collate
 from octssl.errors import ShardError, StorageError
 from octssl.sample import VOLUME_KEY
-from octssl.storage import Location
+from octssl.storage.location import Location
 from octssl.webds.index import load_index, shard_meta
 from octssl.webds.read import read_sample, sample_from_bytes
 

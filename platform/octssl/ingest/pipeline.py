@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from octssl import progress as progress_display
 from octssl.errors import IngestError, OctsslError, SampleError
 from octssl.ingest import sink
 from octssl.ingest.convert import Record, UnitResult, convert_unit, strip_path
 from octssl.ingest.detect import content_hash, find_units
 from octssl.ingest.grid import DEPTH_WINDOW_MM
 from octssl.ingest.phi import EPHEMERAL_WARNING, load_key
+from octssl.observe import progress as progress_display
 
 logger = logging.getLogger("octssl.ingest")
 DEFAULT_GRID = (49, 128, 512)

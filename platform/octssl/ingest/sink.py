@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from octssl.errors import CorpusError, IngestError
-from octssl.fsutil import atomic_file
+from octssl.storage.files import atomic_file
 
 if TYPE_CHECKING:
     from octssl.corpus.store import Corpus

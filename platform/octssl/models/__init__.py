@@ -1,6 +1,6 @@
 """Models: the FPN and its baselines behind one registry, safetensors weight transfer, and model bundles."""
 
-from octssl.models.bundle import Bundle, load_bundle
+from octssl.apply.bundle import Bundle, load_bundle
 from octssl.models.registry import MODELS, build_model
 from octssl.models.transfer import load_weights, model_from_weights, save_weights
 

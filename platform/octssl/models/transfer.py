@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from octssl.errors import ModelError
-from octssl.storage import Location, local_copy
+from octssl.storage.location import Location, local_copy
 
 MODEL_KEY = "octssl.model"
 OPTIONS_KEY = "octssl.options"

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from octssl.errors import CheckpointError
-from octssl.fsutil import atomic_write
-from octssl.storage import Location
+from octssl.storage.files import atomic_write
+from octssl.storage.location import Location
 from octssl.train.state import RunState
 
 TAG = "state"

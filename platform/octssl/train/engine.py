@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from octssl.config import JobConfig
+from octssl.config.job import JobConfig
 from octssl.errors import ConfigError
 
 

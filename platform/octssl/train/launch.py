@@ -15,10 +15,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from octssl.cluster import require, root_cause
-from octssl.config import JobConfig, dump_config
+from octssl.cluster.local import require, root_cause
+from octssl.config.job import JobConfig, dump_config
 from octssl.errors import ConfigError, OctsslError
-from octssl.storage import Location, is_url, ray_storage, staging_dir
+from octssl.storage.location import Location, is_url, ray_storage, staging_dir
 from octssl.train import checkpoint as ckpt
 from octssl.train.engine import init_single_process_group, resolve_precision
 from octssl.vocab import VAL, VOLUME
@@ -85,7 +85,7 @@ def preflight(config: JobConfig) -> dict[str, Any]:
     from octssl.corpus.store import Corpus
     from octssl.data.feed import build_train_data
     from octssl.models import build_model
-    from octssl.objectives import build_objective
+    from octssl.train.objectives import build_objective
 
     c = config
     resolve_precision(c.deepspeed.precision, gpu=c.scaling.gpus_per_worker > 0)
@@ -162,7 +162,7 @@ def run(
             worker_runtime_env={"env_vars": _worker_env(config)},
         ),
     )
-    from octssl.progress import RunWatcher
+    from octssl.observe.progress import RunWatcher
 
     watcher = RunWatcher(run_dir, enabled=progress)
     watcher.start()

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from octssl.config import JobConfig, parse_config
+from octssl.config.job import JobConfig, parse_config
 from octssl.data.transforms import collate
 from octssl.errors import OctsslError
-from octssl.objectives import average, score_batch
-from octssl.storage import Location
+from octssl.storage.location import Location
 from octssl.train import checkpoint as ckpt
 from octssl.train.board import Board, reconstructions
 from octssl.train.engine import build_engine, resolve_precision
+from octssl.train.objectives import average, score_batch
 from octssl.train.runlog import RunLog
 from octssl.train.state import Cadence, RunState
 from octssl.vocab import VAL, VOLUME
@@ -83,8 +83,8 @@ class Trainer:
         from octssl.data.sources import ZarrSource
         from octssl.data.transforms import EvalTransform
         from octssl.models import build_model
-        from octssl.monitor import TrainMetrics, serve
-        from octssl.objectives import build_objective
+        from octssl.observe.metrics import TrainMetrics, serve
+        from octssl.train.objectives import build_objective
 
         c = self.config
         torch.manual_seed(c.run.seed + self.ctx.rank)
@@ -148,7 +148,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Loss and the objective's metrics on the val split (volumes sharded over ranks), averaged by
-        :func:`octssl.objectives.average` like the sweep's test split, undefined HD95s counted."""
+        :func:`octssl.train.objectives.average` like the sweep's test split, undefined HD95s counted."""
         if self.val_source is None or len(self.val_source) == 0:
             return {}
         self.engine.eval()
@@ -268,7 +268,7 @@ class Trainer:
 
     def _log(self, window: _Window) -> None:
         """Record the state at a log step: Prometheus gauges (per rank), rank 0's metrics.jsonl and TensorBoard."""
-        from octssl.monitor import memory_now
+        from octssl.observe.metrics import memory_now
 
         samples_per_s, step_s, wait = window.means()
         lr = float(self.scheduler.get_last_lr()[0])
@@ -390,6 +390,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             trainer.train()
     finally:
         if config.get("remote_run_dir"):
-            from octssl.storage import upload_tree
+            from octssl.storage.location import upload_tree
 
             upload_tree(ctx.run_dir, config["remote_run_dir"])

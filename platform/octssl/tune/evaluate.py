@@ -42,7 +42,7 @@ def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[s
     ``ids`` and en-face arrays ``enface`` (mean projection), ``truth`` and ``prob`` (sigmoid), ``(n, nB, W)``."""
     from octssl.corpus.store import Corpus
     from octssl.data.transforms import EvalTransform, collate
-    from octssl.objectives import build_objective, score_batch
+    from octssl.train.objectives import build_objective, score_batch
 
     torch.set_num_threads(max(1, threads))
     device = _device(gpu)

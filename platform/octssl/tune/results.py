@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from octssl.cluster import root_cause
-from octssl.storage import Location, staging_dir
-from octssl.tune.config import SweepConfig
+from octssl.cluster.local import root_cause
+from octssl.config.sweep import SweepConfig
+from octssl.storage.location import Location, staging_dir
 from octssl.vocab import DICE, HD95, OVERLAP_PX, PRED_PX, PRIMARY_METRIC, SEGMENTATION, THRESHOLD, TRUTH_PX
 
 METRIC = PRIMARY_METRIC[SEGMENTATION]  # what picks a trial's best checkpoint and the chosen trial

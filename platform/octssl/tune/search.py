@@ -21,7 +21,7 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from octssl.tune.config import Group, SearchSection
+from octssl.config.sweep import Group, SearchSection
 from octssl.vocab import PRIMARY_METRIC, SEGMENTATION
 
 METRIC, MODE, TIME_ATTR = PRIMARY_METRIC[SEGMENTATION], "max", "step"  # ASHA compares trials on it

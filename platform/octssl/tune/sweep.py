@@ -29,10 +29,10 @@ from typing import Any
 
 import yaml
 
-from octssl.cluster import require
+from octssl.cluster.local import require
+from octssl.config.sweep import SCRATCH, Cell, Group, SweepConfig, load_sweep_config, trial_job
 from octssl.errors import ConfigError, CorpusError, OctsslError
-from octssl.storage import Location, absolute, ray_storage, upload_tree
-from octssl.tune.config import SCRATCH, Cell, Group, SweepConfig, load_sweep_config, trial_job
+from octssl.storage.location import Location, absolute, ray_storage, upload_tree
 from octssl.tune.results import (
     RESULT_COLUMNS,
     choose,
@@ -118,7 +118,7 @@ def _ray_up(config: SweepConfig) -> int:
 
 def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run the whole sweep; returns summary.json's content."""
-    from octssl.report import build_report
+    from octssl.tune.report import build_report
 
     started = time.time()
     timings: dict[str, float] = {}
@@ -126,7 +126,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     facts = preflight_sweep(config)
     timings["preflight"] = time.time() - started
     if config.metrics_port is not None:
-        from octssl.monitor import serve
+        from octssl.observe.metrics import serve
 
         serve(config.metrics_port)
     concurrent = _ray_up(config)
@@ -150,7 +150,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
 
     summary = summarise(config, trials, chosen, rows, errors, facts)
     summary["sweep_dir"] = str(place)
-    from octssl.models.bundle import write_sweep_bundles  # one bundle per task: its best cell's chosen trial
+    from octssl.apply.bundle import write_sweep_bundles  # one bundle per task: its best cell's chosen trial
 
     summary["bundles"] = published(write_sweep_bundles(sweep_dir, summary, named=str(place)), sweep_dir, place)
     timings["total"] = time.time() - started  # the report's own build time is added after it
@@ -171,7 +171,7 @@ def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: i
             progress: bool) -> list[dict[str, Any]]:
     from ray import tune
 
-    from octssl.tune.progress import SweepProgress
+    from octssl.tune.live import SweepProgress
     from octssl.tune.search import GroupASHA, GroupSearch, make_sampler
     from octssl.tune.trial import FORWARDED_ENV, TrialPlan, run_trial
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from octssl.cluster import root_cause
-from octssl.progress import stage
-from octssl.tune.config import SCRATCH, SweepConfig
+from octssl.cluster.local import root_cause
+from octssl.config.sweep import SCRATCH, SweepConfig
+from octssl.observe.progress import stage
 from octssl.vocab import ENFACE_IMAGES, THRESHOLD, VOLUME
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from octssl.config.sweep import Group, SweepConfig, trial_job
 from octssl.train.loop import Trainer
-from octssl.tune.config import Group, SweepConfig, trial_job
 
 #: driver environment forwarded to trials (testing and drill hooks of the train loop)
 FORWARDED_ENV = ("OCTSSL_FAULT_NAN_STEPS",)
@@ -53,7 +53,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     """The Tune function trainable: ``params`` = {group, trial, lr, weight_decay, steps}."""
     from ray import tune
 
-    from octssl.config import dump_config
+    from octssl.config.job import dump_config
     from octssl.train.loop import WorkerContext
 
     _prepare_process(plan)

@@ -35,10 +35,10 @@ import numpy as np
 from PIL import Image
 
 from octssl.errors import ShardError
-from octssl.fsutil import atomic_file
-from octssl.progress import stage
+from octssl.observe.progress import stage
 from octssl.sample import ENFACE_KEYS, VOLUME_KEY
-from octssl.storage import Location
+from octssl.storage.files import atomic_file
+from octssl.storage.location import Location
 from octssl.webds.index import FORMAT, INDEX_NAME, SHARD_PATTERN, file_sha256, shard_meta
 
 PNG_LEVEL = 6  # zlib level; measured on 72 synthetic 32x256 images: level 1 vs 6, 11.1 vs 11.6 ms, +2% bytes

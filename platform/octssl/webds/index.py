@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from octssl.errors import ShardError
-from octssl.storage import Location
+from octssl.storage.location import Location
 
 INDEX_NAME = "index.json"
 FORMAT = "octssl-shards/1"

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from octssl.errors import ShardError
-from octssl.progress import stage
-from octssl.storage import Location
+from octssl.observe.progress import stage
+from octssl.storage.location import Location
 from octssl.webds.index import INDEX_NAME, file_sha256, index_problems, read_index, well_formed_shard
 from octssl.webds.read import decode_sample, read_sample
 

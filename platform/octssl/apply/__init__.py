@@ -1,0 +1,1 @@
+"""Applying a trained model: the Predictor, segmentation metrics, bundles, predict, growth."""

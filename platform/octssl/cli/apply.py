@@ -1,0 +1,79 @@
+"""`octssl export-model | predict | growth`: model bundles, predictions and GA growth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from octssl.cli import _ERRORS, _fail, _num, app, console
+from octssl.cli.corpus import _INGEST_EPHEMERAL
+
+# ---------------------------------------------------------------- bundles, predict, growth
+_EXPORT_SOURCE = typer.Argument(..., help="a fine-tuning run directory, or a sweep directory (its best cell); "
+                                "a folder or an s3:// URL")
+_EXPORT_TASK = typer.Option(..., "--task", help="ga or rpd")
+_EXPORT_BUNDLE = typer.Option(..., "--out", "-o", help="bundle directory to write (model.safetensors + "
+                               "config.json): a folder or an s3:// URL")
+_EXPORT_REPLACE = typer.Option(False, "--overwrite", help="replace a bundle already at --out")
+_PREDICT_BUNDLE = typer.Argument(..., help="model bundle directory or URL (octssl export-model)")
+_PREDICT_SRC = typer.Argument(..., help="one corpus (a folder or a published corpus's URL), or device files and "
+                              "folders")
+_PREDICT_OUT = typer.Option(..., "--out", "-o", help="output directory (PNGs per volume, predictions.parquet/.csv)")
+_PREDICT_SPLIT = typer.Option(None, "--split", help="corpus only: predict train, val or test volumes")
+_PREDICT_IDS = typer.Option([], "--ids", help="corpus only: these volume ids (repeatable)")
+_PREDICT_BATCH = typer.Option(4, "--batch-size", help="volumes per forward pass")
+_GROWTH_SOURCE = typer.Argument(..., help="predictions.parquet/.csv (or a predict output folder), or a corpus")
+_GROWTH_OUT = typer.Option(..., "--out", "-o", help="output directory (growth.csv, plots/, summary.json)")
+
+
+@app.command("export-model")
+def export_model_command(source: str = _EXPORT_SOURCE, task: str = _EXPORT_TASK, out: str = _EXPORT_BUNDLE,
+                         overwrite: bool = _EXPORT_REPLACE) -> None:
+    """Write a model bundle for TASK: weights, threshold chosen on the val split, metrics and provenance."""
+    import json
+
+    from octssl.apply.bundle import CONFIG_NAME, export_model
+    from octssl.storage.location import Location
+
+    try:
+        path = export_model(source, task, out, overwrite=overwrite)
+        config = json.loads((Location.parse(path) / CONFIG_NAME).read_bytes())
+    except _ERRORS as err:
+        _fail(err)
+    console.print(f"[green]wrote[/] {path}: {config['model']['name']} for {task}, threshold {config['threshold']}, "
+                  f"val Dice {_num(config['metrics']['val']['dice'])}")
+
+
+@app.command()
+def predict(bundle: str = _PREDICT_BUNDLE, sources: list[str] = _PREDICT_SRC, out: str = _PREDICT_OUT,
+            split: str | None = _PREDICT_SPLIT, ids: list[str] = _PREDICT_IDS, batch_size: int = _PREDICT_BATCH,
+            ephemeral_key: bool = _INGEST_EPHEMERAL) -> None:
+    """Segment GA/RPD with a bundle on a corpus or device files: PNGs per volume, area, lesions, Dice/HD95."""
+    from octssl.apply.predict import predict as run_predict
+
+    try:
+        report = run_predict(bundle, sources, out, split=split, ids=ids or None, batch_size=batch_size,
+                             ephemeral_key=ephemeral_key)
+    except _ERRORS as err:
+        _fail(err)
+    for path, reason in report.rejected:
+        console.print(f"[yellow]rejected[/] {path}: {reason}")
+    rate = len(report.rows) / report.seconds if report.seconds else 0.0
+    console.print(f"[green]predicted[/] {len(report.rows)} volumes in {report.seconds:.1f} s ({rate:.2f} volumes/s, "
+                  f"{report.executor}); {out}/predictions.csv" + (f"; rejected {len(report.rejected)} file(s)"
+                                                                  if report.rejected else ""))
+
+
+@app.command()
+def growth(source: Path = _GROWTH_SOURCE, out: Path = _GROWTH_OUT) -> None:
+    """GA growth per patient and eye (mm^2/year and sqrt mm/year, least squares) with one plot per eye."""
+    from octssl.apply.growth import growth_report
+
+    try:
+        summary = growth_report(source, out)
+    except _ERRORS as err:
+        _fail(err)
+    console.print(f"[green]growth[/] {summary['eyes_fitted']} eyes fitted, {summary['eyes_insufficient']} with fewer "
+                  f"than 2 dated visits (see {out}/insufficient.csv); mean rate "
+                  f"{_num(summary['rate_mm2_per_year_mean'])} mm^2/year; {out}/growth.csv")

@@ -1,0 +1,1 @@
+"""Typed configurations: training jobs and sweeps (pydantic), YAML plus --set overrides."""

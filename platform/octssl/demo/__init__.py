@@ -1,0 +1,1 @@
+"""`octssl demo`: the whole pipeline on a synthetic corpus, and closing its loop."""

@@ -1,0 +1,1 @@
+"""Watching runs: Prometheus metrics, terminal progress, plots."""

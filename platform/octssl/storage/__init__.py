@@ -1,0 +1,1 @@
+"""Where data lives: local paths and object-store URLs, durable writes."""

@@ -1,0 +1,95 @@
+"""Model bundles: export from a run or a sweep, load, and every refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from octssl import __version__
+from octssl.apply.bundle import export_model, write_sweep_bundles
+from octssl.errors import ModelError
+from octssl.models import load_bundle
+from octssl.models.transfer import model_from_weights
+
+
+@pytest.fixture(scope="module")
+def bundle(finetuned_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_model(finetuned_run, "ga", tmp_path_factory.mktemp("bundle") / "ga")
+
+
+def test_bundle_holds_weights_config_threshold_and_provenance(bundle: Path, finetuned_run: Path) -> None:
+    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["octssl_version"] == __version__ and config["task"] == "ga"
+    assert config["model"]["name"] == "fpn" and config["model"]["options"]["width"] == 0.25
+    assert config["input"]["grid"] == [16, 64, 64] and config["input"]["multiple"] == 16
+    assert 0 < config["threshold"] < 1 and config["metrics"]["val"]["n"] > 0
+    assert config["provenance"]["training_config"]["objective"]["target"] == "ga"
+    assert len(config["provenance"]["corpus_manifest_sha256"]) == 64
+    loaded = load_bundle(bundle)
+    reference = model_from_weights(finetuned_run / "best" / "model.safetensors").eval()
+    x = torch.randn(1, 1, 16, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), reference(x))
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    return copy
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(octssl_version="0.0.1"), "made by octssl 0.0.1"),
+    (lambda c: c.update(format="something/9"), "is not 'octssl-bundle/1'"),
+    (lambda c: c["model"]["options"].update(width=0.5), "differs from the weights'"),
+    (lambda c: c["provenance"].update(weights_sha256="0" * 64), "sha256 differs"),
+    (lambda c: c.update(threshold=1.5), "threshold 1.5"),
+    (lambda c: c.update(task="drusen"), "task 'drusen'"),
+])
+def test_a_changed_bundle_is_refused(bundle: Path, tmp_path: Path, change, message: str) -> None:
+    copy = _copy(bundle, tmp_path)
+    config = json.loads((copy / "config.json").read_text())
+    change(config)
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=message):
+        load_bundle(copy)
+
+
+def test_other_refusals(bundle: Path, finetuned_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not a model bundle"):
+        load_bundle(tmp_path)
+    copy = _copy(bundle, tmp_path)
+    (copy / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        load_bundle(copy)
+    with pytest.raises(ModelError, match="not segmentation of 'rpd'"):
+        export_model(finetuned_run, "rpd", tmp_path / "rpd")
+    with pytest.raises(ModelError, match="already there"):
+        export_model(finetuned_run, "ga", bundle)
+    with pytest.raises(ModelError, match="no best/ or final/"):
+        export_model(tmp_path, "ga", tmp_path / "x")
+
+
+def test_sweep_directory_bundles_its_best_cell(finetuned_run: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    (sweep / "trials").mkdir(parents=True)
+    shutil.copytree(finetuned_run, sweep / "trials" / "t-best")
+    cell = {"task": "ga", "fraction": 1.0, "init": "scratch", "model": "fpn", "dice_mean": 0.4, "hd95_mean": 1.0,
+            "n_test": 4, "n_seeds": 1}
+    summary = {"cells": [
+        {**cell, "fraction": 0.1, "best_config": {"trial": "t-worse", "val_dice_pooled": 0.1}},
+        {**cell, "best_config": {"trial": "t-best", "val_dice_pooled": 0.3}},
+        {**cell, "task": "rpd", "best_config": None},
+    ]}
+    made = write_sweep_bundles(sweep, {**summary, "tasks": ["ga", "rpd"]})  # as the sweep calls it: before summary.json
+    assert made["ga"] == str(sweep / "bundles" / "ga") and made["rpd"].startswith("error:")
+    (sweep / "summary.json").write_text(json.dumps(summary))  # and from the command line, after the sweep
+    export_model(sweep, "ga", tmp_path / "cli-bundle")
+    for bundle in (sweep / "bundles" / "ga", tmp_path / "cli-bundle"):
+        config = load_bundle(bundle).config
+        assert config["provenance"]["trial"] == "t-best" and config["metrics"]["test"]["dice"] == 0.4
