@@ -79,6 +79,7 @@ def finetuned_run(growth_corpus: Path, tmp_path_factory: pytest.TempPathFactory)
     card), with untrained weights: training itself is tested in tests/train (and end to end, slow, in
     tests/test_predict.py); what reads a run needs only its files."""
     from octssl.config.job import dump_config, load_config
+    from octssl.data.version import corpus_version
     from octssl.models import build_model, save_weights
 
     run_dir = tmp_path_factory.mktemp("runs") / "ga"
@@ -87,9 +88,27 @@ def finetuned_run(growth_corpus: Path, tmp_path_factory: pytest.TempPathFactory)
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(dump_config(job))
     torch_model = build_model("fpn", width=0.25)
-    card = {"objective": job.objective.model_dump(), "grid": ["16x64x64"], "crop": [16, 64]}
+    card = {"objective": job.objective.model_dump(), "grid": ["16x64x64"], "crop": [16, 64],
+            "corpus_version": corpus_version(str(growth_corpus)), **_val_choice(torch_model, growth_corpus)}
     save_weights(torch_model, run_dir / "best" / "model.safetensors", {"card": card})
     return run_dir
+
+
+def _val_choice(model: Any, corpus_path: Path) -> dict:
+    """What the trainer's validation writes into a best checkpoint's card: the threshold with the best
+    pooled Dice on the val split (through the same Predictor and metrics), its metrics and volume count."""
+    from octssl.apply.metrics import choose_threshold, dice
+    from octssl.apply.predictor import Predictor
+    from octssl.corpus.store import Corpus
+
+    corpus = Corpus.open(corpus_path)
+    samples = [corpus.read(i) for i in corpus.ids(split="val", label="ga")]
+    probs = Predictor.for_model(model).probabilities([s["oct"] for s in samples],
+                                                     [s["meta"]["spacing_mm"] for s in samples])
+    threshold, pooled = choose_threshold(probs, [s["ga"] for s in samples])
+    mean = sum(dice(p >= threshold, s["ga"]) for p, s in zip(probs, samples, strict=True)) / len(samples)
+    return {"threshold": threshold, "val": {"threshold": threshold, "dice_pooled": pooled, "dice": mean},
+            "val_volumes": len(samples), "summary": {"step": 1}}
 
 
 def kill_after_checkpoint(run_dir: Any, beats: Path, rank: int, timeout: float = 240.0, poll: float = 0.02) -> dict:

@@ -24,19 +24,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from octssl.apply.rows import COLUMNS, SCHEMA, PredictionRow
 from octssl.errors import OctsslError, PredictError
 from octssl.storage.files import atomic_write
 from octssl.storage.location import Location, absolute
 
-COLUMNS = ("id", "patient", "eye", "visit", "acquired", "scan_pattern", "raster", "split", "source", "task",
-           "threshold", "area_mm2", "area_reason", "lesions", "pixels", "label_area_mm2", "dice", "hd95_mm")
 _BUNDLES: dict[tuple[Any, ...], Any] = {}  # per process: a Ray worker loads a bundle once
 
 
 @dataclass
 class PredictReport:
     out: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[PredictionRow] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     executor: str = "inline"
@@ -44,41 +43,73 @@ class PredictReport:
 
 @dataclass
 class Item:
-    """One volume to predict: its sample dict (with ``localizer`` and registration when known) and source."""
+    """One volume to predict: its sample dict (with ``localizer`` and registration when known), its source
+(the device file's path, or the corpus) and the source file's sha256 when the sample's meta lacks it."""
 
     sample: dict[str, Any]
     source: str
 
 
 def _segmenter(bundle_path: str, batch_size: int) -> tuple[Any, Any]:
+    """The bundle at ``bundle_path`` and its :class:`~octssl.apply.predictor.Predictor` (inputs put on the
+    bundle's grid), loaded once per process."""
     from octssl.apply.bundle import load_bundle
-    from octssl.apply.predictor import Segmenter
+    from octssl.apply.predictor import Predictor
 
     where = Location.parse(bundle_path)
     stamps = tuple((where / name).info().mtime_ns or 0 for name in ("config.json", "model.safetensors"))
     key = (bundle_path, stamps, batch_size)  # a bundle replaced in place is loaded again
     if key not in _BUNDLES:
         bundle = load_bundle(bundle_path)
-        _BUNDLES[key] = (bundle, Segmenter(bundle.model, depth=bundle.grid[1], batch_size=batch_size))
+        _BUNDLES[key] = (bundle, Predictor.for_model(bundle.model, grid=bundle.grid, batch_size=batch_size))
     return _BUNDLES[key]
 
 
-def predict_items(bundle_path: str, items: list[Item], batch_size: int = 4) -> list[tuple[dict[str, Any], dict[str, bytes]]]:
-    """Rows and PNG files (name -> bytes) of ``items``."""
-    from octssl.apply.predictor import measure
+def outside_training(bundle: Any, meta: dict[str, Any], shape: tuple[int, ...]) -> str | None:
+    """One line when a volume lies outside what the bundle's model was trained on (a scan pattern other than
+    raster, or a spacing on the model's grid more than 10% outside the training range); else None."""
+    if not meta.get("raster", True):
+        return f"{meta.get('scan_pattern')} scan: the model was trained on raster volumes"
+    trained = bundle.config.input.spacing_mm
+    if not trained:
+        return None
+    n_b, depth, width = shape
+    g_b, g_d, g_w = bundle.grid
+    s = meta["spacing_mm"]
+    seen = (s[0] * (n_b - 1) / (g_b - 1) if g_b > 1 and n_b > 1 else s[0], s[1] * depth / g_d, s[2] * width / g_w)
+    off = [f"{axis} {value:.4g} mm not in [{low:.4g}, {high:.4g}]"
+           for axis, value, low, high in zip(("nB", "D", "W"), seen, trained["min"], trained["max"], strict=True)
+           if not 0.9 * low <= value <= 1.1 * high]
+    return f"spacing on the model grid outside training: {', '.join(off)}" if off else None
 
-    bundle, segmenter = _segmenter(bundle_path, batch_size)
+
+def predict_items(bundle_path: str, items: list[Item], batch_size: int = 4) -> list[tuple[PredictionRow, dict[str, bytes]]]:
+    """Rows and PNG files (name -> bytes) of ``items``."""
+    import logging
+
+    from octssl.apply.metrics import measure
+
+    bundle, predictor = _segmenter(bundle_path, batch_size)
     samples = [item.sample for item in items]
-    probs = segmenter.probabilities([s["oct"] for s in samples], [s["meta"]["spacing_mm"] for s in samples],
-                                    [bool(s["meta"].get("raster", True)) for s in samples])
+    rasters = [bool(s["meta"].get("raster", True)) for s in samples]
+    probs = predictor.probabilities([s["oct"] for s in samples], [s["meta"]["spacing_mm"] for s in samples], rasters)
+    weights_sha256 = bundle.config.provenance.get("weights_sha256")
     results = []
-    for item, prob in zip(items, probs, strict=True):
+    for item, prob, raster in zip(items, probs, rasters, strict=True):
         sample, meta = item.sample, item.sample["meta"]
-        row = {"id": sample["id"], "patient": meta.get("patient"), "eye": meta.get("eye"), "visit": meta.get("visit"),
-               "acquired": meta.get("acquired"), "scan_pattern": meta.get("scan_pattern"),
-               "raster": bool(meta.get("raster", True)), "split": meta.get("split"), "source": item.source,
-               "task": bundle.task, "threshold": bundle.threshold,
-               **measure(prob, bundle.threshold, meta, sample.get(bundle.task))}
+        shape = tuple(int(n) for n in np.shape(sample["oct"]))
+        seen = predictor.input_shape(shape, raster)
+        warning = outside_training(bundle, meta, shape)
+        if warning:
+            logging.getLogger("octssl.predict").warning("%s: %s", sample["id"], warning)
+        row = PredictionRow(
+            id=sample["id"], patient=meta.get("patient"), eye=meta.get("eye"), visit=meta.get("visit"),
+            acquired=meta.get("acquired"), scan_pattern=meta.get("scan_pattern"), raster=raster,
+            split=meta.get("split"), source=item.source, source_sha256=meta.get("source"), task=bundle.task,
+            threshold=bundle.threshold, **measure(prob, bundle.threshold, meta, sample.get(bundle.task)),
+            bundle=str(bundle.path), weights_sha256=weights_sha256, input_grid="x".join(map(str, seen)),
+            grid="x".join(map(str, shape)), spacing_mm=[float(v) for v in meta["spacing_mm"]],
+            native_shape=meta.get("native_shape"), warning=warning)
         results.append((row, pictures(sample, prob, bundle.threshold)))
     return results
 
@@ -143,7 +174,7 @@ def predict_file(bundle_path: str, path: str, key: bytes, batch_size: int = 4) -
         items = []
         for scan in read_scans(unit, fmt):
             record = to_record(scan, sample_id=f"{ID_PREFIX[fmt]}-{sha[:16]}-{scan.series}", source=sha, key=key,
-                               grid=bundle.grid, depth_mm=float(bundle.config["input"].get("depth_mm", 1.0)))
+                               grid=bundle.grid, depth_mm=bundle.config.input.depth_mm)
             sample = dict(record.sample)
             sample["meta"] = {**sample["meta"], "localizer_spacing_mm": record.localizer_spacing_mm,
                               "positions_mm": record.positions_mm}
@@ -183,9 +214,9 @@ def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | P
         raise PredictError("--split/--ids select volumes of a corpus; the sources here are device files")
     out.mkdir(parents=True, exist_ok=True)
 
-    def save(results: list[tuple[dict[str, Any], dict[str, bytes]]]) -> None:
+    def save(results: list[tuple[PredictionRow, dict[str, bytes]]]) -> None:
         for row, files in results:
-            folder = out / "volumes" / row["id"]
+            folder = out / "volumes" / row.id
             folder.mkdir(parents=True, exist_ok=True)
             for name, data in files.items():
                 atomic_write(folder / name, data)
@@ -237,11 +268,11 @@ def _device_files(bundle_path: str, sources: list[Path], batch_size: int, epheme
     return kind
 
 
-def _write_table(out: Path, rows: list[dict[str, Any]]) -> None:
+def _write_table(out: Path, rows: list[PredictionRow]) -> None:
     import csv
 
-    rows = sorted(rows, key=lambda r: r["id"])
-    table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=SCHEMA)
+    rows = sorted(rows, key=lambda r: r.id)
+    table = pa.Table.from_pylist([r.model_dump() for r in rows], schema=SCHEMA)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     atomic_write(out / "predictions.parquet", buffer.getvalue())
@@ -249,15 +280,6 @@ def _write_table(out: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(text, fieldnames=COLUMNS)
     writer.writeheader()
     for row in table.to_pylist():
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        writer.writerow({k: "" if v is None else "x".join(map(str, v)) if k == "native_shape" else
+                         " ".join(map(str, v)) if k == "spacing_mm" else v for k, v in row.items()})
     atomic_write(out / "predictions.csv", text.getvalue())
-
-
-SCHEMA = pa.schema([
-    ("id", pa.string()), ("patient", pa.string()), ("eye", pa.string()), ("visit", pa.int64()),
-    ("acquired", pa.string()), ("scan_pattern", pa.string()), ("raster", pa.bool_()), ("split", pa.string()),
-    ("source", pa.string()), ("task", pa.string()), ("threshold", pa.float64()), ("area_mm2", pa.float64()),
-    ("area_reason", pa.string()), ("lesions", pa.int64()), ("pixels", pa.int64()),
-    ("label_area_mm2", pa.float64()), ("dice", pa.float64()),
-    ("hd95_mm", pa.float64()),
-])

@@ -30,19 +30,20 @@ _GROWTH_OUT = typer.Option(..., "--out", "-o", help="output directory (growth.cs
 @app.command("export-model")
 def export_model_command(source: str = _EXPORT_SOURCE, task: str = _EXPORT_TASK, out: str = _EXPORT_BUNDLE,
                          overwrite: bool = _EXPORT_REPLACE) -> None:
-    """Write a model bundle for TASK: weights, threshold chosen on the val split, metrics and provenance."""
-    import json
-
-    from octssl.apply.bundle import CONFIG_NAME, export_model
+    """Write a model bundle for TASK: weights, the threshold chosen on the val split with them, metrics, provenance."""
+    from octssl.apply.bundle import CONFIG_NAME, BundleConfig, export_model
     from octssl.storage.location import Location
+    from octssl.tune.bundles import export_sweep, is_sweep_dir
 
     try:
-        path = export_model(source, task, out, overwrite=overwrite)
-        config = json.loads((Location.parse(path) / CONFIG_NAME).read_bytes())
+        export = export_sweep if is_sweep_dir(source) else export_model
+        path = export(source, task, out, overwrite=overwrite)
+        config = BundleConfig.model_validate_json((Location.parse(path) / CONFIG_NAME).read_bytes())
     except _ERRORS as err:
         _fail(err)
-    console.print(f"[green]wrote[/] {path}: {config['model']['name']} for {task}, threshold {config['threshold']}, "
-                  f"val Dice {_num(config['metrics']['val']['dice'])}")
+    val = config.metrics.val
+    console.print(f"[green]wrote[/] {path}: {config.model.name} for {task}, threshold {config.threshold}, "
+                  f"val pooled Dice {_num(val.dice_pooled if val else None)}")
 
 
 @app.command()

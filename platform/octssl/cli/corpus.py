@@ -239,6 +239,10 @@ def info(corpus: str = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
     reasons = ", ".join(f"{k}: {v}" for k, v in summary["non_raster"].items())
     table.add_row("raster / non-raster", f"{summary['raster']} / {summary['volumes'] - summary['raster']}"
                   + (f" ({reasons})" if reasons else ""))
+    upsampled = summary.get("upsampled") or {}
+    if upsampled:
+        table.add_row("upsampled", f"{sum(upsampled.values())} volumes on a grid finer than recorded ("
+                      + ", ".join(f"{k}: {v}" for k, v in upsampled.items()) + ")")
     table.add_row("size on disk", f"{summary['bytes_on_disk'] / 2**20:.1f} MiB")
     if "snapshot_id" in summary:
         table.add_row("icechunk snapshot", summary["snapshot_id"])

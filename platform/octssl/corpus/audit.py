@@ -160,6 +160,9 @@ def summarize(corpus: Corpus) -> dict[str, Any]:
         },
         "raster": sum(r["raster"] for r in rows),
         "non_raster": dict(non_raster),
+        # volumes ingest put on a grid finer than the device recorded on some axis (native shape -> grid)
+        "upsampled": dict(sorted(Counter(
+            f"{r['native_shape']} -> {r['grid']}" for r in rows if r.get("upsampled")).items())),
         "devices": dict(Counter(r["device"] for r in rows)),
         "bytes_on_disk": size,
         "settings": {k: v for k, v in corpus.settings.items() if k != "append_token"},

@@ -69,10 +69,16 @@ SCHEMA = pa.schema(
         # registration, per stored B-scan [[start_x, start_y], [end_x, end_y]] in mm on the localizer (x right,
         # y down; pixel = mm / spacing); circle scans: "end" is the circle's centre. Null when unknown.
         pa.field("positions_mm", POSITIONS_TYPE),
+        # What the device recorded before ingest put the volume on the grid (null where unknown: synthetic
+        # volumes, corpora written before these columns): its (nB, D, W), and whether any axis was upsampled.
+        pa.field("native_shape", pa.string()),  # "nBxDxW" as the device recorded it
+        pa.field("upsampled", pa.bool_()),
     ]
 )
 #: Columns a format-1 manifest lacks; read as nulls.
 OPTIONAL_COLUMNS = ("localizer_grid", "localizer_index", "localizer_spacing_mm", "positions_mm")
+#: Columns older manifests lack (read as nulls): the volume's shape before ingest resampled it.
+NATIVE_COLUMNS = ("native_shape", "upsampled")
 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "format": FORMAT_VERSION,
@@ -195,7 +201,7 @@ def manifest_sha256(corpus: str | Path | Location) -> str:
 
 def with_optional_columns(table: pa.Table) -> pa.Table:
     """``table`` with every absent OPTIONAL_COLUMNS column added as nulls (an older format read as new)."""
-    for name in OPTIONAL_COLUMNS:
+    for name in (*OPTIONAL_COLUMNS, *NATIVE_COLUMNS):
         if name not in table.column_names:
             table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
     return table

@@ -135,6 +135,7 @@ def to_record(
         "source": source,
         "acquired": acquired,
         "raster_reason": None if scan.raster else NOT_RASTER_REASON[scan.scan_pattern],
+        "native_shape": [int(n) for n in scan.bscans.shape],  # (nB, D, W) as the device recorded it
     }
     sample: dict[str, Any] = {"id": sample_id, "oct": np.ascontiguousarray(volume, dtype=np.uint8), "meta": meta}
     if slo is not None:

@@ -18,9 +18,10 @@ from typing import Any
 from octssl.cluster.local import require, root_cause
 from octssl.config.job import JobConfig, dump_config
 from octssl.errors import ConfigError, OctsslError
+from octssl.models.precision import resolve_precision
 from octssl.storage.location import Location, is_url, ray_storage, staging_dir
 from octssl.train import checkpoint as ckpt
-from octssl.train.engine import init_single_process_group, resolve_precision
+from octssl.train.engine import init_single_process_group
 from octssl.vocab import VAL, VOLUME
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from octssl.apply.metrics import pooled
 from octssl.cluster.local import root_cause
 from octssl.config.sweep import SweepConfig
 from octssl.storage.location import Location, staging_dir
@@ -87,6 +88,9 @@ def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[st
         per_seed = [float(np.mean([r[DICE] for r in mine if r["seed"] == s])) for s in seeds]
         picks = [dict(chosen[g.key]) for g in config.groups if g.cell == cell and g.key in chosen]
         best = max(picks, key=lambda t: t["val_dice_pooled"]) if picks else None
+        # the bundle's trial on its own, at the threshold it chose on val (what the bundle ships and reports)
+        best_test = {**pooled([r for r in mine if r["trial"] == best["trial"]]), THRESHOLD: best[THRESHOLD],
+                     "trial": best["trial"]} if best else None
         cell_trials = [t for t in trials if t["cell"] == cell.key]
         failed = [f"seed {g.seed}: {errors[g.key]}" for g in config.groups if g.cell == cell and g.key in errors]
         failed += [f"seed {g.seed}: every trial failed" for g in config.groups
@@ -106,6 +110,7 @@ def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[st
             "n_test": len(facts["test"][cell.task]), "n_seeds": len(seeds),
             **facts["cells"][(cell.task, cell.fraction)],
             "best_config": _config_of(best) if best else None,
+            "best_test": best_test,
             "seed_configs": [_config_of(p) for p in picks],
             "trials": len(cell_trials),
             "trials_failed": sum(t["status"] == ERROR for t in cell_trials),

@@ -150,7 +150,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
 
     summary = summarise(config, trials, chosen, rows, errors, facts)
     summary["sweep_dir"] = str(place)
-    from octssl.apply.bundle import write_sweep_bundles  # one bundle per task: its best cell's chosen trial
+    from octssl.tune.bundles import write_sweep_bundles  # one bundle per task: its best cell's chosen trial
 
     summary["bundles"] = published(write_sweep_bundles(sweep_dir, summary, named=str(place)), sweep_dir, place)
     timings["total"] = time.time() - started  # the report's own build time is added after it
