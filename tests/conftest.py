@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,8 +108,10 @@ def _val_choice(model: Any, corpus_path: Path) -> dict:
                                                      [s["meta"]["spacing_mm"] for s in samples])
     threshold, pooled = choose_threshold(probs, [s["ga"] for s in samples])
     mean = sum(dice(p >= threshold, s["ga"]) for p, s in zip(probs, samples, strict=True)) / len(samples)
+    spacings = np.array([r["spacing_mm"] for r in corpus.rows], float)
     return {"threshold": threshold, "val": {"threshold": threshold, "dice_pooled": pooled, "dice": mean},
-            "val_volumes": len(samples), "summary": {"step": 1}}
+            "val_volumes": len(samples), "summary": {"step": 1},
+            "spacing_mm": {"min": spacings.min(axis=0).tolist(), "max": spacings.max(axis=0).tolist()}}
 
 
 def kill_after_checkpoint(run_dir: Any, beats: Path, rank: int, timeout: float = 240.0, poll: float = 0.02) -> dict:

@@ -29,7 +29,7 @@ def test_predict_a_corpus_split(bundle: Path, growth_corpus: Path, tmp_path: Pat
     report = predict(bundle, [growth_corpus], tmp_path / "out", split="test", batch_size=3, progress=False)
     corpus = Corpus.open(growth_corpus)
     test_ids = corpus.ids(split="test", raster_only=False)
-    assert sorted(r["id"] for r in report.rows) == sorted(test_ids)
+    assert sorted(r.id for r in report.rows) == sorted(test_ids)
     table = pq.read_table(tmp_path / "out" / "predictions.parquet")
     assert table.column_names == list(COLUMNS) and table.num_rows == len(test_ids)
     csv_lines = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
@@ -72,9 +72,9 @@ def test_predict_device_files_gives_masks_but_no_area_for_line_and_circle(bundle
     report = predict(bundle, [src], tmp_path / "out", progress=False)
     assert len(report.rows) == 2 and [p for p, _ in report.rejected] == [str(src / "invalid.vol")]
     for row in report.rows:
-        assert row["area_mm2"] is None and row["area_reason"].startswith(("line scan", "circle scan"))
-        assert row["patient"] and "Willis" not in row["patient"] and row["acquired"] == "2017-01-11"
-        folder = tmp_path / "out" / "volumes" / row["id"]
+        assert row.area_mm2 is None and row.area_reason.startswith(("line scan", "circle scan"))
+        assert row.patient and "Willis" not in row.patient and row.acquired == "2017-01-11"
+        folder = tmp_path / "out" / "volumes" / row.id
         assert np.asarray(Image.open(folder / "mask.png")).shape == (1, 768)
         assert Image.open(folder / "overlay.png").size == (768, 768)  # drawn over the native localizer
     assert not any(src.glob("*.parquet")) and not (src / "volumes.zarr").exists()  # no corpus written
@@ -121,4 +121,89 @@ def test_device_files_as_ray_tasks_when_a_cluster_is_running(bundle: Path, share
     finally:
         ray.shutdown()
     assert report.executor == "ray" and len(report.rows) == 2
-    assert all(row["area_mm2"] is None for row in report.rows)
+    assert all(row.area_mm2 is None for row in report.rows)
+
+
+def test_predict_and_scoring_reproduce_the_bundles_test_metrics(finetuned_run: Path, growth_corpus: Path,
+                                                                tmp_path: Path) -> None:
+    """The sweep scores the chosen trial's weights on the test split at the threshold chosen on val; a bundle
+    of those weights ships that threshold and those numbers, and `predict` on the test split gives them back."""
+    from octssl.apply.bundle import SplitMetrics, SweepOrigin, load_bundle
+    from octssl.apply.metrics import pooled
+    from octssl.models.transfer import read_metadata
+    from octssl.tune.evaluate import evaluate_segmentation
+
+    weights = finetuned_run / "best" / "model.safetensors"
+    threshold = read_metadata(weights)["card"]["threshold"]
+    test_ids = Corpus.open(growth_corpus).ids(split="test", label="ga")
+    rows, _ = evaluate_segmentation(str(growth_corpus), str(weights), "ga", test_ids, threshold=threshold)
+    origin = SweepOrigin(sweep="sweep", trial="t", cell={}, threshold=threshold,
+                         test=SplitMetrics(threshold=threshold, **pooled(rows)))
+    bundle = load_bundle(export_model(finetuned_run, "ga", tmp_path / "bundle", origin=origin))
+    test = bundle.config.metrics.test
+    assert test is not None and test.threshold == bundle.threshold == threshold and test.n == len(test_ids) > 0
+    report = predict(bundle.path, [growth_corpus], tmp_path / "out", ids=test_ids, progress=False)
+    assert all(r.threshold == test.threshold for r in report.rows) and len(report.rows) == test.n
+    assert np.mean([r.dice for r in report.rows]) == pytest.approx(test.dice, abs=1e-6)
+    hd = [r.hd95_mm for r in report.rows if r.hd95_mm is not None]
+    assert len(report.rows) - len(hd) == test.hd95_undefined
+    if hd:
+        assert np.mean(hd) == pytest.approx(test.hd95_mm, rel=1e-6)
+
+
+def test_prediction_rows_say_where_they_came_from(bundle: Path, growth_corpus: Path, tmp_path: Path) -> None:
+    from octssl.apply.bundle import load_bundle
+
+    config = load_bundle(bundle).config
+    report = predict(bundle, [growth_corpus], tmp_path / "out", split="val", progress=False)
+    corpus = Corpus.open(growth_corpus)
+    table = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pylist()
+    assert len(table) == len(report.rows) > 0
+    for row in table:
+        assert row["bundle"] == str(bundle) and row["weights_sha256"] == config.provenance["weights_sha256"]
+        assert row["threshold"] == config.threshold and row["input_grid"] == "16x64x64"
+        assert row["source_sha256"] == corpus.row(row["id"])["source"] and row["source"] == str(growth_corpus)
+        assert row["spacing_mm"] == list(corpus.row(row["id"])["spacing_mm"]) and row["schema_version"] == 1
+        assert row["warning"] is None  # the training corpus itself is inside what the model saw
+
+
+def _structured_bundle(finetuned_run: Path, out: Path) -> Path:
+    """A bundle whose untrained model's output is spread out (head scaled up), so masks at its threshold are
+    partial and depend on the input (an untrained head gives nearly constant probabilities)."""
+    import shutil as sh
+
+    import torch
+
+    from octssl.models import save_weights
+    from octssl.models.transfer import model_from_weights, read_metadata
+
+    run = out / "run"
+    sh.copytree(finetuned_run, run)
+    weights = run / "best" / "model.safetensors"
+    model = model_from_weights(weights)
+    with torch.no_grad():
+        model.head.weight.mul_(200.0)
+    save_weights(model, weights, {"card": read_metadata(weights)["card"]})
+    return export_model(run, "ga", out / "bundle")
+
+
+@pytest.mark.parametrize("source", ["heyex-xml/test_volume", f"heidelberg-vol/{LINE_FILE}"])
+def test_one_scan_gives_one_area_from_its_corpus_entry_and_from_its_device_file(
+        finetuned_run: Path, shared_dir: Path, tmp_path: Path, monkeypatch, source: str) -> None:
+    """Issue 26.2: the same scan predicted from the device file and from its corpus entry gives one area (the
+    Predictor puts both on the bundle's grid), and the row says the model saw a grid it was not trained on."""
+    from octssl.ingest.pipeline import ingest
+
+    monkeypatch.setenv("OCTSSL_PSEUDONYM_KEY", "test-key")
+    path = shared_dir / "data" / source
+    bundle = _structured_bundle(finetuned_run, tmp_path)
+    (device,) = predict(bundle, [path], tmp_path / "device", progress=False).rows
+    ingest([path], tmp_path / "corpus", progress=False)
+    (entry,) = predict(bundle, [tmp_path / "corpus"], tmp_path / "entry", progress=False).rows
+    assert 0 < device.pixels < np.prod([int(n) for n in device.grid.split("x")][::2])  # a partial mask
+    assert (entry.pixels, entry.lesions, entry.input_grid) == (device.pixels, device.lesions, device.input_grid)
+    if device.raster:
+        assert entry.area_mm2 == pytest.approx(device.area_mm2, rel=1e-3) and device.input_grid == "16x64x64"
+    assert entry.native_shape == device.native_shape and device.native_shape is not None
+    assert device.warning and entry.warning == device.warning  # spacing/pattern outside the training corpus
+    assert device.source.startswith(str(path)) and device.source_sha256 == entry.source_sha256

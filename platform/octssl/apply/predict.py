@@ -165,6 +165,7 @@ def predict_file(bundle_path: str, path: str, key: bytes, batch_size: int = 4) -
     """Read one device file or stack through the ingest readers and predict its volumes; (results, reason)."""
     from octssl.ingest import detect
     from octssl.ingest.convert import ID_PREFIX, read_scans, to_record
+    from octssl.ingest.pipeline import DEFAULT_GRID
 
     bundle, _ = _segmenter(bundle_path, batch_size)
     try:
@@ -173,8 +174,10 @@ def predict_file(bundle_path: str, path: str, key: bytes, batch_size: int = 4) -
         fmt = detect.detect_format(unit)
         items = []
         for scan in read_scans(unit, fmt):
+            # exactly what `octssl ingest` stores (its default grid and depth window): a device file and its
+            # corpus entry are then the same volume, and the Predictor puts both on the bundle's grid
             record = to_record(scan, sample_id=f"{ID_PREFIX[fmt]}-{sha[:16]}-{scan.series}", source=sha, key=key,
-                               grid=bundle.grid, depth_mm=bundle.config.input.depth_mm)
+                               grid=DEFAULT_GRID, depth_mm=bundle.config.input.depth_mm)
             sample = dict(record.sample)
             sample["meta"] = {**sample["meta"], "localizer_spacing_mm": record.localizer_spacing_mm,
                               "positions_mm": record.positions_mm}
