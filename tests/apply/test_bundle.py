@@ -14,6 +14,7 @@ from octssl.apply.bundle import FORMAT_VERSION, export_model, load_bundle
 from octssl.errors import ModelError
 from octssl.models.transfer import model_from_weights, read_metadata
 from octssl.tune.bundles import export_sweep, write_sweep_bundles
+from octssl.tune.results import SweepSummary
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def test_sweep_directory_bundles_its_best_cell(finetuned_run: Path, tmp_path: Pa
          "best_test": best_test},
         {**cell, "task": "rpd", "best_config": None},
     ]}
-    made = write_sweep_bundles(sweep, {**summary, "tasks": ["ga", "rpd"]})  # as the sweep calls it: before summary.json
+    made = write_sweep_bundles(sweep, SweepSummary.model_validate({**summary, "tasks": ["ga", "rpd"]}))  # as the sweep calls it: before summary.json
     assert made["ga"] == str(sweep / "bundles" / "ga") and made["rpd"].startswith("error:")
     (sweep / "summary.json").write_text(json.dumps(summary))  # and from the command line, after the sweep
     export_sweep(sweep, "ga", tmp_path / "cli-bundle")

@@ -24,7 +24,8 @@ def test_outputs_of_a_run(job) -> None:
     summary = run_single_process(config)
     run_dir = Path(config.run.storage_path) / "outputs"
     assert summary.steps == 6 and summary.skipped_steps == 0
-    assert set(summary) >= {"steps", "first_loss", "final_loss", "best_metric", "weights", "wall_s"}
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert set(on_disk) >= {"schema_version", "steps", "first_loss", "final_loss", "best_metric", "weights", "wall_s"}
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7))
@@ -88,7 +89,14 @@ def test_finetune_from_pretrained_beats_frozen_random(job, train_corpus: Path) -
         "finetune_ga.yaml", "run.name=ft", f"run.init={weights}", "run.max_steps=30", "run.eval_every=30",
         "objective.label_fraction=1.0", "data.val_volumes=100", "optim.lr=0.01",
     )
-    tuned = run_single_process(fine).best_metric
+    summary = run_single_process(fine)
+    tuned = summary.best_metric
+    # the threshold chosen on val with the best checkpoint travels with its weights (and into a bundle)
+    from octssl.models.transfer import read_metadata
+
+    card = read_metadata(summary.best_weights)["card"]
+    assert summary.best_threshold is not None and card["threshold"] == summary.best_threshold
+    assert card["val"]["dice_pooled"] == tuned and card["val_volumes"] > 0 and summary.best_step == 30
 
     torch.manual_seed(0)
     random_model = build_model("fpn", width=0.25).eval()

@@ -7,13 +7,12 @@ trial's run directory and a :class:`~octssl.apply.bundle.SweepOrigin`, and opens
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from octssl.apply.bundle import SplitMetrics, SweepOrigin, export_model
 from octssl.errors import ModelError
 from octssl.storage.location import Location
+from octssl.tune.results import SweepSummary, read_sweep_summary
 
 
 def is_sweep_dir(source: str | Path | Location) -> bool:
@@ -22,39 +21,38 @@ def is_sweep_dir(source: str | Path | Location) -> bool:
     return (where / "summary.json").exists() and (where / "trials").is_dir()
 
 
-def sweep_origin(summary: dict[str, Any], task: str, shown: str) -> SweepOrigin:
+def sweep_origin(summary: SweepSummary, task: str, shown: str) -> SweepOrigin:
     """The cell of ``task`` whose chosen trial has the best pooled val Dice, as a :class:`SweepOrigin`."""
-    cells = [c for c in summary.get("cells", []) if c.get("task") == task and c.get("best_config")]
+    cells = [c for c in summary.cells if c.task == task and c.best_config]
     if not cells:
         raise ModelError(f"{shown}: the sweep has no finished cell for task {task!r}")
-    cell = max(cells, key=lambda c: c["best_config"]["val_dice_pooled"])
-    best = cell["best_config"]
-    test = cell.get("best_test")
+    cell = max(cells, key=lambda c: c.best_config["val_dice_pooled"] if c.best_config else 0.0)
+    best = cell.best_config or {}
     return SweepOrigin(sweep=shown, trial=best["trial"], threshold=best.get("threshold"),
-                       cell={k: cell[k] for k in ("task", "fraction", "init", "model")},
-                       test=SplitMetrics.model_validate(test) if test else None)
+                       cell={"task": cell.task, "fraction": cell.fraction, "init": cell.init, "model": cell.model},
+                       test=SplitMetrics.model_validate(cell.best_test) if cell.best_test else None)
 
 
 def export_sweep(sweep_dir: str | Path | Location, task: str, out: str | Path | Location, *, overwrite: bool = False,
-                 summary: dict[str, Any] | None = None, named: str | None = None) -> Path | Location:
+                 summary: SweepSummary | None = None, named: str | None = None) -> Path | Location:
     """The bundle of ``task`` from a sweep directory (a folder or URL): its best cell's chosen trial.
     ``summary``: the sweep's summary when summary.json is not written yet (the sweep itself, at its end);
     ``named``: what provenance calls the sweep directory."""
     where = Location.parse(sweep_dir)
     shown = named or str(where if where.remote else where.local.resolve())
     if summary is None:
-        summary = json.loads((where / "summary.json").read_bytes())
+        summary = read_sweep_summary((where / "summary.json").read_bytes())
     origin = sweep_origin(summary, task, shown)
     return export_model(where / "trials" / origin.trial, task, out, overwrite=overwrite, origin=origin,
                         named=f"{shown}/trials/{origin.trial}")
 
 
-def write_sweep_bundles(sweep_dir: Path, summary: dict[str, Any], named: str | None = None) -> dict[str, str]:
+def write_sweep_bundles(sweep_dir: Path, summary: SweepSummary, named: str | None = None) -> dict[str, str]:
     """One bundle per task of ``summary`` (the sweep's, before summary.json is written) for its best cell,
     under ``SWEEP_DIR/bundles/<task>``; a task whose bundle cannot be made is given as ``error: <reason>``
     (the sweep's results stand without it). ``named``: what provenance calls the sweep directory."""
     made = {}
-    for task in summary["tasks"]:
+    for task in summary.tasks:
         try:
             made[task] = str(export_sweep(sweep_dir, task, sweep_dir / "bundles" / task, overwrite=True,
                                           summary=summary, named=named))
