@@ -207,3 +207,8 @@ def test_one_scan_gives_one_area_from_its_corpus_entry_and_from_its_device_file(
     assert entry.native_shape == device.native_shape and device.native_shape is not None
     assert device.warning and entry.warning == device.warning  # spacing/pattern outside the training corpus
     assert device.source.startswith(str(path)) and device.source_sha256 == entry.source_sha256
+    corpus = Corpus.open(tmp_path / "corpus")  # issue 26.6: the corpus says what the device recorded
+    (row,) = corpus.rows
+    assert row["native_shape"] == "x".join(map(str, device.native_shape))
+    assert row["upsampled"] == device.raster  # the XML's 10x40x50 went onto 49x128x512; a line scan stays native
+    assert bool(corpus.summary()["upsampled"]) == device.raster
