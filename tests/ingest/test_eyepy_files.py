@@ -99,3 +99,23 @@ def test_heyex_xml_export_ingests(tmp_path: Path, shared_dir: Path, key: str) ->
                     maps={"Atrophy": "ga"})
     assert report.rejected == []
     assert Corpus.open(tmp_path / "corpus").read(report.ingested[0])["ga"].all()
+
+
+@pytest.mark.timeout(60)
+def test_heyex_xml_with_a_fifo_for_a_bscan_is_rejected_without_hanging(tmp_path: Path, shared_dir: Path,
+                                                                       key: str) -> None:
+    """eyepy opens the images an XML names with a blocking read: a FIFO named B5.tif must be refused first."""
+    import os
+    import shutil
+
+    folder = shared_dir / "data" / "heyex-xml" / "test_volume"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    export = tmp_path / "src" / "export"
+    shutil.copytree(folder, export)
+    (export / "B5.tif").unlink()
+    os.mkfifo(export / "B5.tif")
+    report = ingest([tmp_path / "src"], tmp_path / "corpus", grid=GRID, workers=1, progress=False)
+    (reject,) = report.rejected
+    assert "B5.tif is not a regular file (a FIFO)" in str(reject), report.rejected
+    assert report.ingested == []
