@@ -89,6 +89,38 @@ def test_predict_refusals(bundle: Path, growth_corpus: Path, tmp_path: Path) -> 
     assert result.exit_code == 2 and "not a model bundle" in result.output
 
 
+def test_unreadable_inputs_are_each_reported_and_nothing_predicted_exits_1(bundle: Path, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    import os
+
+    monkeypatch.setenv("OCTSSL_PSEUDONYM_KEY", "test-key")
+    (tmp_path / "zero.vol").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo.vol")
+    (tmp_path / "empty.vol").write_bytes(b"")
+    sources = [str(tmp_path / name) for name in ("zero.vol", "fifo.vol", "empty.vol")]
+    report = predict(bundle, sources, tmp_path / "out", progress=False)
+    assert report.rows == [] and sorted(p for p, _ in report.rejected) == sorted(sources)
+    rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
+    assert {r["path"]: r["reason"] for r in rejects} == dict(report.rejected)
+    result = CliRunner().invoke(app, ["predict", str(bundle), *sources, "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 1, result.output
+    output = " ".join(result.output.split())
+    assert all(f"rejected {s}" in output for s in sources) and "predicted nothing" in output
+
+
+def test_an_existing_out_is_refused_or_replaced_whole(bundle: Path, growth_corpus: Path, tmp_path: Path) -> None:
+    ids = Corpus.open(growth_corpus).ids(split="test", raster_only=False)
+    out = tmp_path / "out"
+    predict(bundle, [growth_corpus], out, ids=ids[:2], progress=False)
+    with pytest.raises(PredictError, match="already holds a prediction run .*--overwrite"):
+        predict(bundle, [growth_corpus], out, ids=ids[2:3], progress=False)
+    result = CliRunner().invoke(app, ["predict", str(bundle), str(growth_corpus), "--out", str(out), "--ids", ids[2]])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    predict(bundle, [growth_corpus], out, ids=ids[2:3], progress=False, overwrite=True)
+    listed = [row["id"] for row in pq.read_table(out / "predictions.parquet").to_pylist()]
+    assert listed == [ids[2]] and sorted(p.name for p in (out / "volumes").iterdir()) == listed
+
+
 @pytest.mark.slow
 def test_end_to_end_train_export_predict_growth(finetuned_run: Path, growth_corpus: Path, tmp_path: Path) -> None:
     """A real fine-tuning run, its bundle from the CLI, predict on the corpus and growth on the predictions."""
