@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The suite phones no one: no Ray usage statistics, no MLflow telemetry (docs/integrity.md).
+os.environ.update(RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
 
 
 @pytest.fixture(scope="session")
