@@ -303,3 +303,4 @@ def test_podmonitor_scrapes_declared_ports_and_octssl_only_where_it_listens(rend
                if re.fullmatch(keep["regex"], f"{node};{job}-x7k2p")}  # Prometheus anchors the regex
     assert scraped == {"worker;octssl-pretrain-x7k2p", "head;octssl-sweep-x7k2p"}
     assert not re.fullmatch(keep["regex"], "worker;octssl")  # the standing cluster
+
