@@ -16,6 +16,7 @@ from octssl.apply.predict import COLUMNS, predict
 from octssl.cli import app
 from octssl.corpus.store import Corpus
 from octssl.errors import PredictError
+from octssl.ingest.phi import shifted_day
 
 LINE_FILE, CIRCLE_FILE = "Willis_B_716_0.vol", "Willis_B_716_2.vol"
 
@@ -73,7 +74,7 @@ def test_predict_device_files_gives_masks_but_no_area_for_line_and_circle(bundle
     assert len(report.rows) == 2 and [p for p, _ in report.rejected] == [str(src / "invalid.vol")]
     for row in report.rows:
         assert row["area_mm2"] is None and row["area_reason"].startswith(("line scan", "circle scan"))
-        assert row["patient"] and "Willis" not in row["patient"] and row["acquired"] == "2017-01-11"
+        assert row["patient"] and "Willis" not in row["patient"] and row["acquired"] == shifted_day("2017-01-11", row["patient"], b"test-key")
         folder = tmp_path / "out" / "volumes" / row["id"]
         assert np.asarray(Image.open(folder / "mask.png")).shape == (1, 768)
         assert Image.open(folder / "overlay.png").size == (768, 768)  # drawn over the native localizer

@@ -320,8 +320,11 @@ class Corpus:
         return sample
 
     # ---- writing ---------------------------------------------------------------------------------
-    def append(self, samples: Iterable[dict[str, Any]], *, progress: bool = True) -> list[str]:
-        """Append samples atomically: all of them commit, or the corpus stays as it was. Returns the ids."""
+    def append(self, samples: Iterable[dict[str, Any]], *, progress: bool = True,
+               settings: dict[str, Any] | None = None) -> list[str]:
+        """Append samples atomically: all of them commit, or the corpus stays as it was. Returns the ids.
+        ``settings`` are merged into the corpus settings in the same commit (ingest records its key's
+        fingerprint this way in a corpus that has none yet)."""
         from octssl.corpus.writer import AppendWriter
 
         if self.remote:
@@ -339,7 +342,7 @@ class Corpus:
                 if not journal.owned():
                     raise CorpusError(f"{journal.dir}: the journal of this append was removed or replaced by "
                                       "another process; the append is abandoned, nothing was committed")
-                settings = {**self.settings, "append_token": token, "format": mf.FORMAT_VERSION}
+                settings = {**self.settings, **(settings or {}), "append_token": token, "format": mf.FORMAT_VERSION}
                 table = pa.concat_tables([self._table, mf.rows_table(rows, settings)]).replace_schema_metadata(
                     mf.with_settings(self._table.slice(0, 0), settings).schema.metadata
                 )

@@ -28,7 +28,7 @@ from octssl.ingest import sink
 from octssl.ingest.convert import Record, UnitResult, convert_unit, strip_path
 from octssl.ingest.detect import content_hash, find_units
 from octssl.ingest.grid import DEPTH_WINDOW_MM
-from octssl.ingest.phi import EPHEMERAL_WARNING, load_key
+from octssl.ingest.phi import DATES_SETTING, EPHEMERAL_WARNING, REAL, SHIFTED, check_dates, load_key
 from octssl.observe import progress as progress_display
 
 logger = logging.getLogger("octssl.ingest")
@@ -85,9 +85,12 @@ def ingest(
     progress: bool = True,
     on_reject: Callable[[str, str], None] | None = None,
     maps: dict[str, str] | None = None,
+    keep_real_dates: bool = False,
 ) -> IngestReport:
     """Ingest every unit under ``sources`` into the corpus at ``out`` (created when absent). ``maps`` names
-    the annotation maps of eyepy ``.eye`` files to keep as labels ({map name: ga|rpd})."""
+    the annotation maps of eyepy ``.eye`` files to keep as labels ({map name: ga|rpd}). Acquisition dates
+    are stored shifted by a keyed offset per patient unless ``keep_real_dates`` (recorded in the corpus
+    settings; the two never mix in one corpus)."""
     start = time.perf_counter()
     key, ephemeral = load_key(ephemeral_key)  # refuse before touching anything
     if ephemeral:
@@ -100,6 +103,8 @@ def ingest(
     units, unusable = find_units([Path(s) for s in sources])
     out = Path(out)
     corpus = sink.open_corpus(out)
+    dates = REAL if keep_real_dates else SHIFTED
+    check_dates(corpus.settings.get(DATES_SETTING), len(corpus) > 0, dates, out)  # before anything is appended
     known = sink.ingested_sources(corpus)
     report = IngestReport(corpus=str(out), units=len(units) + len(unusable), ephemeral_key=ephemeral)
     batch: list[Record] = []
@@ -113,7 +118,7 @@ def ingest(
             on_reject(path, reason)
 
     def flush() -> None:
-        report.ingested.extend(_append_batch(corpus, batch, reject))
+        report.ingested.extend(_append_batch(corpus, batch, reject, {DATES_SETTING: dates}))
         batch.clear()
         sink.record_rejects(out, rejects)
 
@@ -144,7 +149,8 @@ def ingest(
                         tick()
                         continue
                     taken.add(sha)
-                    pending[submit(convert_unit, path, sha, key, grid, depth_mm, maps or {})] = ("convert", path)
+                    pending[submit(convert_unit, path, sha, key, grid, depth_mm, maps or {},
+                                   keep_real_dates)] = ("convert", path)
                     continue
                 result: UnitResult = future.result()
                 report.bytes_read += result.nbytes
@@ -162,18 +168,20 @@ def ingest(
     return report
 
 
-def _append_batch(corpus, batch: list[Record], reject: Callable[[str, str, str], None]) -> list[str]:
-    """Append ``batch`` atomically; when the corpus refuses a sample, retry one by one and reject it."""
+def _append_batch(corpus, batch: list[Record], reject: Callable[[str, str, str], None],
+                  settings: dict[str, str]) -> list[str]:
+    """Append ``batch`` atomically (``settings`` recorded in the same commit); when the corpus refuses a
+    sample, retry one by one and reject it."""
     if not batch:
         return []
     try:
-        return sink.append_records(corpus, batch)
+        return sink.append_records(corpus, batch, settings)
     except SampleError:
         pass
     ids: list[str] = []
     for record in batch:
         try:
-            ids.extend(sink.append_records(corpus, [record]))
+            ids.extend(sink.append_records(corpus, [record], settings))
         except SampleError as err:
             source = record.sample["meta"]["source"]
             where = record.path or f"sample {record.sample['id']}"
