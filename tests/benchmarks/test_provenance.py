@@ -1,5 +1,5 @@
 """Benchmark provenance: the CPU's distinguishing flags in the file slug, the commit in every result, a suite
-file's outputs committed with it (older files are labelled in results/LEGACY.json)."""
+file's outputs committed with it (older files are labelled in benchmarks/legacy-results.json)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 import common
 
-LEGACY = json.loads((common.RESULTS / "LEGACY.json").read_text())["files"]
+LEGACY = json.loads((common.RESULTS.parent / "legacy-results.json").read_text())["files"]
 
 
 def test_the_slug_tells_cpus_with_and_without_avx512_bf16_apart(monkeypatch) -> None:
@@ -33,10 +33,10 @@ def test_every_result_written_records_the_commit_and_cpu_flags(tmp_path) -> None
 
 def test_committed_results_carry_provenance_or_are_labelled_legacy() -> None:
     """A result file without a commit, or a suite file whose listed outputs are absent or differ, fails here
-    unless results/LEGACY.json labels it."""
+    unless benchmarks/legacy-results.json labels it."""
     assert set(LEGACY) <= {p.name for p in common.RESULTS.glob("*.json")}  # labels name real files
     for path in sorted(common.RESULTS.glob("*.json")):
-        if path.name in LEGACY or path.name == "LEGACY.json":
+        if path.name in LEGACY:
             continue
         result = json.loads(path.read_text())
         assert result.get("git_commit"), f"{path.name}: no git_commit"
