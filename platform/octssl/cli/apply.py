@@ -75,5 +75,20 @@ def growth(source: Path = _GROWTH_SOURCE, out: Path = _GROWTH_OUT) -> None:
     except _ERRORS as err:
         _fail(err)
     console.print(f"[green]growth[/] {summary['eyes_fitted']} eyes fitted, {summary['eyes_insufficient']} with fewer "
-                  f"than 2 dated visits (see {out}/insufficient.csv); mean rate "
-                  f"{_num(summary['rate_mm2_per_year_mean'])} mm^2/year; {out}/growth.csv")
+                  f"than 2 dated visits (see {out}/insufficient.csv); {summary['eyes_excluded']} eye(s) excluded "
+                  f"from the means ({_why(summary['eyes_excluded_why'])}); over {summary['eyes_included']} eyes with "
+                  f"GA at baseline: mean rate {_num(summary['rate_mm2_per_year_mean'])} mm^2/year "
+                  f"{_ci(summary['rate_mm2_per_year_ci95'])}, mean sqrt rate "
+                  f"{_num(summary['rate_sqrt_mm_per_year_mean'])} mm/year {_ci(summary['rate_sqrt_mm_per_year_ci95'])}"
+                  + (f"; {summary['points_left_out']} impossible area(s) left out (see {out}/areas.csv)"
+                     if summary["points_left_out"] else "") + f"; {out}/growth.csv")
+
+
+def _why(counts: dict[str, int]) -> str:
+    return "; ".join(f"{n}: {reason}" for reason, n in counts.items()) or "none"
+
+
+def _ci(bounds: list[float | None]) -> str:
+    """``(95% CI a to b)``, or a plain word where too few eyes give no interval."""
+    low, high = bounds
+    return "(95% CI n/a)" if low is None or high is None else f"(95% CI {low:.4f} to {high:.4f})"
