@@ -53,6 +53,7 @@ def predict(bundle: str = _PREDICT_BUNDLE, sources: list[str] = _PREDICT_SRC, ou
     from octssl.apply.predict import predict as run_predict
 
     try:
+        _key_for_files(sources, ephemeral_key)
         report = run_predict(bundle, sources, out, split=split, ids=ids or None, batch_size=batch_size,
                              ephemeral_key=ephemeral_key)
     except _ERRORS as err:
@@ -63,6 +64,23 @@ def predict(bundle: str = _PREDICT_BUNDLE, sources: list[str] = _PREDICT_SRC, ou
     console.print(f"[green]predicted[/] {len(report.rows)} volumes in {report.seconds:.1f} s ({rate:.2f} volumes/s, "
                   f"{report.executor}); {out}/predictions.csv" + (f"; rejected {len(report.rejected)} file(s)"
                                                                   if report.rejected else ""))
+
+
+def _key_for_files(sources: list[str], ephemeral: bool) -> None:
+    """Device files are pseudonymised as ingest does: without a key, refuse in predict's words."""
+    import os
+
+    from octssl.corpus.icechunk import is_repository, split_snapshot
+    from octssl.corpus.layout import ZARR_NAME
+    from octssl.errors import PredictError
+    from octssl.ingest.phi import KEY_ENV, missing_key
+    from octssl.storage.location import Location
+
+    place = Location.parse(sources[0]) if len(sources) == 1 else None
+    one_corpus = place is not None and (place.remote or (place.local / ZARR_NAME).is_dir()
+                                        or split_snapshot(place)[1] is not None or is_repository(place))
+    if not (one_corpus or ephemeral or os.environ.get(KEY_ENV)):
+        raise PredictError(missing_key("predict on device files"))
 
 
 @app.command()

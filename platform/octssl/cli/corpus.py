@@ -222,7 +222,8 @@ def info(corpus: str = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
     from octssl.corpus.store import Corpus
 
     try:
-        summary = Corpus.open(corpus).summary()
+        opened = Corpus.open(corpus)
+        summary = {**opened.summary(), "key_fingerprint": opened.settings.get("key_fingerprint")}
     except _ERRORS as err:
         _fail(err)
     if as_json:
@@ -240,6 +241,8 @@ def info(corpus: str = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
     table.add_row("raster / non-raster", f"{summary['raster']} / {summary['volumes'] - summary['raster']}"
                   + (f" ({reasons})" if reasons else ""))
     table.add_row("size on disk", f"{summary['bytes_on_disk'] / 2**20:.1f} MiB")
+    table.add_row("pseudonym key", f"fingerprint {summary['key_fingerprint']}" if summary["key_fingerprint"]
+                  else "none recorded (synthetic, or ingested before fingerprints)")
     if "snapshot_id" in summary:
         table.add_row("icechunk snapshot", summary["snapshot_id"])
     Console().print(table)

@@ -28,7 +28,7 @@ from octssl.ingest import sink
 from octssl.ingest.convert import Record, UnitResult, convert_unit, strip_path
 from octssl.ingest.detect import content_hash, find_units
 from octssl.ingest.grid import DEPTH_WINDOW_MM
-from octssl.ingest.phi import EPHEMERAL_WARNING, load_key
+from octssl.ingest.phi import EPHEMERAL_WARNING, FINGERPRINT_SETTING, check_key, key_fingerprint, load_key
 from octssl.observe import progress as progress_display
 
 logger = logging.getLogger("octssl.ingest")
@@ -98,8 +98,12 @@ def ingest(
     if batch_size < 1:
         raise IngestError(f"--batch-size {batch_size}: must be at least 1")
     units, unusable = find_units([Path(s) for s in sources])
+    if not units:
+        raise IngestError(_nothing_to_ingest(sources, unusable))
     out = Path(out)
-    corpus = sink.open_corpus(out)
+    fingerprint = key_fingerprint(key)
+    corpus = sink.open_corpus(out, fingerprint)
+    check_key(corpus.settings.get(FINGERPRINT_SETTING), key, out, "ingest")  # before anything is appended
     known = sink.ingested_sources(corpus)
     report = IngestReport(corpus=str(out), units=len(units) + len(unusable), ephemeral_key=ephemeral)
     batch: list[Record] = []
@@ -113,7 +117,7 @@ def ingest(
             on_reject(path, reason)
 
     def flush() -> None:
-        report.ingested.extend(_append_batch(corpus, batch, reject))
+        report.ingested.extend(_append_batch(corpus, batch, reject, fingerprint))
         batch.clear()
         sink.record_rejects(out, rejects)
 
@@ -162,18 +166,26 @@ def ingest(
     return report
 
 
-def _append_batch(corpus, batch: list[Record], reject: Callable[[str, str, str], None]) -> list[str]:
+def _nothing_to_ingest(sources: Sequence[str | Path], unusable: list[tuple[str, str]]) -> str:
+    """The refusal when the sources hold no scan: no corpus is created for nothing."""
+    named = ", ".join(str(s) for s in sources)
+    why = f"; {len(unusable)} unusable: {unusable[0][0]}: {unusable[0][1]}" if unusable else ""
+    return (f"{named}: no scans found (looked for .vol, .e2e, .fds/.fda, DICOM, HEYEX XML, .eye files and image "
+            f"stacks){why}; nothing ingested and no corpus written")
+
+
+def _append_batch(corpus, batch: list[Record], reject: Callable[[str, str, str], None], fingerprint: str) -> list[str]:
     """Append ``batch`` atomically; when the corpus refuses a sample, retry one by one and reject it."""
     if not batch:
         return []
     try:
-        return sink.append_records(corpus, batch)
+        return sink.append_records(corpus, batch, fingerprint)
     except SampleError:
         pass
     ids: list[str] = []
     for record in batch:
         try:
-            ids.extend(sink.append_records(corpus, [record]))
+            ids.extend(sink.append_records(corpus, [record], fingerprint))
         except SampleError as err:
             source = record.sample["meta"]["source"]
             where = record.path or f"sample {record.sample['id']}"
