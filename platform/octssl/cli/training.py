@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -54,8 +56,7 @@ def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int |
         if dry_run:
             from octssl.train.dryrun import job_plan, render
 
-            print(render(job_plan(job), str(config)))
-            return
+            _dry_run_verdict(render, job_plan(job, resume=resume), config)
         summary = run(job, resume=resume, metrics_port=metrics_port)
     except _ERRORS as err:
         _fail(err)
@@ -63,6 +64,15 @@ def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int |
         f"[green]done[/] {summary['steps']} steps, loss {_num(summary['first_loss'])} -> {_num(summary['final_loss'])}, "
         f"best {summary['best_metric_name']} {_num(summary['best_metric'])}, weights {summary['weights']}"
     )
+
+
+def _dry_run_verdict(render: Callable[[dict, str], str], plan: dict, config: Path) -> NoReturn:
+    """Print the plan; exit 1 when the real run could not start (the reasons are the plan's last lines)."""
+    print(render(plan, str(config)))
+    if plan["cannot_run"]:
+        console.print(f"[bold red]dry run:[/] {config} cannot run: " + "; ".join(plan["cannot_run"]))
+        raise typer.Exit(1)
+    raise typer.Exit(0)
 
 
 _CONFIG = typer.Option(..., "--config", "-c", help="job YAML (see jobs/)")
@@ -139,8 +149,7 @@ def sweep(ctx: typer.Context, config: Path = _SWEEP_CONFIG, set_: list[str] = _S
         if dry_run:
             from octssl.train.dryrun import render, sweep_plan
 
-            print(render(sweep_plan(load_sweep_config(config, set_)), str(config)))
-            return
+            _dry_run_verdict(render, sweep_plan(load_sweep_config(config, set_)), config)
         summary = run_sweep(load_sweep_config(config, set_))
     except _ERRORS as err:
         _fail(err)
