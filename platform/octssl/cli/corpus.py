@@ -223,7 +223,9 @@ def info(corpus: str = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
 
     try:
         opened = Corpus.open(corpus)
-        summary = {**opened.summary(), "key_fingerprint": opened.settings.get("key_fingerprint")}
+        summary = {**opened.summary(), "key_fingerprint": opened.settings.get("key_fingerprint"),
+                   "registration_flagged": {r["id"]: r["registration_problem"] for r in opened.rows
+                                            if r.get("registration_problem")}}
     except _ERRORS as err:
         _fail(err)
     if as_json:
@@ -240,6 +242,11 @@ def info(corpus: str = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
     reasons = ", ".join(f"{k}: {v}" for k, v in summary["non_raster"].items())
     table.add_row("raster / non-raster", f"{summary['raster']} / {summary['volumes'] - summary['raster']}"
                   + (f" ({reasons})" if reasons else ""))
+    flagged = summary["registration_flagged"]
+    if flagged:
+        first_id, first = next(iter(flagged.items()))
+        table.add_row("registration flagged", f"{len(flagged)} volume(s): no SLO stored, pretraining on SLO refused; "
+                      f"e.g. {first_id}: {first}")
     table.add_row("size on disk", f"{summary['bytes_on_disk'] / 2**20:.1f} MiB")
     table.add_row("pseudonym key", f"fingerprint {summary['key_fingerprint']}" if summary["key_fingerprint"]
                   else "none recorded (synthetic, or ingested before fingerprints)")

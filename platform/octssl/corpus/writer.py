@@ -195,6 +195,7 @@ def _row(sid: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], split: s
         "localizer_index": None,
         "localizer_spacing_mm": meta.get("localizer_spacing_mm"),
         "positions_mm": meta.get("positions_mm"),
+        "registration_problem": meta.get("registration_problem"),
     }
 
 
