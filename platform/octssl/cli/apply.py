@@ -37,12 +37,32 @@ def export_model_command(source: str = _EXPORT_SOURCE, task: str = _EXPORT_TASK,
     from octssl.storage.location import Location
 
     try:
+        _val_has_labels(source, task)
         path = export_model(source, task, out, overwrite=overwrite)
         config = json.loads((Location.parse(path) / CONFIG_NAME).read_bytes())
     except _ERRORS as err:
         _fail(err)
     console.print(f"[green]wrote[/] {path}: {config['model']['name']} for {task}, threshold {config['threshold']}, "
                   f"val Dice {_num(config['metrics']['val']['dice'])}")
+
+
+def _val_has_labels(source: str, task: str) -> None:
+    """A bundle's threshold is chosen on the run's val split: refuse a fine-tuning run (a local folder with its
+    config.yaml) whose corpus has no val volume labelled ``task`` rather than claim a choice made on nothing."""
+    from octssl.config.job import load_config
+    from octssl.corpus.layout import split_shortfall
+    from octssl.corpus.store import Corpus
+    from octssl.errors import ModelError
+
+    saved = Path(source) / "config.yaml"
+    if "://" in source or not saved.is_file():
+        return  # a sweep directory or a URL: the bundle's own check applies
+    job = load_config(saved)
+    if job.objective.kind != "segmentation" or job.objective.target != task or not job.data.corpus:
+        return  # export_model names the mismatch
+    problem = split_shortfall(Corpus.open(job.data.corpus).rows, task, job.data.corpus, needs=("val",))
+    if problem:
+        raise ModelError(f"{source}: no bundle: its threshold would be chosen on the val split, and {problem}")
 
 
 @app.command()

@@ -223,7 +223,10 @@ def info(corpus: str = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
 
     try:
         opened = Corpus.open(corpus)
+        from octssl.corpus.layout import labelled_per_split
+
         summary = {**opened.summary(), "key_fingerprint": opened.settings.get("key_fingerprint"),
+                   "labelled_per_split": labelled_per_split(opened.rows),
                    "registration_flagged": {r["id"]: r["registration_problem"] for r in opened.rows
                                             if r.get("registration_problem")}}
     except _ERRORS as err:
@@ -239,6 +242,11 @@ def info(corpus: str = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
     for name in ("grids", "splits", "patients_per_split", "modalities", "labels", "labels_train_patients",
                  "devices"):
         table.add_row(name.replace("_", " "), ", ".join(f"{k}: {v}" for k, v in summary[name].items()) or "-")
+    for label, counts in summary["labelled_per_split"].items():
+        empty = [split for split, n in counts.items() if n == 0]
+        table.add_row(f"labelled {label} per split", " / ".join(f"{split} {n}" for split, n in counts.items())
+                      + (f" (none in {', '.join(empty)})"
+                         if empty and any(counts.values()) else ""))
     reasons = ", ".join(f"{k}: {v}" for k, v in summary["non_raster"].items())
     table.add_row("raster / non-raster", f"{summary['raster']} / {summary['volumes'] - summary['raster']}"
                   + (f" ({reasons})" if reasons else ""))

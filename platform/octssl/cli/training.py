@@ -57,6 +57,11 @@ def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int |
             from octssl.train.dryrun import job_plan, render
 
             _dry_run_verdict(render, job_plan(job, resume=resume), config)
+        from octssl.train.dryrun import split_problem
+
+        problem = split_problem(job)
+        if problem:  # a run without labelled train or val volumes would train or choose on nothing
+            raise OctsslError(problem)
         summary = run(job, resume=resume, metrics_port=metrics_port)
     except _ERRORS as err:
         _fail(err)

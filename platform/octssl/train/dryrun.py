@@ -186,6 +186,22 @@ def run_place(config: JobConfig, resume: bool) -> tuple[str, str | None]:
     return str(run_dir) + (" (resumed)" if resume else ""), None
 
 
+def split_problem(config: JobConfig) -> str | None:
+    """Why a segmentation job's corpus cannot train and validate its label honestly (no labelled train or val
+    volume), or None; also None when the corpus cannot be opened (the data check reports that)."""
+    from octssl.corpus.layout import split_shortfall
+    from octssl.corpus.store import Corpus
+    from octssl.errors import OctsslError
+
+    if config.objective.kind != "segmentation" or not config.data.corpus:
+        return None
+    try:
+        corpus = Corpus.open(config.data.corpus)
+    except (OctsslError, OSError):
+        return None
+    return split_shortfall(corpus.rows, config.objective.target, config.data.corpus)
+
+
 def job_plan(config: JobConfig, results: Path = RESULTS, resume: bool = False) -> dict[str, Any]:
     """Everything the dry run of one pretraining or fine-tuning job prints, as a dict; ``cannot_run`` lists
     what would stop the real run (empty when it could start)."""
@@ -193,7 +209,7 @@ def job_plan(config: JobConfig, results: Path = RESULTS, resume: bool = False) -
     facts, per_epoch = _data_facts(c)
     blockers = [] if "train_volumes" in facts else [facts["data_problem"]]
     writes_to, taken = run_place(c, resume)
-    blockers += [taken] if taken else []
+    blockers += [problem for problem in (taken, split_problem(c)) if problem]
     grids = facts.get("grids") or []
     if len(grids) == 1:
         depth = int(grids[0].split("x")[1])
