@@ -87,6 +87,8 @@ _INGEST_EPHEMERAL = typer.Option(
 _INGEST_DEPTH = typer.Option(1.0, "--depth-mm", help="depth window kept around the retina before resizing to D")
 _INGEST_BATCH = typer.Option(16, "--batch-size", help="volumes per atomic corpus append")
 _INGEST_PAIRS = typer.Option(None, "--pairs", help="pairs table (CSV) of en-face images/masks to attach after ingest")
+_INGEST_PREVIEWS = typer.Option(16, "--previews", help="pictures of the first N volumes ingested, in "
+                                "OUT/previews/<id>.png (B-scans, localizer with the scan positions); 0: none")
 _INGEST_MAP = typer.Option([], "--map", help="eyepy .eye area/volume map NAME=KIND (ga|rpd) to ingest as a label "
                            "(repeatable)")
 
@@ -103,6 +105,7 @@ def ingest(
     batch_size: int = _INGEST_BATCH,
     pairs: Path | None = _INGEST_PAIRS,
     map_: list[str] = _INGEST_MAP,
+    previews: int = _INGEST_PREVIEWS,
 ) -> None:
     """Ingest device exports into a corpus: PHI replaced by keyed pseudonyms, bad files to rejects.parquet."""
     import os
@@ -119,7 +122,8 @@ def ingest(
         if ephemeral_key and not os.environ.get(KEY_ENV):
             console.print(f"[bold red]WARNING:[/] {EPHEMERAL_WARNING}")
         report = pipeline.ingest(sources, out, grid=shape, workers=workers, ephemeral_key=ephemeral_key,
-                                 batch_size=batch_size, depth_mm=depth_mm, on_reject=rejected, maps=maps)
+                                 batch_size=batch_size, depth_mm=depth_mm, on_reject=rejected, maps=maps,
+                                 previews=previews)
     except _ERRORS as err:
         _fail(err)
     mb = report.bytes_read / 2**20
@@ -127,6 +131,7 @@ def ingest(
         f"[green]ingested[/] {len(report.ingested)} volumes from {report.units} files/stacks into {out} "
         f"({mb:.1f} MiB in {report.seconds:.1f} s, {report.executor}); skipped {len(report.skipped)} already "
         f"ingested; rejected {len(report.rejected)}" + (f" (see {out}/rejects.parquet)" if report.rejected else "")
+        + (f"; look at {out}/previews/ ({len(report.previews)} pictures)" if report.previews else "")
     )
     labelled = None
     if pairs is not None:

@@ -48,6 +48,7 @@ class IngestReport:
     seconds: float = 0.0
     executor: str = "inline"
     ephemeral_key: bool = False
+    previews: list[str] = field(default_factory=list)
 
 
 def parse_grid(text: str) -> tuple[int, int, int]:
@@ -85,9 +86,12 @@ def ingest(
     progress: bool = True,
     on_reject: Callable[[str, str], None] | None = None,
     maps: dict[str, str] | None = None,
+    previews: int = 16,
 ) -> IngestReport:
     """Ingest every unit under ``sources`` into the corpus at ``out`` (created when absent). ``maps`` names
-    the annotation maps of eyepy ``.eye`` files to keep as labels ({map name: ga|rpd})."""
+    the annotation maps of eyepy ``.eye`` files to keep as labels ({map name: ga|rpd}). The first
+    ``previews`` volumes ingested get a picture in ``out/previews/<id>.png`` (B-scans, and the localizer with
+    the scan positions drawn) for a person to check the registration."""
     start = time.perf_counter()
     key, ephemeral = load_key(ephemeral_key)  # refuse before touching anything
     if ephemeral:
@@ -117,7 +121,10 @@ def ingest(
             on_reject(path, reason)
 
     def flush() -> None:
-        report.ingested.extend(_append_batch(corpus, batch, reject, fingerprint))
+        appended = _append_batch(corpus, batch, reject, fingerprint)
+        report.ingested.extend(appended)
+        report.previews += write_previews(out, [r for r in batch if r.sample["id"] in set(appended)],
+                                          previews - len(report.previews))
         batch.clear()
         sink.record_rejects(out, rejects)
 
@@ -164,6 +171,24 @@ def ingest(
         flush()
     report.seconds = time.perf_counter() - start
     return report
+
+
+PREVIEWS_DIR = "previews"
+
+
+def write_previews(out: Path, records: list[Record], limit: int) -> list[str]:
+    """``out/previews/<id>.png`` for up to ``limit`` of ``records``; returns the paths written."""
+    from octssl.ingest.pictures import png, volume_preview
+    from octssl.storage.files import atomic_write
+
+    written = []
+    for record in records[: max(0, limit)]:
+        path = out / PREVIEWS_DIR / f"{record.sample['id']}.png"
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, png(volume_preview(record.sample, record.localizer, record.localizer_spacing_mm,
+                                              record.positions_mm)))
+        written.append(str(path))
+    return written
 
 
 def _nothing_to_ingest(sources: Sequence[str | Path], unusable: list[tuple[str, str]]) -> str:
