@@ -125,7 +125,7 @@ def test_growth_interval_per_eye_is_the_t_interval_of_the_slope(tmp_path: Path) 
     days = [0, 200, 380, 590, 730]
     areas = [2.0, 2.7, 3.1, 4.2, 4.4]
     rows = [{"id": str(i), "patient": "p1", "eye": "OD", "acquired": f"{2020 + d // 365}-{1 + (d % 365) // 31:02d}-01",
-             "area_mm2": a, "task": "ga"} for i, (d, a) in enumerate(zip(days, areas))]
+             "area_mm2": a, "task": "ga"} for i, (d, a) in enumerate(zip(days, areas, strict=True))]
     rows += [{"id": "x", "patient": "p2", "eye": "OS", "acquired": "2020-01-01", "area_mm2": 1.0, "task": "ga"},
              {"id": "y", "patient": "p2", "eye": "OS", "acquired": "2021-01-01", "area_mm2": 2.0, "task": "ga"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")

@@ -67,19 +67,23 @@ def fill_splits(committed: list[dict[str, Any]], new: list[dict[str, Any]], hash
         held = _holders(committed + new)
         kinds = sorted({kind for split in held.values() for kind in split})
 
-        def movable(patient: str, kind: str, target: str) -> bool:
-            source = mine[patient][0]["split"]  # the source keeps another patient of all this one brings
-            return (source != target and kind in brings[patient]
-                    and all(held[source].get(k, set()) - {patient} for k in brings[patient]))
-
         move = next(((patient, target) for target in wanted for kind in kinds if not held[target].get(kind)
-                     for patient in order if movable(patient, kind, target)), None)
+                     for patient in order if _movable(mine[patient][0]["split"], patient, brings[patient], kind,
+                                                      target, held)), None)
         if move is None:
             return
         patient, target = move
         for row in mine[patient]:
             row["split"] = target
         order.remove(patient)  # each patient moves at most once: the loop ends
+
+
+def _movable(source: str, patient: str, brings: set[str], kind: str, target: str,
+             held: dict[str, dict[str, set[str]]]) -> bool:
+    """Whether moving ``patient`` from ``source`` brings ``kind`` to ``target`` while ``source`` keeps another
+    patient of everything this one brings."""
+    return (source != target and kind in brings
+            and all(held[source].get(k, set()) - {patient} for k in brings))
 
 
 def labelled_per_split(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
