@@ -6,7 +6,8 @@ on the bundle's training grid, nothing written to any corpus). Files are spread 
 cluster is there (as ingest does), else read in this process; volumes are predicted in batches.
 
 ``OUT/volumes/<id>/``: ``prob.png`` (probability x 255) and ``mask.png`` (0/255) of the volume's en-face
-``(nB, W)`` grid drawn at its physical aspect ratio (a line or circle scan as a band), and ``overlay.png``
+``(nB, W)`` grid drawn at its physical aspect ratio (a line or circle scan as a band), ``mask_grid.png``
+(the mask itself, one pixel per A-scan), and ``overlay.png``
 (the scanned region drawn on the native localizer, the lesion in red at each lesion A-scan's position
 there; over the OCT mean projection when the volume has no localizer); see ``octssl.ingest.pictures``.
 ``OUT/predictions.parquet`` and ``.csv``: one row per volume (see ``COLUMNS``).
@@ -85,15 +86,17 @@ def predict_items(bundle_path: str, items: list[Item], batch_size: int = 4) -> l
 
 
 def pictures(sample: dict[str, Any], prob: np.ndarray, threshold: float) -> dict[str, bytes]:
-    """prob.png, mask.png and overlay.png of one volume, each at the physical aspect ratio of its spacing (a
-    line or circle scan's single row drawn as a band, not one pixel high)."""
+    """prob.png, mask.png and overlay.png of one volume, pictures at the physical aspect ratio of its spacing
+    (a line or circle scan's single row drawn as a band, not one pixel high); and mask_grid.png, the mask
+    itself, one pixel per A-scan of the ``(nB, W)`` grid (the data, for programs)."""
     from octssl.ingest.pictures import enface_image, png
 
     mask = prob >= threshold
     spacing = sample["meta"]["spacing_mm"]
     enface = (spacing[0], spacing[2])
     return {"prob.png": png(enface_image(np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8), enface)),
-            "mask.png": png(enface_image(mask, enface, mask=True)), "overlay.png": png(overlay(sample, mask))}
+            "mask.png": png(enface_image(mask, enface, mask=True)), "overlay.png": png(overlay(sample, mask)),
+            "mask_grid.png": png(mask.astype(np.uint8) * 255)}
 
 
 def overlay(sample: dict[str, Any], mask: np.ndarray) -> np.ndarray:
