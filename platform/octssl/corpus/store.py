@@ -75,8 +75,10 @@ class Corpus:
         split_ratios: tuple[float, float, float] = (0.6, 0.2, 0.2),
         shard_bytes: int = 256 * 2**20,
         fraction_seed: int = 0,
+        key_fingerprint: str | None = None,
     ) -> Corpus:
-        """A new empty corpus at ``path`` (CorpusError if a corpus is already there)."""
+        """A new empty corpus at ``path`` (CorpusError if a corpus is already there). ``key_fingerprint``:
+        the pseudonym key's fingerprint that later ingests must match (``octssl.ingest.phi``)."""
         path = Path(path)
         if (path / mf.MANIFEST_NAME).exists() or (path / ZARR_NAME).exists():
             raise CorpusError(f"{path}: a corpus already exists here")
@@ -92,6 +94,8 @@ class Corpus:
             zarr.open_group(LocalStore(path / ZARR_NAME), mode="w-", zarr_format=3)
             settings = {"split_ratios": list(split_ratios), "shard_bytes": int(shard_bytes),
                         "fraction_seed": int(fraction_seed)}
+            if key_fingerprint is not None:
+                settings["key_fingerprint"] = key_fingerprint
             table = mf.empty_table(settings)
             mf.write_manifest(table, path / mf.MANIFEST_NAME)
         return cls(path, table)
