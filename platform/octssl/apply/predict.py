@@ -5,10 +5,14 @@ through the ingest readers (pseudonymised with ``OCTSSL_PSEUDONYM_KEY`` like ing
 on the bundle's training grid, nothing written to any corpus). Files are spread over Ray tasks when a Ray
 cluster is there (as ingest does), else read in this process; volumes are predicted in batches.
 
-``OUT/volumes/<id>/``: ``prob.png`` (probability x 255) and ``mask.png`` (0/255) on the volume's en-face
-``(nB, W)`` grid, and ``overlay.png`` (the lesion drawn in red over the native localizer, at each lesion
-A-scan's position there; over the OCT mean projection when the volume has no localizer).
-``OUT/predictions.parquet`` and ``.csv``: one row per volume (see ``COLUMNS``).
+``OUT/volumes/<id>/``: ``prob.png`` (probability x 255) and ``mask.png`` (0/255) of the volume's en-face
+``(nB, W)`` grid drawn at its physical aspect ratio (a line or circle scan as a band), ``mask_grid.png``
+(the mask itself, one pixel per A-scan), and ``overlay.png``
+(the scanned region drawn on the native localizer, the lesion in red at each lesion A-scan's position
+there; over the OCT mean projection when the volume has no localizer); see ``octssl.ingest.pictures``.
+``OUT/predictions.parquet`` and ``.csv``: one row per volume (see ``COLUMNS``). ``OUT/rejects.parquet``: every
+input that could not be read (path, reason, time UTC), as ingest's. An ``OUT`` holding a previous run's
+outputs is refused unless ``overwrite`` (then those outputs are removed first, so no two runs ever mix).
 """
 
 from __future__ import annotations
@@ -115,49 +119,35 @@ def predict_items(bundle_path: str, items: list[Item], batch_size: int = 4) -> l
 
 
 def pictures(sample: dict[str, Any], prob: np.ndarray, threshold: float) -> dict[str, bytes]:
-    """prob.png, mask.png and overlay.png of one volume."""
+    """prob.png, mask.png and overlay.png of one volume, pictures at the physical aspect ratio of its spacing
+    (a line or circle scan's single row drawn as a band, not one pixel high); and mask_grid.png, the mask
+    itself, one pixel per A-scan of the ``(nB, W)`` grid (the data, for programs)."""
+    from octssl.ingest.pictures import enface_image, png
+
     mask = prob >= threshold
-    return {"prob.png": _png(np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8)),
-            "mask.png": _png(mask.astype(np.uint8) * 255), "overlay.png": _png(overlay(sample, mask))}
+    spacing = sample["meta"]["spacing_mm"]
+    enface = (spacing[0], spacing[2])
+    return {"prob.png": png(enface_image(np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8), enface)),
+            "mask.png": png(enface_image(mask, enface, mask=True)), "overlay.png": png(overlay(sample, mask)),
+            "mask_grid.png": png(mask.astype(np.uint8) * 255)}
 
 
 def overlay(sample: dict[str, Any], mask: np.ndarray) -> np.ndarray:
-    """RGB: the lesion A-scans in red over the native localizer (or the OCT mean projection)."""
-    from PIL import Image, ImageDraw
+    """RGB: the localizer with the scanned region drawn and the lesion A-scans in red at their places (or,
+    without a localizer, the lesion over the OCT mean projection), at the physical aspect ratio."""
+    from octssl.ingest.pictures import LESION_COLOUR, enface_image, scan_on_localizer
 
     meta = sample["meta"]
     localizer, positions = sample.get("localizer"), meta.get("positions_mm")
     if localizer is None or positions is None or meta.get("localizer_spacing_mm") is None:
-        base = np.asarray(sample["oct"], np.float32).mean(axis=1)
         spacing = meta["spacing_mm"]
-        height = max(1, int(round(base.shape[0] * spacing[0] / spacing[2])))  # physical aspect
-        grey = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).resize((base.shape[1], height))
-        red = Image.fromarray(mask.astype(np.uint8) * 255).resize((base.shape[1], height), Image.Resampling.NEAREST)
-        rgb = np.stack([np.asarray(grey)] * 3, axis=-1).astype(np.float32)
-        lesion = np.asarray(red) > 0
-        rgb[lesion] = 0.5 * rgb[lesion] + 0.5 * np.array([255.0, 0.0, 0.0])
+        grey = enface_image(np.asarray(sample["oct"], np.float32).mean(axis=1), (spacing[0], spacing[2]))
+        lesion = enface_image(mask, (spacing[0], spacing[2]), mask=True) > 0
+        rgb = np.stack([grey] * 3, axis=-1).astype(np.float32)
+        rgb[lesion] = 0.5 * rgb[lesion] + 0.5 * np.array(LESION_COLOUR, np.float32)
         return rgb.astype(np.uint8)
-    from octssl.ingest.grid import ascan_pixels
-
-    coords = ascan_pixels(meta["localizer_spacing_mm"], positions, mask.shape[1], meta["scan_pattern"], meta["eye"])
-    rows, cols = coords[0], coords[1]
-    step_b = np.median(np.hypot(np.diff(rows[:, 0]), np.diff(cols[:, 0]))) if mask.shape[0] > 1 else 0.0
-    step_w = np.median(np.hypot(np.diff(rows[0]), np.diff(cols[0]))) if mask.shape[1] > 1 else 1.0
-    half = max(1.0, 0.5 * max(step_b, step_w))
-    image = Image.fromarray(np.asarray(localizer, np.uint8)).convert("RGB")
-    layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    for r, c in zip(rows[mask], cols[mask], strict=True):
-        draw.rectangle([c - half, r - half, c + half, r + half], fill=(255, 0, 0, 128))
-    return np.asarray(Image.alpha_composite(image.convert("RGBA"), layer).convert("RGB"))
-
-
-def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return scan_on_localizer(localizer, meta["localizer_spacing_mm"], positions, mask.shape[1], meta["scan_pattern"],
+                             meta["eye"], lesion=mask)
 
 
 # ---------------------------------------------------------------- device files
@@ -194,9 +184,10 @@ def predict_file(bundle_path: str, path: str, key: bytes, batch_size: int = 4) -
 # ---------------------------------------------------------------- the command
 def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | Path, *, split: str | None = None,
             ids: list[str] | None = None, batch_size: int = 4, ephemeral_key: bool = False,
-            progress: bool = True) -> PredictReport:
+            progress: bool = True, overwrite: bool = False) -> PredictReport:
     """Run the bundle (a folder or a URL) on ``sources`` (one corpus, a folder or a published corpus's URL, or
-    device files/folders); write ``out`` (a local folder); return the report."""
+    device files/folders); write ``out`` (a local folder; a previous run's outputs there only with
+    ``overwrite``, which replaces them whole); return the report."""
     from octssl.corpus.icechunk import is_repository, split_snapshot
     from octssl.corpus.layout import ZARR_NAME
     from octssl.observe.progress import stage
@@ -215,7 +206,7 @@ def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | P
     paths = [p.local for p in places] if not corpus_mode else []
     if not corpus_mode and (split or ids):
         raise PredictError("--split/--ids select volumes of a corpus; the sources here are device files")
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out, overwrite)
 
     def save(results: list[tuple[PredictionRow, dict[str, bytes]]]) -> None:
         for row, files in results:
@@ -242,6 +233,7 @@ def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | P
     else:
         report.executor = _device_files(bundle_file, paths, batch_size, ephemeral_key, progress, save, report)
     _write_table(out, report.rows)
+    _write_rejects(out, report.rejected)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -250,13 +242,15 @@ def _device_files(bundle_path: str, sources: list[Path], batch_size: int, epheme
                   save: Any, report: PredictReport) -> str:
     from concurrent.futures import FIRST_COMPLETED, wait
 
-    from octssl.ingest.detect import discover
+    from octssl.ingest.detect import find_units
     from octssl.ingest.phi import load_key
     from octssl.ingest.pipeline import unit_executor
     from octssl.observe.progress import stage
 
     key, _ = load_key(ephemeral_key)
-    units = [str(u) for u in discover(sources)]
+    found, unusable = find_units(sources)  # FIFOs, device files, broken links: reported, never opened
+    report.rejected.extend(unusable)
+    units = [str(u) for u in found]
     with unit_executor(1) as (submit, kind), stage("predict", len(units), progress) as advance:
         pending = {submit(predict_file, bundle_path, unit, key, batch_size): unit for unit in units}
         while pending:
@@ -269,6 +263,42 @@ def _device_files(bundle_path: str, sources: list[Path], batch_size: int, epheme
                 save(results)
                 advance()
     return kind
+
+
+OUTPUTS = ("predictions.parquet", "predictions.csv", "rejects.parquet", "volumes")  # tables first: see below
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that holds a previous run's outputs (its table would list new volumes beside old
+    pictures) unless ``overwrite``; then remove them, tables first, so a half-replaced folder has no table."""
+    import shutil
+
+    if out.exists() and not out.is_dir():
+        raise PredictError(f"{out}: is a file, not a folder for predictions")
+    present = [name for name in OUTPUTS if (out / name).exists()]
+    if present and not overwrite:
+        raise PredictError(f"{out}: already holds a prediction run ({', '.join(present)}); pass --overwrite to "
+                           "replace it, or choose another --out")
+    for name in present:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_rejects(out: Path, rejected: list[tuple[str, str]]) -> None:
+    """``rejects.parquet``: every input this run could not read (path, reason, time UTC), written even when
+    empty so that the folder tells a clean run from an unfinished one."""
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    table = pa.Table.from_pylist([{"path": p, "reason": r, "time": now} for p, r in sorted(rejected)],
+                                 schema=pa.schema([("path", pa.string()), ("reason", pa.string()), ("time", pa.string())]))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    atomic_write(out / "rejects.parquet", buffer.getvalue())
 
 
 def _write_table(out: Path, rows: list[PredictionRow]) -> None:
