@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from octssl.cli import app
-from octssl.corpus.icechunk import IcechunkCorpus, publish
+from octssl.corpus.icechunk import publish
+from octssl.corpus.repository import IcechunkBackend
 from octssl.corpus.store import Corpus
 from octssl.corpus.synth import samples
 from octssl.data.sources import ZarrSource
@@ -43,7 +44,7 @@ def test_publish_reads_back_byte_identical_and_info_verify_work(make_corpus, tmp
     assert result.exit_code == 0 and "published (" in result.output, result.output
     snapshot = re.search(r"@([0-9A-Z]{20})", result.output).group(1)
     local, remote = Corpus.open(path), Corpus.open(repo)
-    assert isinstance(remote, IcechunkCorpus) and remote.snapshot_id == snapshot
+    assert isinstance(remote.backend, IcechunkBackend) and remote.snapshot_id == snapshot
     assert remote.rows == local.rows and remote.settings == local.settings
     assert remote.manifest_sha256 == hashlib.sha256((path / "manifest.parquet").read_bytes()).hexdigest()
     _same_arrays(local, remote, local.ids(raster_only=False))

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from octssl import __version__
-from octssl.corpus.manifest import manifest_sha256
+from octssl.corpus.store import corpus_version
 from octssl.errors import ModelError
 from octssl.storage.location import Location, absolute, download_files
 from octssl.vocab import MASKS, SEGMENTATION, VAL
@@ -218,7 +218,7 @@ def _bundle_config(run_dir: Path, task: str, known: dict[str, Any]) -> tuple[dic
         "metrics": {VAL: val, "test": known["test"]},
         "provenance": {
             **known["provenance"], "weights_sha256": _sha256(weights),
-            "corpus": absolute(corpus_path), "corpus_manifest_sha256": manifest_sha256(corpus.path),
+            "corpus": absolute(corpus_path), "corpus_manifest_sha256": corpus_version(corpus.path),
             "training_config": yaml.safe_load((run_dir / "config.yaml").read_text()),
             "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         },

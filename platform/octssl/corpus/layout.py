@@ -131,9 +131,8 @@ def _acquired_day(value: object, at: str) -> dt.date | None:
     raise SampleError(f"{at}: meta 'acquired' must be a real date (YYYY-MM-DD) or None, got {value!r}")
 
 
-def label_fraction_patients(rows: list[dict[str, Any]], label: str, fraction: float, seed: Any,
-                            where: Any) -> list[str]:
-    """Nested, deterministic subset of the train patients of ``rows`` having ``label``: round(f x n), at least 1.
+def label_fraction_patients(labelled: set[str], label: str, fraction: float, seed: Any, where: Any) -> list[str]:
+    """Nested, deterministic subset of ``labelled`` (the train patients having ``label``): round(f x n), at least 1.
 
     Patients are ranked by a hash seeded with the corpus's ``fraction_seed``, and a fraction takes a prefix
     of that ranking, so the patients of fraction 0.1 are among those of 0.2, and so on. CorpusError (naming
@@ -143,7 +142,6 @@ def label_fraction_patients(rows: list[dict[str, Any]], label: str, fraction: fl
         raise CorpusError(f"{where}: unknown label {label!r}; expected one of {MASKS}")
     if not 0 < fraction <= 1:
         raise CorpusError(f"{where}: label fraction must lie in (0, 1], got {fraction}")
-    labelled = {r["patient"] for r in rows if r["split"] == "train" and label in r["labels"]}
     if not labelled:
         raise CorpusError(f"{where}: no train patient has label {label!r}")
     ranked = sorted(labelled, key=lambda p: hashlib.sha256(f"{seed}:{label}:{p}".encode()).hexdigest())
