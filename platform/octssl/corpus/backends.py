@@ -38,7 +38,7 @@ class ZarrBackend:
         self.manifest_path = path / mf.MANIFEST_NAME
         self.zarr_path = path / ZARR_NAME
         self._arrays: dict[str, zarr.Array] = {}
-        self._chunks = ChunkReader()
+        self.chunks = ChunkReader()  # the shard fast path (its counters: reads served, declined)
         self._store: Any = None
 
     def forget_arrays(self) -> None:
@@ -120,8 +120,8 @@ class ZarrBackend:
         for key, (grid, index) in zip(keys, slots, strict=True):
             where, arr = self.stored(key, grid, index, row)
             arrays.append(arr.async_array)
-            requests.append((where, self._chunks.layout(where, arr), index))
-        results = {key: data for key, data in zip(keys, self._chunks.read(requests), strict=True) if data is not None}
+            requests.append((where, self.chunks.layout(where, arr), index))
+        results = {key: data for key, data in zip(keys, self.chunks.read(requests), strict=True) if data is not None}
         for key, (where, layout, index), stored, (grid, _) in zip(keys, requests, arrays, slots, strict=True):
             if key not in results:  # Zarr would read a missing shard file as zeros: refuse that here
                 path = layout.shard_path(where, index) if layout else str(self.shard_file(key, grid, index))
@@ -147,7 +147,7 @@ class ZarrBackend:
     def check_shard_file(self, key: str, row: dict[str, Any], path: str, slot_shape: tuple[int, ...]) -> None:
         """CorpusError unless the shard file holding ``key`` of ``row`` exists, or the row's data is all
         zeros (Zarr stores no chunk, and no file, for a slot that holds only the fill value)."""
-        if self._chunks.shard_present(path) or row["sha256"].get(key) == mf.zeros_sha256(tuple(slot_shape)):
+        if self.chunks.shard_present(path) or row["sha256"].get(key) == mf.zeros_sha256(tuple(slot_shape)):
             return
         raise CorpusError(f"{path}: sample {row['id']}: shard file holding '{key}' is missing (deleted, or "
                           "never copied or synced); restore it from a backup or re-ingest (octssl verify lists "

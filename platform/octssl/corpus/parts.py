@@ -9,7 +9,8 @@ settings record ``parts_through``: parts up to that number are folded into the b
 Upkeep after each append, under the writer lock, keeps reads and writes cheap without a second kind of
 commit: the newest two parts are merged while the newer is at least as long as the one before (a binary
 counter: O(log) parts, each row rewritten O(log) times), and all parts are folded into a new base once they
-hold as many rows as the base (the base doubles, so its rewrites cost O(1) per row overall). A merged file
+hold as many rows as the base (the base doubles, so its rewrites cost O(1) per row overall), and on the
+first append to a corpus of an older format (its base is written once in the current format). A merged file
 is written before the files it replaces are deleted, and a reader ignores a part that a wider part (or the
 base's ``parts_through``) covers, so a crash at any point of the upkeep leaves the same committed rows.
 
@@ -61,7 +62,8 @@ class Committed:
         """Every committed row, base first then the parts in append order, with the base's settings."""
         if not self.parts:
             return self.base
-        return pa.concat_tables([self.base, *(p.table for p in self.parts)])
+        table = pa.concat_tables([self.base, *(p.table for p in self.parts)])
+        return mf.with_settings(table, {**mf.settings_of(self.base), "format": mf.FORMAT_VERSION})
 
     @property
     def token(self) -> str | None:
@@ -158,7 +160,8 @@ def upkeep(committed: Committed) -> Committed:
         _delete(committed.folder, [older.path, newer.path])
         parts[-2:] = [merged]
     committed = Committed(committed.folder, committed.base, parts)
-    if parts and sum(p.table.num_rows for p in parts) >= committed.base.num_rows:
+    older = int(mf.settings_of(committed.base)["format"]) < mf.FORMAT_VERSION  # upgraded once, on its first append
+    if parts and (older or sum(p.table.num_rows for p in parts) >= committed.base.num_rows):
         settings = {**mf.settings_of(committed.base), "append_token": committed.token}
         committed = rewrite(committed, committed.table, settings)
     return committed

@@ -73,6 +73,14 @@ class Rows(Sequence[dict[str, Any]]):
         for batch in self._table.to_batches(max_chunksize=ROW_BATCH):
             yield from batch.to_pylist()
 
+    def __eq__(self, other: object) -> bool:
+        """Equal to another Rows or a list holding the same rows (as the list of dicts it replaces was)."""
+        if isinstance(other, (Rows, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
 
 class _Index:
     """Rows by the value of one string column: sorted (hash, row) pairs, two int64 per row (a Python dict of a
