@@ -146,7 +146,7 @@ def rewrite(committed: Committed, table: pa.Table, settings: dict) -> Committed:
     settings = {**settings, "parts_through": committed.last, "format": mf.FORMAT_VERSION}
     base = mf.with_settings(table, settings)
     mf.write_manifest(base, committed.folder / mf.MANIFEST_NAME)
-    _delete(committed.folder, [p.path for p in committed.parts])
+    _delete(committed.folder, [p.path for p in committed.parts] + _stale(committed))
     return Committed(committed.folder, base)
 
 
@@ -160,11 +160,22 @@ def upkeep(committed: Committed) -> Committed:
         _delete(committed.folder, [older.path, newer.path])
         parts[-2:] = [merged]
     committed = Committed(committed.folder, committed.base, parts)
+    _delete(committed.folder, _stale(committed))
     older = int(mf.settings_of(committed.base)["format"]) < mf.FORMAT_VERSION  # upgraded once, on its first append
     if parts and (older or sum(p.table.num_rows for p in parts) >= committed.base.num_rows):
         settings = {**mf.settings_of(committed.base), "append_token": committed.token}
         committed = rewrite(committed, committed.table, settings)
     return committed
+
+
+def _stale(committed: Committed) -> list[Path]:
+    """Files in the parts folder that no reader uses: parts covered by a wider part or folded into the base
+    (left by a crash in the upkeep) and temporary files of an interrupted write."""
+    directory = committed.folder / PARTS_DIR
+    if not directory.is_dir():
+        return []
+    live = {p.path for p in committed.parts}
+    return [p for p in directory.iterdir() if p not in live and (_PART.match(p.name) or p.name.endswith(".tmp"))]
 
 
 def fold(folder: Path) -> None:
@@ -176,7 +187,7 @@ def fold(folder: Path) -> None:
 
 
 def _delete(folder: Path, paths: list[Path]) -> None:
-    for path in paths:
+    for path in paths:  # a covered part is ignored by readers, so the order of deletion does not matter
         path.unlink(missing_ok=True)
     if paths:
         fsync_dir(folder / PARTS_DIR)
