@@ -47,6 +47,7 @@ class Part:
     last: int
     table: pa.Table
     token: str
+    stamp: tuple[int, int, int] = (0, 0, 0)  # the file's (inode, mtime, size) when read or written
 
 
 @dataclass
@@ -56,14 +57,21 @@ class Committed:
     folder: Path
     base: pa.Table
     parts: list[Part] = field(default_factory=list)
+    stamp: tuple[int, int, int] = (0, 0, 0)  # manifest.parquet's (inode, mtime, size) when read or written
+
+    def same_rows(self, other: Committed | None) -> bool:
+        """Whether ``other`` holds these very tables (a writer re-reading an unchanged corpus reuses them)."""
+        return (other is not None and other.base is self.base and len(other.parts) == len(self.parts)
+                and all(a.table is b.table for a, b in zip(self.parts, other.parts, strict=True)))
 
     @property
     def table(self) -> pa.Table:
         """Every committed row, base first then the parts in append order, with the base's settings."""
         if not self.parts:
             return self.base
-        table = pa.concat_tables([self.base, *(p.table for p in self.parts)])
-        return mf.with_settings(table, {**mf.settings_of(self.base), "format": mf.FORMAT_VERSION})
+        table = pa.concat_tables([self.base, *(p.table for p in self.parts)])  # zero-copy: chunks side by side
+        settings = {**mf.settings_of(self.base), "format": mf.FORMAT_VERSION}
+        return table.replace_schema_metadata({b"octssl": json.dumps(settings).encode()})
 
     @property
     def token(self) -> str | None:
@@ -76,9 +84,23 @@ class Committed:
         return self.parts[-1].last if self.parts else int(mf.settings_of(self.base).get("parts_through", 0))
 
 
-def read(folder: Path) -> Committed:
-    """The committed manifest of the corpus at ``folder`` (CorpusError naming the file when one is bad)."""
-    base = mf.read_manifest(folder / mf.MANIFEST_NAME)
+def _stamp(path: Path) -> tuple[int, int, int]:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return (0, 0, 0)
+    return (info.st_ino, info.st_mtime_ns, info.st_size)
+
+
+def read(folder: Path, known: Committed | None = None) -> Committed:
+    """The committed manifest of the corpus at ``folder`` (CorpusError naming the file when one is bad).
+    Files unchanged since ``known`` was read (same inode, mtime and size) are not read again: a writer that
+    appends again pays for the parts other writers added, not for the whole manifest."""
+    stamp = _stamp(folder / mf.MANIFEST_NAME)
+    if known is not None and known.stamp == stamp and stamp != (0, 0, 0):
+        base = known.base
+    else:
+        base = mf.read_manifest(folder / mf.MANIFEST_NAME)
     through = int(mf.settings_of(base).get("parts_through", 0))
     live = _live(folder, through)
     parts = []
@@ -87,9 +109,12 @@ def read(folder: Path) -> Committed:
         if first != expected:
             raise CorpusError(f"{folder / PARTS_DIR}: appends {expected}..{first - 1} are missing (a part file was "
                               "deleted); restore the corpus from a backup")
-        parts.append(_read_part(path, first, last, base.schema))
+        cached = {p.path: p for p in known.parts} if known is not None else {}
+        old = cached.get(path)
+        parts.append(old if old is not None and old.stamp == _stamp(path) and old.first == first and old.last == last
+                     else _read_part(path, first, last, base.schema))
         expected = last + 1
-    return Committed(folder, base, parts)
+    return Committed(folder, base, parts, stamp)
 
 
 def _live(folder: Path, through: int) -> list[tuple[int, int, Path]]:
@@ -118,14 +143,14 @@ def _read_part(path: Path, first: int, last: int, schema: pa.Schema) -> Part:
         raise CorpusError(f"{path}: cannot read manifest part as Parquet: {err}") from err
     token = (table.schema.metadata or {}).get(_TOKEN_KEY)
     checked = mf.checked_manifest(table, path)
-    return Part(path, first, last, checked.cast(schema), json.loads(token)["token"] if token else "")
+    return Part(path, first, last, checked.cast(schema), json.loads(token)["token"] if token else "", _stamp(path))
 
 
 def commit(committed: Committed, rows: pa.Table, token: str) -> Committed:
     """Commit one append's ``rows``: write them as the next part (the commit point). Returns the new state."""
     number = committed.last + 1
     part = _write_part(committed.folder, number, number, rows, token, committed.base.schema)
-    return Committed(committed.folder, committed.base, [*committed.parts, part])
+    return Committed(committed.folder, committed.base, [*committed.parts, part], committed.stamp)
 
 
 def _write_part(folder: Path, first: int, last: int, rows: pa.Table, token: str, schema: pa.Schema) -> Part:
@@ -137,7 +162,7 @@ def _write_part(folder: Path, first: int, last: int, rows: pa.Table, token: str,
     table = rows.cast(schema).replace_schema_metadata({_TOKEN_KEY: json.dumps({"token": token}).encode()})
     with atomic_file(path) as handle:
         pq.write_table(table, handle)
-    return Part(path, first, last, rows.cast(schema), token)
+    return Part(path, first, last, rows.cast(schema), token, _stamp(path))
 
 
 def rewrite(committed: Committed, table: pa.Table, settings: dict) -> Committed:
@@ -147,7 +172,7 @@ def rewrite(committed: Committed, table: pa.Table, settings: dict) -> Committed:
     base = mf.with_settings(table, settings)
     mf.write_manifest(base, committed.folder / mf.MANIFEST_NAME)
     _delete(committed.folder, [p.path for p in committed.parts] + _stale(committed))
-    return Committed(committed.folder, base)
+    return Committed(committed.folder, base, [], _stamp(committed.folder / mf.MANIFEST_NAME))
 
 
 def upkeep(committed: Committed) -> Committed:
@@ -159,10 +184,10 @@ def upkeep(committed: Committed) -> Committed:
                              pa.concat_tables([older.table, newer.table]), newer.token, committed.base.schema)
         _delete(committed.folder, [older.path, newer.path])
         parts[-2:] = [merged]
-    committed = Committed(committed.folder, committed.base, parts)
+    committed = Committed(committed.folder, committed.base, parts, committed.stamp)
     _delete(committed.folder, _stale(committed))
-    older = int(mf.settings_of(committed.base)["format"]) < mf.FORMAT_VERSION  # upgraded once, on its first append
-    if parts and (older or sum(p.table.num_rows for p in parts) >= committed.base.num_rows):
+    outdated = int(mf.settings_of(committed.base)["format"]) < mf.FORMAT_VERSION  # upgraded on its first append
+    if parts and (outdated or sum(p.table.num_rows for p in parts) >= committed.base.num_rows):
         settings = {**mf.settings_of(committed.base), "append_token": committed.token}
         committed = rewrite(committed, committed.table, settings)
     return committed

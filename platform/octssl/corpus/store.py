@@ -92,6 +92,15 @@ class _Index:
         order = np.argsort(hashes, kind="stable")
         self.keys, self.rows = hashes[order], order
 
+    def extend(self, column: pa.ChunkedArray, old: int) -> None:
+        """Add the rows from ``old`` on of ``column`` (the grown column; the first ``old`` rows are indexed)."""
+        hashes = np.fromiter((hash(s) for s in column.slice(old).to_pylist()), np.int64, len(column) - old)
+        order = np.argsort(hashes, kind="stable")
+        at = np.searchsorted(self.keys, hashes[order], side="right")
+        self.keys = np.insert(self.keys, at, hashes[order])
+        self.rows = np.insert(self.rows, at, order + old)
+        self.column = column
+
     def first(self, value: object) -> int | None:
         """The first row holding ``value``; None when none does."""
         wanted = hash(value)
@@ -117,6 +126,7 @@ class Corpus:
         self.manifest_path = backend.manifest_path
         self.zarr_path = backend.zarr_path
         self.snapshot_id = backend.snapshot_id
+        self._committed: parts.Committed | None = None  # what a local corpus's files held when last read
         self._set_table(table)
 
     @property
@@ -191,13 +201,24 @@ class Corpus:
                     journal.recover(parts.read(folder).token)
                 finally:
                     lock.release()
-        return cls(ZarrBackend(folder), parts.read(folder).table)
+        committed = parts.read(folder)
+        corpus = cls(ZarrBackend(folder), committed.table)
+        corpus._committed = committed
+        return corpus
 
     def _set_table(self, table: pa.Table) -> None:
         self._table = table
         self.settings = mf.settings_of(table)
         self._by_id: _Index | None = None  # built on the first lookup
         self._by_patient: _Index | None = None
+
+    def _grow(self, table: pa.Table) -> None:
+        """Take ``table``, the current rows followed by new ones, keeping the lookup indexes (extended)."""
+        old = len(self)
+        self._table, self.settings = table, mf.settings_of(table)
+        for index, column in ((self._by_id, "id"), (self._by_patient, "patient")):
+            if index is not None:
+                index.extend(table.column(column), old)
 
     # ---- queries ---------------------------------------------------------------------------------
     @property
@@ -351,9 +372,10 @@ class Corpus:
         part (``octssl.corpus.parts``), so an append writes its own rows, not the whole manifest."""
         with WriterLock(self.folder):
             journal = Journal(self.folder, self.folder / ZARR_NAME)
-            committed = parts.read(self.folder)
+            committed = parts.read(self.folder, self._committed)  # only what changed since is read
             journal.recover(committed.token)
-            self._set_table(committed.table)
+            if not committed.same_rows(self._committed):
+                self._set_table(committed.table)
             self.backend.forget_arrays()
             token = journal.begin()
             try:
@@ -372,7 +394,8 @@ class Corpus:
             self._hook("committed")
             journal.finish()
             committed = parts.upkeep(committed)
-        self._set_table(committed.table)
+        self._committed = committed
+        self._grow(committed.table)
         self.backend.forget_arrays()
         return [row["id"] for row in rows]
 
@@ -385,7 +408,7 @@ class Corpus:
             return 0
         with WriterLock(self.folder):
             journal = Journal(self.folder, self.folder / ZARR_NAME)
-            committed = parts.read(self.folder)
+            committed = parts.read(self.folder, self._committed)
             journal.recover(committed.token)
             self._set_table(committed.table)
             token = journal.begin()
@@ -402,6 +425,7 @@ class Corpus:
                 self.backend.forget_arrays()
             self._hook("committed")
             journal.finish()
+        self._committed = committed
         self._set_table(committed.table)
         return len(attachments)
 
