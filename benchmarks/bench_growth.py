@@ -108,6 +108,8 @@ def write_manifest_corpus(path: Path, n: int) -> None:
         "localizer_grid": [None] * n, "localizer_index": [None] * n, "localizer_spacing_mm": [None] * n,
         "positions_mm": [None] * n,
     }
+    for name in mf.SCHEMA.names:  # optional columns this benchmark does not fill: null
+        columns.setdefault(name, [None] * n)
     table = mf.with_settings(pa.table(columns, schema=mf.SCHEMA), dict(mf.DEFAULT_SETTINGS))
     mf.write_manifest(table, path / mf.MANIFEST_NAME)
 

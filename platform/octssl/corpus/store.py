@@ -119,14 +119,15 @@ class Corpus:
     # committed) and "committed" (manifest committed, journal not yet dropped); crash tests kill the process here.
     append_hook: ClassVar[Callable[[str], None] | None] = None
 
-    def __init__(self, backend: ZarrBackend, table: pa.Table) -> None:
+    def __init__(self, backend: ZarrBackend, table: pa.Table, committed: parts.Committed | None = None) -> None:
+        """``committed``: what a local corpus's manifest files held when ``table`` was read from them."""
         self.backend = backend
         self.path = backend.path
         self.remote = backend.read_only  # on an object store or in a snapshot: read-only
         self.manifest_path = backend.manifest_path
         self.zarr_path = backend.zarr_path
         self.snapshot_id = backend.snapshot_id
-        self._committed: parts.Committed | None = None  # what a local corpus's files held when last read
+        self._committed = committed  # a writer re-reads only the manifest files changed since
         self._set_table(table)
 
     @property
@@ -151,8 +152,10 @@ class Corpus:
         split_ratios: tuple[float, float, float] = (0.6, 0.2, 0.2),
         shard_bytes: int = 256 * 2**20,
         fraction_seed: int = 0,
+        key_fingerprint: str | None = None,
     ) -> Corpus:
-        """A new empty corpus at ``path`` (CorpusError if a corpus is already there)."""
+        """A new empty corpus at ``path`` (CorpusError if a corpus is already there). ``key_fingerprint``:
+        the pseudonym key's fingerprint that later ingests must match (``octssl.ingest.phi``)."""
         path = Path(path)
         if (path / mf.MANIFEST_NAME).exists() or (path / ZARR_NAME).exists():
             raise CorpusError(f"{path}: a corpus already exists here")
@@ -168,6 +171,8 @@ class Corpus:
             zarr.open_group(LocalStore(path / ZARR_NAME), mode="w-", zarr_format=3)
             settings = {"split_ratios": list(split_ratios), "shard_bytes": int(shard_bytes),
                         "fraction_seed": int(fraction_seed)}
+            if key_fingerprint is not None:
+                settings["key_fingerprint"] = key_fingerprint
             table = mf.empty_table(settings)
             mf.write_manifest(table, path / mf.MANIFEST_NAME)
         return cls(ZarrBackend(path), table)
@@ -202,9 +207,7 @@ class Corpus:
                 finally:
                     lock.release()
         committed = parts.read(folder)
-        corpus = cls(ZarrBackend(folder), committed.table)
-        corpus._committed = committed
-        return corpus
+        return cls(ZarrBackend(folder), committed.table, committed)
 
     def _set_table(self, table: pa.Table) -> None:
         self._table = table
@@ -315,6 +318,20 @@ class Corpus:
             found[pc.list_parent_indices(lists).to_numpy()[hits]] = True
         return found
 
+    def holders(self) -> dict[str, dict[str, set[str]]]:
+        """{split: {kind: patients}}: the patients whose raster volumes give each split a volume (``"oct"``) and
+        each label (what :func:`octssl.corpus.layout.fill_splits` needs), from the columns."""
+        table = self._table
+        raster = _numpy(table.column("raster")) if len(self) else np.zeros(0, bool)
+        held: dict[str, dict[str, set[str]]] = {split: {} for split in mf.SPLITS}
+        for split in mf.SPLITS:
+            rows = raster & (_numpy(pc.equal(table.column("split"), split)) if len(self) else raster)
+            for kind, mask in ((VOLUME_KEY, rows), *((label, rows & self.holds(label)) for label in mf.LABEL_KEYS)):
+                patients = set(table.column("patient").filter(pa.array(mask)).unique().to_pylist()) if mask.any() else set()
+                if patients:
+                    held[split][kind] = patients
+        return held
+
     def label_fraction_patients(self, label: str, fraction: float) -> list[str]:
         """Nested, deterministic subset of the train patients having ``label``: round(f x n), at least 1
         (:func:`octssl.corpus.layout.label_fraction_patients`)."""
@@ -365,8 +382,11 @@ class Corpus:
         return sample
 
     # ---- writing ---------------------------------------------------------------------------------
-    def append(self, samples: Iterable[dict[str, Any]], *, progress: bool = True) -> list[str]:
+    def append(self, samples: Iterable[dict[str, Any]], *, progress: bool = True,
+               settings: dict[str, Any] | None = None) -> list[str]:
         """Append samples atomically: all of them commit, or the corpus stays as it was. Returns the ids.
+        ``settings`` are merged into the corpus settings in the same commit (ingest records its key's
+        fingerprint this way in a corpus that has none yet).
 
         The data goes into ``volumes.zarr`` under the undo journal; the rows are committed as one manifest
         part (``octssl.corpus.parts``), so an append writes its own rows, not the whole manifest."""
@@ -385,7 +405,13 @@ class Corpus:
                 if not journal.owned():
                     raise CorpusError(f"{journal.dir}: the journal of this append was removed or replaced by "
                                       "another process; the append is abandoned, nothing was committed")
-                committed = parts.commit(committed, mf.rows_table(rows, self.settings), token)
+                changed = {**self.settings, **(settings or {})}
+                if changed == self.settings:
+                    committed = parts.commit(committed, mf.rows_table(rows, self.settings), token)
+                else:  # new settings live in the base: one whole manifest (rare: once per corpus)
+                    added = mf.rows_table(rows, self.settings).replace_schema_metadata(committed.table.schema.metadata)
+                    committed = parts.rewrite(committed, pa.concat_tables([committed.table, added]),
+                                              {**changed, "append_token": token})
             except BaseException:
                 if journal.owned():  # never undo with another process's journal
                     journal.rollback()
