@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ def kinds_of(row: dict[str, Any]) -> set[str]:
     return {VOLUME_KEY, *row["labels"]} if row["raster"] else set()
 
 
-def _holders(rows: list[dict[str, Any]], start: dict[str, dict[str, set[str]]]) -> dict[str, dict[str, set[str]]]:
+def holders_of(rows: Iterable[dict[str, Any]], start: dict[str, dict[str, set[str]]]) -> dict[str, dict[str, set[str]]]:
     """{split: {kind: patients}} over ``rows``, added to (a copy of) ``start``."""
     held = {split: {kind: set(patients) for kind, patients in start.get(split, {}).items()} for split in mf.SPLITS}
     for row in rows:
@@ -65,7 +66,7 @@ def fill_splits(committed: dict[str, dict[str, set[str]]], new: list[dict[str, A
     brings = {patient: set().union(*(kinds_of(row) for row in rows)) for patient, rows in mine.items()}
     order = sorted(mine, key=lambda p: hashlib.sha256(f"octssl-fill:{p}".encode()).hexdigest())
     while True:
-        held = _holders(new, committed)
+        held = holders_of(new, committed)
         kinds = sorted({kind for split in held.values() for kind in split})
 
         move = next(((patient, target) for target in wanted for kind in kinds if not held[target].get(kind)

@@ -36,7 +36,7 @@ from octssl.corpus.attach import record_provenance, write_attachments
 from octssl.corpus.audit import summarize, verify_corpus
 from octssl.corpus.backends import ZarrBackend
 from octssl.corpus.journal import Journal, WriterLock
-from octssl.corpus.layout import ZARR_NAME, label_fraction_patients, meta_of, slot
+from octssl.corpus.layout import ZARR_NAME, holders_of, label_fraction_patients, meta_of, slot
 from octssl.corpus.repository import IcechunkBackend, is_repository, split_snapshot
 from octssl.corpus.writer import AppendWriter
 from octssl.errors import CorpusError
@@ -214,6 +214,7 @@ class Corpus:
         self.settings = mf.settings_of(table)
         self._by_id: _Index | None = None  # built on the first lookup
         self._by_patient: _Index | None = None
+        self._held: dict[str, dict[str, set[str]]] | None = None  # holders(), built on first use
 
     def _grow(self, table: pa.Table) -> None:
         """Take ``table``, the current rows followed by new ones, keeping the lookup indexes (extended)."""
@@ -222,6 +223,8 @@ class Corpus:
         for index, column in ((self._by_id, "id"), (self._by_patient, "patient")):
             if index is not None:
                 index.extend(table.column(column), old)
+        if self._held is not None:
+            self._held = holders_of(Rows(table.slice(old)), self._held)
 
     # ---- queries ---------------------------------------------------------------------------------
     @property
@@ -320,7 +323,10 @@ class Corpus:
 
     def holders(self) -> dict[str, dict[str, set[str]]]:
         """{split: {kind: patients}}: the patients whose raster volumes give each split a volume (``"oct"``) and
-        each label (what :func:`octssl.corpus.layout.fill_splits` needs), from the columns."""
+        each label (what :func:`octssl.corpus.layout.fill_splits` needs), from the columns, once; an append adds
+        its own rows."""
+        if self._held is not None:
+            return self._held
         table = self._table
         raster = _numpy(table.column("raster")) if len(self) else np.zeros(0, bool)
         held: dict[str, dict[str, set[str]]] = {split: {} for split in mf.SPLITS}
@@ -330,6 +336,7 @@ class Corpus:
                 patients = set(table.column("patient").filter(pa.array(mask)).unique().to_pylist()) if mask.any() else set()
                 if patients:
                     held[split][kind] = patients
+        self._held = held
         return held
 
     def label_fraction_patients(self, label: str, fraction: float) -> list[str]:
