@@ -16,6 +16,7 @@ from octssl.apply.predict import COLUMNS, predict
 from octssl.cli import app
 from octssl.corpus.store import Corpus
 from octssl.errors import PredictError
+from octssl.ingest.phi import shifted_day
 
 LINE_FILE, CIRCLE_FILE = "Willis_B_716_0.vol", "Willis_B_716_2.vol"
 
@@ -73,7 +74,7 @@ def test_predict_device_files_gives_masks_but_no_area_for_line_and_circle(bundle
     assert len(report.rows) == 2 and [p for p, _ in report.rejected] == [str(src / "invalid.vol")]
     for row in report.rows:
         assert row["area_mm2"] is None and row["area_reason"].startswith(("line scan", "circle scan"))
-        assert row["patient"] and "Willis" not in row["patient"] and row["acquired"] == "2017-01-11"
+        assert row["patient"] and "Willis" not in row["patient"] and row["acquired"] == shifted_day("2017-01-11", row["patient"], b"test-key")
         folder = tmp_path / "out" / "volumes" / row["id"]
         assert np.asarray(Image.open(folder / "mask_grid.png")).shape == (1, 768)  # the data: one pixel per A-scan
         assert np.asarray(Image.open(folder / "mask.png")).shape == (48, 512)  # the picture: a readable band
@@ -88,6 +89,38 @@ def test_predict_refusals(bundle: Path, growth_corpus: Path, tmp_path: Path) -> 
         predict(bundle, [growth_corpus], tmp_path / "o", ids=["nope"], progress=False)
     result = CliRunner().invoke(app, ["predict", str(tmp_path), str(growth_corpus), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "not a model bundle" in result.output
+
+
+def test_unreadable_inputs_are_each_reported_and_nothing_predicted_exits_1(bundle: Path, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    import os
+
+    monkeypatch.setenv("OCTSSL_PSEUDONYM_KEY", "test-key")
+    (tmp_path / "zero.vol").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo.vol")
+    (tmp_path / "empty.vol").write_bytes(b"")
+    sources = [str(tmp_path / name) for name in ("zero.vol", "fifo.vol", "empty.vol")]
+    report = predict(bundle, sources, tmp_path / "out", progress=False)
+    assert report.rows == [] and sorted(p for p, _ in report.rejected) == sorted(sources)
+    rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
+    assert {r["path"]: r["reason"] for r in rejects} == dict(report.rejected)
+    result = CliRunner().invoke(app, ["predict", str(bundle), *sources, "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 1, result.output
+    output = " ".join(result.output.split())
+    assert all(f"rejected {s}" in output for s in sources) and "predicted nothing" in output
+
+
+def test_an_existing_out_is_refused_or_replaced_whole(bundle: Path, growth_corpus: Path, tmp_path: Path) -> None:
+    ids = Corpus.open(growth_corpus).ids(split="test", raster_only=False)
+    out = tmp_path / "out"
+    predict(bundle, [growth_corpus], out, ids=ids[:2], progress=False)
+    with pytest.raises(PredictError, match="already holds a prediction run .*--overwrite"):
+        predict(bundle, [growth_corpus], out, ids=ids[2:3], progress=False)
+    result = CliRunner().invoke(app, ["predict", str(bundle), str(growth_corpus), "--out", str(out), "--ids", ids[2]])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    predict(bundle, [growth_corpus], out, ids=ids[2:3], progress=False, overwrite=True)
+    listed = [row["id"] for row in pq.read_table(out / "predictions.parquet").to_pylist()]
+    assert listed == [ids[2]] and sorted(p.name for p in (out / "volumes").iterdir()) == listed
 
 
 @pytest.mark.slow

@@ -98,6 +98,7 @@ def test_summary_matches_its_schema(finished) -> None:
     summary, sweep_dir = finished
     on_disk = json.loads((sweep_dir / "summary.json").read_text())
     jsonschema.validate(on_disk, SUMMARY_SCHEMA)
+    assert on_disk["search"] == "optuna" and on_disk["sampler"].startswith("optuna ")  # the sampler used
     assert on_disk["cells"] == summary["cells"]
     assert len(on_disk["cells"]) == 4
     manifest = Path(on_disk["corpus"]) / "manifest.parquet"  # the corpus version the sweep read, to the byte

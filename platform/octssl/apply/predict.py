@@ -10,7 +10,9 @@ cluster is there (as ingest does), else read in this process; volumes are predic
 (the mask itself, one pixel per A-scan), and ``overlay.png``
 (the scanned region drawn on the native localizer, the lesion in red at each lesion A-scan's position
 there; over the OCT mean projection when the volume has no localizer); see ``octssl.ingest.pictures``.
-``OUT/predictions.parquet`` and ``.csv``: one row per volume (see ``COLUMNS``).
+``OUT/predictions.parquet`` and ``.csv``: one row per volume (see ``COLUMNS``). ``OUT/rejects.parquet``: every
+input that could not be read (path, reason, time UTC), as ingest's. An ``OUT`` holding a previous run's
+outputs is refused unless ``overwrite`` (then those outputs are removed first, so no two runs ever mix).
 """
 
 from __future__ import annotations
@@ -148,9 +150,10 @@ def predict_file(bundle_path: str, path: str, key: bytes, batch_size: int = 4) -
 # ---------------------------------------------------------------- the command
 def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | Path, *, split: str | None = None,
             ids: list[str] | None = None, batch_size: int = 4, ephemeral_key: bool = False,
-            progress: bool = True) -> PredictReport:
+            progress: bool = True, overwrite: bool = False) -> PredictReport:
     """Run the bundle (a folder or a URL) on ``sources`` (one corpus, a folder or a published corpus's URL, or
-    device files/folders); write ``out`` (a local folder); return the report."""
+    device files/folders); write ``out`` (a local folder; a previous run's outputs there only with
+    ``overwrite``, which replaces them whole); return the report."""
     from octssl.corpus.icechunk import is_repository, split_snapshot
     from octssl.corpus.layout import ZARR_NAME
     from octssl.observe.progress import stage
@@ -169,7 +172,7 @@ def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | P
     paths = [p.local for p in places] if not corpus_mode else []
     if not corpus_mode and (split or ids):
         raise PredictError("--split/--ids select volumes of a corpus; the sources here are device files")
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out, overwrite)
 
     def save(results: list[tuple[dict[str, Any], dict[str, bytes]]]) -> None:
         for row, files in results:
@@ -196,6 +199,7 @@ def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | P
     else:
         report.executor = _device_files(bundle_file, paths, batch_size, ephemeral_key, progress, save, report)
     _write_table(out, report.rows)
+    _write_rejects(out, report.rejected)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -204,13 +208,15 @@ def _device_files(bundle_path: str, sources: list[Path], batch_size: int, epheme
                   save: Any, report: PredictReport) -> str:
     from concurrent.futures import FIRST_COMPLETED, wait
 
-    from octssl.ingest.detect import discover
+    from octssl.ingest.detect import find_units
     from octssl.ingest.phi import load_key
     from octssl.ingest.pipeline import unit_executor
     from octssl.observe.progress import stage
 
     key, _ = load_key(ephemeral_key)
-    units = [str(u) for u in discover(sources)]
+    found, unusable = find_units(sources)  # FIFOs, device files, broken links: reported, never opened
+    report.rejected.extend(unusable)
+    units = [str(u) for u in found]
     with unit_executor(1) as (submit, kind), stage("predict", len(units), progress) as advance:
         pending = {submit(predict_file, bundle_path, unit, key, batch_size): unit for unit in units}
         while pending:
@@ -223,6 +229,42 @@ def _device_files(bundle_path: str, sources: list[Path], batch_size: int, epheme
                 save(results)
                 advance()
     return kind
+
+
+OUTPUTS = ("predictions.parquet", "predictions.csv", "rejects.parquet", "volumes")  # tables first: see below
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that holds a previous run's outputs (its table would list new volumes beside old
+    pictures) unless ``overwrite``; then remove them, tables first, so a half-replaced folder has no table."""
+    import shutil
+
+    if out.exists() and not out.is_dir():
+        raise PredictError(f"{out}: is a file, not a folder for predictions")
+    present = [name for name in OUTPUTS if (out / name).exists()]
+    if present and not overwrite:
+        raise PredictError(f"{out}: already holds a prediction run ({', '.join(present)}); pass --overwrite to "
+                           "replace it, or choose another --out")
+    for name in present:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_rejects(out: Path, rejected: list[tuple[str, str]]) -> None:
+    """``rejects.parquet``: every input this run could not read (path, reason, time UTC), written even when
+    empty so that the folder tells a clean run from an unfinished one."""
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    table = pa.Table.from_pylist([{"path": p, "reason": r, "time": now} for p, r in sorted(rejected)],
+                                 schema=pa.schema([("path", pa.string()), ("reason", pa.string()), ("time", pa.string())]))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    atomic_write(out / "rejects.parquet", buffer.getvalue())
 
 
 def _write_table(out: Path, rows: list[dict[str, Any]]) -> None:

@@ -23,6 +23,7 @@ _PREDICT_OUT = typer.Option(..., "--out", "-o", help="output directory (PNGs per
 _PREDICT_SPLIT = typer.Option(None, "--split", help="corpus only: predict train, val or test volumes")
 _PREDICT_IDS = typer.Option([], "--ids", help="corpus only: these volume ids (repeatable)")
 _PREDICT_BATCH = typer.Option(4, "--batch-size", help="volumes per forward pass")
+_PREDICT_REPLACE = typer.Option(False, "--overwrite", help="replace a previous prediction run at --out")
 _GROWTH_SOURCE = typer.Argument(..., help="predictions.parquet/.csv (or a predict output folder), or a corpus")
 _GROWTH_OUT = typer.Option(..., "--out", "-o", help="output directory (growth.csv, plots/, summary.json)")
 
@@ -68,14 +69,15 @@ def _val_has_labels(source: str, task: str) -> None:
 @app.command()
 def predict(bundle: str = _PREDICT_BUNDLE, sources: list[str] = _PREDICT_SRC, out: str = _PREDICT_OUT,
             split: str | None = _PREDICT_SPLIT, ids: list[str] = _PREDICT_IDS, batch_size: int = _PREDICT_BATCH,
-            ephemeral_key: bool = _INGEST_EPHEMERAL) -> None:
-    """Segment GA/RPD with a bundle on a corpus or device files: PNGs per volume, area, lesions, Dice/HD95."""
+            ephemeral_key: bool = _INGEST_EPHEMERAL, overwrite: bool = _PREDICT_REPLACE) -> None:
+    """Segment GA/RPD with a bundle on a corpus or device files: PNGs per volume, area, lesions, Dice/HD95.
+    Exits 1 when nothing was predicted (every input rejected, or an empty selection)."""
     from octssl.apply.predict import predict as run_predict
 
     try:
         _key_for_files(sources, ephemeral_key)
         report = run_predict(bundle, sources, out, split=split, ids=ids or None, batch_size=batch_size,
-                             ephemeral_key=ephemeral_key)
+                             ephemeral_key=ephemeral_key, overwrite=overwrite)
     except _ERRORS as err:
         _fail(err)
     for path, reason in report.rejected:
@@ -84,6 +86,10 @@ def predict(bundle: str = _PREDICT_BUNDLE, sources: list[str] = _PREDICT_SRC, ou
     console.print(f"[green]predicted[/] {len(report.rows)} volumes in {report.seconds:.1f} s ({rate:.2f} volumes/s, "
                   f"{report.executor}); {out}/predictions.csv" + (f"; rejected {len(report.rejected)} file(s)"
                                                                   if report.rejected else ""))
+    if not report.rows:
+        console.print(f"[bold red]error:[/] predicted nothing; {len(report.rejected)} input(s) rejected "
+                      f"(see {out}/rejects.parquet)")
+        raise typer.Exit(1)
 
 
 def _key_for_files(sources: list[str], ephemeral: bool) -> None:

@@ -85,7 +85,11 @@ def _check_bucket(corpus: Corpus, grid: str, referenced: set[int]) -> list[str]:
         path = corpus.zarr_path / key / grid
         if not corpus.backend.has_array(key, grid):
             continue
-        arr = corpus.array(key, grid)
+        try:
+            arr = corpus.array(key, grid)
+        except CorpusError as err:  # damaged metadata: reported, the other arrays still checked
+            problems.append(str(err))
+            continue
         expected = (nb, depth, width) if key == VOLUME_KEY else (nb, width)
         if tuple(arr.shape[1:]) != expected or arr.dtype.name != "uint8":
             problems.append(f"{path}: array is {arr.dtype}{arr.shape}, expected uint8[N, {expected}]")
@@ -103,7 +107,10 @@ def _check_localizer_bucket(corpus: Corpus, grid: str, referenced: set[int]) -> 
     expected = _localizer_shape(grid)
     if expected is None:
         return [f"{path}: not a localizer bucket (its name should be HxW)"]
-    arr = corpus.array(LOCALIZER, grid)
+    try:
+        arr = corpus.array(LOCALIZER, grid)
+    except CorpusError as err:
+        return [str(err)]
     problems = []
     if tuple(arr.shape[1:]) != expected or arr.dtype.name != "uint8":
         problems.append(f"{path}: array is {arr.dtype}{arr.shape}, expected uint8[N, {expected}]")

@@ -31,7 +31,8 @@ def close_loop(sweep_dir: str | Path, corpus: str | Path, *, progress: bool = Tr
     bundle = sweep_dir / "bundles" / GA
     if not (bundle / "config.json").is_file():
         raise PredictError(f"{bundle}: the sweep wrote no GA bundle (see summary.json 'bundles')")
-    report = predict(bundle, [corpus], sweep_dir / "predict", split=TEST, progress=progress)
+    report = predict(bundle, [corpus], sweep_dir / "predict", split=TEST, progress=progress,
+                     overwrite=True)  # the demo's own folder: a re-run replaces it whole
     growth = growth_report(sweep_dir / "predict", sweep_dir / "growth")
     pairs = [(r["label_area_mm2"], r["area_mm2"]) for r in report.rows
              if r["label_area_mm2"] is not None and r["area_mm2"] is not None]

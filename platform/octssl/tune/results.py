@@ -118,9 +118,16 @@ def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[st
         "fractions": sorted({c.fraction for c in config.cells}),
         "inits": config.inits, "models": config.models, "seeds": config.seeds,
         "num_samples": config.search.num_samples, "search": config.search.algorithm,
+        "sampler": _sampler_name(config),
         "trials": {s: statuses.count(s) for s in STATUSES},
         "cells": cells,
     }
+
+
+def _sampler_name(config: Any) -> str:
+    from octssl.tune.search import sampler_name
+
+    return sampler_name(config.search)
 
 
 def _config_of(trial: dict[str, Any]) -> dict[str, Any]:

@@ -172,9 +172,10 @@ def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: i
     from ray import tune
 
     from octssl.tune.live import SweepProgress
-    from octssl.tune.search import GroupASHA, GroupSearch, make_sampler
+    from octssl.tune.search import GroupASHA, GroupSearch, make_sampler, sampler_name
     from octssl.tune.trial import FORWARDED_ENV, TrialPlan, run_trial
 
+    sampler_name(config.search)  # the configured sampler is there, or the sweep stops before any trial
     groups = config.groups
     total = len(groups) * config.search.num_samples
     plan = TrialPlan(config=config, trials_dir=str(sweep_dir / "trials"),
