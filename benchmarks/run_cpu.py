@@ -1,4 +1,4 @@
-"""The CPU benchmark suite (`make bench`): data, models, train step, full-stack overhead, scaling in <= 10 min.
+"""The CPU benchmark suite (`make bench`): data, models, train step, full-stack overhead, growth, scaling.
 
 ``results/suite-<device>.json`` lists every output of the run with its sha256: commit them together
 (tests/benchmarks/test_provenance.py fails when a committed suite file names outputs that are not there).
@@ -46,6 +46,7 @@ def commands(slug: str, deadline: float) -> dict[str, list[str]]:
         "models": ["bench_models.py", "--crop", "8x64x64", "--batch", "2", "--steps", "2",
                    "--out", str(out / f"models-{slug}.json")],
         "train": ["bench_train.py", "--steps", "30", "--out", str(out / f"train-{slug}.json")],
+        "growth": ["bench_growth.py", "--out", str(out / f"growth-{slug}.json")],  # 10^3..10^5, 10 and 100 trials
         "scaling": ["bench_scaling.py", "--steps", "3", "--worker-vol-s", f"{source_rate(slug):.1f}",
                     "--out", str(out / f"scaling-{slug}.json")],
         "step": ["bench_step.py", "--device", "cpu", "--batch", "1", "--warmup", "1", "--repeats", "2",
@@ -99,7 +100,7 @@ def plot_models(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="data,models,train,scaling,step", help="comma-separated benchmarks")
+    parser.add_argument("--only", default="data,models,train,growth,scaling,step", help="comma-separated benchmarks")
     parser.add_argument("--table", action="store_true", help="only print the table of the latest results")
     args = parser.parse_args(argv)
     if args.table:

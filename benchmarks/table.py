@@ -143,10 +143,26 @@ def _icechunk(result: dict[str, Any]) -> tuple[str, str]:
             headline)
 
 
+def _growth(result: dict[str, Any]) -> tuple[str, str]:
+    rows = {(r["operation"], r["size"]): r for r in result["rows"] if r["status"] == "ok"}
+    exponents = {s["operation"]: s["exponent"] for s in result["growth"]["seconds"]}
+    n = max(result["sizes"])
+    parts = []
+    for op, label in (("corpus open", "open"), ("append one batch", "append"), ("ids() filtering", "ids()")):
+        row = rows.get((op, n))
+        if row:
+            parts.append(f"{label} {row['seconds']:.3g} s, {row['peak_MB']:.0f} MB (k={exponents[op]:.2f})")
+    trials = [r for r in result["rows"] if r["operation"] == "sweep overhead per trial" and r["status"] == "ok"]
+    if trials:
+        last = max(trials, key=lambda r: r["size"])
+        parts.append(f"sweep {last['per_trial_s']:.2f} s/trial at {last['size']} trials")
+    return f"growth: up to {n:,} volumes", "; ".join(parts) + " (k = growth exponent)"
+
+
 #: result kind (file-name prefix) -> its row; in the order the table lists them
 ROWS: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
     "step": _step, "levers": _levers, "train": _train, "scaling": _scaling, "data": _data, "models": _models,
-    "ingest": _ingest, "predict": _predict, "icechunk": _icechunk,
+    "ingest": _ingest, "predict": _predict, "icechunk": _icechunk, "growth": _growth,
 }
 
 

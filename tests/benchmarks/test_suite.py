@@ -13,7 +13,7 @@ GPU_SH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.sh"
 
 def test_cpu_suite_runs_every_benchmark_with_device_named_outputs() -> None:
     cmds = run_cpu.commands("cpu-test-cpu", time.monotonic() + run_cpu.SUITE_S)
-    assert list(cmds) == ["data", "models", "train", "scaling", "step"]
+    assert list(cmds) == ["data", "models", "train", "growth", "scaling", "step"]
     for name, argv in cmds.items():
         assert (run_cpu.HERE / argv[0]).is_file()
         out = argv[argv.index("--out") + 1]

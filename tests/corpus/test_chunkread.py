@@ -96,7 +96,7 @@ def test_corpus_read_matches_zarr_for_every_sample(mixed_corpus: Path) -> None:
             want = zarr_slot(mixed_corpus, f"{key}/{grid}", index)
             np.testing.assert_array_equal(got[key], want, err_msg=f"{row['id']} {key}")
             assert got[key].dtype == np.uint8 and got[key].flags.writeable
-    assert corpus._chunks.declined == 0 and corpus._chunks.served > 0
+    assert corpus.backend.chunks.declined == 0 and corpus.backend.chunks.served > 0
     assert corpus.verify() == []
 
 
@@ -137,7 +137,7 @@ def test_a_corpus_that_has_read_still_pickles(mixed_corpus: Path) -> None:
     got = copy.read("loc-a", localizer=True)
     for key in ("oct", "faf", "slo", "ga", "rpd", "localizer"):
         np.testing.assert_array_equal(got[key], want[key])
-    assert copy._chunks.served == 6
+    assert copy.backend.chunks.served == 6
 
 
 @pytest.mark.parametrize(("dtype", "inner", "index_location", "compressors"), [
@@ -180,7 +180,7 @@ def test_a_corrupt_chunk_raises_the_corpus_error_naming_file_and_sample(make_cor
     damaged = Corpus.open(path)
     with pytest.raises(CorpusError, match=f"{shard}: sample {victim['id']}: cannot decode 'oct'"):
         damaged.read(victim["id"])
-    layout = damaged._chunks.layout("oct", damaged.array("oct", grid))
+    layout = damaged.backend.chunks.layout("oct", damaged.array("oct", grid))
     assert ChunkReader().read([(path / "volumes.zarr" / "oct" / grid, layout, victim["index"])]) == [None]
     problems = damaged.verify()
     assert [p for p in problems if "cannot decode" in p] == [
@@ -236,12 +236,12 @@ def test_appends_after_a_cached_index_are_seen(tmp_path: Path) -> None:
     added = [item(f"w{i}", 10 + i, ga="lesion") for i in range(3)]
     corpus.append(added, progress=False)  # rewrites the same shard files (slots 3..5 were empty)
     assert (shard.stat().st_mtime_ns, shard.stat().st_size) != old_version
-    served = corpus._chunks.served
+    served = corpus.backend.chunks.served
     for sample in added:
         got = corpus.read(sample["id"])
         for key in ("oct", "faf", "slo", "ga", "rpd"):
             np.testing.assert_array_equal(got[key], sample[key], err_msg=f"{sample['id']} {key}")
-    assert corpus._chunks.served - served == 15 and corpus._chunks.declined == 0
+    assert corpus.backend.chunks.served - served == 15 and corpus.backend.chunks.declined == 0
     np.testing.assert_array_equal(corpus.read("v1")["oct"], before["oct"])
     other = Corpus.open(tmp_path / "c")  # a second handle agrees
     np.testing.assert_array_equal(other.read("w2")["ga"], added[2]["ga"])
@@ -262,8 +262,8 @@ def test_an_unknown_codec_falls_back_to_zarr(make_corpus, codec) -> None:
         got = corpus.read(sid)
         for key in ("oct", "faf", "slo"):
             np.testing.assert_array_equal(got[key], want[key])
-    assert corpus._chunks.declined == len(expected)  # faf only: oct and slo still take the fast path
-    assert corpus._chunks.served == 2 * len(expected)
+    assert corpus.backend.chunks.declined == len(expected)  # faf only: oct and slo still take the fast path
+    assert corpus.backend.chunks.served == 2 * len(expected)
     assert corpus.verify() == []
 
 

@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from octssl.cli import app
-from octssl.corpus.icechunk import IcechunkCorpus, publish
+from octssl.corpus.icechunk import publish
+from octssl.corpus.repository import IcechunkBackend
 from octssl.corpus.store import Corpus
 from octssl.corpus.synth import samples
 from octssl.data.sources import ZarrSource
@@ -43,9 +44,9 @@ def test_publish_reads_back_byte_identical_and_info_verify_work(make_corpus, tmp
     assert result.exit_code == 0 and "published (" in result.output, result.output
     snapshot = re.search(r"@([0-9A-Z]{20})", result.output).group(1)
     local, remote = Corpus.open(path), Corpus.open(repo)
-    assert isinstance(remote, IcechunkCorpus) and remote.snapshot_id == snapshot
+    assert isinstance(remote.backend, IcechunkBackend) and remote.snapshot_id == snapshot
     assert remote.rows == local.rows and remote.settings == local.settings
-    assert remote.manifest_sha256 == hashlib.sha256((path / "manifest.parquet").read_bytes()).hexdigest()
+    assert remote.version == hashlib.sha256((path / "manifest.parquet").read_bytes()).hexdigest()
     _same_arrays(local, remote, local.ids(raster_only=False))
     info = CliRunner().invoke(app, ["info", str(repo), "--json"])
     assert info.exit_code == 0, info.output
@@ -80,8 +81,8 @@ def test_append_then_publish_commits_a_new_snapshot_and_the_old_one_still_reads(
     _same_arrays(Corpus.open(local.path), before, [row["id"] for row in before.rows])
     assert corpus_version(str(repo))["snapshot_id"] == second["snapshot_id"]
     old = corpus_version(f"{repo}@{first['snapshot_id']}")
-    assert old["snapshot_id"] == first["snapshot_id"] and old["manifest_sha256"] == before.manifest_sha256
-    assert old["manifest_sha256"] != now.manifest_sha256
+    assert old["snapshot_id"] == first["snapshot_id"] and old["manifest_sha256"] == before.version
+    assert old["manifest_sha256"] != now.version
     assert CliRunner().invoke(app, ["verify", f"{repo}@{first['snapshot_id']}"]).exit_code == 0
 
 

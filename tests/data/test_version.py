@@ -22,12 +22,14 @@ def _sha(path: Path) -> str:
 
 
 def test_a_corpus_version_is_its_manifest_sha256_and_an_append_changes_it(tmp_path: Path) -> None:
+    """Without manifest parts the version is the manifest's sha256 (as before parts); an append leaves a part."""
     corpus = synthesize(tmp_path / "corpus", volumes=4, grid=GRID)
     before = corpus_version(str(corpus.path))
     assert before == {"manifest_sha256": _sha(corpus.manifest_path), "corpus": str(corpus.path), "shards": None}
     corpus.append(samples(1, GRID, seed=7, labelled=0.0), progress=False)
     after = corpus_version(str(corpus.path))
-    assert after["manifest_sha256"] == _sha(corpus.manifest_path) != before["manifest_sha256"]
+    assert after["manifest_sha256"] == Corpus.open(corpus.path).version != before["manifest_sha256"]
+    assert (corpus.path / "manifest.parts").is_dir() and _sha(corpus.manifest_path) == before["manifest_sha256"]
 
 
 def test_a_shard_run_records_the_exported_version_beside_the_corpus_it_validates_on(tmp_path: Path) -> None:
@@ -39,7 +41,7 @@ def test_a_shard_run_records_the_exported_version_beside_the_corpus_it_validates
     Corpus.open(corpus.path).append(samples(1, GRID, seed=7, labelled=0.0), progress=False)
     version = corpus_version(str(corpus.path), str(tmp_path / "shards"))
     assert version["manifest_sha256"] == exported  # the shards still hold the exported volumes
-    assert version["corpus_manifest_sha256"] == _sha(corpus.manifest_path) != exported
+    assert version["corpus_manifest_sha256"] == Corpus.open(corpus.path).version != exported
     assert corpus_version(None, str(tmp_path / "shards"))["manifest_sha256"] == exported
 
 

@@ -28,7 +28,7 @@ def test_publish_then_read_every_sample_like_local(tiny_corpus: Path, s3: str):
     for sid in local.ids(raster_only=False):
         a, b = local.read(sid, verify=True), remote.read(sid, verify=True)
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a if k not in ("id", "meta"))
-    assert remote._chunks.served > 0 and remote._chunks.declined == 0  # the range-read fast path served them
+    assert remote.backend.chunks.served > 0 and remote.backend.chunks.declined == 0  # the range-read fast path served them
     source = ZarrSource(url, split="train")
     assert len(source) == len(local.ids(split="train")) and source[0]["oct"].dtype == np.uint8
     again = CliRunner().invoke(app, ["publish", str(tiny_corpus), url])

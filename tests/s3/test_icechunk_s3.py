@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from octssl.cli import app
-from octssl.corpus.icechunk import IcechunkCorpus, publish
+from octssl.corpus.icechunk import publish
+from octssl.corpus.repository import IcechunkBackend
 from octssl.corpus.store import Corpus
 from octssl.corpus.synth import samples
 from octssl.data.sources import ZarrSource
@@ -34,7 +35,7 @@ def test_publish_append_and_read_every_snapshot_from_s3(s3: str, tmp_path: Path)
     second = publish(local.path, url, progress=False)["snapshot_id"]
     local = Corpus.open(local.path)
     now, before = Corpus.open(url), Corpus.open(f"{url}@{first}")
-    assert isinstance(now, IcechunkCorpus) and (now.snapshot_id, len(now)) == (second, 10)
+    assert isinstance(now.backend, IcechunkBackend) and (now.snapshot_id, len(now)) == (second, 10)
     assert (before.snapshot_id, len(before)) == (first, 6) and before.rows == local.rows[:6]
     for remote in (now, before):
         for row in remote.rows:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from octssl.corpus import manifest as mf
-from octssl.corpus.icechunk import IcechunkCorpus
 from octssl.corpus.journal import Journal
 from octssl.corpus.layout import ZARR_NAME
 from octssl.errors import CorpusError
@@ -40,9 +42,9 @@ def verify_corpus(corpus: Corpus, progress: bool = False) -> list[str]:
             keys.append(LOCALIZER)
         for key in keys:
             problems += _check_array(corpus, key, row)
-    for grid in sorted(set(referenced) | set(_stored_grids(corpus, VOLUME_KEY))):
+    for grid in sorted(set(referenced) | set(corpus.backend.stored_grids(VOLUME_KEY))):
         problems += _check_bucket(corpus, grid, referenced.get(grid, set()))
-    for grid in sorted(set(referenced_localizers) | set(_stored_grids(corpus, LOCALIZER))):
+    for grid in sorted(set(referenced_localizers) | set(corpus.backend.stored_grids(LOCALIZER))):
         problems += _check_localizer_bucket(corpus, grid, referenced_localizers.get(grid, set()))
     return problems
 
@@ -75,29 +77,13 @@ def _check_array(corpus: Corpus, key: str, row: dict[str, Any]) -> list[str]:
     return []
 
 
-def _stored_grids(corpus: Corpus, key: str) -> list[str]:
-    if isinstance(corpus, IcechunkCorpus):
-        return corpus.stored_grids(key)
-    if corpus.remote:  # a published corpus: the buckets are the prefixes holding a zarr.json
-        prefix = Location.parse(corpus.zarr_path / key)
-        return sorted({f.parent.name for f in prefix.files() if f.name == "zarr.json" and f.parent.parent == prefix})
-    root = corpus.folder / ZARR_NAME / key
-    return [p.name for p in root.iterdir() if (p / "zarr.json").is_file()] if root.is_dir() else []
-
-
-def _has_array(corpus: Corpus, key: str, grid: str) -> bool:
-    if isinstance(corpus, IcechunkCorpus):
-        return corpus.has_array(key, grid)
-    return (corpus.zarr_path / key / grid / "zarr.json").is_file()
-
-
 def _check_bucket(corpus: Corpus, grid: str, referenced: set[int]) -> list[str]:
     """Array shapes, dtypes and equal lengths in one grid bucket; slots no manifest row refers to."""
     problems, lengths = [], {}
     nb, depth, width = (int(n) for n in grid.split("x"))
     for key in ARRAY_KEYS:
         path = corpus.zarr_path / key / grid
-        if not _has_array(corpus, key, grid):
+        if not corpus.backend.has_array(key, grid):
             continue
         try:
             arr = corpus.array(key, grid)
@@ -116,7 +102,7 @@ def _check_bucket(corpus: Corpus, grid: str, referenced: set[int]) -> list[str]:
 def _check_localizer_bucket(corpus: Corpus, grid: str, referenced: set[int]) -> list[str]:
     """Shape and dtype of one ``localizer/<H>x<W>`` array; slots no manifest row refers to."""
     path = corpus.zarr_path / LOCALIZER / grid
-    if not _has_array(corpus, LOCALIZER, grid):
+    if not corpus.backend.has_array(LOCALIZER, grid):
         return []  # rows pointing here are reported as "array missing" per sample
     expected = _localizer_shape(grid)
     if expected is None:
@@ -143,37 +129,45 @@ def _orphans(corpus: Corpus, key: str, grid: str, stored: int, referenced: set[i
 
 
 def summarize(corpus: Corpus) -> dict[str, Any]:
-    """Counts for `octssl info`."""
-    rows = corpus.rows
-    size = _stored_bytes(Location.parse(corpus.repository if isinstance(corpus, IcechunkCorpus) else corpus.path))
-    non_raster = Counter(r["raster_reason"] or r["scan_pattern"] for r in rows if not r["raster"])
+    """Counts for `octssl info`, computed on the manifest's columns (a million rows in about a second)."""
+    table = corpus.manifest
+    split, patient = table.column("split"), table.column("patient")
+
+    def rows_in(value: str) -> np.ndarray:
+        return np.asarray(pc.equal(split, value).to_numpy(), bool) if len(table) else np.zeros(0, bool)
+
+    def patients(mask: np.ndarray) -> int:
+        return len(pc.unique(patient.filter(pa.array(mask)))) if len(table) else 0
+
+    def counts(column: str) -> dict[str, int]:
+        values = table.column(column).drop_null()
+        return {item["values"].as_py(): item["counts"].as_py() for item in pc.value_counts(values)} if len(values) else {}
+
+    non_raster = table.filter(pc.invert(table.column("raster"))).select(["raster_reason", "scan_pattern"])
+    reasons = Counter(r or s for r, s in zip(non_raster.column(0).to_pylist(), non_raster.column(1).to_pylist(), strict=True))
     return {
         "path": str(corpus.path),
-        "volumes": len(rows),
-        "patients": len({r["patient"] for r in rows}),
-        "eyes": len({(r["patient"], r["eye"]) for r in rows}),
-        "grids": dict(sorted(Counter(r["grid"] for r in rows).items())),
-        "splits": {s: sum(r["split"] == s for r in rows) for s in mf.SPLITS},
-        "patients_per_split": {s: len({r["patient"] for r in rows if r["split"] == s}) for s in mf.SPLITS},
+        "volumes": len(table),
+        "patients": len(pc.unique(patient)) if len(table) else 0,
+        "eyes": table.group_by(["patient", "eye"]).aggregate([]).num_rows,
+        "grids": dict(sorted(counts("grid").items())),
+        "splits": {s: int(rows_in(s).sum()) for s in mf.SPLITS},
+        "patients_per_split": {s: patients(rows_in(s)) for s in mf.SPLITS},
         # the native localizer is counted with the images so that `octssl info` lists it beside them
-        "modalities": {**{k: sum(k in r["modalities"] for r in rows) for k in mf.IMAGE_KEYS},
-                       LOCALIZER: sum(r["localizer_grid"] is not None for r in rows)},
-        "localizer_grids": dict(sorted(Counter(r["localizer_grid"] for r in rows if r["localizer_grid"]).items())),
-        "localizers_registered": sum(r["positions_mm"] is not None for r in rows),
-        "labels": {k: sum(k in r["labels"] for r in rows) for k in mf.LABEL_KEYS},
-        "labels_train_patients": {
-            k: len({r["patient"] for r in rows if r["split"] == "train" and k in r["labels"]})
-            for k in mf.LABEL_KEYS
-        },
-        "raster": sum(r["raster"] for r in rows),
-        "non_raster": dict(non_raster),
+        "modalities": {**{k: int(corpus.holds(k).sum()) for k in mf.IMAGE_KEYS},
+                       LOCALIZER: len(table) - table.column("localizer_grid").null_count},
+        "localizer_grids": dict(sorted(counts("localizer_grid").items())),
+        "localizers_registered": len(table) - table.column("positions_mm").null_count,
+        "labels": {k: int(corpus.holds(k).sum()) for k in mf.LABEL_KEYS},
+        "labels_train_patients": {k: patients(corpus.holds(k) & rows_in("train")) for k in mf.LABEL_KEYS},
+        "raster": int(pc.sum(table.column("raster")).as_py() or 0),
+        "non_raster": dict(reasons),
         # volumes ingest put on a grid finer than the device recorded on some axis (native shape -> grid)
-        "upsampled": dict(sorted(Counter(
-            f"{r['native_shape']} -> {r['grid']}" for r in rows if r.get("upsampled")).items())),
-        "devices": dict(Counter(r["device"] for r in rows)),
-        "bytes_on_disk": size,
-        "settings": {k: v for k, v in corpus.settings.items() if k != "append_token"},
-        **({"snapshot_id": corpus.snapshot_id} if isinstance(corpus, IcechunkCorpus) else {}),
+        "upsampled": _upsampled(table),
+        "devices": counts("device"),
+        "bytes_on_disk": _stored_bytes(corpus.backend.storage_root()),
+        "settings": {k: v for k, v in corpus.settings.items() if k not in ("append_token", "parts_through")},
+        **({"snapshot_id": corpus.snapshot_id} if corpus.snapshot_id else {}),
     }
 
 
@@ -185,3 +179,9 @@ def _stored_bytes(where: Location) -> int:
     except OSError as err:
         raise storage_error(where, err) from err
     return sum(info.size for info in infos if info.type == pafs.FileType.File)
+
+
+def _upsampled(table: Any) -> dict[str, int]:
+    """Counts of "native shape -> grid" over the volumes ingest upsampled (columnar: only those rows are read)."""
+    chosen = table.filter(pc.fill_null(table.column("upsampled"), False)).select(["native_shape", "grid"])
+    return dict(sorted(Counter(f"{r['native_shape']} -> {r['grid']}" for r in chosen.to_pylist()).items()))

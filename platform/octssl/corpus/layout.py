@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,22 +39,23 @@ def kinds_of(row: dict[str, Any]) -> set[str]:
     return {VOLUME_KEY, *row["labels"]} if row["raster"] else set()
 
 
-def _holders(rows: list[dict[str, Any]]) -> dict[str, dict[str, set[str]]]:
-    """{split: {kind: patients}} over ``rows``."""
-    held: dict[str, dict[str, set[str]]] = {split: {} for split in mf.SPLITS}
+def holders_of(rows: Iterable[dict[str, Any]], start: dict[str, dict[str, set[str]]]) -> dict[str, dict[str, set[str]]]:
+    """{split: {kind: patients}} over ``rows``, added to (a copy of) ``start``."""
+    held = {split: {kind: set(patients) for kind, patients in start.get(split, {}).items()} for split in mf.SPLITS}
     for row in rows:
         for kind in kinds_of(row):
             held[row["split"]].setdefault(kind, set()).add(row["patient"])
     return held
 
 
-def fill_splits(committed: list[dict[str, Any]], new: list[dict[str, Any]], hashed: set[str],
+def fill_splits(committed: dict[str, dict[str, set[str]]], new: list[dict[str, Any]], hashed: set[str],
                 ratios: list[float] | tuple[float, ...]) -> None:
     """Move new, hash-assigned patients (``hashed``) of the rows ``new`` into a split (ratio above 0) that would
     otherwise hold no volume, or no volume with a label another split has, taking them only from a split that
     keeps another patient of everything the moved one brings. Changes nothing when hashing already gave every
     split what a task needs (so large corpora, and corpora with given splits, keep their assignment); a corpus
-    too small to fill every split stays as it is, and ``octssl info`` / ``finetune`` say so."""
+    too small to fill every split stays as it is, and ``octssl info`` / ``finetune`` say so. ``committed``: what
+    the committed rows hold, {split: {kind: patients}} (``Corpus.holders``, from the manifest's columns)."""
     if not hashed:
         return
     wanted = [split for split, ratio in zip(mf.SPLITS, ratios, strict=True) if ratio > 0]
@@ -64,7 +66,7 @@ def fill_splits(committed: list[dict[str, Any]], new: list[dict[str, Any]], hash
     brings = {patient: set().union(*(kinds_of(row) for row in rows)) for patient, rows in mine.items()}
     order = sorted(mine, key=lambda p: hashlib.sha256(f"octssl-fill:{p}".encode()).hexdigest())
     while True:
-        held = _holders(committed + new)
+        held = holders_of(new, committed)
         kinds = sorted({kind for split in held.values() for kind in split})
 
         move = next(((patient, target) for target in wanted for kind in kinds if not held[target].get(kind)
@@ -86,7 +88,7 @@ def _movable(source: str, patient: str, brings: set[str], kind: str, target: str
             and all(held[source].get(k, set()) - {patient} for k in brings))
 
 
-def labelled_per_split(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+def labelled_per_split(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
     """{label: {split: raster volumes with that label}} (every label and split listed, zeros included)."""
     counts = {label: dict.fromkeys(mf.SPLITS, 0) for label in MASKS}
     for row in rows:
@@ -96,7 +98,7 @@ def labelled_per_split(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return counts
 
 
-def split_shortfall(rows: list[dict[str, Any]], label: str, where: Any, needs: tuple[str, ...] = ("train", "val")) -> str | None:
+def split_shortfall(rows: Sequence[dict[str, Any]], label: str, where: Any, needs: tuple[str, ...] = ("train", "val")) -> str | None:
     """Why fine-tuning ``label`` cannot be done honestly on these rows (a split among ``needs`` without a
     labelled raster volume), with the counts and what to do; None when every split has some."""
     counts = labelled_per_split(rows)[label]
@@ -213,9 +215,8 @@ def _acquired_day(value: object, at: str) -> dt.date | None:
     raise SampleError(f"{at}: meta 'acquired' must be a real date (YYYY-MM-DD) or None, got {value!r}")
 
 
-def label_fraction_patients(rows: list[dict[str, Any]], label: str, fraction: float, seed: Any,
-                            where: Any) -> list[str]:
-    """Nested, deterministic subset of the train patients of ``rows`` having ``label``: round(f x n), at least 1.
+def label_fraction_patients(labelled: set[str], label: str, fraction: float, seed: Any, where: Any) -> list[str]:
+    """Nested, deterministic subset of ``labelled`` (the train patients having ``label``): round(f x n), at least 1.
 
     Patients are ranked by a hash seeded with the corpus's ``fraction_seed``, and a fraction takes a prefix
     of that ranking, so the patients of fraction 0.1 are among those of 0.2, and so on. CorpusError (naming
@@ -225,7 +226,6 @@ def label_fraction_patients(rows: list[dict[str, Any]], label: str, fraction: fl
         raise CorpusError(f"{where}: unknown label {label!r}; expected one of {MASKS}")
     if not 0 < fraction <= 1:
         raise CorpusError(f"{where}: label fraction must lie in (0, 1], got {fraction}")
-    labelled = {r["patient"] for r in rows if r["split"] == "train" and label in r["labels"]}
     if not labelled:
         raise CorpusError(f"{where}: no train patient has label {label!r}")
     ranked = sorted(labelled, key=lambda p: hashlib.sha256(f"{seed}:{label}:{p}".encode()).hexdigest())

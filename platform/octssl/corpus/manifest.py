@@ -4,6 +4,10 @@ One row per volume. The manifest is the corpus's commit point: a volume exists w
 Corpus-wide settings (format version, split ratios, shard size, the token of the last committed append)
 live in the Parquet schema metadata under the key ``octssl``.
 
+Format 3 commits each append as a small part file (``manifest.parts/``, see ``octssl.corpus.parts``) and
+records ``parts_through`` in the settings; a corpus of format 1 or 2 is read as one with no parts, and a
+manifest of a newer format than this octssl knows is refused (it could hold rows this version would miss).
+
 Format 2 added the optional native-resolution localizer (SLO / fundus image) of a volume: the columns
 ``localizer_grid``, ``localizer_index``, ``localizer_spacing_mm``, ``positions_mm`` and the ``localizer``
 digest in ``sha256``. A format-1 manifest lacks them; it is read as "no localizer" (nulls).
@@ -29,7 +33,7 @@ from octssl.storage.files import atomic_file
 from octssl.storage.location import Location
 
 MANIFEST_NAME = "manifest.parquet"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SPLITS = ("train", "val", "test")
 EYES = ("OD", "OS")
 IMAGE_KEYS = (VOLUME_KEY, *ENFACE_IMAGES)
@@ -90,6 +94,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "shard_bytes": 256 * 2**20,
     "fraction_seed": 0,
     "append_token": None,
+    "parts_through": 0,  # format 3: appends up to this number are folded into manifest.parquet
 }
 
 _GRID_RE = re.compile(r"^\d+x\d+x\d+$")
@@ -192,23 +197,10 @@ def checked_manifest(table: pa.Table, path: Path | Location | str) -> pa.Table:
         settings = settings_of(table)
     except (ValueError, TypeError) as err:
         raise CorpusError(f"{path}: corpus settings (Parquet schema metadata 'octssl') are unreadable: {err}") from None
+    if isinstance(settings.get("format"), int) and settings["format"] > FORMAT_VERSION:
+        raise CorpusError(f"{path}: written in corpus format {settings['format']} by a newer octssl; this one reads "
+                          f"formats up to {FORMAT_VERSION} (upgrade octssl)")
     return with_settings(table.select(SCHEMA.names), settings)
-
-
-def manifest_sha256(corpus: str | Path | Location) -> str:
-    """The version of the corpus at ``corpus`` (a folder or a published corpus's URL), pinned to the byte: the
-    sha256 of its manifest.parquet, which holds every array's sha256 (so equal digests mean equal data); for an
-    icechunk corpus the manifest stored in its snapshot."""
-    from octssl.corpus.icechunk import version_of
-
-    snapshot = version_of(corpus)
-    if snapshot is not None:
-        return snapshot["manifest_sha256"]
-    path = Location.parse(corpus) / MANIFEST_NAME
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except FileNotFoundError:
-        raise CorpusError(f"{path}: manifest is missing (not an octssl corpus, or it was never committed)") from None
 
 
 def with_optional_columns(table: pa.Table) -> pa.Table:

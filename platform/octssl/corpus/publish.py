@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from octssl.corpus import manifest as mf
+from octssl.corpus import parts
+from octssl.corpus.backends import ZarrBackend
 from octssl.corpus.journal import WriterLock
 from octssl.corpus.layout import ZARR_NAME
 from octssl.corpus.store import Corpus
@@ -34,6 +36,8 @@ def publish(corpus_path: str | Path, url: str | Location, *, progress: bool = Tr
     if not dest.remote:
         raise StorageError(f"{url}: publish needs an object-store URL (s3://BUCKET/PREFIX)")
     corpus = Corpus.open(corpus_path)
+    with WriterLock(corpus.folder):
+        parts.fold(corpus.folder)  # readers of the published corpus read one manifest.parquet
     local_sha = _sha256(corpus.manifest_path)
     if (dest / mf.MANIFEST_NAME).exists():
         if _sha256(dest / mf.MANIFEST_NAME) == local_sha:
@@ -41,6 +45,7 @@ def publish(corpus_path: str | Path, url: str | Location, *, progress: bool = Tr
         raise CorpusError(f"{dest}: already holds a published corpus with another manifest; publish to a new "
                           "prefix (readers of the old one would see it change)")
     with WriterLock(corpus.folder):
+        parts.fold(corpus.folder)  # again: an append may have committed since
         corpus = Corpus.open(corpus_path)  # the committed state under the lock
         files = [p for p in sorted((corpus.folder / ZARR_NAME).rglob("*")) if p.is_file()
                  and not any(part.startswith(".") for part in p.relative_to(corpus.path).parts)]
@@ -73,7 +78,7 @@ def publish(corpus_path: str | Path, url: str | Location, *, progress: bool = Tr
 
 def _verify_remote(dest: Location, corpus: Corpus, progress: bool) -> None:
     """Read every sample back from ``dest`` (before its manifest exists) and check every array's sha256."""
-    remote = Corpus(dest, corpus.manifest)
+    remote = Corpus(ZarrBackend(dest), corpus.manifest)
     with stage("verify upload", len(corpus), progress) as advance:
         for row in corpus.rows:
             try:

@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from octssl.corpus.preview import write_preview
 from octssl.corpus.store import Corpus
+from octssl.errors import CorpusError
 
 SCAN_MM = 6.0  # en-face field of view along B-scans and A-scans
 GROWTH_RANGE = (0.8, 2.5)  # mm^2/year: per-eye GA growth rates with ga_growth=True
@@ -308,8 +310,6 @@ def synthesize(
 ) -> Corpus:
     """Write a synthetic corpus to ``out`` (a new directory); ``preview`` also writes ``out/preview.png``;
     ``ga_growth`` grows GA at known per-eye rates (listed in ``out/ga_growth.csv``)."""
-    from octssl.errors import CorpusError
-
     if volumes < 1 or not 0.0 <= labelled <= 1.0 or len(grid) != 3 or min(grid) < 4:
         raise CorpusError(f"{out}: need volumes >= 1, 0 <= labelled <= 1 and a grid of 3 sizes >= 4; "
                           f"got volumes={volumes}, labelled={labelled}, grid={grid}")
@@ -322,7 +322,5 @@ def synthesize(
             f"syn{seed}-{patient:04d},{eye},{ga_growth_rate(seed, patient, eye):.6f}" for patient, eye in eyes]
         (Path(out) / "ga_growth.csv").write_text("\n".join(lines) + "\n")
     if preview:
-        from octssl.corpus.preview import write_preview
-
         write_preview(corpus, Path(out) / "preview.png")
     return corpus

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.compute as pc
 import zarr
 from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
@@ -51,8 +52,8 @@ class AppendWriter:
 
     def write_all(self, samples: Iterable[dict[str, Any]], progress: bool) -> list[dict[str, Any]]:
         corpus = self.corpus
-        seen = {row["id"] for row in corpus.rows}
-        split_of = {row["patient"]: row["split"] for row in corpus.rows}
+        seen: set[str] = set()  # this append's ids; the corpus's are looked up in its index
+        split_of: dict[str, str] = {}  # this append's patients; the corpus's are looked up likewise
         ratios = corpus.settings["split_ratios"]
         rows: list[dict[str, Any]] = []
         hashed: set[str] = set()  # new patients whose split came from the hash (not given, not committed)
@@ -61,11 +62,13 @@ class AppendWriter:
             arrays, meta = prepared_sample(core, str(corpus.path))
             sid = sample["id"]
             localizer = prepared_localizer(sample, meta, f"{corpus.path}: sample {sid}")
-            if sid in seen:
+            if sid in seen or sid in corpus:
                 raise SampleError(f"{corpus.path}: sample {sid}: id already in the corpus or this append")
             seen.add(sid)
             patient = str(meta["patient"])
             given = meta.get("split")
+            if patient not in split_of and (known := corpus.patient_split(patient)) is not None:
+                split_of[patient] = known
             if given and split_of.get(patient, given) != given:
                 raise SampleError(f"{corpus.path}: sample {sid}: meta split {given!r} contradicts patient "
                                   f"{patient}'s split {split_of[patient]!r} (splits are per patient)")
@@ -81,7 +84,8 @@ class AppendWriter:
                                                                              {LOCALIZER: localizer}))
                 row["sha256"][LOCALIZER] = mf.array_sha256(localizer)
             rows.append(row)
-        fill_splits(corpus.rows, rows, hashed, ratios)
+        if hashed:
+            fill_splits(corpus.holders(), rows, hashed, ratios)
         for bucket in list(self.buffers):
             self.flush(bucket)
         return rows
@@ -131,7 +135,9 @@ class AppendWriter:
     def _existing_length(self, bucket: Bucket) -> int:
         lead, grid = bucket
         grid_col, index_col = ("grid", "index") if lead == VOLUME_KEY else ("localizer_grid", "localizer_index")
-        committed = 1 + max((r[index_col] for r in self.corpus.rows if r[grid_col] == grid), default=-1)
+        table = self.corpus.manifest
+        largest = pc.max(table.column(index_col).filter(pc.equal(table.column(grid_col), grid))).as_py()
+        committed = 0 if largest is None else largest + 1
         try:
             stored = self._open(lead, grid).shape[0]
         except CorpusError:

@@ -94,8 +94,8 @@ class CorpusFeed(TrainData):
         self.rank, self.world_size, self.loader_workers = rank, world_size, loader_workers
         self.where = str(source.corpus_path)
         corpus = source.corpus
-        self.grids = sorted({corpus.row(i)["grid"] for i in source.ids})
-        self.spacings = [list(corpus.row(i)["spacing_mm"]) for i in source.ids]
+        self.grids = sorted(set(corpus.column("grid", source.ids)))
+        self.spacings = [list(s) for s in corpus.column("spacing_mm", source.ids)]
         self.volumes = len(source.ids)
         self.steps_per_epoch = plan.steps_per_epoch(len(source), world_size, batch_size)
 

@@ -1,4 +1,4 @@
-"""The corpus version a run reads, for its summary: the sha256 of the corpus's manifest.parquet.
+"""The corpus version a run reads, for its summary (:func:`octssl.corpus.store.corpus_version`).
 
 The manifest holds every array's sha256, so its own sha256 pins the data to the byte: two runs with the same
 ``manifest_sha256`` read the same volumes, and an append changes it. A run fed from WebDataset shards reads
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from octssl.corpus.icechunk import version_of
-from octssl.corpus.manifest import manifest_sha256
+from octssl.corpus.repository import version_of
+from octssl.corpus.store import corpus_version as version_digest
 from octssl.webds.index import read_index
 
 
@@ -25,12 +25,12 @@ def corpus_version(corpus: str | None, shards: str | None = None) -> dict[str, A
         snapshot = version_of(corpus) if corpus else None
         if snapshot is not None:
             return {**snapshot, "corpus": corpus, "shards": None}
-        return {"manifest_sha256": manifest_sha256(corpus) if corpus else None, "corpus": corpus, "shards": None}
+        return {"manifest_sha256": version_digest(corpus) if corpus else None, "corpus": corpus, "shards": None}
     exported = read_index(shards).get("corpus") or {}
     version = {"manifest_sha256": exported.get("manifest_sha256"), "corpus": corpus, "shards": shards}
     if corpus:
         snapshot = version_of(corpus)
-        version["corpus_manifest_sha256"] = snapshot["manifest_sha256"] if snapshot else manifest_sha256(corpus)
+        version["corpus_manifest_sha256"] = snapshot["manifest_sha256"] if snapshot else version_digest(corpus)
         if snapshot:
             version["corpus_snapshot_id"] = snapshot["snapshot_id"]
     return version

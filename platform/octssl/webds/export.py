@@ -135,7 +135,7 @@ def export_shards(
     samples = {sid: entry for _, entries in written for sid, entry in entries.items()}
     index = {
         "format": FORMAT,
-        "corpus": {"path": str(corpus.path), "manifest_sha256": file_sha256(corpus.manifest_path),
+        "corpus": {"path": str(corpus.path), "manifest_sha256": corpus.version,
                    "samples": len(corpus)},
         "split": split,
         "raster_only": raster_only,
