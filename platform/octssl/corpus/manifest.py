@@ -65,7 +65,9 @@ SCHEMA = pa.schema(
         # The localizer at native resolution (format 2; all null when the volume has none):
         pa.field("localizer_grid", pa.string()),  # bucket name "HxW" of localizer/<H>x<W>
         pa.field("localizer_index", pa.int64()),  # row in that bucket
-        pa.field("localizer_spacing_mm", pa.list_(pa.float64(), 2)),  # mm per localizer row, column (y, x)
+        # mm per localizer row, column (y, x): 2 numbers (checked per row). A variable-size list, not
+        # list_(float64, 2): pyarrow 25 cannot read back a nullable fixed-size list holding nulls.
+        pa.field("localizer_spacing_mm", pa.list_(pa.float64())),
         # registration, per stored B-scan [[start_x, start_y], [end_x, end_y]] in mm on the localizer (x right,
         # y down; pixel = mm / spacing); circle scans: "end" is the circle's centre. Null when unknown.
         pa.field("positions_mm", POSITIONS_TYPE),
@@ -149,8 +151,16 @@ def read_manifest(path: Path | Location) -> pa.Table:
     try:
         table = pq.read_table(where.path, filesystem=where.fs)
     except (pa.ArrowException, OSError) as err:
-        raise CorpusError(f"{path}: cannot read manifest as Parquet: {err}") from err
+        raise CorpusError(f"{path}: cannot read manifest as Parquet: {err}{_pyarrow_hint(err)}") from err
     return checked_manifest(table, path)
+
+
+def _pyarrow_hint(err: Exception) -> str:
+    """What to do when an older octssl wrote a nullable fixed-size list that this pyarrow cannot read."""
+    if "Expected all lists to be of size" in str(err):
+        return (f" (a manifest written by an older octssl; pyarrow {pa.__version__} cannot read its "
+                "localizer_spacing_mm column: read it once with pyarrow >= 26, which rewrites it on the next append)")
+    return ""
 
 
 def parse_manifest(data: bytes, where: str) -> pa.Table:
@@ -159,7 +169,7 @@ def parse_manifest(data: bytes, where: str) -> pa.Table:
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as err:
-        raise CorpusError(f"{where}: cannot read manifest as Parquet: {err}") from err
+        raise CorpusError(f"{where}: cannot read manifest as Parquet: {err}{_pyarrow_hint(err)}") from err
     return checked_manifest(table, where)
 
 
