@@ -86,7 +86,7 @@ def test_predict_refusals(bundle: Path, growth_corpus: Path, tmp_path: Path) -> 
     with pytest.raises(PredictError, match="no volume"):
         predict(bundle, [growth_corpus], tmp_path / "o", ids=["nope"], progress=False)
     result = CliRunner().invoke(app, ["predict", str(tmp_path), str(growth_corpus), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "not a model bundle" in result.output
+    assert result.exit_code == 1 and "not a model bundle" in result.output
 
 
 @pytest.mark.slow

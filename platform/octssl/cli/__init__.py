@@ -7,6 +7,8 @@ plot, sweep, report, demo), ``predict`` (export-model, predict, growth) and ``jo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 import typer.core
 from rich.console import Console
@@ -36,7 +38,12 @@ app = typer.Typer(
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
 
 
-#: What a command turns into one line naming the file and the problem (exit code 2), never a traceback.
+#: Exit status of a command that ran and failed (a library or file error, a check that found problems, a
+#: job that did not succeed). 2 stays click's: the command line itself is wrong. docs/operations.md has
+#: the table ("Exit codes").
+EXIT_FAILED = 1
+
+#: What a command turns into one line naming the file and the problem (exit code 1), never a traceback.
 _ERRORS = (OctsslError, OSError)
 
 
@@ -48,7 +55,20 @@ def _fail(err: Exception) -> None:
     else:
         text = str(err)
     console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)  # one line, brackets kept as typed
-    raise typer.Exit(2)
+    raise typer.Exit(EXIT_FAILED)
+
+
+def config_path(config: Path | None, old: Path | None, command: str) -> Path:
+    """The config a command was given: positional CONFIG (the one spelling) or, deprecated, `-c/--config`
+    (kept working with a one-line warning); neither or both is a usage error (exit 2)."""
+    if old is not None:
+        if config is not None:
+            raise typer.BadParameter("give the config once: CONFIG or --config, not both", param_hint="CONFIG")
+        console.print(f"[yellow]deprecated:[/] `octssl {command} --config FILE` is now `octssl {command} FILE`")
+        return old
+    if config is None:
+        raise typer.BadParameter("missing: give the job YAML as the first argument", param_hint="CONFIG")
+    return config
 
 
 def _version(value: bool) -> None:
@@ -73,10 +93,10 @@ def main() -> None:
     except OSError as err:  # e.g. --out naming an existing file, a folder under a file, a full disk
         where = f"{err.filename}: " if err.filename else ""
         console.print(f"[bold red]error:[/] {where}{err.strerror or err}")
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_FAILED) from None
     except OctsslError as err:
         console.print(f"[bold red]error:[/] {err}")
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_FAILED) from None
 
 
 # Commands are added below, one block per area; each imports its library lazily so that
