@@ -58,7 +58,7 @@ _OLD_CONFIG = typer.Option(None, "--config", "-c", hidden=True, help="deprecated
 _SET = typer.Option([], "--set", help="override a config key: --set optim.lr=0.01 (repeatable)")
 _RESUME = typer.Option(False, "--resume", help="continue the run named by run.name from its last checkpoint")
 _RESUME_IF_EXISTS = typer.Option(False, "--resume-if-exists",
-                                 help="continue run.name if it has a checkpoint, else start it (safe to rerun)")
+                                 help="continue run.name if it exists, else start it (safe to rerun)")
 _PORT = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics on PORT+rank per worker "
                      "(octssl's port: 29100; off unless given)")
 _DASHBOARD = typer.Option(False, "--dashboard", help="local Ray only: start Ray's dashboard on 127.0.0.1:8265")
