@@ -215,8 +215,8 @@ def test_rayjobs_run_octssl_jobs_and_clean_up(rendered, target):
         file_name = config.removeprefix("/configs/")
         if file_name not in configs:
             if not (REPO / "jobs" / file_name).is_file():
-                pytest.skip(f"{name}: jobs/{file_name} is not written yet: add it to the configMapGenerator then")
-            pytest.fail(f"{name}: {config} is not in ConfigMap octssl-jobs (add jobs/{file_name} to the generator)")
+                pytest.skip(f"{name}: jobs/{file_name} is not written yet: add it to jobs/kustomization.yaml then")
+            pytest.fail(f"{name}: {config} is not in ConfigMap octssl-jobs (add {file_name} to jobs/kustomization.yaml)")
 
 
 def test_pretrain_entrypoint_config_loads_and_fits_one_rank_per_pod(rendered, target, tmp_path):
