@@ -8,6 +8,7 @@ plot, sweep, report, demo), ``predict`` (export-model, predict, growth) and ``jo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 import typer.core
@@ -39,9 +40,10 @@ console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whate
 
 
 #: Exit status of a command that ran and failed (a library or file error, a check that found problems, a
-#: job that did not succeed). 2 stays click's: the command line itself is wrong. docs/operations.md has
-#: the table ("Exit codes").
+#: job that did not succeed), and of a wrong command line (click's own usage errors, and those it cannot
+#: see, :func:`_usage`). docs/operations.md has the table ("Exit codes").
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 
 #: What a command turns into one line naming the file and the problem (exit code 1), never a traceback.
 _ERRORS = (OctsslError, OSError)
@@ -58,17 +60,25 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(EXIT_FAILED)
 
 
-def config_path(config: Path | None, old: Path | None, command: str) -> Path:
-    """The config a command was given: positional CONFIG (the one spelling) or, deprecated, `-c/--config`
-    (kept working with a one-line warning); neither or both is a usage error (exit 2)."""
+def _usage(text: str) -> NoReturn:
+    """A wrong command line that click cannot see (a stray word, flags that exclude each other): one line,
+    exit 2 like click's own usage errors."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def config_path(config: Path | None, old: Path | None, command: str) -> tuple[Path, list[str]]:
+    """The config a command was given, and words left over: positional CONFIG (the one spelling) or,
+    deprecated, `-c/--config` (kept working with a one-line warning; a positional word beside it is then a
+    stray word for the caller to report). No config at all is a usage error (exit 2)."""
     if old is not None:
-        if config is not None:
-            raise typer.BadParameter("give the config once: CONFIG or --config, not both", param_hint="CONFIG")
         console.print(f"[yellow]deprecated:[/] `octssl {command} --config FILE` is now `octssl {command} FILE`")
-        return old
+        return old, [str(config)] if config is not None else []
     if config is None:
-        raise typer.BadParameter("missing: give the job YAML as the first argument", param_hint="CONFIG")
-    return config
+        _usage(f"missing CONFIG: `octssl {command} CONFIG` (a YAML file, see jobs/)")
+    return config, []
 
 
 def _version(value: bool) -> None:

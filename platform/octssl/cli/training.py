@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
 
-from octssl.cli import _ERRORS, _fail, _num, app, config_path, console
+from octssl.cli import _ERRORS, _fail, _num, _usage, app, config_path, console
 from octssl.errors import OctsslError
 
 
@@ -23,10 +25,36 @@ def _local_ray(dashboard: bool, worker_logs: bool) -> None:
             os.environ[env] = "1"
 
 
+def stray_arguments(extra: list[str], overrides: list[str]) -> str | None:
+    """The line for words that belong to no option (None when there are none): most often a ``--set KEY
+    VALUE`` typed with a space, which click would call "unexpected extra argument"."""
+    if not extra:
+        return None
+    for item in overrides:
+        if "=" not in item:
+            return (f"--set {item} {extra[0]}: --set takes KEY=VALUE as one word; write "
+                    f"--set {item}={extra[0]}")
+    return f"unexpected argument(s) {' '.join(extra)!r}: options take --NAME VALUE; config keys go in --set KEY=VALUE"
+
+
+#: Commands that take --set: extra words reach the command (see :func:`stray_arguments`), not click's error.
+_EXTRA = {"allow_extra_args": True}
+
+
+def _command_line(command: str, config: Path | None, old_config: Path | None, overrides: list[str],
+                  extra: list[str]) -> Path:
+    """The config of a command that takes one; a stray word is a usage error (exit 2), one line."""
+    path, more = config_path(config, old_config, command)
+    stray = stray_arguments([*more, *extra], overrides)
+    if stray:
+        _usage(stray)
+    return path
+
+
 def _resume_mode(resume: bool, resume_if_exists: bool) -> bool | str:
     """launch.run's `resume`: True (the run must exist), "auto" (continue it if it exists) or False."""
     if resume and resume_if_exists:
-        raise typer.BadParameter("give one of --resume and --resume-if-exists", param_hint="--resume-if-exists")
+        _usage("give one of --resume and --resume-if-exists")
     return "auto" if resume_if_exists else resume
 
 
@@ -42,8 +70,12 @@ def _train(config: Path, overrides: list[str], resume: bool | str, metrics_port:
         if dry_run:
             from octssl.train.dryrun import job_plan, render
 
-            print(render(job_plan(job), str(config)))
-            return
+            _dry_run_verdict(render, job_plan(job, resume=resume), config)
+        from octssl.train.dryrun import split_problem
+
+        problem = split_problem(job)
+        if problem:  # a run without labelled train or val volumes would train or choose on nothing
+            raise OctsslError(problem)
         summary = run(job, resume=resume, metrics_port=metrics_port)
     except _ERRORS as err:
         _fail(err)
@@ -51,6 +83,15 @@ def _train(config: Path, overrides: list[str], resume: bool | str, metrics_port:
         f"[green]done[/] {summary['steps']} steps, loss {_num(summary['first_loss'])} -> {_num(summary['final_loss'])}, "
         f"best {summary['best_metric_name']} {_num(summary['best_metric'])}, weights {summary['weights']}"
     )
+
+
+def _dry_run_verdict(render: Callable[[dict, str], str], plan: dict, config: Path) -> NoReturn:
+    """Print the plan; exit 1 when the real run could not start (the reasons are the plan's last lines)."""
+    print(render(plan, str(config)))
+    if plan["cannot_run"]:
+        console.print(f"[bold red]dry run:[/] {config} cannot run: " + "; ".join(plan["cannot_run"]))
+        raise typer.Exit(1)
+    raise typer.Exit(0)
 
 
 _CONFIG = typer.Argument(None, metavar="CONFIG", show_default=False, help="job YAML (see jobs/)")
@@ -66,27 +107,27 @@ _WORKER_LOGS = typer.Option(False, "--worker-logs", help="show the Ray workers' 
 _DRY_RUN = typer.Option(False, "--dry-run", help="print the plan (steps, memory, wall time); train nothing")
 
 
-@app.command()
+@app.command(context_settings=_EXTRA)
 def pretrain(
-    config: Path | None = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME,
+    ctx: typer.Context, config: Path | None = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME,
     resume_if_exists: bool = _RESUME_IF_EXISTS, metrics_port: int | None = _PORT, dashboard: bool = _DASHBOARD,
     worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN, old_config: Path | None = _OLD_CONFIG,
 ) -> None:
     """Self-supervised pretraining (reconstruct FAF or SLO from OCT) under Ray Train + DeepSpeed."""
-    path = config_path(config, old_config, "pretrain")
+    path = _command_line("pretrain", config, old_config, set_, ctx.args)
     mode = _resume_mode(resume, resume_if_exists)
     _local_ray(dashboard, worker_logs)
     _train(path, set_, mode, metrics_port, "pretrain", dry_run)
 
 
-@app.command()
+@app.command(context_settings=_EXTRA)
 def finetune(
-    config: Path | None = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME,
+    ctx: typer.Context, config: Path | None = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME,
     resume_if_exists: bool = _RESUME_IF_EXISTS, metrics_port: int | None = _PORT, dashboard: bool = _DASHBOARD,
     worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN, old_config: Path | None = _OLD_CONFIG,
 ) -> None:
     """Fine-tune for GA/RPD segmentation at a label fraction, from scratch or pretrained weights."""
-    path = config_path(config, old_config, "finetune")
+    path = _command_line("finetune", config, old_config, set_, ctx.args)
     mode = _resume_mode(resume, resume_if_exists)
     _local_ray(dashboard, worker_logs)
     _train(path, set_, mode, metrics_port, "finetune", dry_run)
@@ -109,7 +150,8 @@ def plot(run_dir: Path = _RUN_DIR) -> None:
 
 
 # ---------------------------------------------------------------- sweep, report, demo
-_SWEEP_CONFIG = typer.Argument(None, metavar="CONFIG", show_default=False, help="sweep YAML (kind: sweep; see jobs/sweep.yaml)")
+_SWEEP_CONFIG = typer.Argument(None, metavar="CONFIG", show_default=False,
+                               help="sweep YAML (kind: sweep; see jobs/sweep.yaml)")
 _SWEEP_SET = typer.Option([], "--set", help="override a sweep key: --set fractions=[0.1,1.0] (repeatable)")
 _REPORT_DIR = typer.Argument(..., help="a sweep directory or URL (summary.json, results.parquet, trials.parquet)")
 _DEMO_OUT = typer.Option(Path("runs/demo"), "--out", "-o", help="demo directory (a previous demo there is replaced)")
@@ -123,20 +165,20 @@ def _print_tables(summary: dict) -> None:
         Console().print(table)
 
 
-@app.command()
-def sweep(config: Path | None = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET, dashboard: bool = _DASHBOARD,
-          worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN, old_config: Path | None = _OLD_CONFIG) -> None:
+@app.command(context_settings=_EXTRA)
+def sweep(ctx: typer.Context, config: Path | None = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET,
+          dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN,
+          old_config: Path | None = _OLD_CONFIG) -> None:
     """Fine-tune every task x label fraction x init x model with Ray Tune (ASHA), test the best, report."""
     from octssl.tune.sweep import load_sweep_config, run_sweep
 
-    config = config_path(config, old_config, "sweep")
+    config = _command_line("sweep", config, old_config, set_, ctx.args)
     _local_ray(dashboard, worker_logs)
     try:
         if dry_run:
             from octssl.train.dryrun import render, sweep_plan
 
-            print(render(sweep_plan(load_sweep_config(config, set_)), str(config)))
-            return
+            _dry_run_verdict(render, sweep_plan(load_sweep_config(config, set_)), config)
         summary = run_sweep(load_sweep_config(config, set_))
     except _ERRORS as err:
         _fail(err)
