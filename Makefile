@@ -7,14 +7,32 @@ STAMP := $(VENV)/.octssl-installed
 export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-all bench lint typecheck check prometheus clean
+.PHONY: venv prereqs demo test test-all bench lint typecheck check prometheus clean
 
 venv: $(STAMP)
+
+# What the machine must have before .venv can be built (README, "Prerequisites"): Linux, Python >= 3.10 with
+# venv, and a C++ compiler with OpenMP and Python's headers, because DeepSpeed's CPU shared-memory op is
+# compiled at install. Each missing piece stops here with its Debian package named, not 2 GB into pip.
+CXX_PROBE = printf '\043include <Python.h>\n\043include <omp.h>\nint main() { return 0; }\n' | \
+	  $${CXX:-c++} -x c++ -fopenmp -I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" - -o /dev/null
+prereqs:
+	@test "$$(uname -s)" = Linux || { echo "make: octssl needs Linux (DeepSpeed's CPU op uses Linux-only APIs)" >&2; exit 1; }
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || { \
+	  echo "make: octssl needs Python >= 3.10 as '$(PY)' (found: $$($(PY) --version 2>&1)); e.g. make PY=python3.11" >&2; exit 1; }
+	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  echo "make: $(PY) cannot create a venv (Debian: apt-get install python3-venv)" >&2; exit 1; }
+	@command -v $${CXX:-c++} >/dev/null || { \
+	  echo "make: no C++ compiler '$${CXX:-c++}' for DeepSpeed's CPU op (Debian: apt-get install g++)" >&2; exit 1; }
+	@$(PY) -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' || { \
+	  echo "make: no Python.h for $(PY), needed to compile DeepSpeed's CPU op (Debian: apt-get install python3-dev)" >&2; exit 1; }
+	@$(CXX_PROBE) 2>/dev/null || { echo "make: '$${CXX:-c++}' cannot compile against Python.h with -fopenmp:" >&2; $(CXX_PROBE); exit 1; }
 
 # torch first (the pinned CPU wheel; GPU users install their CUDA torch before `pip install -e .`),
 # then the project, then DeepSpeed rebuilt with its CPU shared-memory comm op compiled at install time
 # (otherwise every first deepspeed.initialize JIT-compiles it for ~55 s).
 $(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory prereqs
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0

@@ -40,17 +40,17 @@ def test_filesystem_errors_are_one_line(tmp_path: Path, tiny_corpus: Path) -> No
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
     synth = _octssl("synth", str(a_file / "corpus"), "--volumes", "2")
-    assert synth.returncode == 2 and "Traceback" not in synth.stderr
+    assert synth.returncode == 1 and "Traceback" not in synth.stderr
     assert f"{a_file / 'corpus'}" in synth.stderr and "Not a directory" in synth.stderr
     export = _octssl("export-shards", str(tiny_corpus), "--out", str(a_file))
-    assert export.returncode == 2 and "Traceback" not in export.stderr and str(a_file) in export.stderr
+    assert export.returncode == 1 and "Traceback" not in export.stderr and str(a_file) in export.stderr
 
 
 def test_existing_export_names_the_cli_flag(tmp_path: Path, tiny_corpus: Path) -> None:
     out = tmp_path / "shards"
     assert CliRunner().invoke(app, ["export-shards", str(tiny_corpus), "--out", str(out)]).exit_code == 0
     again = CliRunner().invoke(app, ["export-shards", str(tiny_corpus), "--out", str(out)])
-    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert again.exit_code == 1 and "--overwrite" in again.output
 
 
 def test_demo_pretrain_line_without_validation() -> None:

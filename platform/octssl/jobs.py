@@ -1,12 +1,15 @@
 """Entrypoint for `ray job submit -- python -m octssl.jobs CONFIG [--set k=v ...] [--resume]`.
 
 Dispatches on the config's ``kind``: ``pretrain``/``finetune`` run the training launcher, ``sweep``
-runs the fine-tuning fan-out. Inside a Ray job, ``RAY_ADDRESS`` is set, so the job's cluster is used.
+runs the fine-tuning fan-out. The cluster: ``--address``, else ``RAY_ADDRESS`` (set inside a Ray job,
+so the job's cluster is used), else a local Ray sized to this machine. Exit status: 0 done, 1 failed
+(one line on stderr), 2 a wrong command line (argparse's usage error).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -14,17 +17,22 @@ import yaml
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the job a config names; exit status 2 with one line on a user error."""
+    """Run the job a config names; exit status 1 with one line on an error, 2 on a wrong command line."""
     parser = argparse.ArgumentParser(prog="python -m octssl.jobs", description=__doc__)
     parser.add_argument("config", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--resume", action="store_true", help="continue run.name from its last checkpoint")
-    parser.add_argument(
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue run.name from its last checkpoint")
+    resume.add_argument(
         "--resume-if-exists", action="store_true",
         help="continue run.name if it exists, else start it (what a retried RayJob wants)",
     )
     parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument("--address", default=None,
+                        help="the Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
     args = parser.parse_args(argv)
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address  # what ray_up() joins; the flag wins over the environment
 
     from octssl.errors import OctsslError
 
@@ -39,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
             from octssl.train.launch import run
 
             config = load_config(args.config, args.overrides)
-            resume = "auto" if args.resume_if_exists else args.resume
-            summary = run(config, resume=resume, metrics_port=args.metrics_port).model_dump(mode="json")
+            mode = "auto" if args.resume_if_exists else args.resume
+            summary = run(config, resume=mode, metrics_port=args.metrics_port).model_dump(mode="json")
     except (OctsslError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 1
     print(yaml.safe_dump(summary, sort_keys=False))
     return 0
 

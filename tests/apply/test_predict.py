@@ -88,7 +88,7 @@ def test_predict_refusals(bundle: Path, growth_corpus: Path, tmp_path: Path) -> 
     with pytest.raises(PredictError, match="no volume"):
         predict(bundle, [growth_corpus], tmp_path / "o", ids=["nope"], progress=False)
     result = CliRunner().invoke(app, ["predict", str(tmp_path), str(growth_corpus), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "not a model bundle" in result.output
+    assert result.exit_code == 1 and "not a model bundle" in result.output
 
 
 def test_unreadable_inputs_are_each_reported_and_nothing_predicted_exits_1(bundle: Path, tmp_path: Path,
@@ -117,7 +117,7 @@ def test_an_existing_out_is_refused_or_replaced_whole(bundle: Path, growth_corpu
     with pytest.raises(PredictError, match="already holds a prediction run .*--overwrite"):
         predict(bundle, [growth_corpus], out, ids=ids[2:3], progress=False)
     result = CliRunner().invoke(app, ["predict", str(bundle), str(growth_corpus), "--out", str(out), "--ids", ids[2]])
-    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert result.exit_code == 1 and "--overwrite" in result.output
     predict(bundle, [growth_corpus], out, ids=ids[2:3], progress=False, overwrite=True)
     listed = [row["id"] for row in pq.read_table(out / "predictions.parquet").to_pylist()]
     assert listed == [ids[2]] and sorted(p.name for p in (out / "volumes").iterdir()) == listed

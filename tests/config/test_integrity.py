@@ -62,7 +62,7 @@ def test_ordinary_run_names_pass(name: str) -> None:
 
 def _one_line_error(result) -> str:
     text = " ".join(result.output.split())
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and "error:" in text
     return text
 
@@ -70,7 +70,7 @@ def _one_line_error(result) -> str:
 def test_cli_bad_set_is_one_line(tmp_path: Path) -> None:
     for override in ("optim.lr=[1", "optim.lr=!!python/object/apply:os.system ['true']", "optim.lr=.inf",
                      "run.name=../../escape"):
-        result = CliRunner().invoke(app, ["pretrain", "--config", str(JOBS / "pretrain.yaml"), "--set", override])
+        result = CliRunner().invoke(app, ["pretrain", str(JOBS / "pretrain.yaml"), "--set", override])
         assert str(JOBS / "pretrain.yaml") in _one_line_error(result) or "--set" in result.output
     assert not (tmp_path.parent / "escape").exists()
 

@@ -179,7 +179,7 @@ def test_garbage_settings_metadata_names_the_manifest(corpus: Corpus) -> None:
     with pytest.raises(CorpusError, match=f"{corpus.manifest_path}.*settings"):
         Corpus.open(corpus.path)
     result = CliRunner().invoke(app, ["info", str(corpus.path)])
-    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.exit_code == 1 and "Traceback" not in result.output
 
 
 def _pending_journal(path: Path) -> None:

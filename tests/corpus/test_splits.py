@@ -101,10 +101,10 @@ def test_info_shows_labelled_counts_per_split_and_finetune_refuses_an_empty_val(
     assert counts["labelled_per_split"]["ga"] == {"train": 2, "val": 0, "test": 0}
     problem = split_shortfall(Corpus.open(train_only_labels).rows, "ga", train_only_labels)
     assert "no val volume labelled 'ga'" in problem and "label volumes of more patients" in problem
-    args = ["finetune", "-c", str(ROOT / "jobs" / "finetune_ga.yaml"), "--set", f"data.corpus={train_only_labels}",
+    args = ["finetune", str(ROOT / "jobs" / "finetune_ga.yaml"), "--set", f"data.corpus={train_only_labels}",
             "--set", f"run.storage_path={tmp_path / 'runs'}", "--set", "run.name=r"]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2 and "no val volume labelled 'ga'" in " ".join(result.output.split())
+    assert result.exit_code == 1 and "no val volume labelled 'ga'" in " ".join(result.output.split())
     assert not (tmp_path / "runs" / "r").exists()
     dry = CliRunner().invoke(app, [*args, "--dry-run", "--set", "data.crop=[4, 16]", "--set", "scaling.gpus_per_worker=0"])
     assert dry.exit_code == 1 and "no val volume labelled 'ga'" in dry.output.split("cannot run")[-1]
@@ -119,6 +119,6 @@ def test_export_model_refuses_a_run_whose_val_split_has_no_labels(train_only_lab
     job = load_config(ROOT / "jobs" / "finetune_ga.yaml", [f"data.corpus={train_only_labels}"])
     (run / "config.yaml").write_text(dump_config(job))
     result = CliRunner().invoke(app, ["export-model", str(run), "--task", "ga", "--out", str(tmp_path / "b")])
-    assert result.exit_code == 2 and "no bundle" in result.output and "no val volume labelled 'ga'" in " ".join(
+    assert result.exit_code == 1 and "no bundle" in result.output and "no val volume labelled 'ga'" in " ".join(
         result.output.split())
     assert not (tmp_path / "b").exists()

@@ -204,7 +204,7 @@ def test_cli_synth_info_verify(tmp_path: Path) -> None:
 
 def test_cli_errors_are_clean(tmp_path: Path) -> None:
     result = runner.invoke(app, ["info", str(tmp_path / "missing")])
-    assert result.exit_code == 2 and "no corpus directory" in " ".join(result.output.split())  # rich wraps
+    assert result.exit_code == 1 and "no corpus directory" in " ".join(result.output.split())  # rich wraps
     result = runner.invoke(app, ["verify", str(tmp_path)])
     assert result.exit_code == 1 and "volumes.zarr: missing" in result.stdout
     result = runner.invoke(app, ["synth", str(tmp_path / "x"), "--grid", "8,32"])

@@ -49,5 +49,5 @@ def test_demo_replaces_only_its_own_directories(tmp_path: Path) -> None:
     stranger.mkdir()
     (stranger / "notes.txt").write_text("keep me")
     refused = CliRunner().invoke(app, ["demo", "--out", str(stranger), "--quick"])
-    assert refused.exit_code == 2 and "was not written by `octssl demo`" in " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "was not written by `octssl demo`" in " ".join(refused.output.split())
     assert (stranger / "notes.txt").read_text() == "keep me"

@@ -159,14 +159,14 @@ def test_bad_depth_is_refused_before_anything_is_read(tmp_path: Path, key: str, 
     assert not (tmp_path / "corpus").exists()
     result = CliRunner().invoke(app, ["ingest", str(tmp_path / "src"), "--out", str(tmp_path / "c"),
                                       "--depth-mm", str(depth)])
-    assert result.exit_code == 2 and "--depth-mm" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "--depth-mm" in result.output and "Traceback" not in result.output
 
 
 def test_cli_out_naming_a_file_is_one_line(tmp_path: Path, key: str) -> None:
     stack(tmp_path / "src" / "good")
     (tmp_path / "file").write_text("not a corpus")
     result = CliRunner().invoke(app, ["ingest", str(tmp_path / "src"), "--out", str(tmp_path / "file")])
-    assert result.exit_code == 2 and "is a file" in " ".join(result.output.split()), result.output
+    assert result.exit_code == 1 and "is a file" in " ".join(result.output.split()), result.output
 
 
 # ---- 11: acquisition dates shifted per patient by a keyed offset (DICOM PS3.15 Annex E) -----------------
@@ -222,5 +222,5 @@ def test_real_and_shifted_dates_never_mix_in_one_corpus(tmp_path: Path, key: str
     assert result.exit_code == 0, result.output
     assert Corpus.open(tmp_path / "real").settings["dates"] == "real"
     bad = CliRunner().invoke(app, ["ingest", str(src), "--out", str(tmp_path / "real"), "--workers", "1"])
-    assert bad.exit_code == 2 and "stores real acquisition dates" in " ".join(bad.output.split())
+    assert bad.exit_code == 1 and "stores real acquisition dates" in " ".join(bad.output.split())
     assert len(Corpus.open(tmp_path / "real")) == 1

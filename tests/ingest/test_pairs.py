@@ -201,10 +201,10 @@ def test_cli_label_and_ingest_with_pairs(vol_dir: Path, key: str, tmp_path: Path
     (row,) = Corpus.open(tmp_path / "c").rows
     assert row["labels"] == ["ga"]
     bad = CliRunner().invoke(app, ["label", str(tmp_path / "c"), str(tmp_path / "absent.csv")])
-    assert bad.exit_code == 2 and "pairs table not found" in bad.output
+    assert bad.exit_code == 1 and "pairs table not found" in bad.output
     (tmp_path / "cols.csv").write_text("volume,kind\nx,ga\n")
     bad = CliRunner().invoke(app, ["label", str(tmp_path / "c"), str(tmp_path / "cols.csv")])
-    assert bad.exit_code == 2 and "lacks column" in bad.output
+    assert bad.exit_code == 1 and "lacks column" in bad.output
 
 
 def test_raster_stack_mask_on_the_localizer_lands_on_the_grid(tmp_path: Path, key: str) -> None:

@@ -40,7 +40,7 @@ def test_cli_ingest_strict_and_refusal(tmp_path: Path, mixed_sources: Path, monk
     runner = CliRunner()
     monkeypatch.delenv(KEY_ENV, raising=False)
     refused = runner.invoke(app, ["ingest", str(mixed_sources), "--out", str(tmp_path / "c0"), "--workers", "1"])
-    assert refused.exit_code == 2 and KEY_ENV in refused.output
+    assert refused.exit_code == 1 and KEY_ENV in refused.output
     loud = runner.invoke(app, ["ingest", str(mixed_sources / LINE_FILE), "--out", str(tmp_path / "c1"),
                                "--workers", "1", "--ephemeral-key"])
     assert loud.exit_code == 0 and "EPHEMERAL" in loud.output

@@ -31,7 +31,7 @@ def test_a_second_key_is_refused_and_the_patient_stays_one(tmp_path: Path, vol_d
     assert recorded == key_fingerprint(b"key-A") and "key-A" not in str(Corpus.open(corpus).settings)
     monkeypatch.setenv(KEY_ENV, "key-B")
     result = CliRunner().invoke(app, ["ingest", str(vol_dir / CIRCLE_FILE), "--out", str(corpus), "--workers", "1"])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 1, result.output
     text = one_line(result.output)
     assert "another pseudonym key" in text and f"set {KEY_ENV} to the corpus's key" in text and recorded in text
     assert len(Corpus.open(corpus)) == 1  # nothing appended
@@ -55,7 +55,7 @@ def test_ingest_of_a_folder_without_scans_refuses_and_writes_nothing(tmp_path: P
     empty.mkdir()
     (empty / "README.txt").write_text("no scans here")
     result = CliRunner().invoke(app, ["ingest", str(empty), "--out", str(tmp_path / "c"), "--workers", "1"])
-    assert result.exit_code == 2 and "no scans found" in one_line(result.output)
+    assert result.exit_code == 1 and "no scans found" in one_line(result.output)
     assert not (tmp_path / "c").exists()
 
 
@@ -65,6 +65,6 @@ def test_predict_without_a_key_speaks_of_predict(tmp_path: Path, vol_dir: Path, 
     src.mkdir()
     shutil.copyfile(vol_dir / LINE_FILE, src / LINE_FILE)
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "no-bundle"), str(src), "--out", str(tmp_path / "p")])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     text = one_line(result.output)
     assert text.startswith("error: predict on device files refuses to run without a pseudonym key") and "ingest" not in text.split(":")[1]

@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 
 from octssl.config.job import load_config
+from octssl.observe.metrics import PORT as METRICS_PORT
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = ("base", "dev-cpu", "gpu")  # conftest.py renders each
@@ -18,7 +19,7 @@ NAMESPACE = "octssl"
 CRD_KINDS = {"RayCluster", "RayJob", "PodMonitor", "PrometheusRule"}
 CORE_KINDS = {"Namespace", "ServiceAccount", "PersistentVolumeClaim", "ConfigMap", "NetworkPolicy"}
 SAFE_VOLUMES = {"configMap", "emptyDir", "persistentVolumeClaim", "secret", "projected", "downwardAPI"}
-RAY_PORTS_FOR_PROMETHEUS = {8080, 9100}
+RAY_PORTS_FOR_PROMETHEUS = {8080, METRICS_PORT}
 
 pytestmark = pytest.mark.parametrize("target", list(TARGETS))
 
@@ -227,13 +228,13 @@ def test_rayjobs_run_octssl_jobs_and_clean_up(rendered, target):
         file_name = config.removeprefix("/configs/")
         if file_name not in configs:
             if not (REPO / "jobs" / file_name).is_file():
-                pytest.skip(f"{name}: jobs/{file_name} is not written yet: add it to the configMapGenerator then")
-            pytest.fail(f"{name}: {config} is not in ConfigMap octssl-jobs (add jobs/{file_name} to the generator)")
+                pytest.skip(f"{name}: jobs/{file_name} is not written yet: add it to jobs/kustomization.yaml then")
+            pytest.fail(f"{name}: {config} is not in ConfigMap octssl-jobs (add {file_name} to jobs/kustomization.yaml)")
 
 
 def test_pretrain_entrypoint_config_loads_and_fits_one_rank_per_pod(rendered, target, tmp_path):
     """The entrypoint's config + --set load with octssl.config.job, and each worker pod holds exactly one rank
-    (the metrics port scheme: every worker pod serves its rank on 9100)."""
+    (the metrics port scheme: every worker pod serves its rank on METRICS_PORT)."""
     objects = rendered[target]
     job = {j["metadata"]["name"]: j for j in _by_kind(objects, "RayJob")}["octssl-pretrain"]
     config_path, overrides, words = _job_config(job)
@@ -242,7 +243,7 @@ def test_pretrain_entrypoint_config_loads_and_fits_one_rank_per_pod(rendered, ta
     local.write_text(data[local.name])
     config = load_config(local, overrides)
     assert config.data.corpus.startswith("/data/") and config.run.storage_path.startswith("/data/")
-    assert words[words.index("--metrics-port") + 1] == "9100"
+    assert words[words.index("--metrics-port") + 1] == str(METRICS_PORT)
     # A retried RayJob (backoffLimit) must continue the run from its last checkpoint, not start again.
     assert job["spec"]["backoffLimit"] >= 1 and "--resume-if-exists" in words and config.run.name
     (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]

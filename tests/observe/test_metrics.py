@@ -303,7 +303,7 @@ def test_real_prometheus_scrapes_octssl_pretrain(prometheus_binary, tmp_path):
         port = _free_port()
     prom, base = _start_prometheus(prometheus_binary, tmp_path, [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"])
     octssl = Path(sys.executable).parent / "octssl"
-    command = [str(octssl), "pretrain", "--config", str(REPO / "jobs" / "pretrain.yaml"), "--metrics-port", str(port)]
+    command = [str(octssl), "pretrain", str(REPO / "jobs" / "pretrain.yaml"), "--metrics-port", str(port)]
     for item in [*_train_overrides(corpus, tmp_path / "runs", run, steps=30), "scaling.workers=2"]:
         command += ["--set", item]
     try:

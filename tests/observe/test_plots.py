@@ -37,7 +37,7 @@ def test_plot_writes_curves(tmp_path: Path):
 def test_plot_of_a_directory_without_a_run_is_one_clear_line(tmp_path: Path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path)])
     output = result.output.replace("\n", "")  # rich wraps long lines
-    assert result.exit_code == 2 and "no metrics.jsonl" in output and "Traceback" not in output
+    assert result.exit_code == 1 and "no metrics.jsonl" in output and "Traceback" not in output
 
 
 def test_a_broken_record_names_file_and_line(tmp_path: Path):
@@ -45,4 +45,4 @@ def test_a_broken_record_names_file_and_line(tmp_path: Path):
     with (run / "metrics.jsonl").open("a") as f:
         f.write("{not json\n")
     result = CliRunner().invoke(app, ["plot", str(run)])
-    assert result.exit_code == 2 and "metrics.jsonl:21: not JSON" in result.output.replace("\n", "")
+    assert result.exit_code == 1 and "metrics.jsonl:21: not JSON" in result.output.replace("\n", "")

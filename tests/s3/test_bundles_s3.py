@@ -22,7 +22,7 @@ from octssl.storage.location import Location, upload_tree
 
 def _one_line_error(result, *needles: str) -> str:
     lines = result.output.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert result.exit_code == 1 and len(lines) == 1 and "Traceback" not in result.output, result.output
     assert all(n in lines[0] for n in needles), lines[0]
     return lines[0]
 

@@ -33,7 +33,7 @@ def test_export_to_unknown_scheme_is_refused_and_writes_nothing(tiny_corpus: Pat
                                                                  monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["export-shards", str(tiny_corpus), "--out", "ftp://host/shards"])
-    assert result.exit_code == 2 and "unsupported URL scheme 'ftp'" in result.output
+    assert result.exit_code == 1 and "unsupported URL scheme 'ftp'" in result.output
     assert list(tmp_path.iterdir()) == []  # no local folder "ftp:" appeared
 
 

@@ -35,5 +35,5 @@ def test_verify_a_shard_url_and_an_empty_prefix(tiny_corpus: Path, s3: str) -> N
 
     empty = CliRunner().invoke(app, ["verify", f"{s3}/empty"])
     lines = empty.output.strip().splitlines()
-    assert empty.exit_code == 2 and len(lines) == 1, empty.output
+    assert empty.exit_code == 1 and len(lines) == 1, empty.output
     assert f"{s3}/empty" in lines[0] and "index.json" in lines[0] and "manifest.parquet" in lines[0], lines[0]

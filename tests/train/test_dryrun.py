@@ -28,7 +28,7 @@ def test_the_paper_profiles_are_all_here() -> None:
 
 @pytest.mark.parametrize("name", sorted(JOBS))
 def test_every_paper_profile_dry_runs_without_the_paper_data(name: str) -> None:
-    result = CliRunner().invoke(app, [JOBS[name], "--config", str(PAPER / f"{name}.yaml"), "--dry-run"])
+    result = CliRunner().invoke(app, [JOBS[name], str(PAPER / f"{name}.yaml"), "--dry-run"])
     assert result.exit_code == 1, result.output  # the plan is printed, but it cannot run without the data
     text = result.output
     assert f"dry run of {PAPER / name}.yaml (nothing is trained)" in text
@@ -124,15 +124,15 @@ def test_one_real_step_of_every_profile_at_a_reduced_size_on_cpu(name: str, tiny
 
 
 def test_a_crop_the_model_cannot_take_is_a_one_line_error() -> None:
-    result = CliRunner().invoke(app, ["pretrain", "--config", str(PAPER / "pretrain-faf.yaml"), "--dry-run",
+    result = CliRunner().invoke(app, ["pretrain", str(PAPER / "pretrain-faf.yaml"), "--dry-run",
                                       "--set", "data.crop=[30, 256]"])
-    assert result.exit_code == 2 and "does not fit fpn" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "does not fit fpn" in result.output and "Traceback" not in result.output
 
 
 def test_a_dry_run_that_would_fail_exits_non_zero_and_says_where_the_run_goes(tiny_corpus: Path, tmp_path: Path) -> None:
     """Issue 26.7: missing shards were "data not available" inside a plan that exited 0; a taken run name
     was not checked, and the plan did not say where the run would be written."""
-    base = ["pretrain", "--config", str(PAPER / "pretrain-faf.yaml"), "--dry-run", "--set", "data.crop=[8, 32]",
+    base = ["pretrain", str(PAPER / "pretrain-faf.yaml"), "--dry-run", "--set", "data.crop=[8, 32]",
             "--set", "model.width=0.25", "--set", "scaling.gpus_per_worker=0", "--set", f"run.storage_path={tmp_path}",
             "--set", "run.name=first"]
     stream = CliRunner().invoke(app, [*base, "--set", "data.source=stream", "--set", f"data.shards={tmp_path / 'none'}"])

@@ -20,7 +20,7 @@ from .conftest import JOBS
 def test_resume_after_the_driver_died(train_corpus: Path, tmp_path: Path) -> None:
     storage = tmp_path / "runs"
     args = [
-        sys.executable, "-m", "octssl", "pretrain", "--config", str(JOBS / "pretrain.yaml"),
+        sys.executable, "-m", "octssl", "pretrain", str(JOBS / "pretrain.yaml"),
         "--set", f"data.corpus={train_corpus}", "--set", f"run.storage_path={storage}", "--set", "run.name=driver",
         "--set", "data.crop=[16, 64]", "--set", "data.batch_size=2", "--set", "model.width=0.25",
         "--set", "run.max_steps=40", "--set", "run.ckpt_every=4", "--set", "run.log_every=1",

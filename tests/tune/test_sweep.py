@@ -131,7 +131,7 @@ def test_report_of_a_directory_that_is_not_a_sweep_fails(tmp_path: Path) -> None
     from octssl.cli import app
 
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
-    assert result.exit_code == 2 and "not a finished sweep directory" in " ".join(result.output.split())
+    assert result.exit_code == 1 and "not a finished sweep directory" in " ".join(result.output.split())
 
 
 # ---------------------------------------------------------------- bad input: nothing starts

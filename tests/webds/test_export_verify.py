@@ -140,7 +140,7 @@ def test_cli_export_shards(tiny_corpus: Path, tmp_path: Path):
     with tarfile.open(tmp_path / "s" / "shard-000000.tar") as tar:
         assert any(name.endswith(".oct.npy") for name in tar.getnames())
     failed = runner.invoke(app, ["export-shards", str(tmp_path / "nowhere"), "--out", str(tmp_path / "t")])
-    assert failed.exit_code == 2
+    assert failed.exit_code == 1
     assert "nowhere" in failed.output
 
 

@@ -7,6 +7,9 @@ plot, sweep, report, demo), ``predict`` (export-model, predict, growth) and ``jo
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import NoReturn
+
 import typer
 import typer.core
 from rich.console import Console
@@ -36,7 +39,13 @@ app = typer.Typer(
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
 
 
-#: What a command turns into one line naming the file and the problem (exit code 2), never a traceback.
+#: Exit status of a command that ran and failed (a library or file error, a check that found problems, a
+#: job that did not succeed), and of a wrong command line (click's own usage errors, and those it cannot
+#: see, :func:`_usage`). docs/operations.md has the table ("Exit codes").
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+#: What a command turns into one line naming the file and the problem (exit code 1), never a traceback.
 _ERRORS = (OctsslError, OSError)
 
 
@@ -48,7 +57,28 @@ def _fail(err: Exception) -> None:
     else:
         text = str(err)
     console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)  # one line, brackets kept as typed
-    raise typer.Exit(2)
+    raise typer.Exit(EXIT_FAILED)
+
+
+def _usage(text: str) -> NoReturn:
+    """A wrong command line that click cannot see (a stray word, flags that exclude each other): one line,
+    exit 2 like click's own usage errors."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def config_path(config: Path | None, old: Path | None, command: str) -> tuple[Path, list[str]]:
+    """The config a command was given, and words left over: positional CONFIG (the one spelling) or,
+    deprecated, `-c/--config` (kept working with a one-line warning; a positional word beside it is then a
+    stray word for the caller to report). No config at all is a usage error (exit 2)."""
+    if old is not None:
+        console.print(f"[yellow]deprecated:[/] `octssl {command} --config FILE` is now `octssl {command} FILE`")
+        return old, [str(config)] if config is not None else []
+    if config is None:
+        _usage(f"missing CONFIG: `octssl {command} CONFIG` (a YAML file, see jobs/)")
+    return config, []
 
 
 def _version(value: bool) -> None:
@@ -73,10 +103,10 @@ def main() -> None:
     except OSError as err:  # e.g. --out naming an existing file, a folder under a file, a full disk
         where = f"{err.filename}: " if err.filename else ""
         console.print(f"[bold red]error:[/] {where}{err.strerror or err}")
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_FAILED) from None
     except OctsslError as err:
         console.print(f"[bold red]error:[/] {err}")
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_FAILED) from None
 
 
 # Commands are added below, one block per area; each imports its library lazily so that

@@ -6,15 +6,16 @@ from pathlib import Path
 
 import typer
 
-from octssl.cli import _ERRORS, _fail, app, console
+from octssl.cli import _ERRORS, EXIT_FAILED, _fail, app, console
 
 # ---------------------------------------------------------------- Ray jobs (submit, status, logs, stop)
 jobs_app = typer.Typer(no_args_is_help=True, help="Follow jobs on a Ray cluster: status, logs, stop.")
 app.add_typer(jobs_app, name="jobs")
 
+# Ray's own order (`ray job submit`): the flag, then RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, then the local head.
 _ADDRESS = typer.Option(
-    "http://127.0.0.1:8265", "--address", "-a", envvar="RAY_API_SERVER_ADDRESS",
-    help="Ray dashboard URL of the cluster head (env RAY_API_SERVER_ADDRESS)",
+    "http://127.0.0.1:8265", "--address", "-a", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"],
+    help="Ray dashboard URL of the cluster head (env RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)",
 )
 
 
@@ -49,7 +50,7 @@ def submit(
         _fail(err)
     console.print(f"job {job_id}: {state}")
     if state != "SUCCEEDED":
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _stream_until_done(job_id: str, address: str, timeout: float | None) -> str:

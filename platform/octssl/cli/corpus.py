@@ -123,6 +123,9 @@ def ingest(
     try:
         shape = pipeline.parse_grid(grid)
         maps = pipeline.parse_maps(map_)
+    except _ERRORS as err:  # a malformed --grid or --map: the command line is wrong (exit 2)
+        raise typer.BadParameter(str(err)) from None
+    try:
         if ephemeral_key and not os.environ.get(KEY_ENV):
             console.print(f"[bold red]WARNING:[/] {EPHEMERAL_WARNING}")
         report = pipeline.ingest(sources, out, grid=shape, workers=workers, ephemeral_key=ephemeral_key,

@@ -9,7 +9,7 @@ from typing import NoReturn
 import typer
 from rich.console import Console
 
-from octssl.cli import _ERRORS, _fail, _num, app, console
+from octssl.cli import _ERRORS, _fail, _num, _usage, app, config_path, console
 from octssl.errors import OctsslError
 
 
@@ -41,15 +41,29 @@ def stray_arguments(extra: list[str], overrides: list[str]) -> str | None:
 _EXTRA = {"allow_extra_args": True}
 
 
-def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int | None, kind: str,
-           dry_run: bool = False, extra: list[str] | None = None) -> None:
+def _command_line(command: str, config: Path | None, old_config: Path | None, overrides: list[str],
+                  extra: list[str]) -> Path:
+    """The config of a command that takes one; a stray word is a usage error (exit 2), one line."""
+    path, more = config_path(config, old_config, command)
+    stray = stray_arguments([*more, *extra], overrides)
+    if stray:
+        _usage(stray)
+    return path
+
+
+def _resume_mode(resume: bool, resume_if_exists: bool) -> bool | str:
+    """launch.run's `resume`: True (the run must exist), "auto" (continue it if it exists) or False."""
+    if resume and resume_if_exists:
+        _usage("give one of --resume and --resume-if-exists")
+    return "auto" if resume_if_exists else resume
+
+
+def _train(config: Path, overrides: list[str], resume: bool | str, metrics_port: int | None, kind: str,
+           dry_run: bool = False) -> None:
     from octssl.config.job import load_config
     from octssl.train.launch import run
 
     try:
-        stray = stray_arguments(extra or [], overrides)
-        if stray:
-            raise OctsslError(stray)
         job = load_config(config, overrides)
         if job.kind != kind:
             raise OctsslError(f"{config}: kind is '{job.kind}', not '{kind}': use `octssl {job.kind}`")
@@ -82,10 +96,14 @@ def _dry_run_verdict(render: Callable[[dict, str], str], plan: dict, config: Pat
     raise typer.Exit(0)
 
 
-_CONFIG = typer.Option(..., "--config", "-c", help="job YAML (see jobs/)")
+_CONFIG = typer.Argument(None, metavar="CONFIG", show_default=False, help="job YAML (see jobs/)")
+_OLD_CONFIG = typer.Option(None, "--config", "-c", hidden=True, help="deprecated spelling of CONFIG")
 _SET = typer.Option([], "--set", help="override a config key: --set optim.lr=0.01 (repeatable)")
 _RESUME = typer.Option(False, "--resume", help="continue the run named by run.name from its last checkpoint")
-_PORT = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics on PORT+rank per worker")
+_RESUME_IF_EXISTS = typer.Option(False, "--resume-if-exists",
+                                 help="continue run.name if it exists, else start it (safe to rerun)")
+_PORT = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics on PORT+rank per worker "
+                     "(octssl's port: 29100; off unless given)")
 _DASHBOARD = typer.Option(False, "--dashboard", help="local Ray only: start Ray's dashboard on 127.0.0.1:8265")
 _WORKER_LOGS = typer.Option(False, "--worker-logs", help="show the Ray workers' output on this terminal")
 _DRY_RUN = typer.Option(False, "--dry-run", help="print the plan (steps, memory, wall time); train nothing")
@@ -93,22 +111,28 @@ _DRY_RUN = typer.Option(False, "--dry-run", help="print the plan (steps, memory,
 
 @app.command(context_settings=_EXTRA)
 def pretrain(
-    ctx: typer.Context, config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT,
-    dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN,
+    ctx: typer.Context, config: Path | None = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME,
+    resume_if_exists: bool = _RESUME_IF_EXISTS, metrics_port: int | None = _PORT, dashboard: bool = _DASHBOARD,
+    worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN, old_config: Path | None = _OLD_CONFIG,
 ) -> None:
     """Self-supervised pretraining (reconstruct FAF or SLO from OCT) under Ray Train + DeepSpeed."""
+    path = _command_line("pretrain", config, old_config, set_, ctx.args)
+    mode = _resume_mode(resume, resume_if_exists)
     _local_ray(dashboard, worker_logs)
-    _train(config, set_, resume, metrics_port, "pretrain", dry_run, ctx.args)
+    _train(path, set_, mode, metrics_port, "pretrain", dry_run)
 
 
 @app.command(context_settings=_EXTRA)
 def finetune(
-    ctx: typer.Context, config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT,
-    dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN,
+    ctx: typer.Context, config: Path | None = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME,
+    resume_if_exists: bool = _RESUME_IF_EXISTS, metrics_port: int | None = _PORT, dashboard: bool = _DASHBOARD,
+    worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN, old_config: Path | None = _OLD_CONFIG,
 ) -> None:
     """Fine-tune for GA/RPD segmentation at a label fraction, from scratch or pretrained weights."""
+    path = _command_line("finetune", config, old_config, set_, ctx.args)
+    mode = _resume_mode(resume, resume_if_exists)
     _local_ray(dashboard, worker_logs)
-    _train(config, set_, resume, metrics_port, "finetune", dry_run, ctx.args)
+    _train(path, set_, mode, metrics_port, "finetune", dry_run)
 
 
 _RUN_DIR = typer.Argument(..., help="a training run directory (metrics.jsonl, val.jsonl)")
@@ -128,7 +152,8 @@ def plot(run_dir: Path = _RUN_DIR) -> None:
 
 
 # ---------------------------------------------------------------- sweep, report, demo
-_SWEEP_CONFIG = typer.Option(..., "--config", "-c", help="sweep YAML (kind: sweep; see jobs/sweep.yaml)")
+_SWEEP_CONFIG = typer.Argument(None, metavar="CONFIG", show_default=False,
+                               help="sweep YAML (kind: sweep; see jobs/sweep.yaml)")
 _SWEEP_SET = typer.Option([], "--set", help="override a sweep key: --set fractions=[0.1,1.0] (repeatable)")
 _REPORT_DIR = typer.Argument(..., help="a sweep directory or URL (summary.json, results.parquet, trials.parquet)")
 _DEMO_OUT = typer.Option(Path("runs/demo"), "--out", "-o", help="demo directory (a previous demo there is replaced)")
@@ -143,16 +168,15 @@ def _print_tables(summary: dict) -> None:
 
 
 @app.command(context_settings=_EXTRA)
-def sweep(ctx: typer.Context, config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET, dashboard: bool = _DASHBOARD,
-          worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN) -> None:
+def sweep(ctx: typer.Context, config: Path | None = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET,
+          dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN,
+          old_config: Path | None = _OLD_CONFIG) -> None:
     """Fine-tune every task x label fraction x init x model with Ray Tune (ASHA), test the best, report."""
     from octssl.tune.sweep import load_sweep_config, run_sweep
 
+    config = _command_line("sweep", config, old_config, set_, ctx.args)
     _local_ray(dashboard, worker_logs)
     try:
-        stray = stray_arguments(ctx.args, set_)
-        if stray:
-            raise OctsslError(stray)
         if dry_run:
             from octssl.train.dryrun import render, sweep_plan
 

@@ -9,7 +9,7 @@ aggregates them correctly across ranks, scrapes and restarts. docs/monitoring.md
 
 Ports: one HTTP server per process. Under Ray Train every rank is its own process, so a run with several
 ranks on one machine serves rank r on `port + r` (on Kubernetes each worker pod holds one rank and every
-pod serves the same port, 9100 in k8s/). `serve` binds 127.0.0.1 unless told otherwise or unless the
+pod serves the same port, `PORT` in k8s/). `serve` binds 127.0.0.1 unless told otherwise or unless the
 environment variable `OCTSSL_METRICS_ADDR` names another address (k8s/ sets 0.0.0.0 so that the
 PodMonitor reaches it; the NetworkPolicy there limits who may).
 """
@@ -40,6 +40,10 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 RUN_LABEL = "ray_train_run_name"
 RANK_LABEL = "ray_train_worker_world_rank"
 _RANK = (RUN_LABEL, RANK_LABEL)
+#: octssl's metrics port (k8s/, docs): outside Prometheus' exporter allocations (9100-9999 is full and
+#: 9100 is node_exporter's), Ray's worker ports (10002-19999) and Linux's ephemeral ports (32768-60999),
+#: with room for PORT+rank. docs/monitoring.md, "Which port".
+PORT = 29100
 #: values of the `kind` label of octssl_memory_bytes
 MEMORY_KINDS = ("device_allocated", "device_reserved", "device_peak_allocated", "host_rss")
 

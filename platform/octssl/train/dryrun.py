@@ -167,13 +167,17 @@ def wall_time(config: JobConfig, crop: tuple[int, int, int], steps: int | None, 
 
 
 # ---------------------------------------------------------------- plans
-def run_place(config: JobConfig, resume: bool) -> tuple[str, str | None]:
+def run_place(config: JobConfig, resume: bool | str) -> tuple[str, str | None]:
     """(where the run would write, why it could not start there or None): the checks ``octssl.train.launch``
-    makes before training, without its side effects."""
+    makes before training, without its side effects (``resume="auto"``: --resume-if-exists)."""
     from octssl.storage.location import Location
 
     storage = Location.parse(config.run.storage_path)
     storage = storage if storage.remote else Location.parse(str(storage.local.resolve()))
+    if resume == "auto":
+        if config.run.name is None:
+            return f"{storage}/<no name>", "--resume-if-exists needs the run's name: --set run.name=NAME"
+        resume = (storage / config.run.name).exists()
     if config.run.name is None:
         if resume:
             return f"{storage}/<no name>", "--resume needs the run's name: --set run.name=NAME"
@@ -202,7 +206,7 @@ def split_problem(config: JobConfig) -> str | None:
     return split_shortfall(corpus.rows, config.objective.target, config.data.corpus)
 
 
-def job_plan(config: JobConfig, results: Path = RESULTS, resume: bool = False) -> dict[str, Any]:
+def job_plan(config: JobConfig, results: Path = RESULTS, resume: bool | str = False) -> dict[str, Any]:
     """Everything the dry run of one pretraining or fine-tuning job prints, as a dict; ``cannot_run`` lists
     what would stop the real run (empty when it could start)."""
     c = config
