@@ -246,3 +246,26 @@ def test_one_scan_gives_one_area_from_its_corpus_entry_and_from_its_device_file(
     assert row["native_shape"] == "x".join(map(str, device.native_shape))
     assert row["upsampled"] == device.raster  # the XML's 10x40x50 went onto 49x128x512; a line scan stays native
     assert bool(corpus.summary()["upsampled"]) == device.raster
+
+
+def test_predict_on_device_files_refuses_another_key_than_the_training_corpus(bundle: Path, shared_dir: Path,
+                                                                               tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    from octssl.errors import IngestError
+    from octssl.ingest.phi import key_fingerprint
+
+    keyed = tmp_path / "keyed"
+    shutil.copytree(bundle, keyed)
+    config = json.loads((keyed / "config.json").read_text())
+    config["provenance"]["key_fingerprint"] = key_fingerprint(b"key-A")  # as a bundle trained on key A's corpus
+    (keyed / "config.json").write_text(json.dumps(config))
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copyfile(shared_dir / "data" / "heidelberg-vol" / LINE_FILE, src / LINE_FILE)
+    monkeypatch.setenv("OCTSSL_PSEUDONYM_KEY", "key-B")
+    with pytest.raises(IngestError, match="predict on device files refused: this bundle's training corpus"):
+        predict(keyed, [src], tmp_path / "b", progress=False)
+    assert not (tmp_path / "b" / "predictions.parquet").exists()
+    monkeypatch.setenv("OCTSSL_PSEUDONYM_KEY", "key-A")
+    assert len(predict(keyed, [src], tmp_path / "a", progress=False).rows) == 1

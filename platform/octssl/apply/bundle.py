@@ -281,6 +281,8 @@ def bundle_config(run_dir: Path, task: str, shown: str, origin: SweepOrigin | No
         "weights_sha256": _sha256(weights),
         "corpus": absolute(job.data.corpus) if job.data.corpus else None,
         "corpus_manifest_sha256": version.get("manifest_sha256"),
+        # the training corpus's pseudonym-key fingerprint: predict on device files must use the same key
+        "key_fingerprint": card.get("key_fingerprint"),
         "training_config": yaml.safe_load((run_dir / "config.yaml").read_text()),
         "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
     }

@@ -243,11 +243,14 @@ def _device_files(bundle_path: str, sources: list[Path], batch_size: int, epheme
     from concurrent.futures import FIRST_COMPLETED, wait
 
     from octssl.ingest.detect import find_units
-    from octssl.ingest.phi import load_key
+    from octssl.ingest.phi import check_key, load_key
     from octssl.ingest.pipeline import unit_executor
     from octssl.observe.progress import stage
 
-    key, _ = load_key(ephemeral_key)
+    key, _ = load_key(ephemeral_key, command="predict")
+    bundle, _ = _segmenter(bundle_path, batch_size)
+    check_key(bundle.config.provenance.get("key_fingerprint"), key, bundle_path, "predict on device files",
+              what="this bundle's training corpus")
     found, unusable = find_units(sources)  # FIFOs, device files, broken links: reported, never opened
     report.rejected.extend(unusable)
     units = [str(u) for u in found]

@@ -74,6 +74,7 @@ class TrainData:
 
     where: str = "data"
     spacings: list[list[float]] = []  # spacing_mm (nB, D, W) of each training volume, where known
+    key_fingerprint: str | None = None  # the pseudonym key's fingerprint the corpus records, where known
 
     def spacing_range(self) -> dict[str, list[float]] | None:
         """Per axis (nB, D, W) the smallest and largest spacing of the training volumes (None when unknown):
@@ -96,6 +97,7 @@ class CorpusFeed(TrainData):
         corpus = source.corpus
         self.grids = sorted(set(corpus.column("grid", source.ids)))
         self.spacings = [list(s) for s in corpus.column("spacing_mm", source.ids)]
+        self.key_fingerprint = corpus.settings.get("key_fingerprint")
         self.volumes = len(source.ids)
         self.steps_per_epoch = plan.steps_per_epoch(len(source), world_size, batch_size)
 

@@ -51,13 +51,14 @@ def key_fingerprint(key: bytes) -> str:
     return "pbkdf2:" + hashlib.pbkdf2_hmac("sha256", key, b"octssl-pseudonym-key-fingerprint", 200_000).hex()[:16]
 
 
-def check_key(recorded: str | None, key: bytes, corpus: object, command: str) -> None:
+def check_key(recorded: str | None, key: bytes, corpus: object, command: str, what: str = "this corpus") -> None:
     """IngestError unless ``key`` is the key the corpus recorded (a corpus with no record accepts any): two
-    keys give one patient two pseudonyms, and the same person could then sit in both train and test."""
+    keys give one patient two pseudonyms, and the same person could then sit in both train and test.
+    ``what`` names the holder of the record (a bundle carries its training corpus's)."""
     if recorded is None or recorded == key_fingerprint(key):
         return
     raise IngestError(
-        f"{corpus}: {command} refused: this corpus was ingested with another pseudonym key (fingerprint "
+        f"{corpus}: {command} refused: {what} was ingested with another pseudonym key (fingerprint "
         f"{recorded}; {KEY_ENV} now gives {key_fingerprint(key)}), so the same patient would get a second "
         f"pseudonym; set {KEY_ENV} to the corpus's key (an --ephemeral-key never matches), or use a new corpus")
 
