@@ -49,6 +49,7 @@ class Meter:
 
     def __init__(self) -> None:
         self.bytes = 0
+        self.requests = 0  # reads (on S3: range requests)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Meter]:
@@ -64,17 +65,20 @@ class Meter:
             async def get(self: Any, *args: Any, **kwargs: Any) -> Any:
                 buffer = await original(self, *args, **kwargs)
                 meter.bytes += 0 if buffer is None else len(buffer)
+                meter.requests += 1
                 return buffer
             return get
 
         def pread(fd: Any, count: int, offset: int) -> bytes:
             data: bytes = original_pread(fd, count, offset)
             meter.bytes += len(data)
+            meter.requests += 1
             return data
 
         def pread_into(fd: Any, buffer: memoryview, offset: int) -> int:
             got: int = original_pread_into(fd, buffer, offset)
             meter.bytes += got
+            meter.requests += 1
             return got
 
         LocalStore.get, FsspecStore.get = store_get(saved[0][2]), store_get(saved[1][2])  # type: ignore[method-assign]
@@ -155,7 +159,7 @@ def measure(where: str | Path, mode: str, crops: int, cold: bool, meter: Meter) 
         evict(Path(where))
     for draw in draws if isinstance(where, Path) and not cold else draws[:1]:  # warm: page cache, connections
         source[draw]
-    bytes_before, rchar_before, start = meter.bytes, rchar(), time.perf_counter()
+    bytes_before, requests_before, rchar_before, start = meter.bytes, meter.requests, rchar(), time.perf_counter()
     for draw in draws:
         if mode == "train":
             source[draw]
@@ -165,7 +169,8 @@ def measure(where: str | Path, mode: str, crops: int, cold: bool, meter: Meter) 
     seconds = time.perf_counter() - start
     read = meter.bytes - bytes_before
     row = {"seconds": round(seconds, 3), "volumes_per_s": round(crops / seconds, 2),
-           "bytes_per_crop": int(read / crops), "MB_read_per_s": round(read / MB / seconds, 1)}
+           "bytes_per_crop": int(read / crops), "MB_read_per_s": round(read / MB / seconds, 1),
+           "reads_per_crop": round((meter.requests - requests_before) / crops, 1)}
     if isinstance(where, Path):
         row["rchar_per_crop"] = int((rchar() - rchar_before) / crops)
     return row
@@ -248,12 +253,13 @@ def print_table(result: dict[str, Any]) -> None:
           f"load {result['env']['load_average_start']} -> {result['env']['load_average_end']}")
     for name, info in result["corpora"].items():
         print(f"corpus {name}: {info}")
-    print(f"{'place':18s} {'mode':6s} {'vol/s':>7s} {'MB/crop':>8s} {'rchar MB':>9s} {'MB/s':>7s} {'x whole':>8s}")
+    print(f"{'place':18s} {'mode':6s} {'vol/s':>7s} {'MB/crop':>8s} {'rchar MB':>9s} {'reads':>6s} {'MB/s':>7s} "
+          f"{'x whole':>8s}")
     for row in result["rows"]:
         rc = f"{row['rchar_per_crop'] / MB:9.2f}" if "rchar_per_crop" in row else f"{'':9s}"
         ratio = f"{row['bytes_ratio_to_whole']:.2f}B {row['speed_ratio_to_whole']:.2f}v" if "bytes_ratio_to_whole" in row else ""
         print(f"{row['place']:18s} {row['mode']:6s} {row['volumes_per_s']:7.2f} {row['bytes_per_crop'] / MB:8.2f} "
-              f"{rc} {row['MB_read_per_s']:7.1f} {ratio:>8s}")
+              f"{rc} {row['reads_per_crop']:6.1f} {row['MB_read_per_s']:7.1f} {ratio:>8s}")
     for row in result["capacity"]:
         print(f"{row['place']:18s} {row['gpu']:34s} {row['workers_per_gpu']:6.1f} workers/GPU "
               f"{row['storage_MB_per_s_per_gpu']:7.1f} MB/s/GPU")
