@@ -157,12 +157,22 @@ def _growth(result: dict[str, Any]) -> tuple[str, str]:
         last = max(trials, key=lambda r: r["size"])
         parts.append(f"sweep {last['per_trial_s']:.2f} s/trial at {last['size']} trials")
     return f"growth: up to {n:,} volumes", "; ".join(parts) + " (k = growth exponent)"
+def _paper(result: dict[str, Any]) -> tuple[str, str]:
+    rows = {(r["place"], r["mode"]): r for r in result["rows"]}
+    sub, whole = rows[("sub local cold", "train")], rows[("whole local cold", "train")]
+    headline = (f"a 32x256 crop reads {sub['bytes_per_crop'] / 1e6:.1f} MB in sub-volume chunks against "
+                f"{whole['bytes_per_crop'] / 1e6:.1f} MB whole (x{sub['bytes_ratio_to_whole']:.2f}); one loader "
+                f"worker, cold local disk: {sub['volumes_per_s']:.1f} vs {whole['volumes_per_s']:.1f} vol/s")
+    s3 = rows.get(("sub S3", "train"))
+    if s3:
+        headline += f"; S3: {s3['volumes_per_s']:.1f} vs {rows[('whole S3', 'train')]['volumes_per_s']:.1f} vol/s"
+    return f"paper volumes: {result['corpora']['sub']['volumes']} x {'x'.join(map(str, result['grid']))}", headline
 
 
 #: result kind (file-name prefix) -> its row; in the order the table lists them
 ROWS: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
     "step": _step, "levers": _levers, "train": _train, "scaling": _scaling, "data": _data, "models": _models,
-    "ingest": _ingest, "predict": _predict, "icechunk": _icechunk, "growth": _growth,
+    "ingest": _ingest, "predict": _predict, "icechunk": _icechunk, "growth": _growth, "paper": _paper,
 }
 
 

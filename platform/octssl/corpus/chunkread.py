@@ -40,7 +40,7 @@ from octssl.storage.location import Location, is_url
 EMPTY = 2**64 - 1  # offset and length of a chunk a shard does not hold (zarr v3 sharding spec)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 INDEX_CACHE = 512  # shard indexes kept per reader (at most 16 KiB each for 1024-chunk shards)
-HELPER_THREADS = 4  # a sample has at most 6 arrays; the calling thread reads the largest
+HELPER_THREADS = 8  # a sample has at most 6 arrays (the calling thread reads the largest); a crop's range requests
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,24 @@ def layout_of(arr: zarr.Array) -> ShardLayout | None:
     """The layout of ``arr`` when this module can read it (else None): a regular grid sharded along axis 0
     only, the sharding codec alone, inner codecs ``bytes`` then optional ``zstd`` and ``crc32c``, index
     codecs ``bytes`` (little endian) and optional ``crc32c``, a native-endian numeric dtype."""
+    found = _sharded(arr)
+    if found is None:
+        return None
+    shape, shard, inner, codecs = found
+    if len(shape) < 1 or shard[1:] != shape[1:] or inner[1:] != shape[1:] or shard[0] % inner[0]:
+        return None
+    return ShardLayout(slots_per_shard=shard[0], slots_per_chunk=inner[0], chunks_per_shard=shard[0] // inner[0],
+                       slot_shape=shape[1:], **codecs)
+
+
+def _sharded(arr: zarr.Array) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], dict[str, Any]] | None:
+    """(shape, shard shape, chunk shape, the ShardLayout fields of its codecs) of a sharded array whose codecs
+    this module decodes (see ``layout_of``); None for any other array."""
     meta = arr.metadata
     if not isinstance(meta, ArrayV3Metadata) or meta.storage_transformers or len(meta.codecs) != 1:
         return None
     sharding, grid = meta.codecs[0], meta.chunk_grid
     if not isinstance(sharding, ShardingCodec) or not isinstance(grid, RegularChunkGrid):
-        return None
-    shape, shard, inner = tuple(meta.shape), tuple(grid.chunk_shape), tuple(sharding.chunk_shape)
-    if len(shape) < 1 or shard[1:] != shape[1:] or inner[1:] != shape[1:] or shard[0] % inner[0]:
         return None
     dtype = np.dtype(arr.dtype)
     if dtype.kind not in "biuf" or not dtype.isnative:
@@ -100,16 +110,39 @@ def layout_of(arr: zarr.Array) -> ShardLayout | None:
     fill = meta.fill_value
     if fill is None or not np.isfinite(fill):
         return None
+    shape = tuple(meta.shape)
     marker = 987654321  # a shard number no other part of the key can contain
     key = meta.encode_chunk_key((marker,) + (0,) * (len(shape) - 1))
     if key.count(str(marker)) != 1 or "{" in key or "}" in key:
         return None
-    return ShardLayout(
-        slots_per_shard=shard[0], slots_per_chunk=inner[0], chunks_per_shard=shard[0] // inner[0],
-        slot_shape=shape[1:], dtype=dtype, fill_value=fill, index_at_end=sharding.index_location.value == "end",
-        index_crc=bool(index_rest), steps=steps,
-        chunk_key=key.replace(str(marker), "{}"),
-    )
+    codecs = {"dtype": dtype, "fill_value": fill, "index_at_end": sharding.index_location.value == "end",
+              "index_crc": bool(index_rest), "steps": steps, "chunk_key": key.replace(str(marker), "{}")}
+    return shape, tuple(grid.chunk_shape), tuple(sharding.chunk_shape), codecs
+
+
+@dataclass(frozen=True)
+class RegionLayout(ShardLayout):
+    """A volume array in sub-volume chunks: each slot ``(nB, D, W)`` is ``grid`` = (B-scan, A-scan) chunks of
+    ``slot_shape`` = ``(cb, D, cw)`` (so ``_decode`` sees one chunk as one slot), and a shard holds whole slots."""
+
+    volume_shape: tuple[int, ...] = ()
+    grid: tuple[int, int] = (1, 1)
+
+
+def region_layout_of(arr: zarr.Array) -> RegionLayout | None:
+    """The layout of a volume array ``(N, nB, D, W)`` stored in sub-volume chunks ``(1, cb, D, cw)`` (shards of
+    whole volumes, ``octssl.corpus.layout.volume_chunking``) with the codecs ``layout_of`` reads; else None."""
+    found = _sharded(arr)
+    if found is None or arr.ndim != 4:
+        return None
+    shape, shard, inner, codecs = found
+    if inner[0] != 1 or shard[2] != shape[2] or inner[2] != shape[2] or shard[1] % inner[1] or shard[3] % inner[3] \
+            or not 0 <= shard[1] - shape[1] < inner[1] or not 0 <= shard[3] - shape[3] < inner[3]:
+        return None
+    per_slot = (shard[1] // inner[1], shard[3] // inner[3])
+    return RegionLayout(slots_per_shard=shard[0], slots_per_chunk=1, slot_shape=inner[1:],
+                        chunks_per_shard=shard[0] * per_slot[0] * per_slot[1], volume_shape=shape[1:], grid=per_slot,
+                        **codecs)
 
 
 @dataclass(frozen=True)
@@ -192,6 +225,73 @@ class ChunkReader:
         self.declined += declined
         self.served += len(results) - declined
         return results
+
+    def read_region(self, array_dir: str | Path, layout: RegionLayout, slot: int, bscans: tuple[int, int],
+                    ascans: tuple[int, int]) -> np.ndarray | None:
+        """``[bscans, :, ascans]`` of slot ``slot`` of a volume array in sub-volume chunks: one cached shard
+        index, then only the chunks the region overlaps (runs of adjacent chunks in one read; on an object
+        store one range request per run, all in flight at once). None where the caller must use Zarr."""
+        path = layout.shard_path(array_dir, slot)
+        try:
+            fd, version = _open(path)
+        except OSError:
+            self._present.discard(path)
+            return None
+        try:
+            region = self._region(fd, path, version, layout, slot, bscans, ascans)
+        except (OSError, ValueError):
+            region = None
+        finally:
+            _close(fd)
+        self.served += region is not None
+        self.declined += region is None
+        return region
+
+    def _region(self, fd: Any, path: str, version: tuple[int, int, int], layout: RegionLayout, slot: int,
+                bscans: tuple[int, int], ascans: tuple[int, int]) -> np.ndarray | None:
+        entries = self._index(fd, path, version, layout)
+        if entries is None:
+            return None
+        (b0, b1), (w0, w1) = bscans, ascans
+        cb, depth, cw = layout.slot_shape
+        out = np.empty((b1 - b0, depth, w1 - w0), layout.dtype)
+        first = (slot % layout.slots_per_shard) * layout.grid[0] * layout.grid[1]
+        wanted = []  # (offset, length, bi, wi) of each stored chunk the region overlaps
+        for bi in range(b0 // cb, (b1 - 1) // cb + 1):
+            for wi in range(w0 // cw, (w1 - 1) // cw + 1):
+                offset, length = (int(v) for v in entries[first + bi * layout.grid[1] + wi])
+                if offset == EMPTY and length == EMPTY:
+                    self._place(out, np.full(layout.slot_shape, layout.fill_value, layout.dtype), bi, wi, layout,
+                                bscans, ascans)
+                elif offset + length > version[2]:
+                    return None
+                else:
+                    wanted.append((offset, length, bi, wi))
+        runs = _runs(sorted(wanted))
+
+        def fetch(run: tuple[int, int, Any]) -> bytes:
+            return _pread(fd, run[1] - run[0], run[0])
+
+        blobs = list(self._pool().map(fetch, runs)) if not isinstance(fd, int) else [fetch(run) for run in runs]
+        for (start, stop, members), blob in zip(runs, blobs, strict=True):
+            if len(blob) != stop - start:
+                return None
+            for offset, length, bi, wi in members:
+                chunk = self._decode(memoryview(blob)[offset - start:offset - start + length], layout)
+                if chunk is None:
+                    return None
+                self._place(out, chunk.reshape(layout.slot_shape), bi, wi, layout, bscans, ascans)
+        return out
+
+    @staticmethod
+    def _place(out: np.ndarray, chunk: np.ndarray, bi: int, wi: int, layout: RegionLayout, bscans: tuple[int, int],
+               ascans: tuple[int, int]) -> None:
+        """Copy the part of chunk (bi, wi) inside the region into ``out``."""
+        cb, _, cw = layout.slot_shape
+        lo_b, hi_b = max(bscans[0], bi * cb), min(bscans[1], (bi + 1) * cb)
+        lo_w, hi_w = max(ascans[0], wi * cw), min(ascans[1], (wi + 1) * cw)
+        out[lo_b - bscans[0]:hi_b - bscans[0], :, lo_w - ascans[0]:hi_w - ascans[0]] = \
+            chunk[lo_b - bi * cb:hi_b - bi * cb, :, lo_w - wi * cw:hi_w - wi * cw]
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None or self._executor_pid != os.getpid():  # threads do not survive a fork
@@ -281,6 +381,19 @@ class ChunkReader:
         if len(data) != expected:
             return None
         return np.frombuffer(data, np.uint8).copy().view(layout.dtype)
+
+
+def _runs(chunks: list[tuple[int, int, int, int]]) -> list[tuple[int, int, list[tuple[int, int, int, int]]]]:
+    """Chunks (sorted by offset) grouped into runs of adjacent byte ranges: (start, stop, chunks) per run.
+    Zarr lays a shard's chunks out in Morton order, so a region's chunks are adjacent only in part."""
+    runs: list[tuple[int, int, list[tuple[int, int, int, int]]]] = []
+    for chunk in chunks:
+        offset, length = chunk[0], chunk[1]
+        if runs and offset == runs[-1][1]:
+            runs[-1] = (runs[-1][0], offset + length, [*runs[-1][2], chunk])
+        else:
+            runs.append((offset, offset + length, [chunk]))
+    return runs
 
 
 def _open(path: str) -> tuple[Any, tuple[int, int, int]]:

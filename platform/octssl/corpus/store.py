@@ -153,10 +153,15 @@ class Corpus:
         shard_bytes: int = 256 * 2**20,
         fraction_seed: int = 0,
         key_fingerprint: str | None = None,
+        volume_chunk: tuple[int, int] | None = None,
     ) -> Corpus:
         """A new empty corpus at ``path`` (CorpusError if a corpus is already there). ``key_fingerprint``:
-        the pseudonym key's fingerprint that later ingests must match (``octssl.ingest.phi``)."""
+        the pseudonym key's fingerprint that later ingests must match (``octssl.ingest.phi``).
+        ``volume_chunk``: B-scans x A-scans per stored chunk of every OCT volume (default: sub-volume chunks
+        for large volumes only, ``octssl.corpus.layout.volume_chunking``)."""
         path = Path(path)
+        if volume_chunk is not None and (len(volume_chunk) != 2 or min(volume_chunk) < 1):
+            raise CorpusError(f"{path}: volume_chunk must be 2 positive sizes (B-scans, A-scans), got {volume_chunk}")
         if (path / mf.MANIFEST_NAME).exists() or (path / ZARR_NAME).exists():
             raise CorpusError(f"{path}: a corpus already exists here")
         if len(split_ratios) != 3 or min(split_ratios) < 0 or sum(split_ratios) <= 0:
@@ -173,6 +178,8 @@ class Corpus:
                         "fraction_seed": int(fraction_seed)}
             if key_fingerprint is not None:
                 settings["key_fingerprint"] = key_fingerprint
+            if volume_chunk is not None:
+                settings["volume_chunk"] = [int(n) for n in volume_chunk]
             table = mf.empty_table(settings)
             mf.write_manifest(table, path / mf.MANIFEST_NAME)
         return cls(ZarrBackend(path), table)

@@ -22,7 +22,15 @@ from zarr.storage import LocalStore
 
 from octssl.corpus import manifest as mf
 from octssl.corpus.journal import Journal
-from octssl.corpus.layout import ZARR_NAME, assign_split, fill_splits, prepared_sample, shard_length, to_uint8
+from octssl.corpus.layout import (
+    ZARR_NAME,
+    assign_split,
+    fill_splits,
+    prepared_sample,
+    shard_length,
+    to_uint8,
+    volume_chunking,
+)
 from octssl.errors import CorpusError, SampleError
 from octssl.observe.progress import track
 from octssl.sample import ARRAY_KEYS, VOLUME_KEY
@@ -167,11 +175,15 @@ class AppendWriter:
         except CorpusError:
             pass
         name = f"{key}/{grid}"
-        shard_len = shard_length(int(np.prod(shape)), self.corpus.settings["shard_bytes"])
+        # OCT volumes may be stored in sub-volume chunks (a crop then reads only its chunks); the rest whole.
+        chunk, shard = (volume_chunking(shape, self.corpus.settings.get("volume_chunk")) if key == VOLUME_KEY
+                        else (shape, shape))
+        chunks = int(np.prod([s // c for s, c in zip(shard, chunk, strict=True)]))
+        shard_len = shard_length(int(np.prod(shape)), self.corpus.settings["shard_bytes"], chunks)
         self.journal.protect(name, 0, shard_len, exists=False)  # recorded before it exists
         arr = zarr.create_array(
-            self.store, name=name, shape=(0, *shape), dtype="uint8", chunks=(1, *shape),
-            shards=(shard_len, *shape), compressors=ZstdCodec(level=ZSTD_LEVEL, checksum=True),
+            self.store, name=name, shape=(0, *shape), dtype="uint8", chunks=(1, *chunk),
+            shards=(shard_len, *shard), compressors=ZstdCodec(level=ZSTD_LEVEL, checksum=True),
             fill_value=0, config={"write_empty_chunks": False},
         )
         self.arrays[name] = arr

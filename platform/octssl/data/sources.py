@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from octssl.corpus.region import read_crop
 from octssl.data.transforms import collate
 from octssl.errors import ShardError, StorageError
 from octssl.sample import VOLUME_KEY
@@ -50,7 +51,10 @@ Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 def _with_draw(sample: dict[str, Any], epoch: int, draw: int) -> dict[str, Any]:
     """Tag a sample with its (epoch, draw) so transforms seed their randomness reproducibly."""
-    sample["meta"] = {**shard_meta(sample.get("meta") or {}), "epoch": int(epoch), "draw": int(draw)}
+    meta = sample.get("meta") or {}
+    sample["meta"] = {**shard_meta(meta), "epoch": int(epoch), "draw": int(draw)}
+    if "region" in meta:  # a crop read: where the crop lies in the volume (the transform needs it)
+        sample["meta"]["region"] = meta["region"]
     return sample
 
 
@@ -107,7 +111,13 @@ class ZarrSource(Dataset):
         return self._load(self.ids[index % len(self.ids)], index)
 
     def _load(self, sample_id: str, draw: int) -> dict[str, Any]:
-        sample = _with_draw(self.corpus.read(sample_id, verify=self.verify), self.epoch, draw)
+        window = getattr(self.transform, "window", None)
+        if window is not None and not self.verify:  # a crop known before the read: read only its region
+            bscans, ascans = window(sample_id, self.corpus.row(sample_id)["shape"], self.epoch, draw)
+            sample = read_crop(self.corpus, sample_id, bscans, ascans)
+        else:  # a checksum covers the whole volume: verify reads it whole
+            sample = self.corpus.read(sample_id, verify=self.verify)
+        sample = _with_draw(sample, self.epoch, draw)
         return self.transform(sample) if self.transform else sample
 
 

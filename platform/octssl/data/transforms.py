@@ -96,19 +96,36 @@ class TrainTransform:
         self.flips, self.rot180, self.intensity = flips, rot180, intensity
         self.offset_std, self.contrast, self.shift = offset_std, tuple(contrast), tuple(shift)
 
+    def _sizes(self, sample: dict[str, Any], nb: int, w: int) -> tuple[int, int]:
+        cb, cw = self.crop[0] or nb, self.crop[1] or w
+        if cb > nb or cw > w:
+            raise SampleError(f"{_where(sample)}: volume (nB, W)=({nb}, {w}) is smaller than the crop ({cb}, {cw})")
+        return cb, cw
+
+    def window(self, sample_id: str, shape: Sequence[int], epoch: int, draw: int) -> tuple[slice, slice]:
+        """The B-scans and A-scans this transform will crop from sample ``sample_id`` of ``shape`` (nB, D, W)
+        at (``epoch``, ``draw``), known before the volume is read: a source reads only this region
+        (``octssl.corpus.region``) and the transform's output is the same as from the whole volume."""
+        stub = {"id": sample_id, "meta": {"epoch": epoch, "draw": draw}}
+        nb, w = int(shape[0]), int(shape[-1])
+        cb, cw = self._sizes(stub, nb, w)
+        b0, w0 = _origin(sample_rng(self.seed, stub), nb, w, cb, cw)
+        return slice(b0, b0 + cb), slice(w0, w0 + cw)
+
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         vol = np.asarray(sample[VOLUME_KEY])
         if vol.ndim != 3:
             raise SampleError(f"{_where(sample)}: 'oct' must be (nB, D, W), got {vol.shape}")
-        nb, _, w = vol.shape
-        cb = self.crop[0] or nb
-        cw = self.crop[1] or w
-        if cb > nb or cw > w:
-            raise SampleError(f"{_where(sample)}: volume (nB, W)=({nb}, {w}) is smaller than the crop ({cb}, {cw})")
+        meta = dict(sample.get("meta") or {})
+        region = meta.pop("region", None)  # the volume is already a region of a larger one (a crop read)
+        (rb, rw), (nb, _, w) = (region["origin"], region["volume_shape"]) if region else ((0, 0), vol.shape)
+        cb, cw = self._sizes(sample, nb, w)
         rng = sample_rng(self.seed, sample)
         # Every draw happens whatever the options, so switching one option never shifts the others.
-        b0 = int(rng.integers(0, nb - cb + 1))
-        w0 = int(rng.integers(0, w - cw + 1))
+        b0, w0 = _origin(rng, nb, w, cb, cw)
+        if not (rb <= b0 and b0 + cb <= rb + vol.shape[0] and rw <= w0 and w0 + cw <= rw + vol.shape[2]):
+            raise SampleError(f"{_where(sample)}: the region read {region} does not hold this draw's crop "
+                              f"(B-scans {b0}+{cb}, A-scans {w0}+{cw})")
         flip_b, flip_w, rotate = (rng.random(3) < 0.5).tolist()
         offset = rng.normal(0.0, self.offset_std)
         contrast = rng.uniform(self.contrast[0], self.contrast[1])
@@ -116,10 +133,9 @@ class TrainTransform:
         flip_b, flip_w = (flip_b and self.flips), (flip_w and self.flips)
         if self.rot180 and rotate:  # a 180-degree en-face rotation flips both en-face axes
             flip_b, flip_w = not flip_b, not flip_w
-        sb = slice(b0 + cb - 1, b0 - 1 if b0 else None, -1) if flip_b else slice(b0, b0 + cb)
-        sw = slice(w0 + cw - 1, w0 - 1 if w0 else None, -1) if flip_w else slice(w0, w0 + cw)
+        sb, sw = _span(b0, cb, flip_b), _span(w0, cw, flip_w)
 
-        out_vol = zscore_bscans(vol[sb, :, sw])
+        out_vol = zscore_bscans(vol[_span(b0 - rb, cb, flip_b), :, _span(w0 - rw, cw, flip_w)])
         if self.intensity:
             out_vol += np.float32(offset)
             out_vol *= np.float32(contrast)
@@ -131,8 +147,18 @@ class TrainTransform:
                 if enface.shape != (nb, w):
                     raise SampleError(f"{_where(sample)}: '{key}' is {enface.shape}, the volume's grid is {(nb, w)}")
                 out[key] = np.ascontiguousarray(target_to_unit(key, enface[sb, sw]))[None]
-        out["meta"] = {**(sample.get("meta") or {}), "crop": (b0, w0), "flips": (bool(flip_b), bool(flip_w))}
+        out["meta"] = {**meta, "crop": (b0, w0), "flips": (bool(flip_b), bool(flip_w))}
         return out
+
+
+def _origin(rng: np.random.Generator, nb: int, w: int, cb: int, cw: int) -> tuple[int, int]:
+    """The crop's first B-scan and A-scan: the first two draws of a sample's generator."""
+    return int(rng.integers(0, nb - cb + 1)), int(rng.integers(0, w - cw + 1))
+
+
+def _span(start: int, size: int, flip: bool) -> slice:
+    """``size`` indices from ``start``, reversed when ``flip``."""
+    return slice(start + size - 1, start - 1 if start else None, -1) if flip else slice(start, start + size)
 
 
 def _multiple_of(n: int, multiple: int) -> int:

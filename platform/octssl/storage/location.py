@@ -342,6 +342,12 @@ def fsspec_async(where: Location) -> Any:
     class ArrowFS(ArrowFSWrapper):
         fsid = f"octssl-{where.scheme or 'local'}"  # fsspec's own fsid assumes HDFS (host, port)
 
+        def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+            # fsspec opens a range from byte 0 as a stream, which it then cannot seek: the first chunk of a
+            # shard (Zarr's partial shard reads, sub-volume chunks) would fail to read.
+            kwargs.setdefault("seekable", start is not None or end is not None)
+            return super().cat_file(path, start, end, **kwargs)
+
     return AsyncFileSystemWrapper(ArrowFS(where.fs), asynchronous=True)
 
 
