@@ -57,4 +57,5 @@ def test_demo_pretrain_line_without_validation() -> None:
     from octssl.train.summary import RunSummary
 
     assert pretrain_line(RunSummary(steps=0, best_metric_name="ssim"), Path("w.safetensors")) == "no validation score, weights w.safetensors"
-    assert pretrain_line({"best_metric": 0.5}, Path("w")).startswith("val SSIM 0.500 (best)")
+    assert pretrain_line(RunSummary(steps=1, best_metric=0.5, best_metric_name="ssim"), Path("w")).startswith(
+        "val SSIM 0.500 (best)")
