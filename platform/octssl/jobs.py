@@ -18,10 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m octssl.jobs", description=__doc__)
     parser.add_argument("config", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--resume", action="store_true", help="continue run.name from its last checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue run.name (a sweep: its name) from its last checkpoint")
     parser.add_argument(
         "--resume-if-exists", action="store_true",
-        help="continue run.name if it exists, else start it (what a retried RayJob wants)",
+        help="continue run.name (a sweep: its name) if it exists, else start it (what a retried RayJob wants)",
     )
     parser.add_argument("--metrics-port", type=int, default=None)
     args = parser.parse_args(argv)
@@ -30,16 +31,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         kind = (yaml.safe_load(args.config.read_text()) or {}).get("kind", "pretrain")
+        resume = "auto" if args.resume_if_exists else args.resume
         if kind == "sweep":
             from octssl.tune.sweep import load_sweep_config, run_sweep
 
-            summary = run_sweep(load_sweep_config(args.config, args.overrides))  # plain progress lines in the job's log
+            # plain progress lines in the job's log
+            summary = run_sweep(load_sweep_config(args.config, args.overrides), resume=resume)
         else:
             from octssl.config.job import load_config
             from octssl.train.launch import run
 
             config = load_config(args.config, args.overrides)
-            resume = "auto" if args.resume_if_exists else args.resume
             summary = run(config, resume=resume, metrics_port=args.metrics_port)
     except (OctsslError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
