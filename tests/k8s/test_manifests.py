@@ -13,7 +13,7 @@ import pytest
 from octssl.config.job import load_config
 
 REPO = Path(__file__).resolve().parents[2]
-TARGETS = ("base", "dev-cpu", "gpu")  # conftest.py renders each
+TARGETS = ("base", "dev-cpu", "gpu", "gcs-ft")  # conftest.py renders each
 NAMESPACE = "octssl"
 CRD_KINDS = {"RayCluster", "RayJob", "PodMonitor", "PrometheusRule"}
 CORE_KINDS = {"Namespace", "ServiceAccount", "PersistentVolumeClaim", "ConfigMap", "NetworkPolicy"}

@@ -22,6 +22,7 @@ its last periodic checkpoint, like after a SIGKILL.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -90,11 +91,11 @@ class Poll:
 
     def __init__(self, run: str, since: float, every: float = POLL_S) -> None:
         self.run, self.since, self.every = run, since, every
-        self.last = 0.0
+        self.last: float | None = None
 
     def __call__(self) -> bool:
         now = time.monotonic()
-        if now - self.last < self.every:
+        if self.last is not None and now - self.last < self.every:
             return False
         self.last = now
         return requested(self.run, self.since)
@@ -125,24 +126,30 @@ def asked_at(run: str) -> float | None:
 
 @contextmanager
 def on_sigterm(run: str, what: str) -> Iterator[None]:
-    """While the block runs, SIGTERM asks ``run`` to checkpoint and stop; if the process is still alive
-    ``grace_s()`` later, it exits (status 143) saying so. Outside the main thread it does nothing."""
+    """While the block runs, SIGTERM asks ``run`` to checkpoint and stop; if the block has not ended
+    ``grace_s()`` later, the process exits (status 143) saying so. Outside the main thread it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    deadline: list[threading.Timer] = []
 
     def handle(signum: int, frame: Any) -> None:
         grace = grace_s()
         print(f"{what}: SIGTERM: asking run {run} to checkpoint and stop (at most {grace:g} s)",
               file=sys.stderr, flush=True)
         request(run)
-        threading.Timer(grace, _give_up, args=(what, grace)).start()
+        timer = threading.Timer(grace, _give_up, args=(what, grace))
+        timer.daemon = True
+        timer.start()
+        deadline.append(timer)
 
     previous = signal.signal(signal.SIGTERM, handle)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for timer in deadline:
+            timer.cancel()
 
 
 def _give_up(what: str, grace: float) -> None:
@@ -157,7 +164,7 @@ def main() -> int:
     import ray
 
     try:
-        ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
+        ray.init(address="auto", log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError) as err:  # no cluster: nothing trains here
         print(f"octssl preempt: no Ray cluster to ask ({err})", file=sys.stderr)
         return 0

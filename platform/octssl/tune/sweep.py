@@ -23,7 +23,11 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -253,13 +257,29 @@ def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: i
         )
     watcher.start()
     try:
-        grid = tuner.fit()
+        with _sigterm_as_sigint():
+            grid = tuner.fit()
     finally:
         watcher.stop()
     if len(grid) < total:  # Tune stops gracefully on Ctrl-C and returns what ran: do not report that as done
         raise OctsslError(f"{place}: sweep interrupted after {len(grid)} of {total} trials; no results written "
                           "(continue it with --resume)")
     return [trial_row(config, sweep_dir, grid[i]) for i in range(len(grid))]
+
+
+@contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """A preempted sweep driver (SIGTERM) stops as on Ctrl-C: Tune ends its trials, saves the experiment's
+    state and returns, and the sweep stops with "continue it with --resume". Trials keep the checkpoint of
+    their last evaluation; the work since then is redone on resume."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _restored_tuner(path: str, filesystem: Any, trainable: Any, watcher: Any) -> Any:
@@ -277,6 +297,7 @@ def _restored_tuner(path: str, filesystem: Any, trainable: Any, watcher: Any) ->
         return None
     tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                restart_errored=False, storage_filesystem=filesystem)
-    tuner._local_tuner.get_run_config().callbacks = [watcher]
+    if tuner._local_tuner is not None:  # a Tuner made on the driver (not a remote one) has it
+        tuner._local_tuner.get_run_config().callbacks = [watcher]
     watcher.restored(tuner.get_results())
     return tuner
