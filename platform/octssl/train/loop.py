@@ -64,10 +64,9 @@ class WorkerContext:
 
 class Trainer:
     """One rank's training run. Hooks a variant may override: ``report`` (what a checkpoint step tells the
-    driver), ``keeps_checkpoints`` (whether it writes resumable state at all) and ``preemptible`` (whether
-    a stop request, :mod:`octssl.train.preempt`, makes it checkpoint and stop)."""
+    driver) and ``preemptible`` (whether a stop request, :mod:`octssl.train.preempt`, makes it checkpoint
+    and stop)."""
 
-    keeps_checkpoints = True
     preemptible = True
 
     def __init__(self, config: JobConfig, ctx: WorkerContext) -> None:
@@ -212,9 +211,6 @@ class Trainer:
         self.ctx.report(metrics, ckpt_dir)
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
-        if not self.keeps_checkpoints:
-            self.report(metrics, None)
-            return
         with self.saved_checkpoint() as path:
             self.report(metrics, path)
 
