@@ -1,7 +1,7 @@
 """Recovery: how long a run is down after a fault, and how much work it loses, on a real local Ray cluster.
 
 Usage: python benchmarks/bench_recovery.py [--steps 30] [--ckpt-every 5] [--only lost,preempt,sweep]
-                                           [--out benchmarks/results/recovery-cpu.json]
+                                           [--out benchmarks/results/recovery-<cpu>.json]
 
 Three faults, each on a small synthetic corpus (FPN width 0.25, crop 16 x 64, batch 2, one worker):
 
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import yaml
 
-from common import environment, finish, write_json  # benchmarks/ is on sys.path when a script runs
+from common import RESULTS, device_slug, environment, finish, write_json  # benchmarks/ is on sys.path
 from octssl.corpus.synth import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--ckpt-every", type=int, default=5)
     parser.add_argument("--only", default=",".join(SCENARIOS))
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "recovery-cpu.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/recovery-<device>.json")
     args = parser.parse_args(argv)
+    args.out = args.out or RESULTS / f"recovery-{device_slug(torch.device('cpu'))}.json"
     env = environment(torch.device("cpu"))
     rows = []
     with tempfile.TemporaryDirectory(prefix="octssl-recovery-") as tmp:

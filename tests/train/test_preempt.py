@@ -18,7 +18,7 @@ from octssl.train import preempt
 
 from .conftest import JOBS
 
-STEPS = 30
+STEPS = 12
 
 
 def test_a_request_counts_only_for_runs_started_before_it(monkeypatch) -> None:
