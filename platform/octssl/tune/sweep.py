@@ -235,6 +235,9 @@ def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: i
     # Tune saves its experiment state (trials' status and checkpoints, the search) at most this often: what a
     # killed driver can lose. Its default adapts upwards from 10 s; a sweep's state is small, save it often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Tune also saves it with every trial checkpoint (one per evaluation) and warns when that happens often;
+    # with short trials it does, by design: the saves are small.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     storage_path, storage_filesystem = ray_storage(str(place))  # Tune's state: on the object store itself
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), resources)
