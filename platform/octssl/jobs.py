@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             from octssl.train.launch import run
 
             config = load_config(args.config, args.overrides)
-            summary = run(config, resume=resume, metrics_port=args.metrics_port)
+            summary = run(config, resume=resume, metrics_port=args.metrics_port).model_dump(mode="json")
     except (OctsslError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

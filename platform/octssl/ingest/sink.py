@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,15 +32,16 @@ REJECTS_SCHEMA = pa.schema(
 )
 
 
-def open_corpus(path: Path) -> Corpus:
-    """Open the corpus at ``path``, creating an empty one when nothing is there yet."""
+def open_corpus(path: Path, key_fingerprint: str | None = None) -> Corpus:
+    """Open the corpus at ``path``, creating an empty one (recording ``key_fingerprint``) when nothing is
+    there yet."""
     from octssl.corpus.layout import ZARR_NAME
     from octssl.corpus.manifest import MANIFEST_NAME
     from octssl.corpus.store import Corpus
 
     if (path / MANIFEST_NAME).exists() or (path / ZARR_NAME).exists():
         return Corpus.open(path)
-    return Corpus.create(path)
+    return Corpus.create(path, key_fingerprint=key_fingerprint)
 
 
 def ingested_sources(corpus: Corpus) -> set[str]:
@@ -50,12 +51,14 @@ def ingested_sources(corpus: Corpus) -> set[str]:
     return {s for s in corpus.manifest.column("source").to_pylist() if s}
 
 
-def append_records(corpus: Corpus, records: list[Record]) -> list[str]:
+def append_records(corpus: Corpus, records: list[Record], settings: dict[str, Any] | None = None) -> list[str]:
     """The adapter to ``Corpus.append``: one atomic append of ``records``' sample dicts, each with its
-    native-resolution localizer (``localizer/<H>x<W>``) and registration (``positions_mm``) when it has one."""
+    native-resolution localizer (``localizer/<H>x<W>``) and registration (``positions_mm``) when it has one.
+    Each of ``settings`` the corpus does not record yet (key fingerprint, dates) is recorded in the same commit."""
     if not records:
         return []
-    return corpus.append([_with_localizer(record) for record in records], progress=False)
+    missing = {k: v for k, v in (settings or {}).items() if corpus.settings.get(k) is None}
+    return corpus.append([_with_localizer(record) for record in records], progress=False, settings=missing or None)
 
 
 def _with_localizer(record: Record) -> dict:
