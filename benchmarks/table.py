@@ -169,10 +169,27 @@ def _paper(result: dict[str, Any]) -> tuple[str, str]:
     return f"paper volumes: {result['corpora']['sub']['volumes']} x {'x'.join(map(str, result['grid']))}", headline
 
 
+def _recovery(result: dict[str, Any]) -> tuple[str, str]:
+    rows = {r["scenario"]: r for r in result["rows"]}
+    parts = []
+    if (lost := rows.get("lost")) and lost["status"] == "ok":
+        parts.append(f"lost cluster (pretraining): first new step {lost['kill_to_first_new_step_s']:.0f} s after the "
+                     f"kill, {lost['steps_lost']} steps lost (checkpoint every {result['ckpt_every']})")
+    if (pre := rows.get("preempt")) and pre["status"] == "ok":
+        parts.append(f"SIGTERM: checkpoint {pre['signal_to_checkpoint_s']:.1f} s and exit {pre['signal_to_exit_s']:.1f} s "
+                     f"after the signal, {pre['steps_lost']} steps lost, first new step {pre['resume_to_first_new_step_s']:.0f} s "
+                     "after the resume's start")
+    if (sweep := rows.get("sweep")) and sweep["status"] == "ok":
+        parts.append(f"lost sweep: first new trial step {sweep['kill_to_first_new_trial_step_s']:.0f} s after the kill, "
+                     f"{sweep['steps_lost']} trial steps lost")
+    parts += [f"{name} failed" for name, row in rows.items() if row["status"] != "ok"]
+    return "recovery: kill -> first new step", "; ".join(parts)
+
+
 #: result kind (file-name prefix) -> its row; in the order the table lists them
 ROWS: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
     "step": _step, "levers": _levers, "train": _train, "scaling": _scaling, "data": _data, "models": _models,
-    "ingest": _ingest, "predict": _predict, "icechunk": _icechunk, "growth": _growth, "paper": _paper,
+    "ingest": _ingest, "predict": _predict, "icechunk": _icechunk, "growth": _growth, "paper": _paper, "recovery": _recovery,
 }
 
 

@@ -36,5 +36,9 @@ class CheckpointError(OctsslError):
     """A training checkpoint is unreadable or holds more than tensors and DeepSpeed's own state."""
 
 
+class Preempted(OctsslError):
+    """A run stopped cleanly on SIGTERM after saving a checkpoint; ``--resume`` continues it."""
+
+
 class PredictError(OctsslError):
     """Predictions or growth cannot be made from the given sources (the message names them)."""

@@ -22,10 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     resume = parser.add_mutually_exclusive_group()
-    resume.add_argument("--resume", action="store_true", help="continue run.name from its last checkpoint")
+    resume.add_argument("--resume", action="store_true",
+                        help="continue run.name (a sweep: its name) from its last checkpoint")
     resume.add_argument(
         "--resume-if-exists", action="store_true",
-        help="continue run.name if it exists, else start it (what a retried RayJob wants)",
+        help="continue run.name (a sweep: its name) if it exists, else start it (what a retried RayJob wants)",
     )
     parser.add_argument("--metrics-port", type=int, default=None)
     parser.add_argument("--address", default=None,
@@ -38,17 +39,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         kind = (yaml.safe_load(args.config.read_text()) or {}).get("kind", "pretrain")
+        resume = "auto" if args.resume_if_exists else args.resume
         if kind == "sweep":
             from octssl.tune.sweep import load_sweep_config, run_sweep
 
-            summary = run_sweep(load_sweep_config(args.config, args.overrides))  # plain progress lines in the job's log
+            # plain progress lines in the job's log
+            summary = run_sweep(load_sweep_config(args.config, args.overrides), resume=resume)
         else:
             from octssl.config.job import load_config
             from octssl.train.launch import run
 
             config = load_config(args.config, args.overrides)
-            mode = "auto" if args.resume_if_exists else args.resume
-            summary = run(config, resume=mode, metrics_port=args.metrics_port).model_dump(mode="json")
+            summary = run(config, resume=resume, metrics_port=args.metrics_port).model_dump(mode="json")
     except (OctsslError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

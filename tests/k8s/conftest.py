@@ -13,7 +13,8 @@ from ..conftest import skip_unless_ci
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-TARGETS = {"base": K8S / "base", "dev-cpu": K8S / "overlays" / "dev-cpu", "gpu": K8S / "overlays" / "gpu"}
+TARGETS = {"base": K8S / "base", "dev-cpu": K8S / "overlays" / "dev-cpu", "gpu": K8S / "overlays" / "gpu",
+           "gcs-ft": K8S / "overlays" / "gcs-ft"}
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 CRD_FILES = {
     "RayCluster": "kuberay/ray.io_rayclusters.yaml",
@@ -45,7 +46,7 @@ def render(target: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def rendered() -> dict[str, list[dict]]:
-    """Target name (base, dev-cpu, gpu) -> its rendered objects."""
+    """Target name (base, dev-cpu, gpu, gcs-ft) -> its rendered objects."""
     return {name: render(path) for name, path in TARGETS.items()}
 
 

@@ -14,7 +14,7 @@ from octssl.config.job import load_config
 from octssl.observe.metrics import PORT as METRICS_PORT
 
 REPO = Path(__file__).resolve().parents[2]
-TARGETS = ("base", "dev-cpu", "gpu")  # conftest.py renders each
+TARGETS = ("base", "dev-cpu", "gpu", "gcs-ft")  # conftest.py renders each
 NAMESPACE = "octssl"
 CRD_KINDS = {"RayCluster", "RayJob", "PodMonitor", "PrometheusRule"}
 CORE_KINDS = {"Namespace", "ServiceAccount", "PersistentVolumeClaim", "ConfigMap", "NetworkPolicy"}
@@ -305,3 +305,22 @@ def test_podmonitor_scrapes_declared_ports_and_octssl_only_where_it_listens(rend
     assert scraped == {"worker;octssl-pretrain-x7k2p", "head;octssl-sweep-x7k2p"}
     assert not re.fullmatch(keep["regex"], "worker;octssl")  # the standing cluster
 
+
+def test_each_training_job_continues_only_its_own_run(rendered, target, tmp_path):
+    """Experiment identity: a training RayJob's run (a sweep's directory) is named after the RayJob itself, and
+    a retry continues it (--resume-if-exists, refused by octssl when the run exists with another config), so
+    a new experiment is a new RayJob name, never an old run continued by accident."""
+    from octssl.config.sweep import load_sweep_config
+
+    objects = rendered[target]
+    data = {m["metadata"]["name"]: m for m in _by_kind(objects, "ConfigMap")}["octssl-jobs"]["data"]
+    for name in ("octssl-pretrain", "octssl-sweep"):
+        job = {j["metadata"]["name"]: j for j in _by_kind(objects, "RayJob")}[name]
+        config_path, overrides, words = _job_config(job)
+        local = tmp_path / Path(config_path).name
+        local.write_text(data[local.name])
+        if name == "octssl-sweep":
+            run_name = load_sweep_config(local, overrides).name
+        else:
+            run_name = load_config(local, overrides).run.name
+        assert run_name == name and "--resume-if-exists" in words and job["spec"]["backoffLimit"] >= 1

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
-TARGETS = ("base", "dev-cpu", "gpu")
+TARGETS = ("base", "dev-cpu", "gpu", "gcs-ft")
 
 
 def _jobs(objects: list[dict]) -> dict[str, dict]:
@@ -95,3 +95,29 @@ def test_example_secret_holds_placeholders_only():
 def test_gpu_overlay_gives_sweep_trials_a_gpu(rendered):
     sweep = _jobs(rendered["gpu"])["octssl-sweep"]
     assert "resources.gpus_per_trial=1" in shlex.split(sweep["spec"]["entrypoint"])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_ray_pods_checkpoint_before_they_are_killed(rendered, target):
+    """A pod being evicted first asks every run to checkpoint (octssl.train.preempt), then leaves Ray; its grace
+    period covers that window plus `ray stop`, and a driver's own SIGTERM deadline fits in it too."""
+    (cluster,) = [o for o in rendered[target] if o["kind"] == "RayCluster"]
+    for group in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        container = pod["containers"][0]
+        hook = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+        assert hook.index("python -m octssl.train.preempt") < hook.index("ray stop")
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        window = max(float(env["OCTSSL_PREEMPT_WAIT_S"]), float(env["OCTSSL_PREEMPT_GRACE_S"]))
+        assert window + 10 <= pod["terminationGracePeriodSeconds"]
+
+
+def test_the_gcs_fault_tolerance_overlay_keeps_the_head_state_in_redis(rendered):
+    clusters = [o["spec"] for o in rendered["gcs-ft"] if o["kind"] == "RayCluster"]
+    clusters += [o["spec"]["rayClusterSpec"] for o in rendered["gcs-ft"] if o["kind"] == "RayJob" and
+                 "rayClusterSpec" in o["spec"]]
+    assert len(clusters) == 3  # the standing cluster and the pretrain and sweep jobs' clusters
+    for spec in clusters:
+        options = spec["gcsFaultToleranceOptions"]
+        assert options["redisAddress"].startswith("redis://")
+        assert options["redisPassword"]["valueFrom"]["secretKeyRef"] == {"name": "octssl-redis", "key": "password"}

@@ -9,16 +9,28 @@ from pathlib import Path
 
 from octssl.observe import progress
 
+DEADLINE_S = 30.0  # a periodic line is due every 0.05-0.1 s; this only bounds a loaded machine's delay
+
+
+def wait_for_line(capsys, seen: list[str], start: str) -> None:
+    """Collect stderr lines into ``seen`` until one starts with ``start``; fail after DEADLINE_S."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not any(line.startswith(start) for line in seen):
+        assert time.monotonic() < deadline, f"no line starting {start!r} within {DEADLINE_S} s: {seen}"
+        time.sleep(0.02)
+        seen += capsys.readouterr().err.splitlines()
+
 
 def test_stage_prints_plain_lines_at_the_cadence_when_not_a_terminal(capsys, monkeypatch):
     monkeypatch.setenv(progress.EVERY_ENV, "0.1")
     assert not progress.interactive()  # pytest captures stderr: not a terminal
+    lines: list[str] = []
     with progress.stage("export demo", 4) as advance:
-        for _ in range(4):
-            time.sleep(0.25)
+        for done in range(1, 4):
             advance()
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) >= 5, lines  # about one per 0.1 s over 1 s, then the last
+            wait_for_line(capsys, lines, f"export demo: {done}/4")  # the ticker's own line, not the last one
+        advance()
+    lines += capsys.readouterr().err.splitlines()
     assert all(re.fullmatch(r"export demo: \d/4 \(\d+%\), \d+s", line) for line in lines), lines
     assert lines[-1].startswith("export demo: 4/4 (100%)")
     counts = [int(line.split(": ")[1].split("/")[0]) for line in lines]
@@ -38,12 +50,13 @@ def test_run_watcher_tails_metrics_jsonl_as_plain_lines(tmp_path: Path, capsys, 
     run_dir.mkdir()
     watcher = progress.RunWatcher(run_dir)
     watcher.start()
-    time.sleep(0.2)
+    lines: list[str] = []
+    wait_for_line(capsys, lines, "pretrain-1: starting workers")
     (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 4, "total_steps": 10, "loss": 0.25,
                                                        "samples_per_s": 12.5}) + "\n")
-    time.sleep(0.2)
+    wait_for_line(capsys, lines, "pretrain-1: step 4/10")
     watcher.stop()
-    lines = capsys.readouterr().err.splitlines()
+    lines += capsys.readouterr().err.splitlines()
     assert lines[0].startswith("pretrain-1: starting workers")
     assert lines[-1].startswith("pretrain-1: step 4/10, loss 0.2500, 12.5 samples/s, ")
 

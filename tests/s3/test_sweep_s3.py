@@ -89,11 +89,11 @@ def test_sweep_inits_on_s3_pass_preflight_and_missing_ones_are_named(published_c
     save_weights(build_model("fpn", width=0.25), weights, {"card": {"objective": {"kind": "reconstruction",
                                                                                  "target": "faf"}}})
     raw = _raw(published_corpus, str(tmp_path / "sweeps"))
-    config, place = sweep_dir_of(parse_sweep_config({**raw, "inits": {"scratch": "scratch", "ssl": weights}}))
+    config, place, _ = sweep_dir_of(parse_sweep_config({**raw, "inits": {"scratch": "scratch", "ssl": weights}}))
     assert config.inits["ssl"] == weights and config.corpus == published_corpus  # URLs are not made local paths
     assert not place.remote and preflight_sweep(config)["test"]["ga"]
     missing = f"{published_corpus}-ssl/none.safetensors"
-    config, _ = sweep_dir_of(parse_sweep_config({**raw, "inits": {"ssl": missing}}))
+    config, _, _ = sweep_dir_of(parse_sweep_config({**raw, "inits": {"ssl": missing}}))
     with pytest.raises(ConfigError, match=f"inits.ssl: {missing}: no such weights file"):
         preflight_sweep(config)
 

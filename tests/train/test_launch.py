@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -95,15 +94,16 @@ def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_sampl
     assert [r["step"] for r in _records(run_dir, "val.jsonl")] == [6, 12]  # no duplicate after the replay
 
 
+@pytest.mark.timeout(300)  # the deadline: a run that asked for more CPUs than the cluster has would wait forever
 def test_bad_configs_fail_before_any_worker_starts(job, local_ray) -> None:
     with pytest.raises(ModelError, match="W=40 must be a multiple of 16"):
         preflight(job("pretrain.yaml", "data.crop=[16, 40]"))
     with pytest.raises(ConfigError, match="needs a GPU"):
         preflight(job("pretrain.yaml", "deepspeed.precision=fp16"))
-    t0 = time.time()
+    too_big = job("pretrain.yaml", "scaling.workers=3", "run.name=too-big")
     with pytest.raises(ConfigError, match="cluster has 2 CPU"):
-        run(job("pretrain.yaml", "scaling.workers=3"), progress=False)
-    assert time.time() - t0 < 30
+        run(too_big, progress=False)
+    assert not (Path(too_big.run.storage_path) / "too-big").exists()  # refused before RUN_DIR was written
     with pytest.raises(ConfigError, match="no such weights file"):
         preflight(job("finetune_ga.yaml", "run.init=/nonexistent/model.safetensors"))
 
@@ -132,3 +132,20 @@ def test_relative_data_paths_become_absolute_for_the_workers(job, train_corpus: 
     assert named.data.corpus == str(train_corpus) and named.data.shards == str(train_corpus.parent / "shards")
     remote = name_run(job("pretrain.yaml", "data.shards=s3://bucket/shards"), resume=False)
     assert remote.data.shards == "s3://bucket/shards"
+
+
+def test_a_run_is_continued_only_with_its_own_config(job) -> None:
+    """A retried RayJob (--resume-if-exists) continues its own run; a new experiment re-applied under the same
+    run.name is refused instead of silently continuing the old run."""
+    from octssl.config.job import dump_config
+    from octssl.train.launch import name_run
+
+    started = name_run(job("pretrain.yaml", "run.name=ident"), resume=False)
+    run_dir = Path(started.run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_config(started))
+    assert name_run(job("pretrain.yaml", "run.name=ident"), resume="auto").run_dir == started.run_dir
+    assert name_run(job("pretrain.yaml", "run.name=ident", "run.max_steps=12"), resume=True).run.max_steps == 12
+    with pytest.raises(ConfigError, match=r"run 'ident' exists with another config \(changed: model.width, optim.lr\): "
+                                          "a new experiment needs a new run.name"):
+        name_run(job("pretrain.yaml", "run.name=ident", "optim.lr=0.5", "model.width=0.5"), resume="auto")

@@ -28,11 +28,15 @@ def test_sweep_progress_prints_plain_lines_and_sets_the_gauge(tmp_path, capsys, 
     for trial in trials:
         watcher.on_trial_start(0, trials, trial)
     watcher.on_trial_result(0, trials, trials[0], {DICE_POOLED: 0.42})
-    time.sleep(0.2)
+    lines: list[str] = []
+    deadline = time.monotonic() + 30  # a line is due every 0.05 s; this only bounds a loaded machine's delay
+    while not any(line.startswith("sweep: 0/2 trials finished, 2 running") for line in lines):
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.02)
+        lines += capsys.readouterr().err.splitlines()
     watcher.on_trial_complete(0, trials, trials[0])
     watcher.stop()
-    lines = capsys.readouterr().err.splitlines()
-    assert any(line.startswith("sweep: 0/2 trials finished, 2 running") for line in lines), lines
+    lines += capsys.readouterr().err.splitlines()
     assert lines[-1] == f"sweep: 1/2 trials finished, 1 running, 0 failed, 0 stopped early by ASHA; best pooled val Dice: {cell.key} 0.420"
     gauge = {s.labels["state"]: s.value for f in monitor.REGISTRY.collect() for s in f.samples
              if s.name == "octssl_sweep_trials" and s.labels[monitor.RUN_LABEL] == "lines-sweep"}

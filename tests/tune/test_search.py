@@ -121,6 +121,47 @@ def test_asha_compares_trials_only_within_their_group(sweep_raw) -> None:
     assert asha.stopped == 1
 
 
+@pytest.mark.parametrize("algorithm", ["random", "optuna"])
+def test_group_search_saved_and_restored_suggests_what_it_would_have(sweep_raw, tmp_path: Path, algorithm) -> None:
+    """A resumed sweep's search goes on where it was: Tune saves it with each experiment checkpoint."""
+    config = parse_sweep_config(sweep_raw(fractions=[0.5, 1.0], search={"num_samples": 3, "algorithm": algorithm}))
+
+    def make() -> GroupSearch:
+        return GroupSearch(config.groups, 3, lambda g: make_sampler(config.search, g))
+
+    search = make()
+    first = [search.suggest(f"t{i}") for i in range(2)]
+    search.save(str(tmp_path / "state.pkl"))
+    rest = [search.suggest(f"t{i}") for i in range(2, 7)]
+    restored = make()
+    restored.restore(str(tmp_path / "state.pkl"))
+    assert [restored.suggest(f"t{i}") for i in range(2, 7)] == rest  # the 6th is Searcher.FINISHED
+    assert rest[-1] == Searcher.FINISHED and first[0] not in rest
+
+
+def test_group_asha_rebuilds_its_rungs_from_a_restored_trials_history(tmp_path: Path) -> None:
+    """Tune keeps no scheduler state: on resume, GroupASHA replays each re-added trial's val.jsonl, so a new
+    trial is stopped against the trials before the interruption as it would have been without it."""
+    import functools
+    import json
+
+    from octssl.config.sweep import SearchSection
+    from octssl.tune.search import val_history
+
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t1" / "val.jsonl").write_text("".join(json.dumps({"step": s, METRIC: 0.9}) + "\n" for s in (2, 4, 8)))
+    search = SearchSection(steps=[8], grace_steps=2, reduction_factor=2)
+    done = SimpleNamespace(trial_id="a", config={"group": "g", "trial": "t1", "steps": 8})
+    new = SimpleNamespace(trial_id="b", config={"group": "g", "trial": "t2", "steps": 8})
+    resumed = GroupASHA(search, history=functools.partial(val_history, str(tmp_path)))
+    for trial in (done, new):
+        resumed.on_trial_add(None, trial)
+    assert resumed.on_trial_result(None, new, {"step": 2, METRIC: 0.1}) == TrialScheduler.STOP
+    forgetful = GroupASHA(search)  # what Tune's restore alone would give: the first trial at that rung
+    forgetful.on_trial_add(None, new)
+    assert forgetful.on_trial_result(None, new, {"step": 2, METRIC: 0.1}) == TrialScheduler.CONTINUE
+
+
 def test_the_sampler_used_is_named_and_a_missing_optuna_fails(sweep_raw, monkeypatch) -> None:
     """No silent fallback to random search while the results say 'optuna'."""
     import sys

@@ -155,6 +155,8 @@ def plot(run_dir: Path = _RUN_DIR) -> None:
 _SWEEP_CONFIG = typer.Argument(None, metavar="CONFIG", show_default=False,
                                help="sweep YAML (kind: sweep; see jobs/sweep.yaml)")
 _SWEEP_SET = typer.Option([], "--set", help="override a sweep key: --set fractions=[0.1,1.0] (repeatable)")
+_SWEEP_RESUME = typer.Option(False, "--resume", help="continue the sweep named by name: in its own directory "
+                             "(finished trials are kept, unfinished ones continue from their last checkpoint)")
 _REPORT_DIR = typer.Argument(..., help="a sweep directory or URL (summary.json, results.parquet, trials.parquet)")
 _DEMO_OUT = typer.Option(Path("runs/demo"), "--out", "-o", help="demo directory (a previous demo there is replaced)")
 _DEMO_QUICK = typer.Option(False, "--quick", help="smoke-sized demo (about a minute; numbers mean nothing)")
@@ -169,8 +171,8 @@ def _print_tables(summary: dict) -> None:
 
 @app.command(context_settings=_EXTRA)
 def sweep(ctx: typer.Context, config: Path | None = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET,
-          dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN,
-          old_config: Path | None = _OLD_CONFIG) -> None:
+          resume: bool = _SWEEP_RESUME, dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS,
+          dry_run: bool = _DRY_RUN, old_config: Path | None = _OLD_CONFIG) -> None:
     """Fine-tune every task x label fraction x init x model with Ray Tune (ASHA), test the best, report."""
     from octssl.tune.sweep import load_sweep_config, run_sweep
 
@@ -181,7 +183,7 @@ def sweep(ctx: typer.Context, config: Path | None = _SWEEP_CONFIG, set_: list[st
             from octssl.train.dryrun import render, sweep_plan
 
             _dry_run_verdict(render, sweep_plan(load_sweep_config(config, set_)), config)
-        summary = run_sweep(load_sweep_config(config, set_))
+        summary = run_sweep(load_sweep_config(config, set_), resume=resume)
     except _ERRORS as err:
         _fail(err)
     _print_tables(summary)

@@ -16,10 +16,11 @@ from typing import Any
 
 from octssl.cluster.local import require, root_cause
 from octssl.config.job import JobConfig, dump_config
-from octssl.errors import ConfigError, OctsslError
+from octssl.errors import ConfigError, OctsslError, Preempted
 from octssl.models.precision import resolve_precision
 from octssl.storage.location import Location, is_url, ray_storage, staging_dir
 from octssl.train import checkpoint as ckpt
+from octssl.train import preempt
 from octssl.train.engine import init_single_process_group
 from octssl.train.summary import RunSummary, read_run_summary
 from octssl.vocab import VAL, VOLUME
@@ -54,7 +55,41 @@ def name_run(config: JobConfig, resume: bool | str) -> JobConfig:
         raise ConfigError(f"{run_dir}: no such run to resume")
     if not resume and run_dir.exists():
         raise ConfigError(f"{run_dir} already exists: pass --resume to continue it, or choose another run.name")
+    if resume:
+        _check_same_run(config, run_dir)
     return config
+
+
+#: config keys a resumed run may change: how long it trains and how often it may fail, not what it trains
+RESUMABLE_CHANGES = ("run.max_steps", "run.epochs", "scaling.max_failures")
+
+
+def _check_same_run(config: JobConfig, run_dir: Location) -> None:
+    """Refuse to continue RUN_DIR with another config than the one it started with: a re-applied manifest
+    (``--resume-if-exists``) for a new experiment under an old run.name must not continue the old run."""
+    import yaml
+
+    saved = next((path for path in _saved_configs(run_dir) if path.is_file()), None)
+    if saved is None:
+        return  # killed before it wrote its config: nothing to compare with
+    before = _flat(yaml.safe_load(saved.read_bytes()) or {})
+    now = _flat(yaml.safe_load(dump_config(config)) or {})
+    changed = sorted(k for k in set(before) | set(now)
+                     if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if changed:
+        raise ConfigError(f"{saved}: run {config.run.name!r} exists with another config (changed: "
+                          f"{', '.join(changed)}): a new experiment needs a new run.name")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"run": {"name": x}} -> {"run.name": x}: the changed keys named as --set names them."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _absolute(value: str | None) -> str | None:
@@ -69,15 +104,20 @@ def _pinned_before(run_dir: Location, corpus: str) -> str | None:
     on an object store, its local staging copy), so a resumed run reads the same snapshot; None if none."""
     import yaml
 
-    saved_configs = [run_dir / "config.yaml"]
-    if run_dir.remote:
-        saved_configs.append(Location.parse(staging_dir(run_dir)) / "config.yaml")
-    for saved in saved_configs:
+    for saved in _saved_configs(run_dir):
         if saved.is_file():
             before = str((yaml.safe_load(saved.read_bytes()) or {}).get("data", {}).get("corpus") or "")
             if before.startswith(corpus.rstrip("/") + "@"):
                 return before
     return None
+
+
+def _saved_configs(run_dir: Location) -> list[Location]:
+    """Where a run's config.yaml may be: RUN_DIR, and for a run on an object store its local staging copy."""
+    saved = [run_dir / "config.yaml"]
+    if run_dir.remote:
+        saved.append(Location.parse(staging_dir(run_dir)) / "config.yaml")
+    return saved
 
 
 def preflight(config: JobConfig) -> dict[str, Any]:
@@ -143,6 +183,7 @@ def run(
     run_dir = staging_dir(remote) if remote.remote else remote.local
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.prune_unregistered(run_dir)  # what a killed driver left half-registered
+    (run_dir / preempt.MARKER).unlink(missing_ok=True)  # an earlier attempt's: this one continues it
     (run_dir / "config.yaml").write_text(dump_config(config))
     gpu = config.scaling.gpus_per_worker > 0
     resources = {"CPU": config.scaling.cpus_per_worker}
@@ -168,16 +209,26 @@ def run(
     watcher = RunWatcher(run_dir, enabled=progress)
     watcher.start()
     try:
-        result = trainer.fit()
+        with preempt.on_sigterm(config.run.name or "run", str(run_dir)):
+            result = trainer.fit()
     except Exception as err:  # Ray wraps worker errors; surface the cause's message
         raise OctsslError(f"{run_dir}: training failed: {root_cause(err)}") from err
     finally:
         watcher.stop()
     if result.error is not None:
         raise OctsslError(f"{run_dir}: training failed: {root_cause(result.error)}")
+    _raise_if_preempted(run_dir)
     if remote.remote:
         return _remote_summary(run_dir, remote)
     return read_run_summary((run_dir / "summary.json").read_text())
+
+
+def _raise_if_preempted(run_dir: Path) -> None:
+    """A run that stopped on a preemption request ended without a summary: say where and how to go on."""
+    marker = preempt.read_marker(run_dir)
+    if marker is not None:
+        raise Preempted(f"{run_dir}: preempted (SIGTERM): stopped cleanly after the checkpoint at step "
+                        f"{marker['step']}; continue with --resume (a retried RayJob does: --resume-if-exists)")
 
 
 def _remote_summary(run_dir: Path, remote: Location) -> RunSummary:
@@ -215,4 +266,9 @@ def run_single_process(config: JobConfig, *, resume_from: Path | None = None,
 
     ctx = WorkerContext(rank=0, world_size=1, run_dir=run_dir, report=report, resume_from=resume_from,
                         metrics_port=metrics_port)
-    return Trainer(config, ctx).train()
+    with preempt.on_sigterm(config.run.name or "run", str(run_dir)):
+        summary = Trainer(config, ctx).train()
+    _raise_if_preempted(run_dir)
+    if summary is None:  # stopped on a request from another process, its marker since removed
+        raise Preempted(f"{run_dir}: preempted; continue with --resume")
+    return summary

@@ -67,9 +67,10 @@ class WorkerContext:
 
 class Trainer:
     """One rank's training run. Hooks a variant may override: ``report`` (what a checkpoint step tells the
-    driver) and ``keeps_checkpoints`` (whether it writes resumable state at all)."""
+    driver) and ``preemptible`` (whether a stop request, :mod:`octssl.train.preempt`, makes it checkpoint
+    and stop)."""
 
-    keeps_checkpoints = True
+    preemptible = True
 
     def __init__(self, config: JobConfig, ctx: WorkerContext) -> None:
         self.config, self.ctx = config, ctx
@@ -78,6 +79,8 @@ class Trainer:
         self.bad_in_row = 0
         self.last_val: dict[str, float] = {}
         self.started = time.time()
+        self.stop_requested = False  # a preemption request seen by some rank at the last step
+        self._stop_poll: Callable[[], bool] | None = None
         self._nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}
 
     # ---------------------------------------------------------------- setup
@@ -117,6 +120,10 @@ class Trainer:
         self.log = RunLog(self.run_dir, self.ctx.rank)
         if self.ctx.metrics_port:
             serve(self.ctx.metrics_port + self.ctx.local_rank)
+        if self.preemptible and self.ctx.rank == 0:  # rank 0 reads stop requests; the step's all-reduce tells the rest
+            from octssl.train.preempt import Poll
+
+            self._stop_poll = Poll(c.run.name or "run", since=self.started)
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = dict(batch)
@@ -138,10 +145,12 @@ class Trainer:
         if self.state.step + 1 in self._nan_steps:
             loss = loss * float("nan")
         self.local_done = time.time()  # the step's first collective follows: ranks wait for each other there
-        bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
+        stop = 1.0 if self._stop_poll is not None and self._stop_poll() else 0.0
+        bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0, stop], device=loss.device)
         if self.ctx.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
+        self.stop_requested = bad[1].item() > 0
+        if bad[0].item() > 0:
             self.engine.zero_grad()
             self.scheduler.step()
             return None
@@ -210,9 +219,6 @@ class Trainer:
         self.ctx.report(metrics, ckpt_dir)
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
-        if not self.keeps_checkpoints:
-            self.report(metrics, None)
-            return
         with self.saved_checkpoint() as path:
             self.report(metrics, path)
 
@@ -235,7 +241,7 @@ class Trainer:
         return ckpt.export_weights(self.engine, self.run_dir / name, card)
 
     # ---------------------------------------------------------------- the run
-    def train(self) -> RunSummary:
+    def train(self) -> RunSummary | None:
         c = self.config
         self.setup()
         if self.ctx.resume_from is not None:
@@ -262,7 +268,20 @@ class Trainer:
                 evaluated = self._evaluate()
             if self.cadence.due(state.step, c.run.ckpt_every):
                 self.checkpoint({"step": state.step, "loss": state.last_loss, **evaluated})
+            if self.stop_requested and state.step < self.total_steps:
+                self.stop_preempted(checkpointed=self.cadence.due(state.step, c.run.ckpt_every))
+                return None
         return self.finish()
+
+    def stop_preempted(self, checkpointed: bool) -> None:
+        """Checkpoint this step (unless the cadence just did) and stop without a summary (rank 0 writes
+        ``preempted.json`` instead): a resumed run loses no step."""
+        from octssl.train import preempt
+
+        if not checkpointed:
+            self.checkpoint({"step": self.state.step, "loss": self.state.last_loss})
+        if self.ctx.rank == 0:
+            preempt.write_marker(self.run_dir, self.state.step, preempt.asked_at(self.config.run.name or "run"))
 
     def _count(self, loss: float | None) -> None:
         state = self.state

@@ -88,6 +88,16 @@ class SweepProgress(Callback):
         if self.live is not None:
             self.live.update(self.render())
 
+    def restored(self, results: Any) -> None:
+        """Count the trials a resumed sweep keeps (Tune starts none of them again, so no hook sees them)."""
+        for result in results:
+            trial_id = (result.metrics or {}).get("trial_id")
+            if trial_id is None or result.config is None:
+                continue
+            self.state[trial_id] = "ERROR" if result.error is not None else "TERMINATED"
+            self.group_of[trial_id] = result.config["group"]
+        self._publish()
+
     # ---------------------------------------------------------------- Tune callback hooks
     def _set(self, trial: Any, state: str) -> None:
         self.state[trial.trial_id] = state

@@ -214,17 +214,19 @@ def write_parquet(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ..
     pq.write_table(table, path)
 
 
-def staged_sweep_dir(place: Location) -> Path:
-    """The new local folder the sweep writes into: SWEEP_DIR itself, or for a SWEEP_DIR on an object store
-    a fresh staging folder (``OCTSSL_STAGING``) uploaded there when the sweep ends."""
+def staged_sweep_dir(place: Location, *, keep: bool = False) -> Path:
+    """The local folder the sweep writes into: SWEEP_DIR itself, or for a SWEEP_DIR on an object store
+    a staging folder (``OCTSSL_STAGING``) uploaded there when the sweep ends. A new sweep starts it
+    empty; a resumed one (``keep``) continues in what its interrupted attempt wrote."""
     import shutil
 
     if not place.remote:
-        place.local.mkdir(parents=True)
+        place.local.mkdir(parents=True, exist_ok=keep)
         return place.local
     folder = staging_dir(place)
-    shutil.rmtree(folder, ignore_errors=True)  # what an interrupted attempt left (a sweep never resumes)
-    folder.mkdir(parents=True)
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)  # what an earlier attempt under this name left
+    folder.mkdir(parents=True, exist_ok=keep)
     return folder
 
 

@@ -12,8 +12,10 @@ pretrained trials try the same hyperparameters first: a paired comparison.
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,10 +125,19 @@ class GroupSearch(Searcher):
         return Searcher.FINISHED  # type: ignore[return-value]  # Ray's sentinel string ends the search
 
     def save(self, checkpoint_path: str) -> None:
-        pass  # a sweep is never resumed in place (see octssl.tune.sweep), so there is no state to keep
+        """Tune calls this with each experiment checkpoint: what a resumed sweep needs to go on suggesting
+        where it stopped (the samplers with their random state or Optuna study, what is left per group)."""
+        from ray import cloudpickle
+
+        state = {"samplers": self.samplers, "left": self.left, "group_of": self.group_of, "count": self.count}
+        Path(checkpoint_path).write_bytes(cloudpickle.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
-        pass
+        from ray import cloudpickle
+
+        state = cloudpickle.loads(Path(checkpoint_path).read_bytes())
+        self.samplers, self.left, self.group_of, self.count = (
+            state["samplers"], state["left"], state["group_of"], state["count"])
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.group_of:
@@ -142,8 +153,9 @@ class GroupSearch(Searcher):
 class GroupASHA(FIFOScheduler):
     """Asynchronous successive halving on the val Dice, separately inside each group."""
 
-    def __init__(self, search: SearchSection) -> None:
+    def __init__(self, search: SearchSection, history: Callable[[Any], list[dict]] | None = None) -> None:
         super().__init__()
+        self.history = history  # a trial's results so far (its val.jsonl): replayed when a resumed sweep re-adds it
         self.max_t = max(search.steps)
         self.grace = min(search.grace_steps, self.max_t)
         self.reduction_factor = search.reduction_factor
@@ -163,7 +175,13 @@ class GroupASHA(FIFOScheduler):
         return self.by_group[key]
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        self._of(trial).on_trial_add(tune_controller, trial)
+        """A new trial, or one a resumed sweep restored: its earlier results (none for a new trial) go into its
+        group's rungs, so later trials are compared with them as in an uninterrupted sweep."""
+        asha = self._of(trial)
+        asha.on_trial_add(tune_controller, trial)
+        for result in self.history(trial) if self.history else []:
+            asha.on_trial_result(tune_controller, trial, result)
+
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         action = self._of(trial).on_trial_result(tune_controller, trial, result)
@@ -184,3 +202,12 @@ class GroupASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         return f"GroupASHA: {len(self.by_group)} groups, {self.stopped} trials stopped early"
+
+
+def val_history(trials_dir: str, trial: Any) -> list[dict]:
+    """The validation records a trial wrote so far (``trials/<trial>/val.jsonl``), for GroupASHA's replay."""
+    path = Path(trials_dir) / trial.config["trial"] / "val.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if TIME_ATTR in row and METRIC in row]

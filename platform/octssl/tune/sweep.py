@@ -18,10 +18,16 @@ SWEEP_DIR when the sweep ends (:func:`octssl.tune.results.staged_sweep_dir`).
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +37,7 @@ import yaml
 from octssl.cluster.local import require
 from octssl.config.sweep import SCRATCH, Cell, Group, SweepConfig, load_sweep_config, trial_job
 from octssl.errors import ConfigError, CorpusError, OctsslError
-from octssl.storage.location import Location, absolute, ray_storage, upload_tree
+from octssl.storage.location import Location, absolute, ray_storage, staging_dir, upload_tree
 from octssl.tune.results import (
     RESULT_COLUMNS,
     choose,
@@ -46,18 +52,57 @@ from octssl.tune.testsplit import evaluate_chosen, figure_data
 __all__ = ["load_sweep_config", "preflight_sweep", "run_sweep", "sweep_dir_of"]
 
 
-def sweep_dir_of(config: SweepConfig) -> tuple[SweepConfig, Location]:
-    """The config with absolute paths (trials run with another working directory; URLs stay URLs) and a
-    fresh SWEEP_DIR (a folder or an object-store prefix)."""
+def sweep_dir_of(config: SweepConfig, resume: bool | str = False) -> tuple[SweepConfig, Location, bool]:
+    """The config with absolute paths (trials run with another working directory; URLs stay URLs), its
+    SWEEP_DIR (a folder or an object-store prefix) and whether the sweep continues there.
+
+    ``resume``: False, SWEEP_DIR must not exist; True, it must, with the same config; "auto" (a retried
+    RayJob), continue it when it exists, else start it. A sweep resumed with another config is refused:
+    its finished trials would be mixed with trials of a different experiment."""
     config = config.model_copy(deep=True)
+    if resume and config.name is None:
+        raise ConfigError("resuming a sweep needs its name: set name: in the config (or --set name=NAME)")
     config.name = config.name or f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
     config.storage_path = absolute(config.storage_path)
     config.corpus = absolute(config.corpus)
     config.inits = {k: v if v == SCRATCH else absolute(v) for k, v in config.inits.items()}
     sweep_dir = Location.parse(config.storage_path) / config.name
-    if sweep_dir.exists():
-        raise ConfigError(f"{sweep_dir} already exists: choose another name (a sweep is never resumed in place)")
-    return config, sweep_dir
+    exists = sweep_dir.exists()
+    if resume == "auto":
+        resume = exists
+    if not resume and exists:
+        raise ConfigError(f"{sweep_dir} already exists: pass --resume to continue it, or choose another name")
+    if resume and not exists:
+        raise ConfigError(f"{sweep_dir}: no such sweep to resume")
+    if resume:
+        _check_same_config(config, sweep_dir)
+    return config, sweep_dir, bool(resume)
+
+
+#: keys that may change between a sweep and its resume (they do not change any trial)
+_RESUMABLE_CHANGES = ("metrics_port",)
+
+
+def _check_same_config(config: SweepConfig, place: Location) -> None:
+    """Refuse to resume SWEEP_DIR with a config other than the one it started with (its ``sweep.yaml``: in
+    SWEEP_DIR, or for a sweep on an object store in the local staging folder it writes until it ends)."""
+    saved = [place / "sweep.yaml"] + ([Location.parse(staging_dir(place)) / "sweep.yaml"] if place.remote else [])
+    found = next((path for path in saved if path.is_file()), None)
+    if found is None:
+        raise ConfigError(f"{place}: no sweep.yaml (looked in {', '.join(map(str, saved))}): not a sweep this "
+                          "platform can resume; choose another name")
+    before = yaml.safe_load(found.read_bytes()) or {}
+    now = config.model_dump(mode="json")
+    changed = sorted(k for k in set(before) | set(now) if k not in _RESUMABLE_CHANGES and before.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(f"{found}: the sweep {config.name!r} exists with another config (changed: "
+                          f"{', '.join(changed)}): resume it with its own config, or choose another name")
+
+
+def _finished(place: Location) -> dict[str, Any] | None:
+    """summary.json of a sweep that already ended (a retried RayJob after its last step), else None."""
+    done = place / "summary.json"
+    return json.loads(done.read_bytes()) if done.is_file() else None
 
 
 def preflight_sweep(config: SweepConfig) -> dict[str, Any]:
@@ -115,13 +160,16 @@ def _ray_up(config: SweepConfig) -> int:
     return want.max_concurrent_trials or max(1, fits)
 
 
-def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run the whole sweep; returns summary.json's content."""
+def run_sweep(config: SweepConfig, *, resume: bool | str = False, progress: bool = True) -> dict[str, Any]:
+    """Run the whole sweep (or, with ``resume``, continue it in its own SWEEP_DIR, see :func:`sweep_dir_of`);
+    returns summary.json's content. A sweep that already ended is returned as it is."""
     from octssl.tune.report import build_report
 
     started = time.time()
     timings: dict[str, float] = {}
-    config, place = sweep_dir_of(config)
+    config, place, resuming = sweep_dir_of(config, resume)
+    if resuming and (ended := _finished(place)) is not None:
+        return ended
     facts = preflight_sweep(config)
     timings["preflight"] = time.time() - started
     if config.metrics_port is not None:
@@ -129,11 +177,12 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
 
         serve(config.metrics_port)
     concurrent = _ray_up(config)
-    sweep_dir = staged_sweep_dir(place)
-    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    sweep_dir = staged_sweep_dir(place, keep=resuming)
+    if not resuming:
+        (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
     t0 = time.time()
-    trials = _search(config, sweep_dir, place, concurrent, progress)
+    trials = _search(config, sweep_dir, place, concurrent, progress, resuming)
     write_parquet(sweep_dir / "trials.parquet", published(trials, sweep_dir, place))
     timings["search"] = time.time() - t0
 
@@ -167,11 +216,12 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- search
 def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: int,
-            progress: bool) -> list[dict[str, Any]]:
+            progress: bool, resuming: bool = False) -> list[dict[str, Any]]:
+    """One Tune experiment in ``SWEEP_DIR/tune``; a resumed sweep restores it (:func:`_restored_tuner`)."""
     from ray import tune
 
     from octssl.tune.live import SweepProgress
-    from octssl.tune.search import GroupASHA, GroupSearch, make_sampler, sampler_name
+    from octssl.tune.search import GroupASHA, GroupSearch, make_sampler, sampler_name, val_history
     from octssl.tune.trial import FORWARDED_ENV, TrialPlan, run_trial
 
     sampler_name(config.search)  # the configured sampler is there, or the sweep stops before any trial
@@ -183,27 +233,75 @@ def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: i
     watcher = SweepProgress(config, run=config.name or "sweep", total=total, enabled=progress)
     # Our own progress display replaces Tune's console output (its new output engine ignores verbose=0).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune saves its experiment state (trials' status and checkpoints, the search) at most this often: what a
+    # killed driver can lose. Its default adapts upwards from 10 s; a sweep's state is small, save it often.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Tune also saves it with every trial checkpoint (one per evaluation) and warns when that happens often;
+    # with short trials it does, by design: the saves are small.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     storage_path, storage_filesystem = ray_storage(str(place))  # Tune's state: on the object store itself
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, plan=plan), resources),
-        tune_config=tune.TuneConfig(
-            search_alg=GroupSearch(groups, config.search.num_samples, lambda g: make_sampler(config.search, g)),
-            scheduler=GroupASHA(config.search),
-            num_samples=total,
-            max_concurrent_trials=concurrent,
-            reuse_actors=True,
-        ),
-        run_config=tune.RunConfig(
-            name="tune", storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0, callbacks=[watcher],
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-        ),
-    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), resources)
+    tuner = _restored_tuner(f"{storage_path}/tune", storage_filesystem, trainable, watcher) if resuming else None
+    if tuner is None:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=GroupSearch(groups, config.search.num_samples, lambda g: make_sampler(config.search, g)),
+                scheduler=GroupASHA(config.search, history=functools.partial(val_history, plan.trials_dir)),
+                num_samples=total,
+                max_concurrent_trials=concurrent,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0,
+                callbacks=[watcher], failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # a trial resumes from its last one
+            ),
+        )
     watcher.start()
     try:
-        grid = tuner.fit()
+        with _sigterm_as_sigint():
+            grid = tuner.fit()
     finally:
         watcher.stop()
     if len(grid) < total:  # Tune stops gracefully on Ctrl-C and returns what ran: do not report that as done
-        raise OctsslError(f"{place}: sweep interrupted after {len(grid)} of {total} trials; no results written")
+        raise OctsslError(f"{place}: sweep interrupted after {len(grid)} of {total} trials; no results written "
+                          "(continue it with --resume)")
     return [trial_row(config, sweep_dir, grid[i]) for i in range(len(grid))]
+
+
+@contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """A preempted sweep driver (SIGTERM) stops as on Ctrl-C: Tune ends its trials, saves the experiment's
+    state and returns, and the sweep stops with "continue it with --resume". Trials keep the checkpoint of
+    their last evaluation; the work since then is redone on resume."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _restored_tuner(path: str, filesystem: Any, trainable: Any, watcher: Any) -> Any:
+    """Ray Tune's own restore of the experiment at ``path``, or None when it never saved its state (killed
+    before its first experiment checkpoint: the sweep then starts its search again).
+
+    Tune keeps finished and failed trials as they are (``resume_errored=False``: a failed trial is a
+    result), puts unfinished ones back in the queue from their last checkpoint, and restores the search
+    (GroupSearch.save/restore). It does not keep the scheduler's state: GroupASHA rebuilds its rungs from
+    the trials' val.jsonl as Tune re-adds them. ``Tuner.restore`` takes no callbacks, so the restored run
+    config gets this process's progress display in place of the pickled one."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        return None
+    tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                               restart_errored=False, storage_filesystem=filesystem)
+    if tuner._local_tuner is not None:  # a Tuner made on the driver (not a remote one) has it
+        tuner._local_tuner.get_run_config().callbacks = [watcher]
+    watcher.restored(tuner.get_results())
+    return tuner

@@ -9,7 +9,9 @@ it. Its run directory (metrics, val.jsonl, best/ weights) lies under ``SWEEP_DIR
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,36 +39,64 @@ class TrialPlan:
 
 
 class TrialTrainer(Trainer):
-    """The Trainer with its reporting changed: each checkpoint step reports to Tune, with the best metric.
+    """The Trainer with its reporting changed: each checkpoint step reports to Tune, with the best metric,
+    and hands Tune the checkpoint a resumed sweep continues an unfinished trial from (Tune keeps the last).
+    A trial does not stop on a preemption request: it would look finished to Tune. A preempted sweep
+    resumes its trials from their last evaluation's checkpoint instead."""
 
-    Trials are never resumed (a failed trial is recorded and the sweep moves on), so they keep no
-    resumable checkpoints (those would only cost time); the best weights are still exported.
-    """
-
-    keeps_checkpoints = False
+    preemptible = False
 
     def report(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-        self.ctx.report({**metrics, f"best_{self.objective.primary_metric}": self.state.best_metric}, None)
+        self.ctx.report({**metrics, f"best_{self.objective.primary_metric}": self.state.best_metric}, ckpt_dir)
 
 
 def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
-    """The Tune function trainable: ``params`` = {group, trial, lr, weight_decay, steps}."""
+    """The Tune function trainable: ``params`` = {group, trial, lr, weight_decay, steps}.
+
+    In a resumed sweep Tune hands an unfinished trial its last checkpoint, and the trial continues from it.
+    A trial that had finished (its summary.json written) but that Tune's last experiment checkpoint still
+    saw running only reports its last result again: a finished trial never trains twice. One killed
+    before its first checkpoint starts again from an empty run directory."""
     from ray import tune
+    from ray.tune import Checkpoint
 
     from octssl.config.job import dump_config
     from octssl.train.loop import WorkerContext
 
-    _prepare_process(plan)
     group = plan.group(params["group"])
     job = trial_job(plan.config, group, params, params["trial"], storage_path=plan.trials_dir)
     run_dir = Path(job.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=False)
+    if (run_dir / "summary.json").is_file():
+        tune.report(_last_result(run_dir))
+        return
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None and run_dir.exists():
+        shutil.rmtree(run_dir)
+    _prepare_process(plan)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(job))
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-        tune.report({k: float(v) for k, v in metrics.items() if v is not None})
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        tune.report(clean, checkpoint=Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
 
-    TrialTrainer(job, WorkerContext(rank=0, world_size=1, run_dir=run_dir, report=report)).train()
+    ctx = WorkerContext(rank=0, world_size=1, run_dir=run_dir, report=report)
+    if checkpoint is None:
+        TrialTrainer(job, ctx).train()
+        return
+    with checkpoint.as_directory() as path:
+        ctx.resume_from = Path(path)
+        TrialTrainer(job, ctx).train()
+
+
+def _last_result(run_dir: Path) -> dict[str, float]:
+    """What a finished trial last reported: its summary's step and its last validation record."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    vals = [json.loads(line) for line in (run_dir / "val.jsonl").read_text().splitlines() if line.strip()] \
+        if (run_dir / "val.jsonl").is_file() else []
+    last = vals[-1] if vals else {}
+    return {k: float(v) for k, v in {**last, "step": summary["steps"]}.items()
+            if isinstance(v, (int, float)) and v is not None}
 
 
 def _prepare_process(plan: TrialPlan) -> None:
