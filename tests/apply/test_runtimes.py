@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -53,6 +54,9 @@ def test_exports_describe_themselves(exported: tuple[Path, dict]) -> None:
         assert described["threshold"] == 0.35 and described["task"] == "ga"
         assert described["input"]["grid"] == list(GRID) and "z-scored" in described["input"]["tensor"]
         assert described["card"] == {"intended_use": "research"}
+    # onnxruntime shows the description to whoever runs the file alone
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert json.loads(session.get_modelmeta().custom_metadata_map["octssl"])["threshold"] == 0.35
     graph = onnx.load(str(folder / "model.onnx"))
     (inputs,) = graph.graph.input
     dims = [d.dim_param or d.dim_value for d in inputs.type.tensor_type.shape.dim]
