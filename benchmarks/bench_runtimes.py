@@ -20,7 +20,15 @@ from pathlib import Path
 import torch
 
 from common import environment, finish, summarize, write_json  # benchmarks/ is on sys.path when a script runs
-from octssl.apply.runtimes import EXPORT_FILES, RUNTIMES, TORCH, example_input, export_metadata, runtime_model, write_exports
+from octssl.apply.runtimes import (
+    EXPORT_FILES,
+    RUNTIMES,
+    TORCH,
+    example_input,
+    export_metadata,
+    runtime_model,
+    write_exports,
+)
 from octssl.corpus.manifest import parse_grid
 from octssl.models import build_model
 
