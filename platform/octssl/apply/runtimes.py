@@ -145,7 +145,9 @@ def load_export(kind: str, path: Path) -> Any:
         _onnxruntime()
     try:
         if kind == TORCHSCRIPT:
-            return torch.jit.load(str(path), map_location="cpu").eval()
+            with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.x; this runtime exists to load it
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return torch.jit.load(str(path), map_location="cpu").eval()
         if kind == ONNX:
             return OnnxModel(path)
     except Exception as err:  # noqa: BLE001 - any loader failure is the same user-facing problem
@@ -161,7 +163,9 @@ def read_export_metadata(path: Path) -> dict[str, Any]:
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         return json.loads(props[METADATA_KEY])
     extra = {f"{METADATA_KEY}.json": ""}
-    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return json.loads(extra[f"{METADATA_KEY}.json"])
 
 
