@@ -150,7 +150,8 @@ def dicom_geometry(ds: Any, shape: tuple[int, int]) -> EnfaceGeometry | None:
 
 # ---------------------------------------------------------------- NIfTI
 def nifti_bytes(enface: np.ndarray, geometry: EnfaceGeometry, description: str) -> bytes:
-    """A gzipped NIfTI-1 file of an en-face ``(nB, W)`` map (uint8 mask or float32 probability)."""
+    """The bytes of a NIfTI-1 file (not yet gzipped) of an en-face ``(nB, W)`` map (uint8 mask or float32
+    probability)."""
     import nibabel as nib
 
     array = np.ascontiguousarray(np.asarray(enface).T[:, :, None])
