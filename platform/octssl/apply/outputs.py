@@ -219,7 +219,8 @@ def _with_frame_of_reference(ds: Any, geometry: EnfaceGeometry) -> Any:
     return header
 
 
-def _highdicom() -> Any:
+def require_highdicom() -> Any:
+    """highdicom, or PredictError saying what to install."""
     try:
         import highdicom
     except ImportError:
@@ -238,7 +239,7 @@ def dicom_seg(source: Any, mask: np.ndarray, geometry: EnfaceGeometry, task: str
     """A binary DICOM-SEG (pydicom Dataset) of the en-face ``mask`` (nB, W) of the OPT ``source`` header: one
     segment, the task's lesion, one frame placed by ``geometry`` (:func:`enface_geometry`), in the source's
     frame of reference when it is the device's, else in a new one."""
-    hd = _highdicom()
+    hd = require_highdicom()
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
