@@ -124,6 +124,14 @@ def _predict(predict: dict[str, Any]) -> tuple[str, str]:
             f"{predict['width']}); forward pass {predict['forward_s_per_volume_batch4']:.3f} s/volume")
 
 
+def _runtimes(result: dict[str, Any]) -> tuple[str, str]:
+    rows = result["results"]
+    speeds = ", ".join(f"{kind} {row['s_per_volume']['median']:.2f} s (x{row['speed_vs_torch']:.1f})"
+                       for kind, row in rows.items())
+    return (f"runtimes: {result['model']} width {result['width']}, {'x'.join(map(str, result['grid']))}, batch {result['batch']}",
+            f"forward per volume {speeds}; export {result['export_s']:.0f} s")
+
+
 def _icechunk(result: dict[str, Any]) -> tuple[str, str]:
     rows = {(r["engine"], r["storage"], r["layout"].startswith("one")): r for r in result["rows"]}
     base, chunked = rows[("octssl", "local", False)], rows.get(("icechunk", "local", True))
@@ -189,7 +197,8 @@ def _recovery(result: dict[str, Any]) -> tuple[str, str]:
 #: result kind (file-name prefix) -> its row; in the order the table lists them
 ROWS: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
     "step": _step, "levers": _levers, "train": _train, "scaling": _scaling, "data": _data, "models": _models,
-    "ingest": _ingest, "predict": _predict, "icechunk": _icechunk, "growth": _growth, "paper": _paper, "recovery": _recovery,
+    "ingest": _ingest, "predict": _predict, "runtimes": _runtimes, "icechunk": _icechunk, "growth": _growth,
+    "paper": _paper, "recovery": _recovery,
 }
 
 

@@ -21,10 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m octssl.jobs", description=__doc__)
     parser.add_argument("config", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    resume = parser.add_mutually_exclusive_group()
-    resume.add_argument("--resume", action="store_true",
+    resuming = parser.add_mutually_exclusive_group()
+    resuming.add_argument("--resume", action="store_true",
                         help="continue run.name (a sweep: its name) from its last checkpoint")
-    resume.add_argument(
+    resuming.add_argument(
         "--resume-if-exists", action="store_true",
         help="continue run.name (a sweep: its name) if it exists, else start it (what a retried RayJob wants)",
     )

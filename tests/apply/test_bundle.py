@@ -23,7 +23,8 @@ def bundle(finetuned_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def test_bundle_holds_weights_config_threshold_and_provenance(bundle: Path, finetuned_run: Path) -> None:
-    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.onnx", "model.safetensors",
+                                                        "model.torchscript.pt"]
     config = json.loads((bundle / "config.json").read_text())
     assert config["octssl_version"] == __version__ and config["task"] == "ga"
     assert config["model"]["name"] == "fpn" and config["model"]["options"]["width"] == 0.25

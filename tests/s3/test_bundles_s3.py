@@ -34,13 +34,13 @@ def test_export_from_an_s3_run_to_an_s3_bundle_then_predict_from_it(finetuned_ru
     result = CliRunner().invoke(app, ["export-model", run_url, "--task", "ga", "--out", bundle_url])
     assert result.exit_code == 0 and f"wrote {bundle_url}" in result.output, result.output
     bundle = Location.parse(bundle_url)
-    assert {f.name for f in bundle.files()} == {CONFIG_NAME, WEIGHTS_NAME}
+    assert {f.name for f in bundle.files()} == {CONFIG_NAME, WEIGHTS_NAME, "model.torchscript.pt", "model.onnx"}
     config = json.loads((bundle / CONFIG_NAME).read_bytes())
     assert config["provenance"]["run_dir"] == run_url and config["task"] == "ga"
     local = load_bundle(export_model(finetuned_run, "ga", tmp_path / "local"))
     loaded = load_bundle(bundle_url)
     assert loaded.path == bundle and loaded.threshold == local.threshold and loaded.grid == local.grid
-    assert loaded.config["provenance"]["weights_sha256"] == local.config["provenance"]["weights_sha256"]
+    assert loaded.config.provenance["weights_sha256"] == local.config.provenance["weights_sha256"]
 
     out = tmp_path / "pred"
     result = CliRunner().invoke(app, ["predict", bundle_url, str(growth_corpus), "--split", "test", "--out", str(out)])
@@ -49,6 +49,12 @@ def test_export_from_an_s3_run_to_an_s3_bundle_then_predict_from_it(finetuned_ru
     test_ids = Corpus.open(growth_corpus).ids(split="test", raster_only=False)
     assert sorted(r["id"] for r in rows) == sorted(test_ids) and {r["threshold"] for r in rows} == {loaded.threshold}
     assert all((out / "volumes" / i / "mask.png").is_file() for i in test_ids)
+    # the ONNX export is fetched from the bundle's URL and gives the same masks
+    result = CliRunner().invoke(app, ["predict", bundle_url, str(growth_corpus), "--split", "test", "--runtime", "onnx",
+                                      "--out", str(tmp_path / "onnx")])
+    assert result.exit_code == 0, result.output
+    onnx_rows = pq.read_table(tmp_path / "onnx" / "predictions.parquet").to_pylist()
+    assert [r["pixels"] for r in onnx_rows] == [r["pixels"] for r in rows]
     _one_line_error(CliRunner().invoke(app, ["predict", bundle_url, str(growth_corpus), "--out", f"{s3}/out"]),
                     f"{s3}/out", "not a URL")  # predictions are written to a local folder, never to "s3:/..."
 

@@ -1,4 +1,4 @@
-"""Model bundles: a fine-tuned segmentation model ready to run on new scans, as two plain files.
+"""Model bundles: a fine-tuned segmentation model ready to run on new scans, as plain files.
 
 ``BUNDLE/model.safetensors`` (the weights, never pickle) and ``BUNDLE/config.json``, one
 :class:`BundleConfig`: ``format`` and ``format_version`` (``major.minor``), ``octssl_version`` (who wrote it),
@@ -7,8 +7,9 @@ normalisation, the en-face size multiple, the training ``grid`` nB x D x W every
 ``depth_mm`` window and the training ``spacing_mm`` range), ``threshold`` (chosen once, on the val split,
 where the checkpoint was chosen: the best pooled Dice over 0.05..0.95) with ``threshold_source``,
 ``metrics`` (``val`` at that threshold; ``test``, from a sweep, measured on the chosen trial itself at that
-threshold) and ``provenance`` (run directory, sweep and trial, corpus and its manifest's sha256, the
-training config, the weights' sha256, creation time).
+threshold), ``provenance`` (run directory, sweep and trial, corpus and its manifest's sha256, the
+training config, the weights' sha256, creation time) and ``exports`` (format 1.2): the same model as
+``BUNDLE/model.torchscript.pt`` and ``BUNDLE/model.onnx`` with their sha256 (:mod:`octssl.apply.runtimes`).
 
 Compatibility: a bundle loads in any octssl that reads its format major (a newer minor only adds fields,
 which older readers ignore); another major is refused with one line. Format ``octssl-bundle/1`` (before
@@ -41,7 +42,7 @@ from octssl.errors import ModelError
 from octssl.storage.location import Location, absolute, download_files
 from octssl.vocab import MASKS, SEGMENTATION
 
-FORMAT, FORMAT_VERSION = "octssl-bundle", "1.1"
+FORMAT, FORMAT_VERSION = "octssl-bundle", "1.2"  # 1.2: TorchScript and ONNX exports (``exports``)
 LEGACY_FORMAT = "octssl-bundle/1"  # bundles written before format_version: read as 1.0
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 MULTIPLE = 16
@@ -80,6 +81,14 @@ class BundleMetrics(BaseModel):
     test: SplitMetrics | None = None
 
 
+class ExportFile(BaseModel):
+    """One portable export of the model in the bundle (:mod:`octssl.apply.runtimes`)."""
+
+    file: str
+    sha256: str
+    opset: int | None = None  # ONNX only
+
+
 class BundleConfig(BaseModel):
     """config.json of a bundle (fields a newer minor adds are kept and ignored)."""
 
@@ -95,6 +104,7 @@ class BundleConfig(BaseModel):
     threshold_source: str
     metrics: BundleMetrics
     provenance: dict[str, Any]
+    exports: dict[str, ExportFile] = {}  # runtime -> file (format 1.2; older bundles run on torch only)
 
 
 class SweepOrigin(BaseModel):
@@ -240,7 +250,9 @@ def export_model(source: str | Path | Location, task: str, out: str | Path | Loc
             raise ModelError(f"{where}: no such run or sweep directory")
         shown = named or (str(where) if where.remote else str(run_dir.resolve()))
         config, weights = bundle_config(run_dir, task, shown, origin)
-        _write_bundle(target, weights, config)
+        exports = Path(folder) / "exports"
+        config.exports = _exports(weights, config, exports)
+        _write_bundle(target, weights, config, exports)
     return target.local if not target.remote else target
 
 
@@ -301,19 +313,36 @@ def bundle_config(run_dir: Path, task: str, shown: str, origin: SweepOrigin | No
     return config, weights
 
 
-def _write_bundle(out: Location, weights: Path, config: BundleConfig) -> None:
-    """Put the two files at ``out`` whole or not at all: a local folder is renamed into place; on an object
-    store the old config.json goes first and the new one is uploaded last (no config.json, no bundle)."""
+def _exports(weights: Path, config: BundleConfig, folder: Path) -> dict[str, ExportFile]:
+    """TorchScript and ONNX exports of the weights' model written into ``folder``, each describing itself with
+    the config's task, threshold and input contract and the weights' card."""
+    from octssl.apply.runtimes import export_metadata, write_exports
+    from octssl.models.transfer import model_from_weights, read_metadata
+
+    folder.mkdir(parents=True, exist_ok=True)
+    described = {"card": read_metadata(weights).get("card"), **config.model_dump(mode="json")}
+    written = write_exports(model_from_weights(weights), config.input.grid, config.input.multiple, folder,
+                            export_metadata(described))
+    return {kind: ExportFile(**entry) for kind, entry in written.items()}
+
+
+def _write_bundle(out: Location, weights: Path, config: BundleConfig, exports: Path) -> None:
+    """Put the weights, the exports (the files in ``exports``) and config.json at ``out`` whole or not at all:
+    a local folder is renamed into place; on an object store the old config.json goes first and the new one
+    is uploaded last (no config.json, no bundle)."""
     text = config.model_dump_json(indent=2)
+    files = [(WEIGHTS_NAME, weights)] + [(entry.file, exports / entry.file) for entry in config.exports.values()]
     if out.remote:
         (out / CONFIG_NAME).delete()
-        (out / WEIGHTS_NAME).upload(weights)
+        for name, path in files:
+            (out / name).upload(path)
         (out / CONFIG_NAME).write_bytes(text.encode())
         return
     folder = out.local
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    shutil.copyfile(weights, staging / WEIGHTS_NAME)
+    for name, path in files:
+        shutil.copyfile(path, staging / name)
     (staging / CONFIG_NAME).write_text(text)
     if folder.exists():
         shutil.rmtree(folder)

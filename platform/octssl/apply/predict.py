@@ -5,14 +5,19 @@ through the ingest readers (pseudonymised with ``OCTSSL_PSEUDONYM_KEY`` like ing
 on the bundle's training grid, nothing written to any corpus). Files are spread over Ray tasks when a Ray
 cluster is there (as ingest does), else read in this process; volumes are predicted in batches.
 
-``OUT/volumes/<id>/``: ``prob.png`` (probability x 255) and ``mask.png`` (0/255) of the volume's en-face
-``(nB, W)`` grid drawn at its physical aspect ratio (a line or circle scan as a band), ``mask_grid.png``
-(the mask itself, one pixel per A-scan), and ``overlay.png``
-(the scanned region drawn on the native localizer, the lesion in red at each lesion A-scan's position
-there; over the OCT mean projection when the volume has no localizer); see ``octssl.ingest.pictures``.
+``OUT/volumes/<id>/`` (``formats`` chooses): ``png``: ``prob.png`` (probability x 255) and ``mask.png`` (0/255)
+of the volume's en-face ``(nB, W)`` grid drawn at its physical aspect ratio (a line or circle scan as a band),
+``mask_grid.png`` (the mask itself, one pixel per A-scan), and ``overlay.png`` (the scanned region drawn on the
+native localizer, the lesion in red at each lesion A-scan's position there; over the OCT mean projection when
+the volume has no localizer); see ``octssl.ingest.pictures``. ``nifti``: ``prob.nii.gz`` and ``mask.nii.gz``
+with the en-face geometry (:mod:`octssl.apply.outputs`); ``dicom-seg``: ``seg.dcm``, a DICOM-SEG referencing
+the source series, for volumes read from DICOM files.
 ``OUT/predictions.parquet`` and ``.csv``: one row per volume (see ``COLUMNS``). ``OUT/rejects.parquet``: every
 input that could not be read (path, reason, time UTC), as ingest's. An ``OUT`` holding a previous run's
 outputs is refused unless ``overwrite`` (then those outputs are removed first, so no two runs ever mix).
+
+``runtime`` runs the bundle's model in torch (the training precision policy), or its TorchScript or ONNX
+export (onnxruntime, CPU provider) on the CPU in fp32 (:mod:`octssl.apply.runtimes`).
 """
 
 from __future__ import annotations
@@ -29,11 +34,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from octssl.apply.rows import COLUMNS, SCHEMA, PredictionRow
+from octssl.apply.runtimes import TORCH
 from octssl.errors import OctsslError, PredictError
 from octssl.storage.files import atomic_write
 from octssl.storage.location import Location, absolute
 
 _BUNDLES: dict[tuple[Any, ...], Any] = {}  # per process: a Ray worker loads a bundle once
+PNG, NIFTI, DICOM_SEG = "png", "nifti", "dicom-seg"
+FORMATS = (PNG, NIFTI, DICOM_SEG)
+DEFAULT_FORMATS = (PNG, NIFTI)  # dicom-seg on request: it carries the source's patient and study identifiers
 
 
 @dataclass
@@ -52,21 +61,50 @@ class Item:
 
     sample: dict[str, Any]
     source: str
+    dicom: Any = None  # the source OPT header (pixels not read) when the file is DICOM: what a DICOM-SEG refers to
 
 
-def _segmenter(bundle_path: str, batch_size: int) -> tuple[Any, Any]:
+def _segmenter(bundle_path: str, batch_size: int, runtime: str = TORCH) -> tuple[Any, Any]:
     """The bundle at ``bundle_path`` and its :class:`~octssl.apply.predictor.Predictor` (inputs put on the
-    bundle's grid), loaded once per process."""
+    bundle's grid) for ``runtime``, loaded once per process."""
     from octssl.apply.bundle import load_bundle
     from octssl.apply.predictor import Predictor
 
     where = Location.parse(bundle_path)
     stamps = tuple((where / name).info().mtime_ns or 0 for name in ("config.json", "model.safetensors"))
-    key = (bundle_path, stamps, batch_size)  # a bundle replaced in place is loaded again
+    key = (bundle_path, stamps, batch_size, runtime)  # a bundle replaced in place is loaded again
     if key not in _BUNDLES:
         bundle = load_bundle(bundle_path)
-        _BUNDLES[key] = (bundle, Predictor.for_model(bundle.model, grid=bundle.grid, batch_size=batch_size))
-    return _BUNDLES[key]
+        if runtime == TORCH:
+            _BUNDLES[key] = (bundle, Predictor.for_model(bundle.model, grid=bundle.grid, batch_size=batch_size), None)
+        else:
+            import torch
+
+            from octssl.models.precision import resolve_precision
+
+            model, download = _export_model(bundle, runtime)
+            _BUNDLES[key] = (bundle, Predictor(model, precision=resolve_precision("auto", gpu=False),
+                                               device=torch.device("cpu"), grid=bundle.grid, batch_size=batch_size),
+                             download)
+    bundle, predictor, _ = _BUNDLES[key]
+    return bundle, predictor
+
+
+def _export_model(bundle: Any, runtime: str) -> tuple[Any, Any]:
+    """The bundle's ``runtime`` export loaded, and the temporary folder it was downloaded to when the bundle
+    is a URL (None for a local bundle; the folder goes when the process lets go of it)."""
+    import tempfile
+
+    from octssl.apply.runtimes import runtime_model
+    from octssl.storage.location import download_files
+
+    exports = {kind: entry.model_dump() for kind, entry in bundle.config.exports.items()}
+    folder, download = bundle.path, None
+    if isinstance(bundle.path, Location) and runtime in exports:
+        download = tempfile.TemporaryDirectory(prefix="octssl-export-")
+        download_files(bundle.path, download.name, [exports[runtime]["file"]])
+        folder = Path(download.name)
+    return runtime_model(runtime, Path(folder), exports, bundle.model, str(bundle.path)), download
 
 
 def outside_training(bundle: Any, meta: dict[str, Any], shape: tuple[int, ...]) -> str | None:
@@ -87,13 +125,14 @@ def outside_training(bundle: Any, meta: dict[str, Any], shape: tuple[int, ...]) 
     return f"spacing on the model grid outside training: {', '.join(off)}" if off else None
 
 
-def predict_items(bundle_path: str, items: list[Item], batch_size: int = 4) -> list[tuple[PredictionRow, dict[str, bytes]]]:
-    """Rows and PNG files (name -> bytes) of ``items``."""
+def predict_items(bundle_path: str, items: list[Item], batch_size: int = 4, runtime: str = TORCH,
+                  formats: Sequence[str] = DEFAULT_FORMATS) -> list[tuple[PredictionRow, dict[str, bytes]]]:
+    """Rows and output files (name -> bytes) of ``items``."""
     import logging
 
     from octssl.apply.metrics import measure
 
-    bundle, predictor = _segmenter(bundle_path, batch_size)
+    bundle, predictor = _segmenter(bundle_path, batch_size, runtime)
     samples = [item.sample for item in items]
     rasters = [bool(s["meta"].get("raster", True)) for s in samples]
     probs = predictor.probabilities([s["oct"] for s in samples], [s["meta"]["spacing_mm"] for s in samples], rasters)
@@ -114,8 +153,22 @@ def predict_items(bundle_path: str, items: list[Item], batch_size: int = 4) -> l
             bundle=str(bundle.path), weights_sha256=weights_sha256, input_grid="x".join(map(str, seen)),
             grid="x".join(map(str, shape)), spacing_mm=[float(v) for v in meta["spacing_mm"]],
             native_shape=meta.get("native_shape"), warning=warning)
-        results.append((row, pictures(sample, prob, bundle.threshold)))
+        results.append((row, volume_files(item, prob, bundle.task, bundle.threshold, formats)))
     return results
+
+
+def volume_files(item: Item, prob: np.ndarray, task: str, threshold: float, formats: Sequence[str]) -> dict[str, bytes]:
+    """The files of one predicted volume in ``formats`` (a DICOM-SEG only for a volume read from DICOM)."""
+    from octssl.apply.outputs import dicom_seg_bytes, enface_geometry, nifti_files
+
+    files = pictures(item.sample, prob, threshold) if PNG in formats else {}
+    if NIFTI in formats or (DICOM_SEG in formats and item.dicom is not None):
+        geometry = enface_geometry(item.sample["meta"], prob.shape, int(np.shape(item.sample["oct"])[1]), item.dicom)
+        if NIFTI in formats:
+            files |= nifti_files(prob, threshold, geometry, task)
+        if DICOM_SEG in formats and item.dicom is not None:
+            files["seg.dcm"] = dicom_seg_bytes(item.dicom, prob >= threshold, geometry, task, threshold)
+    return files
 
 
 def pictures(sample: dict[str, Any], prob: np.ndarray, threshold: float) -> dict[str, bytes]:
@@ -151,17 +204,20 @@ def overlay(sample: dict[str, Any], mask: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- device files
-def predict_file(bundle_path: str, path: str, key: bytes, batch_size: int = 4) -> tuple[list[Any], str | None]:
+def predict_file(bundle_path: str, path: str, key: bytes, batch_size: int = 4, runtime: str = TORCH,
+                 formats: Sequence[str] = DEFAULT_FORMATS) -> tuple[list[Any], str | None]:
     """Read one device file or stack through the ingest readers and predict its volumes; (results, reason)."""
+    from octssl.apply.outputs import read_dicom_header
     from octssl.ingest import detect
     from octssl.ingest.convert import ID_PREFIX, read_scans, to_record
     from octssl.ingest.pipeline import DEFAULT_GRID
 
-    bundle, _ = _segmenter(bundle_path, batch_size)
+    bundle, _ = _segmenter(bundle_path, batch_size, runtime)
     try:
         unit = Path(path)
         sha = detect.content_hash(unit)
         fmt = detect.detect_format(unit)
+        header = read_dicom_header(unit) if fmt == detect.DICOM and DICOM_SEG in formats else None
         items = []
         for scan in read_scans(unit, fmt):
             # exactly what `octssl ingest` stores (its default grid and depth window): a device file and its
@@ -173,28 +229,30 @@ def predict_file(bundle_path: str, path: str, key: bytes, batch_size: int = 4) -
                               "positions_mm": record.positions_mm}
             if record.localizer is not None:
                 sample["localizer"] = record.localizer
-            items.append(Item(sample, path))
+            items.append(Item(sample, path, dicom=header))
     except OctsslError as err:
         return [], str(err)
     except Exception as err:  # noqa: BLE001 - a reader bug on one odd file must not stop the others
         return [], f"reader failed ({type(err).__name__}: {err})"
-    return predict_items(bundle_path, items, batch_size), None
+    return predict_items(bundle_path, items, batch_size, runtime, formats), None
 
 
 # ---------------------------------------------------------------- the command
 def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | Path, *, split: str | None = None,
             ids: list[str] | None = None, batch_size: int = 4, ephemeral_key: bool = False,
-            progress: bool = True, overwrite: bool = False) -> PredictReport:
+            progress: bool = True, overwrite: bool = False, runtime: str = TORCH,
+            formats: Sequence[str] = DEFAULT_FORMATS) -> PredictReport:
     """Run the bundle (a folder or a URL) on ``sources`` (one corpus, a folder or a published corpus's URL, or
-    device files/folders); write ``out`` (a local folder; a previous run's outputs there only with
-    ``overwrite``, which replaces them whole); return the report."""
+    device files/folders) in ``runtime``; write ``out`` (a local folder; a previous run's outputs there only
+    with ``overwrite``, which replaces them whole) in ``formats``; return the report."""
     from octssl.corpus.icechunk import is_repository, split_snapshot
     from octssl.corpus.layout import ZARR_NAME
     from octssl.observe.progress import stage
 
     start = time.perf_counter()
     bundle_file = absolute(bundle_path)
-    _segmenter(bundle_file, batch_size)  # refuse a bad bundle before anything else
+    formats = check_formats(formats)
+    _segmenter(bundle_file, batch_size, runtime)  # refuse a bad bundle or runtime before anything else
     out = Location.parse(out).local
     report = PredictReport(out=str(out))
     places = [Location.parse(s) for s in sources]
@@ -228,18 +286,33 @@ def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | P
             for begin in range(0, len(chosen), batch_size):
                 part = chosen[begin : begin + batch_size]
                 items = [Item(corpus.read(i, localizer=True), str(places[0])) for i in part]
-                save(predict_items(bundle_file, items, batch_size))
+                save(predict_items(bundle_file, items, batch_size, runtime, formats))
                 advance(len(part))
     else:
-        report.executor = _device_files(bundle_file, paths, batch_size, ephemeral_key, progress, save, report)
+        report.executor = _device_files(bundle_file, paths, batch_size, ephemeral_key, progress, save, report,
+                                        runtime, formats)
     _write_table(out, report.rows)
     _write_rejects(out, report.rejected)
     report.seconds = time.perf_counter() - start
     return report
 
 
+def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    """``formats`` (each may be a comma-separated list) as a tuple of known formats; PredictError naming an
+    unknown one, or the package to install for one whose library is missing."""
+    chosen = tuple(dict.fromkeys(f.strip() for text in formats for f in str(text).split(",") if f.strip()))
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown or not chosen:
+        raise PredictError(f"--format {', '.join(unknown) or '(none)'}: choose from {', '.join(FORMATS)}")
+    if DICOM_SEG in chosen:
+        from octssl.apply.outputs import require_highdicom
+
+        require_highdicom()
+    return chosen
+
+
 def _device_files(bundle_path: str, sources: list[Path], batch_size: int, ephemeral_key: bool, progress: bool,
-                  save: Any, report: PredictReport) -> str:
+                  save: Any, report: PredictReport, runtime: str, formats: Sequence[str]) -> str:
     from concurrent.futures import FIRST_COMPLETED, wait
 
     from octssl.ingest.detect import find_units
@@ -255,7 +328,7 @@ def _device_files(bundle_path: str, sources: list[Path], batch_size: int, epheme
     report.rejected.extend(unusable)
     units = [str(u) for u in found]
     with unit_executor(1) as (submit, kind), stage("predict", len(units), progress) as advance:
-        pending = {submit(predict_file, bundle_path, unit, key, batch_size): unit for unit in units}
+        pending = {submit(predict_file, bundle_path, unit, key, batch_size, runtime, formats): unit for unit in units}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:

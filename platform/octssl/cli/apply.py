@@ -24,6 +24,10 @@ _PREDICT_SPLIT = typer.Option(None, "--split", help="corpus only: predict train,
 _PREDICT_IDS = typer.Option([], "--ids", help="corpus only: these volume ids (repeatable)")
 _PREDICT_BATCH = typer.Option(4, "--batch-size", help="volumes per forward pass")
 _PREDICT_REPLACE = typer.Option(False, "--overwrite", help="replace a previous prediction run at --out")
+_PREDICT_RUNTIME = typer.Option("torch", "--runtime", help="torch (training precision policy), or the bundle's "
+                                "torchscript or onnx export (onnxruntime, CPU)")
+_PREDICT_FORMAT = typer.Option(["png", "nifti"], "--format", help="outputs per volume, repeatable or comma-separated: "
+                               "png, nifti, dicom-seg (DICOM inputs; carries the source's patient/study ids)")
 _GROWTH_SOURCE = typer.Argument(..., help="predictions.parquet/.csv (or a predict output folder), or a corpus")
 _GROWTH_OUT = typer.Option(..., "--out", "-o", help="output directory (growth.csv, plots/, summary.json)")
 
@@ -73,15 +77,16 @@ def _val_has_labels(source: str, task: str) -> None:
 @app.command()
 def predict(bundle: str = _PREDICT_BUNDLE, sources: list[str] = _PREDICT_SRC, out: str = _PREDICT_OUT,
             split: str | None = _PREDICT_SPLIT, ids: list[str] = _PREDICT_IDS, batch_size: int = _PREDICT_BATCH,
-            ephemeral_key: bool = _INGEST_EPHEMERAL, overwrite: bool = _PREDICT_REPLACE) -> None:
-    """Segment GA/RPD with a bundle on a corpus or device files: PNGs per volume, area, lesions, Dice/HD95.
-    Exits 1 when nothing was predicted (every input rejected, or an empty selection)."""
+            ephemeral_key: bool = _INGEST_EPHEMERAL, overwrite: bool = _PREDICT_REPLACE,
+            runtime: str = _PREDICT_RUNTIME, formats: list[str] = _PREDICT_FORMAT) -> None:
+    """Segment GA/RPD with a bundle on a corpus or device files: PNG/NIfTI/DICOM-SEG per volume, area, lesions,
+    Dice/HD95. Exits 1 when nothing was predicted (every input rejected, or an empty selection)."""
     from octssl.apply.predict import predict as run_predict
 
     try:
         _key_for_files(sources, ephemeral_key)
         report = run_predict(bundle, sources, out, split=split, ids=ids or None, batch_size=batch_size,
-                             ephemeral_key=ephemeral_key, overwrite=overwrite)
+                             ephemeral_key=ephemeral_key, overwrite=overwrite, runtime=runtime, formats=formats)
     except _ERRORS as err:
         _fail(err)
     for path, reason in report.rejected:
