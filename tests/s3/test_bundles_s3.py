@@ -104,14 +104,18 @@ def test_bad_bundle_urls_are_refused_in_one_line(finetuned_run: Path, growth_cor
 
 def _fake_sweep(finetuned_run: Path, root: Path) -> Path:
     """A finished sweep directory as run_sweep leaves it, its one trial being ``finetuned_run``."""
+    from octssl.models.transfer import read_metadata
+
     sweep = root / "sweep"
     shutil.copytree(finetuned_run, sweep / "trials" / "t-best")
+    threshold = read_metadata(finetuned_run / "best" / WEIGHTS_NAME)["card"]["threshold"]  # the trial's val choice
     cell = {"task": "ga", "fraction": 1.0, "init": "scratch", "model": "fpn", "dice_mean": 0.4, "dice_std": 0.1,
             "dice_seed_std": None, "dice_seeds": [0.4], "hd95_mean": 1.0, "hd95_undefined": 0, "n_test": 4,
             "n_seeds": 1, "n_train_patients": 3, "n_train_volumes": 6, "trials": 1, "trials_failed": 0,
             "trials_stopped": 0, "errors": [], "dice_lesion_mean": None, "healthy_predicted_empty": None,
             "n_test_healthy": 0,
-            "best_config": {"trial": "t-best", "seed": 0, "lr": 0.01, "weight_decay": 0.0, "steps": 6, "val_dice_pooled": 0.3, "threshold": 0.5}}
+            "best_config": {"trial": "t-best", "seed": 0, "lr": 0.01, "weight_decay": 0.0, "steps": 6, "val_dice_pooled": 0.3, "threshold": threshold},
+            "best_test": {"threshold": threshold, "dice": 0.4, "dice_pooled": 0.45, "hd95_mm": 1.0, "n": 4}}
     summary = {"name": "sweep", "corpus": "c", "tasks": ["ga"], "fractions": [1.0], "inits": {"scratch": "scratch"},
                "models": ["fpn"], "seeds": [0], "num_samples": 1, "search": "random", "cells": [cell],
                "trials": {"ok": 1, "stopped": 0, "error": 0}, "timings_s": {"total": 1.0}}
@@ -136,7 +140,9 @@ def test_report_and_export_model_on_a_sweep_directory_on_s3(finetuned_run: Path,
     result = CliRunner().invoke(app, ["export-model", sweep_url, "--task", "ga", "--out", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
     config = load_bundle(tmp_path / "b").config
-    assert config["provenance"]["sweep"] == sweep_url and config["provenance"]["trial"] == "t-best"
-    assert config["provenance"]["run_dir"] == f"{sweep_url}/trials/t-best" and config["metrics"]["test"]["dice"] == 0.4
+    assert config.provenance["sweep"] == sweep_url and config.provenance["trial"] == "t-best"
+    assert config.provenance["run_dir"] == f"{sweep_url}/trials/t-best"
+    assert config.metrics.test is not None and config.metrics.test.dice == 0.4  # the trial's own, at its threshold
+    assert config.metrics.test.threshold == config.threshold
     _one_line_error(CliRunner().invoke(app, ["report", f"{s3}/sweeps/none"]), f"{s3}/sweeps/none",
                     "not a finished sweep directory")

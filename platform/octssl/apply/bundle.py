@@ -242,6 +242,8 @@ def export_model(source: str | Path | Location, task: str, out: str | Path | Loc
     with tempfile.TemporaryDirectory(prefix="octssl-export-") as folder:
         run_dir = Path(folder) / "run" if where.remote else where.local
         if where.remote:
+            if not where.is_dir():
+                raise ModelError(f"{where}: no such run or sweep directory")
             run_dir.mkdir()
             download_files(where, run_dir, ["config.yaml"])
             if not download_files(where, run_dir, [f"best/{WEIGHTS_NAME}"]):
