@@ -30,6 +30,7 @@ import yaml
 from octssl import __version__
 from octssl.corpus.manifest import manifest_sha256
 from octssl.errors import ModelError
+from octssl.observe.tracking import register_bundle
 from octssl.storage.location import Location, absolute, download_files
 from octssl.vocab import MASKS, SEGMENTATION, VAL
 
@@ -182,6 +183,8 @@ def export_model(source: str | Path | Location, task: str, out: str | Path | Loc
                 download_files(remote_run, run_dir, [f"final/{WEIGHTS_NAME}"])
         config, weights = _bundle_config(run_dir, task, known)
         _write_bundle(target, weights, config)
+        register_bundle({WEIGHTS_NAME: weights, CONFIG_NAME: json.dumps(config, indent=2, default=str)}, config,
+                        local)  # the MLflow model registry, when tracking is on (octssl.observe.tracking)
     return target.local if not target.remote else target
 
 

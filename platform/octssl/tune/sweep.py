@@ -32,6 +32,7 @@ import yaml
 from octssl.cluster.local import require
 from octssl.config.sweep import SCRATCH, Cell, Group, SweepConfig, load_sweep_config, trial_job
 from octssl.errors import ConfigError, CorpusError, OctsslError
+from octssl.observe.tracking import TrackedRun, finish_sweep_run, open_sweep_run, trial_callback
 from octssl.storage.location import Location, absolute, ray_storage, upload_tree
 from octssl.tune.results import (
     RESULT_COLUMNS,
@@ -132,9 +133,10 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     concurrent = _ray_up(config)
     sweep_dir = staged_sweep_dir(place)
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    tracked = open_sweep_run(config, sweep_dir)  # MLflow's parent run, when tracking is on
 
     t0 = time.time()
-    trials = _search(config, sweep_dir, place, concurrent, progress)
+    trials = _search(config, sweep_dir, place, concurrent, progress, tracked)
     write_parquet(sweep_dir / "trials.parquet", published(trials, sweep_dir, place))
     timings["search"] = time.time() - t0
 
@@ -160,6 +162,8 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     build_report(sweep_dir)
     summary["timings_s"]["report"] = round(time.time() - t0, 2)
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if tracked is not None:
+        finish_sweep_run(tracked, sweep_dir, summary)
     if place.remote:
         upload_tree(sweep_dir, place, last=("bundles/*/config.json", "summary.json"))  # whole bundles, then done
         shutil.rmtree(sweep_dir)  # the sweep's files now live on the object store
@@ -168,7 +172,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- search
 def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: int,
-            progress: bool) -> list[dict[str, Any]]:
+            progress: bool, tracked: TrackedRun | None = None) -> list[dict[str, Any]]:
     from ray import tune
 
     from octssl.tune.live import SweepProgress
@@ -181,6 +185,7 @@ def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: i
                      env={k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     resources = {"CPU": config.resources.cpus_per_trial, "GPU": config.resources.gpus_per_trial}
     watcher = SweepProgress(config, run=config.name or "sweep", total=total, enabled=progress)
+    callbacks = [watcher] + ([trial_callback(tracked, config)] if tracked is not None else [])
     # Our own progress display replaces Tune's console output (its new output engine ignores verbose=0).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
@@ -195,7 +200,7 @@ def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: i
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name="tune", storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0, callbacks=[watcher],
+            name="tune", storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )

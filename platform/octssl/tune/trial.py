@@ -44,6 +44,7 @@ class TrialTrainer(Trainer):
     """
 
     keeps_checkpoints = False
+    tracked = False  # with tracking on, the sweep's MLflowLoggerCallback records the trial as a child run
 
     def report(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         self.ctx.report({**metrics, f"best_{self.objective.primary_metric}": self.state.best_metric}, None)
