@@ -5,6 +5,7 @@ a bundle registered with its threshold and metrics and fetched back; nothing at 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -96,22 +97,23 @@ def test_an_exported_bundle_is_registered_and_fetched_back(client, finetuned_run
     assert (fetched / "model.safetensors").read_bytes() == (Path(out) / "model.safetensors").read_bytes()
 
 
-def test_untracked_runs_do_not_import_mlflow(tiny_corpus: Path, tmp_path: Path) -> None:
-    """Tracking off: a whole training run leaves mlflow unimported (nor do the sweep and bundle modules import
-    it) and writes no mlflow.json."""
+def test_untracked_runs_need_no_mlflow(tiny_corpus: Path, tmp_path: Path) -> None:
+    """Tracking off, a whole training run (and the sweep and bundle modules) runs where mlflow cannot be
+    imported at all, as on an install without the [mlflow] extra, and writes no mlflow.json. (With mlflow
+    installed, `import monai` imports it on its own: monai.handlers' optional_import.)"""
     code = f"""
 import sys
+sys.modules["mlflow"] = None  # any `import mlflow` now raises ImportError
 from pathlib import Path
 from octssl.config.job import load_config
 from octssl.train.launch import run_single_process
 import octssl.apply.bundle, octssl.tune.sweep
 job = load_config({str(REPO / 'jobs' / 'pretrain.yaml')!r}, {[f'data.corpus={tiny_corpus}',
                   f'run.storage_path={tmp_path}', 'run.name=plain', *TINY]!r})
-run_single_process(job)
-assert not Path({str(tmp_path / 'plain' / RUN_FILE)!r}).exists()
-print("mlflow imported:", any(m == "mlflow" or m.startswith("mlflow.") for m in sys.modules))
+print("steps:", run_single_process(job)["steps"])
+print("mlflow.json:", Path({str(tmp_path / 'plain' / RUN_FILE)!r}).exists())
 """
-    env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "mlflow imported: False" in done.stdout
+    assert "steps: 4" in done.stdout and "mlflow.json: False" in done.stdout, done.stdout

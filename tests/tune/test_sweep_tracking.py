@@ -5,6 +5,7 @@ parameters and reported metrics, and the sweep's bundle registered under the par
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from octssl.observe.tracking import TrackedRun
 from octssl.tune.sweep import run_sweep
 
 
+@pytest.mark.slow  # Ray, a tracking server and two trials: about 2 minutes on 2 cores
 def test_a_sweep_is_a_parent_run_with_its_trials_as_children(local_ray, sweep_raw, mlflow_server: str,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
@@ -23,7 +25,7 @@ def test_a_sweep_is_a_parent_run_with_its_trials_as_children(local_ray, sweep_ra
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the config key alone turns tracking on
     summary = run_sweep(parse_sweep_config(raw), progress=False)
     sweep_dir = summary["sweep_dir"]
-    parent = TrackedRun.load(__import__("pathlib").Path(sweep_dir))
+    parent = TrackedRun.load(Path(sweep_dir))
     assert parent is not None
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(parent.run_id)

@@ -142,9 +142,7 @@ def open_run(uri: str, experiment: str, folder: Path, name: str, params: Mapping
         if earlier is not None and earlier.tracking_uri == uri:
             client.update_run(earlier.run_id, status="RUNNING")
             return earlier
-        created = client.create_run(_experiment(client, experiment), run_name=name, tags=dict(tags))
-        run = TrackedRun(uri, created.info.experiment_id, created.info.run_id)
-        run.log_params(client, params)
+        run = _create_run(client, uri, experiment, name, params, tags)
     except Exception as err:  # noqa: BLE001 - mlflow raises its own, requests' and OSError: all mean the same here
         raise TrackingError(f"MLflow tracking server {uri}: cannot open a run for {folder} ({err})") from err
     folder.mkdir(parents=True, exist_ok=True)
@@ -159,6 +157,14 @@ def check_server(uri: str) -> None:
     except Exception as err:  # noqa: BLE001 - mlflow's, requests' and OSError alike
         raise TrackingError(f"MLflow tracking server {uri} does not answer ({err}); unset {ENV_URI} and "
                             "tracking.uri to train without tracking") from err
+
+
+def _create_run(client: Any, uri: str, experiment: str, name: str, params: Mapping[str, str],
+                tags: Mapping[str, str]) -> TrackedRun:
+    created = client.create_run(_experiment(client, experiment), run_name=name, tags=dict(tags))
+    run = TrackedRun(uri, created.info.experiment_id, created.info.run_id)
+    run.log_params(client, params)
+    return run
 
 
 def _tags(kind: str, folder: Path) -> dict[str, str]:
@@ -237,7 +243,15 @@ def trial_callback(run: TrackedRun, config: Any) -> Any:
 
 
 def finish_sweep_run(run: TrackedRun, sweep_dir: Path, summary: Mapping[str, Any]) -> None:
-    """The sweep's results on its parent run: per-cell test metrics, summary.json, report.md and its figures."""
+    """The sweep's results on its parent run: per-cell test metrics, summary.json, report.md and its figures.
+    A server failing now costs the record (a warning), not the finished sweep's upload."""
+    try:
+        _finish_sweep_run(run, sweep_dir, summary)
+    except Exception as err:  # noqa: BLE001 - mlflow's, requests' and OSError alike
+        log.warning("MLflow %s: the results of sweep %s were not recorded (%s)", run.tracking_uri, sweep_dir, err)
+
+
+def _finish_sweep_run(run: TrackedRun, sweep_dir: Path, summary: Mapping[str, Any]) -> None:
     client = _client(run.tracking_uri)
     metrics: dict[str, float] = {}
     for cell in summary.get("cells", []):
@@ -293,10 +307,8 @@ def _register(uri: str, tracked: TrackedRun | None, files: Mapping[str, Path | s
     task = str(config["task"])
     client = _client(uri)
     run = tracked
-    if tracked is None or tracked.tracking_uri != uri:
-        with tempfile.TemporaryDirectory(prefix="octssl-bundle-run-") as folder:
-            run = open_run(uri, "octssl-bundles", Path(folder), f"bundle-{task}", {}, _tags("bundle", source))
-    assert run is not None
+    if run is None or run.tracking_uri != uri:
+        run = _create_run(client, uri, "octssl-bundles", f"bundle-{task}", {}, _tags("bundle", source))
     with tempfile.TemporaryDirectory(prefix="octssl-register-") as folder:
         bundle = Path(folder) / BUNDLE_ARTIFACT
         bundle.mkdir()
