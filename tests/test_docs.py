@@ -107,3 +107,17 @@ def test_licence_file_matches_pyproject_and_the_build_backend_reads_it() -> None
     assert all((REPO / name).is_file() for name in project["project"].get("license-files", []))
     floor = next(r for r in project["build-system"]["requires"] if r.startswith("setuptools"))
     assert tuple(int(x) for x in re.search(r">=\s*([\d.]+)", floor).group(1).split(".")) >= (77,)
+
+
+def test_the_readme_gets_a_first_day_user_from_make_to_an_ingested_corpus() -> None:
+    """Issue 26.10: how to run octssl after `make`, the key ingest needs, the whole ingest row, docs/predict.md."""
+    text = README.read_text()
+    first_day = text.split("## Your own scans, first day")[1].split("\n## ")[0]
+    for needed in (".venv/bin/octssl", "OCTSSL_PSEUDONYM_KEY", "--ephemeral-key", "--pairs", "--map", "heyex",
+                   ".eye"):
+        assert needed in first_day, f"the first-day section does not mention {needed}"
+    row = next(line for line in text.splitlines() if line.startswith("| corpus | `octssl ingest"))
+    for option in ("--pairs", "--map", "--ephemeral-key", "HEYEX XML", "`.eye`", "OCTSSL_PSEUDONYM_KEY"):
+        assert option in row, f"the ingest row lacks {option}"
+    table = text.split("## Documentation")[1]
+    assert "[docs/predict.md](docs/predict.md)" in table

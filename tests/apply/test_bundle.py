@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from octssl import __version__
-from octssl.apply.bundle import export_model, write_sweep_bundles
+from octssl.apply.bundle import export_model, load_bundle, write_sweep_bundles
 from octssl.errors import ModelError
-from octssl.models import load_bundle
 from octssl.models.transfer import model_from_weights
 
 

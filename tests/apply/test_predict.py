@@ -36,7 +36,7 @@ def test_predict_a_corpus_split(bundle: Path, growth_corpus: Path, tmp_path: Pat
     assert csv_lines[0] == ",".join(COLUMNS) and len(csv_lines) == len(test_ids) + 1
     for row in table.to_pylist():
         sample = corpus.read(row["id"])
-        mask = np.asarray(Image.open(tmp_path / "out" / "volumes" / row["id"] / "mask.png")) > 0
+        mask = np.asarray(Image.open(tmp_path / "out" / "volumes" / row["id"] / "mask_grid.png")) > 0
         assert mask.shape == sample["ga"].shape and row["pixels"] == mask.sum()
         spacing = sample["meta"]["spacing_mm"]
         assert row["area_mm2"] == pytest.approx(mask.sum() * spacing[0] * spacing[2])
@@ -75,7 +75,8 @@ def test_predict_device_files_gives_masks_but_no_area_for_line_and_circle(bundle
         assert row["area_mm2"] is None and row["area_reason"].startswith(("line scan", "circle scan"))
         assert row["patient"] and "Willis" not in row["patient"] and row["acquired"] == "2017-01-11"
         folder = tmp_path / "out" / "volumes" / row["id"]
-        assert np.asarray(Image.open(folder / "mask.png")).shape == (1, 768)
+        assert np.asarray(Image.open(folder / "mask_grid.png")).shape == (1, 768)  # the data: one pixel per A-scan
+        assert np.asarray(Image.open(folder / "mask.png")).shape == (48, 512)  # the picture: a readable band
         assert Image.open(folder / "overlay.png").size == (768, 768)  # drawn over the native localizer
     assert not any(src.glob("*.parquet")) and not (src / "volumes.zarr").exists()  # no corpus written
 

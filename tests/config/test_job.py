@@ -72,3 +72,30 @@ def test_warmup_then_cosine() -> None:
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
     assert factors[-1] < 0.01
     assert lr_factor(50, 100, 0, "constant") == 1.0
+
+
+def test_a_bad_set_is_named_with_the_nearest_key_not_the_yaml_file() -> None:
+    """Issue 26.8: `--set optim.lrr=0.01` was blamed on the YAML file, with no nearest key."""
+    path = Path(__file__).parents[2] / "jobs" / "pretrain.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["optim.lrr=0.01"])
+    assert str(err.value).startswith("--set optim.lrr=0.01: ") and str(path) not in str(err.value)
+    assert "did you mean 'optim.lr'?" in str(err.value)
+    with pytest.raises(ConfigError, match=r"^--set run.max_steps=-3: invalid config: run.max_steps"):
+        load_config(path, ["run.max_steps=-3"])
+
+
+def test_set_without_equals_and_stray_words_get_one_clear_line(tmp_path: Path) -> None:
+    """`--set run.max_steps 10` got click's "unexpected extra argument"; now it says how to write it."""
+    from typer.testing import CliRunner
+
+    from octssl.cli import app
+
+    path = str(Path(__file__).parents[2] / "jobs" / "pretrain.yaml")
+    result = CliRunner().invoke(app, ["pretrain", "-c", path, "--set", "run.max_steps", "10", "--dry-run"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "write --set run.max_steps=10" in text and "unexpected extra argument" not in text
+    sweep = str(Path(path).with_name("sweep.yaml"))
+    result = CliRunner().invoke(app, ["sweep", "-c", sweep, "stray", "--dry-run"])
+    assert result.exit_code == 2 and "unexpected argument(s) 'stray'" in " ".join(result.output.split())

@@ -86,8 +86,9 @@ def test_fifos_and_device_files_are_rejected_without_hanging(tmp_path: Path, key
     assert "not a regular file" in found["pipe.vol"] and "not a regular file" in found["zero.vol"]
     assert "bscan_9999.png" in found["trap"] and "not a regular file" in found["trap"]
     assert len(report.ingested) == 1
-    named = ingest([src / "pipe.vol"], tmp_path / "corpus2", grid=GRID, workers=1, progress=False)
-    assert "not a regular file" in reasons(named)["pipe.vol"]
+    with pytest.raises(IngestError, match=r"pipe.vol: no scans found.*pipe.vol: not a regular file"):
+        ingest([src / "pipe.vol"], tmp_path / "corpus2", grid=GRID, workers=1, progress=False)
+    assert not (tmp_path / "corpus2").exists()  # no empty corpus for a source that holds no scan
 
 
 # ---- 5: symlink loops and unreadable folders are rejects with reasons ---------------------------------

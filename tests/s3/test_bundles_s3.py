@@ -12,12 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from octssl.apply.bundle import CONFIG_NAME, WEIGHTS_NAME, export_model
+from octssl.apply.bundle import CONFIG_NAME, WEIGHTS_NAME, export_model, load_bundle
 from octssl.cli import app
 from octssl.corpus import publish as pub
 from octssl.corpus.store import Corpus
 from octssl.errors import ModelError
-from octssl.models import load_bundle
 from octssl.storage.location import Location, upload_tree
 
 

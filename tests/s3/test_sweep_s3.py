@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from octssl.apply.bundle import load_bundle
 from octssl.cli import app
 from octssl.config.sweep import parse_sweep_config
 from octssl.corpus.publish import publish
 from octssl.errors import ConfigError
-from octssl.models import load_bundle
 from octssl.storage.location import Location, staging_dir
 from octssl.tune.sweep import preflight_sweep, run_sweep, sweep_dir_of
 

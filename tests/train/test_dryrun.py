@@ -29,10 +29,11 @@ def test_the_paper_profiles_are_all_here() -> None:
 @pytest.mark.parametrize("name", sorted(JOBS))
 def test_every_paper_profile_dry_runs_without_the_paper_data(name: str) -> None:
     result = CliRunner().invoke(app, [JOBS[name], "--config", str(PAPER / f"{name}.yaml"), "--dry-run"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # the plan is printed, but it cannot run without the data
     text = result.output
     assert f"dry run of {PAPER / name}.yaml (nothing is trained)" in text
     assert "runs/paper/corpus: no corpus directory here" in text  # said, and the plan goes on without it
+    assert "this plan cannot run" in text and "- runs/paper/corpus: no corpus directory here" in text
     assert "4,369,553" in text  # the paper's FPN at width 1.0
     assert "32 x 128 x 256" in text and "assumed, the paper's" in text
     lines = {line[:40].strip(): line[40:].strip() for line in text.splitlines() if not line.startswith(" ")}
@@ -126,3 +127,24 @@ def test_a_crop_the_model_cannot_take_is_a_one_line_error() -> None:
     result = CliRunner().invoke(app, ["pretrain", "--config", str(PAPER / "pretrain-faf.yaml"), "--dry-run",
                                       "--set", "data.crop=[30, 256]"])
     assert result.exit_code == 2 and "does not fit fpn" in result.output and "Traceback" not in result.output
+
+
+def test_a_dry_run_that_would_fail_exits_non_zero_and_says_where_the_run_goes(tiny_corpus: Path, tmp_path: Path) -> None:
+    """Issue 26.7: missing shards were "data not available" inside a plan that exited 0; a taken run name
+    was not checked, and the plan did not say where the run would be written."""
+    base = ["pretrain", "--config", str(PAPER / "pretrain-faf.yaml"), "--dry-run", "--set", "data.crop=[8, 32]",
+            "--set", "model.width=0.25", "--set", "scaling.gpus_per_worker=0", "--set", f"run.storage_path={tmp_path}",
+            "--set", "run.name=first"]
+    stream = CliRunner().invoke(app, [*base, "--set", "data.source=stream", "--set", f"data.shards={tmp_path / 'none'}"])
+    assert stream.exit_code == 1, stream.output
+    assert "this plan cannot run (1 problem(s))" in stream.output and str(tmp_path / "none") in stream.output.split(
+        "cannot run")[-1]
+    ready = CliRunner().invoke(app, [*base, "--set", f"data.corpus={tiny_corpus}"])
+    assert ready.exit_code == 0, ready.output
+    assert "this plan can run" in ready.output
+    assert f"run written to                           {tmp_path / 'first'}" in ready.output
+    (tmp_path / "first").mkdir()
+    taken = CliRunner().invoke(app, [*base, "--set", f"data.corpus={tiny_corpus}"])
+    assert taken.exit_code == 1 and f"{tmp_path / 'first'} already exists" in " ".join(taken.output.split())
+    resumed = CliRunner().invoke(app, [*base, "--set", f"data.corpus={tiny_corpus}", "--resume"])
+    assert resumed.exit_code == 0, resumed.output

@@ -5,9 +5,11 @@ through the ingest readers (pseudonymised with ``OCTSSL_PSEUDONYM_KEY`` like ing
 on the bundle's training grid, nothing written to any corpus). Files are spread over Ray tasks when a Ray
 cluster is there (as ingest does), else read in this process; volumes are predicted in batches.
 
-``OUT/volumes/<id>/``: ``prob.png`` (probability x 255) and ``mask.png`` (0/255) on the volume's en-face
-``(nB, W)`` grid, and ``overlay.png`` (the lesion drawn in red over the native localizer, at each lesion
-A-scan's position there; over the OCT mean projection when the volume has no localizer).
+``OUT/volumes/<id>/``: ``prob.png`` (probability x 255) and ``mask.png`` (0/255) of the volume's en-face
+``(nB, W)`` grid drawn at its physical aspect ratio (a line or circle scan as a band), ``mask_grid.png``
+(the mask itself, one pixel per A-scan), and ``overlay.png``
+(the scanned region drawn on the native localizer, the lesion in red at each lesion A-scan's position
+there; over the OCT mean projection when the volume has no localizer); see ``octssl.ingest.pictures``.
 ``OUT/predictions.parquet`` and ``.csv``: one row per volume (see ``COLUMNS``).
 """
 
@@ -84,49 +86,35 @@ def predict_items(bundle_path: str, items: list[Item], batch_size: int = 4) -> l
 
 
 def pictures(sample: dict[str, Any], prob: np.ndarray, threshold: float) -> dict[str, bytes]:
-    """prob.png, mask.png and overlay.png of one volume."""
+    """prob.png, mask.png and overlay.png of one volume, pictures at the physical aspect ratio of its spacing
+    (a line or circle scan's single row drawn as a band, not one pixel high); and mask_grid.png, the mask
+    itself, one pixel per A-scan of the ``(nB, W)`` grid (the data, for programs)."""
+    from octssl.ingest.pictures import enface_image, png
+
     mask = prob >= threshold
-    return {"prob.png": _png(np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8)),
-            "mask.png": _png(mask.astype(np.uint8) * 255), "overlay.png": _png(overlay(sample, mask))}
+    spacing = sample["meta"]["spacing_mm"]
+    enface = (spacing[0], spacing[2])
+    return {"prob.png": png(enface_image(np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8), enface)),
+            "mask.png": png(enface_image(mask, enface, mask=True)), "overlay.png": png(overlay(sample, mask)),
+            "mask_grid.png": png(mask.astype(np.uint8) * 255)}
 
 
 def overlay(sample: dict[str, Any], mask: np.ndarray) -> np.ndarray:
-    """RGB: the lesion A-scans in red over the native localizer (or the OCT mean projection)."""
-    from PIL import Image, ImageDraw
+    """RGB: the localizer with the scanned region drawn and the lesion A-scans in red at their places (or,
+    without a localizer, the lesion over the OCT mean projection), at the physical aspect ratio."""
+    from octssl.ingest.pictures import LESION_COLOUR, enface_image, scan_on_localizer
 
     meta = sample["meta"]
     localizer, positions = sample.get("localizer"), meta.get("positions_mm")
     if localizer is None or positions is None or meta.get("localizer_spacing_mm") is None:
-        base = np.asarray(sample["oct"], np.float32).mean(axis=1)
         spacing = meta["spacing_mm"]
-        height = max(1, int(round(base.shape[0] * spacing[0] / spacing[2])))  # physical aspect
-        grey = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).resize((base.shape[1], height))
-        red = Image.fromarray(mask.astype(np.uint8) * 255).resize((base.shape[1], height), Image.Resampling.NEAREST)
-        rgb = np.stack([np.asarray(grey)] * 3, axis=-1).astype(np.float32)
-        lesion = np.asarray(red) > 0
-        rgb[lesion] = 0.5 * rgb[lesion] + 0.5 * np.array([255.0, 0.0, 0.0])
+        grey = enface_image(np.asarray(sample["oct"], np.float32).mean(axis=1), (spacing[0], spacing[2]))
+        lesion = enface_image(mask, (spacing[0], spacing[2]), mask=True) > 0
+        rgb = np.stack([grey] * 3, axis=-1).astype(np.float32)
+        rgb[lesion] = 0.5 * rgb[lesion] + 0.5 * np.array(LESION_COLOUR, np.float32)
         return rgb.astype(np.uint8)
-    from octssl.ingest.grid import ascan_pixels
-
-    coords = ascan_pixels(meta["localizer_spacing_mm"], positions, mask.shape[1], meta["scan_pattern"], meta["eye"])
-    rows, cols = coords[0], coords[1]
-    step_b = np.median(np.hypot(np.diff(rows[:, 0]), np.diff(cols[:, 0]))) if mask.shape[0] > 1 else 0.0
-    step_w = np.median(np.hypot(np.diff(rows[0]), np.diff(cols[0]))) if mask.shape[1] > 1 else 1.0
-    half = max(1.0, 0.5 * max(step_b, step_w))
-    image = Image.fromarray(np.asarray(localizer, np.uint8)).convert("RGB")
-    layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    for r, c in zip(rows[mask], cols[mask], strict=True):
-        draw.rectangle([c - half, r - half, c + half, r + half], fill=(255, 0, 0, 128))
-    return np.asarray(Image.alpha_composite(image.convert("RGBA"), layer).convert("RGB"))
-
-
-def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return scan_on_localizer(localizer, meta["localizer_spacing_mm"], positions, mask.shape[1], meta["scan_pattern"],
+                             meta["eye"], lesion=mask)
 
 
 # ---------------------------------------------------------------- device files

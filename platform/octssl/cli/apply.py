@@ -37,12 +37,32 @@ def export_model_command(source: str = _EXPORT_SOURCE, task: str = _EXPORT_TASK,
     from octssl.storage.location import Location
 
     try:
+        _val_has_labels(source, task)
         path = export_model(source, task, out, overwrite=overwrite)
         config = json.loads((Location.parse(path) / CONFIG_NAME).read_bytes())
     except _ERRORS as err:
         _fail(err)
     console.print(f"[green]wrote[/] {path}: {config['model']['name']} for {task}, threshold {config['threshold']}, "
                   f"val Dice {_num(config['metrics']['val']['dice'])}")
+
+
+def _val_has_labels(source: str, task: str) -> None:
+    """A bundle's threshold is chosen on the run's val split: refuse a fine-tuning run (a local folder with its
+    config.yaml) whose corpus has no val volume labelled ``task`` rather than claim a choice made on nothing."""
+    from octssl.config.job import load_config
+    from octssl.corpus.layout import split_shortfall
+    from octssl.corpus.store import Corpus
+    from octssl.errors import ModelError
+
+    saved = Path(source) / "config.yaml"
+    if "://" in source or not saved.is_file():
+        return  # a sweep directory or a URL: the bundle's own check applies
+    job = load_config(saved)
+    if job.objective.kind != "segmentation" or job.objective.target != task or not job.data.corpus:
+        return  # export_model names the mismatch
+    problem = split_shortfall(Corpus.open(job.data.corpus).rows, task, job.data.corpus, needs=("val",))
+    if problem:
+        raise ModelError(f"{source}: no bundle: its threshold would be chosen on the val split, and {problem}")
 
 
 @app.command()
@@ -53,6 +73,7 @@ def predict(bundle: str = _PREDICT_BUNDLE, sources: list[str] = _PREDICT_SRC, ou
     from octssl.apply.predict import predict as run_predict
 
     try:
+        _key_for_files(sources, ephemeral_key)
         report = run_predict(bundle, sources, out, split=split, ids=ids or None, batch_size=batch_size,
                              ephemeral_key=ephemeral_key)
     except _ERRORS as err:
@@ -65,6 +86,23 @@ def predict(bundle: str = _PREDICT_BUNDLE, sources: list[str] = _PREDICT_SRC, ou
                                                                   if report.rejected else ""))
 
 
+def _key_for_files(sources: list[str], ephemeral: bool) -> None:
+    """Device files are pseudonymised as ingest does: without a key, refuse in predict's words."""
+    import os
+
+    from octssl.corpus.icechunk import is_repository, split_snapshot
+    from octssl.corpus.layout import ZARR_NAME
+    from octssl.errors import PredictError
+    from octssl.ingest.phi import KEY_ENV, missing_key
+    from octssl.storage.location import Location
+
+    place = Location.parse(sources[0]) if len(sources) == 1 else None
+    one_corpus = place is not None and (place.remote or (place.local / ZARR_NAME).is_dir()
+                                        or split_snapshot(place)[1] is not None or is_repository(place))
+    if not (one_corpus or ephemeral or os.environ.get(KEY_ENV)):
+        raise PredictError(missing_key("predict on device files"))
+
+
 @app.command()
 def growth(source: Path = _GROWTH_SOURCE, out: Path = _GROWTH_OUT) -> None:
     """GA growth per patient and eye (mm^2/year and sqrt mm/year, least squares) with one plot per eye."""
@@ -75,5 +113,20 @@ def growth(source: Path = _GROWTH_SOURCE, out: Path = _GROWTH_OUT) -> None:
     except _ERRORS as err:
         _fail(err)
     console.print(f"[green]growth[/] {summary['eyes_fitted']} eyes fitted, {summary['eyes_insufficient']} with fewer "
-                  f"than 2 dated visits (see {out}/insufficient.csv); mean rate "
-                  f"{_num(summary['rate_mm2_per_year_mean'])} mm^2/year; {out}/growth.csv")
+                  f"than 2 dated visits (see {out}/insufficient.csv); {summary['eyes_excluded']} eye(s) excluded "
+                  f"from the means ({_why(summary['eyes_excluded_why'])}); over {summary['eyes_included']} eyes with "
+                  f"GA at baseline: mean rate {_num(summary['rate_mm2_per_year_mean'])} mm^2/year "
+                  f"{_ci(summary['rate_mm2_per_year_ci95'])}, mean sqrt rate "
+                  f"{_num(summary['rate_sqrt_mm_per_year_mean'])} mm/year {_ci(summary['rate_sqrt_mm_per_year_ci95'])}"
+                  + (f"; {summary['points_left_out']} impossible area(s) left out (see {out}/areas.csv)"
+                     if summary["points_left_out"] else "") + f"; {out}/growth.csv")
+
+
+def _why(counts: dict[str, int]) -> str:
+    return "; ".join(f"{n}: {reason}" for reason, n in counts.items()) or "none"
+
+
+def _ci(bounds: list[float | None]) -> str:
+    """``(95% CI a to b)``, or a plain word where too few eyes give no interval."""
+    low, high = bounds
+    return "(95% CI n/a)" if low is None or high is None else f"(95% CI {low:.4f} to {high:.4f})"

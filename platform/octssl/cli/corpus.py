@@ -87,6 +87,8 @@ _INGEST_EPHEMERAL = typer.Option(
 _INGEST_DEPTH = typer.Option(1.0, "--depth-mm", help="depth window kept around the retina before resizing to D")
 _INGEST_BATCH = typer.Option(16, "--batch-size", help="volumes per atomic corpus append")
 _INGEST_PAIRS = typer.Option(None, "--pairs", help="pairs table (CSV) of en-face images/masks to attach after ingest")
+_INGEST_PREVIEWS = typer.Option(16, "--previews", help="pictures of the first N volumes ingested, in "
+                                "OUT/previews/<id>.png (B-scans, localizer with the scan positions); 0: none")
 _INGEST_MAP = typer.Option([], "--map", help="eyepy .eye area/volume map NAME=KIND (ga|rpd) to ingest as a label "
                            "(repeatable)")
 
@@ -103,6 +105,7 @@ def ingest(
     batch_size: int = _INGEST_BATCH,
     pairs: Path | None = _INGEST_PAIRS,
     map_: list[str] = _INGEST_MAP,
+    previews: int = _INGEST_PREVIEWS,
 ) -> None:
     """Ingest device exports into a corpus: PHI replaced by keyed pseudonyms, bad files to rejects.parquet."""
     import os
@@ -119,7 +122,8 @@ def ingest(
         if ephemeral_key and not os.environ.get(KEY_ENV):
             console.print(f"[bold red]WARNING:[/] {EPHEMERAL_WARNING}")
         report = pipeline.ingest(sources, out, grid=shape, workers=workers, ephemeral_key=ephemeral_key,
-                                 batch_size=batch_size, depth_mm=depth_mm, on_reject=rejected, maps=maps)
+                                 batch_size=batch_size, depth_mm=depth_mm, on_reject=rejected, maps=maps,
+                                 previews=previews)
     except _ERRORS as err:
         _fail(err)
     mb = report.bytes_read / 2**20
@@ -127,6 +131,7 @@ def ingest(
         f"[green]ingested[/] {len(report.ingested)} volumes from {report.units} files/stacks into {out} "
         f"({mb:.1f} MiB in {report.seconds:.1f} s, {report.executor}); skipped {len(report.skipped)} already "
         f"ingested; rejected {len(report.rejected)}" + (f" (see {out}/rejects.parquet)" if report.rejected else "")
+        + (f"; look at {out}/previews/ ({len(report.previews)} pictures)" if report.previews else "")
     )
     labelled = None
     if pairs is not None:
@@ -222,7 +227,13 @@ def info(corpus: str = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
     from octssl.corpus.store import Corpus
 
     try:
-        summary = Corpus.open(corpus).summary()
+        opened = Corpus.open(corpus)
+        from octssl.corpus.layout import labelled_per_split
+
+        summary = {**opened.summary(), "key_fingerprint": opened.settings.get("key_fingerprint"),
+                   "labelled_per_split": labelled_per_split(opened.rows),
+                   "registration_flagged": {r["id"]: r["registration_problem"] for r in opened.rows
+                                            if r.get("registration_problem")}}
     except _ERRORS as err:
         _fail(err)
     if as_json:
@@ -236,10 +247,22 @@ def info(corpus: str = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
     for name in ("grids", "splits", "patients_per_split", "modalities", "labels", "labels_train_patients",
                  "devices"):
         table.add_row(name.replace("_", " "), ", ".join(f"{k}: {v}" for k, v in summary[name].items()) or "-")
+    for label, counts in summary["labelled_per_split"].items():
+        empty = [split for split, n in counts.items() if n == 0]
+        table.add_row(f"labelled {label} per split", " / ".join(f"{split} {n}" for split, n in counts.items())
+                      + (f" (none in {', '.join(empty)})"
+                         if empty and any(counts.values()) else ""))
     reasons = ", ".join(f"{k}: {v}" for k, v in summary["non_raster"].items())
     table.add_row("raster / non-raster", f"{summary['raster']} / {summary['volumes'] - summary['raster']}"
                   + (f" ({reasons})" if reasons else ""))
+    flagged = summary["registration_flagged"]
+    if flagged:
+        first_id, first = next(iter(flagged.items()))
+        table.add_row("registration flagged", f"{len(flagged)} volume(s): no SLO stored, pretraining on SLO refused; "
+                      f"e.g. {first_id}: {first}")
     table.add_row("size on disk", f"{summary['bytes_on_disk'] / 2**20:.1f} MiB")
+    table.add_row("pseudonym key", f"fingerprint {summary['key_fingerprint']}" if summary["key_fingerprint"]
+                  else "none recorded (synthetic, or ingested before fingerprints)")
     if "snapshot_id" in summary:
         table.add_row("icechunk snapshot", summary["snapshot_id"])
     Console().print(table)

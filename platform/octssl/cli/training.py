@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -23,20 +25,43 @@ def _local_ray(dashboard: bool, worker_logs: bool) -> None:
             os.environ[env] = "1"
 
 
+def stray_arguments(extra: list[str], overrides: list[str]) -> str | None:
+    """The line for words that belong to no option (None when there are none): most often a ``--set KEY
+    VALUE`` typed with a space, which click would call "unexpected extra argument"."""
+    if not extra:
+        return None
+    for item in overrides:
+        if "=" not in item:
+            return (f"--set {item} {extra[0]}: --set takes KEY=VALUE as one word; write "
+                    f"--set {item}={extra[0]}")
+    return f"unexpected argument(s) {' '.join(extra)!r}: options take --NAME VALUE; config keys go in --set KEY=VALUE"
+
+
+#: Commands that take --set: extra words reach the command (see :func:`stray_arguments`), not click's error.
+_EXTRA = {"allow_extra_args": True}
+
+
 def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int | None, kind: str,
-           dry_run: bool = False) -> None:
+           dry_run: bool = False, extra: list[str] | None = None) -> None:
     from octssl.config.job import load_config
     from octssl.train.launch import run
 
     try:
+        stray = stray_arguments(extra or [], overrides)
+        if stray:
+            raise OctsslError(stray)
         job = load_config(config, overrides)
         if job.kind != kind:
             raise OctsslError(f"{config}: kind is '{job.kind}', not '{kind}': use `octssl {job.kind}`")
         if dry_run:
             from octssl.train.dryrun import job_plan, render
 
-            print(render(job_plan(job), str(config)))
-            return
+            _dry_run_verdict(render, job_plan(job, resume=resume), config)
+        from octssl.train.dryrun import split_problem
+
+        problem = split_problem(job)
+        if problem:  # a run without labelled train or val volumes would train or choose on nothing
+            raise OctsslError(problem)
         summary = run(job, resume=resume, metrics_port=metrics_port)
     except _ERRORS as err:
         _fail(err)
@@ -44,6 +69,15 @@ def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int |
         f"[green]done[/] {summary['steps']} steps, loss {_num(summary['first_loss'])} -> {_num(summary['final_loss'])}, "
         f"best {summary['best_metric_name']} {_num(summary['best_metric'])}, weights {summary['weights']}"
     )
+
+
+def _dry_run_verdict(render: Callable[[dict, str], str], plan: dict, config: Path) -> NoReturn:
+    """Print the plan; exit 1 when the real run could not start (the reasons are the plan's last lines)."""
+    print(render(plan, str(config)))
+    if plan["cannot_run"]:
+        console.print(f"[bold red]dry run:[/] {config} cannot run: " + "; ".join(plan["cannot_run"]))
+        raise typer.Exit(1)
+    raise typer.Exit(0)
 
 
 _CONFIG = typer.Option(..., "--config", "-c", help="job YAML (see jobs/)")
@@ -55,24 +89,24 @@ _WORKER_LOGS = typer.Option(False, "--worker-logs", help="show the Ray workers' 
 _DRY_RUN = typer.Option(False, "--dry-run", help="print the plan (steps, memory, wall time); train nothing")
 
 
-@app.command()
+@app.command(context_settings=_EXTRA)
 def pretrain(
-    config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT,
+    ctx: typer.Context, config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT,
     dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN,
 ) -> None:
     """Self-supervised pretraining (reconstruct FAF or SLO from OCT) under Ray Train + DeepSpeed."""
     _local_ray(dashboard, worker_logs)
-    _train(config, set_, resume, metrics_port, "pretrain", dry_run)
+    _train(config, set_, resume, metrics_port, "pretrain", dry_run, ctx.args)
 
 
-@app.command()
+@app.command(context_settings=_EXTRA)
 def finetune(
-    config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT,
+    ctx: typer.Context, config: Path = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME, metrics_port: int | None = _PORT,
     dashboard: bool = _DASHBOARD, worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN,
 ) -> None:
     """Fine-tune for GA/RPD segmentation at a label fraction, from scratch or pretrained weights."""
     _local_ray(dashboard, worker_logs)
-    _train(config, set_, resume, metrics_port, "finetune", dry_run)
+    _train(config, set_, resume, metrics_port, "finetune", dry_run, ctx.args)
 
 
 _RUN_DIR = typer.Argument(..., help="a training run directory (metrics.jsonl, val.jsonl)")
@@ -106,19 +140,21 @@ def _print_tables(summary: dict) -> None:
         Console().print(table)
 
 
-@app.command()
-def sweep(config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET, dashboard: bool = _DASHBOARD,
+@app.command(context_settings=_EXTRA)
+def sweep(ctx: typer.Context, config: Path = _SWEEP_CONFIG, set_: list[str] = _SWEEP_SET, dashboard: bool = _DASHBOARD,
           worker_logs: bool = _WORKER_LOGS, dry_run: bool = _DRY_RUN) -> None:
     """Fine-tune every task x label fraction x init x model with Ray Tune (ASHA), test the best, report."""
     from octssl.tune.sweep import load_sweep_config, run_sweep
 
     _local_ray(dashboard, worker_logs)
     try:
+        stray = stray_arguments(ctx.args, set_)
+        if stray:
+            raise OctsslError(stray)
         if dry_run:
             from octssl.train.dryrun import render, sweep_plan
 
-            print(render(sweep_plan(load_sweep_config(config, set_)), str(config)))
-            return
+            _dry_run_verdict(render, sweep_plan(load_sweep_config(config, set_)), config)
         summary = run_sweep(load_sweep_config(config, set_))
     except _ERRORS as err:
         _fail(err)

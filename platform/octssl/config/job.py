@@ -179,7 +179,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     out = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=0.05")
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE in one word, e.g. --set optim.lr=0.05")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         node = out
@@ -195,23 +195,50 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def _describe(err: ValidationError, source: str) -> str:
-    lines = []
+def known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key a config model accepts (sections and the keys inside them), for "did you mean"."""
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys.extend(known_keys(field.annotation, dotted + "."))
+    return keys
+
+
+def nearest_key(key: str, model: type[BaseModel]) -> str | None:
+    """The accepted key closest in spelling to ``key`` (None when nothing is close)."""
+    import difflib
+
+    matches = difflib.get_close_matches(key, known_keys(model), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _describe(err: ValidationError, source: str, overrides: list[str] | None = None,
+              model: type[BaseModel] | None = None) -> str:
+    """One line naming where each problem came from: the ``--set`` that set the key, else ``source`` (the
+    YAML file); an unknown key gets the nearest accepted one."""
+    given = {item.split("=", 1)[0].strip(): item for item in overrides or [] if "=" in item}
+    found: dict[str, list[str]] = {}
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
+            near = nearest_key(key, model) if model is not None else None
+            text = f"unknown key '{key}'" + (f" (did you mean '{near}'?)" if near else "")
         else:
-            lines.append(f"{key}: {e['msg']}")
-    return f"{source}: invalid config: " + "; ".join(lines)
+            text = f"{key}: {e['msg']}"
+        setter = next((given[k] for k in given if key == k or key.startswith(k + ".")), None)
+        found.setdefault(f"--set {setter}" if setter else source, []).append(text)
+    return "; ".join(f"{where}: invalid config: " + "; ".join(texts) for where, texts in found.items())
 
 
-def parse_config(raw: dict[str, Any], source: str = "<config>") -> JobConfig:
-    """Validate a config dict; ConfigError names every bad or unknown key and ``source``."""
+def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: list[str] | None = None) -> JobConfig:
+    """Validate a config dict; ConfigError names every bad or unknown key and where it came from (the
+    ``--set`` among ``overrides`` that set it, else ``source``)."""
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_describe(err, source)) from None
+        raise ConfigError(_describe(err, source, overrides, JobConfig)) from None
 
 
 def read_yaml(path: str | Path | None, what: str = "config") -> tuple[dict[str, Any], str]:
@@ -233,7 +260,7 @@ def read_yaml(path: str | Path | None, what: str = "config") -> tuple[dict[str, 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
     """Load a YAML job config (or start from defaults when ``path`` is None) and apply overrides."""
     raw, source = read_yaml(path)
-    return parse_config(apply_overrides(raw, overrides or []), source)
+    return parse_config(apply_overrides(raw, overrides or []), source, overrides)
 
 
 def dump_config(config: JobConfig) -> str:

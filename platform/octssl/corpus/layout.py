@@ -33,6 +33,87 @@ def assign_split(patient: str, ratios: list[float] | tuple[float, ...]) -> str:
     return mf.SPLITS[-1]
 
 
+def kinds_of(row: dict[str, Any]) -> set[str]:
+    """What a raster row gives a task: a volume (pretraining) and its labels (fine-tuning that label)."""
+    return {VOLUME_KEY, *row["labels"]} if row["raster"] else set()
+
+
+def _holders(rows: list[dict[str, Any]]) -> dict[str, dict[str, set[str]]]:
+    """{split: {kind: patients}} over ``rows``."""
+    held: dict[str, dict[str, set[str]]] = {split: {} for split in mf.SPLITS}
+    for row in rows:
+        for kind in kinds_of(row):
+            held[row["split"]].setdefault(kind, set()).add(row["patient"])
+    return held
+
+
+def fill_splits(committed: list[dict[str, Any]], new: list[dict[str, Any]], hashed: set[str],
+                ratios: list[float] | tuple[float, ...]) -> None:
+    """Move new, hash-assigned patients (``hashed``) of the rows ``new`` into a split (ratio above 0) that would
+    otherwise hold no volume, or no volume with a label another split has, taking them only from a split that
+    keeps another patient of everything the moved one brings. Changes nothing when hashing already gave every
+    split what a task needs (so large corpora, and corpora with given splits, keep their assignment); a corpus
+    too small to fill every split stays as it is, and ``octssl info`` / ``finetune`` say so."""
+    if not hashed:
+        return
+    wanted = [split for split, ratio in zip(mf.SPLITS, ratios, strict=True) if ratio > 0]
+    mine: dict[str, list[dict[str, Any]]] = {}
+    for row in new:
+        if row["patient"] in hashed:
+            mine.setdefault(row["patient"], []).append(row)
+    brings = {patient: set().union(*(kinds_of(row) for row in rows)) for patient, rows in mine.items()}
+    order = sorted(mine, key=lambda p: hashlib.sha256(f"octssl-fill:{p}".encode()).hexdigest())
+    while True:
+        held = _holders(committed + new)
+        kinds = sorted({kind for split in held.values() for kind in split})
+
+        move = next(((patient, target) for target in wanted for kind in kinds if not held[target].get(kind)
+                     for patient in order if _movable(mine[patient][0]["split"], patient, brings[patient], kind,
+                                                      target, held)), None)
+        if move is None:
+            return
+        patient, target = move
+        for row in mine[patient]:
+            row["split"] = target
+        order.remove(patient)  # each patient moves at most once: the loop ends
+
+
+def _movable(source: str, patient: str, brings: set[str], kind: str, target: str,
+             held: dict[str, dict[str, set[str]]]) -> bool:
+    """Whether moving ``patient`` from ``source`` brings ``kind`` to ``target`` while ``source`` keeps another
+    patient of everything this one brings."""
+    return (source != target and kind in brings
+            and all(held[source].get(k, set()) - {patient} for k in brings))
+
+
+def labelled_per_split(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """{label: {split: raster volumes with that label}} (every label and split listed, zeros included)."""
+    counts = {label: dict.fromkeys(mf.SPLITS, 0) for label in MASKS}
+    for row in rows:
+        if row["raster"]:
+            for label in row["labels"]:
+                counts[label][row["split"]] += 1
+    return counts
+
+
+def split_shortfall(rows: list[dict[str, Any]], label: str, where: Any, needs: tuple[str, ...] = ("train", "val")) -> str | None:
+    """Why fine-tuning ``label`` cannot be done honestly on these rows (a split among ``needs`` without a
+    labelled raster volume), with the counts and what to do; None when every split has some."""
+    counts = labelled_per_split(rows)[label]
+    missing = [split for split in needs if counts[split] == 0]
+    if not missing:
+        return None
+    patients = len({row["patient"] for row in rows if row["raster"] and label in row["labels"]})
+    per_split = ", ".join(f"{split} {n}" for split, n in counts.items())
+    advice = (f"the corpus is too small: {patients} labelled patient(s), and a split needs patients of its own; "
+              "label volumes of more patients") if patients < len(needs) else (
+              "its labelled patients all fell into other splits; label volumes of more patients (or ingest the "
+              "labels with the volumes, which fills empty splits)")
+    return (f"{where}: no {'/'.join(missing)} volume labelled {label!r} (labelled per split: {per_split}): "
+            f"{'training' if 'train' in missing else 'the checkpoint and threshold choice'} would rest on nothing; "
+            + advice)
+
+
 def shard_length(bytes_per_volume: int, shard_bytes: int) -> int:
     """Volumes per shard so that a full shard holds about ``shard_bytes`` before compression."""
     return int(min(MAX_CHUNKS_PER_SHARD, max(1, shard_bytes // max(1, bytes_per_volume))))

@@ -71,10 +71,14 @@ SCHEMA = pa.schema(
         # registration, per stored B-scan [[start_x, start_y], [end_x, end_y]] in mm on the localizer (x right,
         # y down; pixel = mm / spacing); circle scans: "end" is the circle's centre. Null when unknown.
         pa.field("positions_mm", POSITIONS_TYPE),
+        # why the registration cannot be right (B-scans off the localizer, a constant en-face image); null when
+        # it passed the checks of octssl.ingest.registration. Such a volume stores no registered SLO.
+        pa.field("registration_problem", pa.string()),
     ]
 )
-#: Columns a format-1 manifest lacks; read as nulls.
-OPTIONAL_COLUMNS = ("localizer_grid", "localizer_index", "localizer_spacing_mm", "positions_mm")
+#: Columns an older manifest lacks (format 1: all of them; format 2 before registration checks: the last); read as nulls.
+LOCALIZER_COLUMNS = ("localizer_grid", "localizer_index", "localizer_spacing_mm", "positions_mm")
+OPTIONAL_COLUMNS = (*LOCALIZER_COLUMNS, "registration_problem")
 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "format": FORMAT_VERSION,
@@ -275,7 +279,7 @@ def localizer_problems(row: dict[str, Any], at: str, seen_slots: dict[tuple[str,
     """Value problems of one row's localizer columns (all null, or a consistent set)."""
     grid = row.get("localizer_grid")
     if grid is None:
-        given = [c for c in OPTIONAL_COLUMNS if row.get(c) is not None]
+        given = [c for c in LOCALIZER_COLUMNS if row.get(c) is not None]
         return [f"{at}: columns {given} are set but 'localizer_grid' is null"] if given else []
     problems = []
     if not _LOCALIZER_GRID_RE.match(grid):

@@ -71,8 +71,10 @@ class Corpus:
         split_ratios: tuple[float, float, float] = (0.6, 0.2, 0.2),
         shard_bytes: int = 256 * 2**20,
         fraction_seed: int = 0,
+        key_fingerprint: str | None = None,
     ) -> Corpus:
-        """A new empty corpus at ``path`` (CorpusError if a corpus is already there)."""
+        """A new empty corpus at ``path`` (CorpusError if a corpus is already there). ``key_fingerprint``:
+        the pseudonym key's fingerprint that later ingests must match (``octssl.ingest.phi``)."""
         path = Path(path)
         if (path / mf.MANIFEST_NAME).exists() or (path / ZARR_NAME).exists():
             raise CorpusError(f"{path}: a corpus already exists here")
@@ -88,6 +90,8 @@ class Corpus:
             zarr.open_group(LocalStore(path / ZARR_NAME), mode="w-", zarr_format=3)
             settings = {"split_ratios": list(split_ratios), "shard_bytes": int(shard_bytes),
                         "fraction_seed": int(fraction_seed)}
+            if key_fingerprint is not None:
+                settings["key_fingerprint"] = key_fingerprint
             table = mf.empty_table(settings)
             mf.write_manifest(table, path / mf.MANIFEST_NAME)
         return cls(path, table)
@@ -311,8 +315,11 @@ class Corpus:
         return sample
 
     # ---- writing ---------------------------------------------------------------------------------
-    def append(self, samples: Iterable[dict[str, Any]], *, progress: bool = True) -> list[str]:
-        """Append samples atomically: all of them commit, or the corpus stays as it was. Returns the ids."""
+    def append(self, samples: Iterable[dict[str, Any]], *, progress: bool = True,
+               settings: dict[str, Any] | None = None) -> list[str]:
+        """Append samples atomically: all of them commit, or the corpus stays as it was. Returns the ids.
+        ``settings`` are merged into the corpus settings in the same commit (ingest records its key's
+        fingerprint this way in a corpus that has none yet)."""
         from octssl.corpus.writer import AppendWriter
 
         if self.remote:
@@ -330,7 +337,7 @@ class Corpus:
                 if not journal.owned():
                     raise CorpusError(f"{journal.dir}: the journal of this append was removed or replaced by "
                                       "another process; the append is abandoned, nothing was committed")
-                settings = {**self.settings, "append_token": token, "format": mf.FORMAT_VERSION}
+                settings = {**self.settings, **(settings or {}), "append_token": token, "format": mf.FORMAT_VERSION}
                 table = pa.concat_tables([self._table, mf.rows_table(rows, settings)]).replace_schema_metadata(
                     mf.with_settings(self._table.slice(0, 0), settings).schema.metadata
                 )

@@ -21,7 +21,7 @@ from zarr.storage import LocalStore
 
 from octssl.corpus import manifest as mf
 from octssl.corpus.journal import Journal
-from octssl.corpus.layout import ZARR_NAME, assign_split, prepared_sample, shard_length, to_uint8
+from octssl.corpus.layout import ZARR_NAME, assign_split, fill_splits, prepared_sample, shard_length, to_uint8
 from octssl.errors import CorpusError, SampleError
 from octssl.observe.progress import track
 from octssl.sample import ARRAY_KEYS, VOLUME_KEY
@@ -55,6 +55,7 @@ class AppendWriter:
         split_of = {row["patient"]: row["split"] for row in corpus.rows}
         ratios = corpus.settings["split_ratios"]
         rows: list[dict[str, Any]] = []
+        hashed: set[str] = set()  # new patients whose split came from the hash (not given, not committed)
         for sample in track(samples, "appending volumes", progress):
             core = {k: v for k, v in sample.items() if k != LOCALIZER}  # the INTERFACES sample dict
             arrays, meta = prepared_sample(core, str(corpus.path))
@@ -68,6 +69,8 @@ class AppendWriter:
             if given and split_of.get(patient, given) != given:
                 raise SampleError(f"{corpus.path}: sample {sid}: meta split {given!r} contradicts patient "
                                   f"{patient}'s split {split_of[patient]!r} (splits are per patient)")
+            if patient not in split_of and not given:
+                hashed.add(patient)
             split = split_of.get(patient) or given or assign_split(patient, ratios)
             split_of[patient] = split
             grid = mf.grid_name(arrays[VOLUME_KEY].shape)
@@ -78,6 +81,7 @@ class AppendWriter:
                                                                              {LOCALIZER: localizer}))
                 row["sha256"][LOCALIZER] = mf.array_sha256(localizer)
             rows.append(row)
+        fill_splits(corpus.rows, rows, hashed, ratios)
         for bucket in list(self.buffers):
             self.flush(bucket)
         return rows
@@ -195,6 +199,7 @@ def _row(sid: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], split: s
         "localizer_index": None,
         "localizer_spacing_mm": meta.get("localizer_spacing_mm"),
         "positions_mm": meta.get("positions_mm"),
+        "registration_problem": meta.get("registration_problem"),
     }
 
 

@@ -88,7 +88,8 @@ def section(result: dict[str, Any], growth_plot: bool) -> list[str]:
         f"predicted vs labelled, on {result['with_labels']} volumes: Pearson r = {r}, mean absolute error {mae} mm².",
         "", "![Predicted vs true GA area](area_scatter.png)", "",
         f"Growth from the predictions (`growth/growth.csv`): {growth['eyes_fitted']} eyes with two or more dated "
-        f"visits, mean rate " + (f"{rate:.2f} mm²/year" if rate is not None else "-") +
+        f"visits; over the {growth['eyes_included']} with GA at baseline, mean rate "
+        + (f"{rate:.2f} mm²/year" if rate is not None else "-") +
         f"; {growth['eyes_insufficient']} eyes with fewer visits are listed in `growth/insufficient.csv`.", "",
     ]
     if growth_plot:

@@ -27,6 +27,7 @@ from octssl.ingest.grid import (
     to_grid,
 )
 from octssl.ingest.phi import pseudonym, visit_pseudonym
+from octssl.ingest.registration import registration_problem
 from octssl.ingest.scan import NOT_RASTER_REASON, Scan
 from octssl.sample import validate_sample
 
@@ -122,6 +123,10 @@ def to_record(
         spacing = (scan.spacing_mm[2], scan.spacing_mm[1], scan.spacing_mm[2])
         slo = None if trace is None else np.clip(np.rint(trace), 0, 255).astype(np.uint8)
         positions = scan.positions_mm
+    problem = registration_problem(scan.localizer, scan.localizer_spacing_mm, scan.positions_mm,
+                                   scan.scan_pattern, slo)
+    if problem:
+        slo = None  # an SLO sampled through a registration that cannot be right is not stored
     acquired = real_day(scan.acquired, where)
     patient = pseudonym(scan.device_patient_id or f"source:{source}", key)
     meta = {
@@ -135,6 +140,7 @@ def to_record(
         "source": source,
         "acquired": acquired,
         "raster_reason": None if scan.raster else NOT_RASTER_REASON[scan.scan_pattern],
+        "registration_problem": problem,
     }
     sample: dict[str, Any] = {"id": sample_id, "oct": np.ascontiguousarray(volume, dtype=np.uint8), "meta": meta}
     if slo is not None:

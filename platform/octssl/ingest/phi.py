@@ -23,17 +23,42 @@ EPHEMERAL_WARNING = (
 )
 
 
-def load_key(ephemeral: bool = False) -> tuple[bytes, bool]:
-    """The pseudonym key and whether it is ephemeral; IngestError when absent and not ``ephemeral``."""
+def missing_key(command: str) -> str:
+    """The line a command that pseudonymises patients says when no key is set."""
+    return (f"{command} refuses to run without a pseudonym key: set {KEY_ENV} (any secret string, kept "
+            "outside the corpus; one key per corpus) or pass --ephemeral-key for a throw-away run")
+
+
+def load_key(ephemeral: bool = False, command: str = "ingest") -> tuple[bytes, bool]:
+    """The pseudonym key and whether it is ephemeral; IngestError (worded for ``command``) when absent and
+    not ``ephemeral``."""
     value = os.environ.get(KEY_ENV, "")
     if value:
         return value.encode("utf-8"), False
     if not ephemeral:
-        raise IngestError(
-            f"ingest refuses to run without a pseudonym key: set {KEY_ENV} (any secret string, kept "
-            "outside the corpus) or pass --ephemeral-key for a throw-away run"
-        )
+        raise IngestError(missing_key(command))
     return secrets.token_bytes(32), True
+
+
+#: Manifest setting holding :func:`key_fingerprint` of the key a corpus was ingested with.
+FINGERPRINT_SETTING = "key_fingerprint"
+
+
+def key_fingerprint(key: bytes) -> str:
+    """A short, slow-to-invert fingerprint of a pseudonym key (PBKDF2, 200k rounds, fixed salt): a corpus
+    records it so that a later ingest with another key is refused, and it never stores the key itself."""
+    return "pbkdf2:" + hashlib.pbkdf2_hmac("sha256", key, b"octssl-pseudonym-key-fingerprint", 200_000).hex()[:16]
+
+
+def check_key(recorded: str | None, key: bytes, corpus: object, command: str) -> None:
+    """IngestError unless ``key`` is the key the corpus recorded (a corpus with no record accepts any): two
+    keys give one patient two pseudonyms, and the same person could then sit in both train and test."""
+    if recorded is None or recorded == key_fingerprint(key):
+        return
+    raise IngestError(
+        f"{corpus}: {command} refused: this corpus was ingested with another pseudonym key (fingerprint "
+        f"{recorded}; {KEY_ENV} now gives {key_fingerprint(key)}), so the same patient would get a second "
+        f"pseudonym; set {KEY_ENV} to the corpus's key (an --ephemeral-key never matches), or use a new corpus")
 
 
 def pseudonym(device_patient_id: str, key: bytes) -> str:

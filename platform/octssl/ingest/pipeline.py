@@ -28,7 +28,7 @@ from octssl.ingest import sink
 from octssl.ingest.convert import Record, UnitResult, convert_unit, strip_path
 from octssl.ingest.detect import content_hash, find_units
 from octssl.ingest.grid import DEPTH_WINDOW_MM
-from octssl.ingest.phi import EPHEMERAL_WARNING, load_key
+from octssl.ingest.phi import EPHEMERAL_WARNING, FINGERPRINT_SETTING, check_key, key_fingerprint, load_key
 from octssl.observe import progress as progress_display
 
 logger = logging.getLogger("octssl.ingest")
@@ -48,6 +48,7 @@ class IngestReport:
     seconds: float = 0.0
     executor: str = "inline"
     ephemeral_key: bool = False
+    previews: list[str] = field(default_factory=list)
 
 
 def parse_grid(text: str) -> tuple[int, int, int]:
@@ -85,9 +86,12 @@ def ingest(
     progress: bool = True,
     on_reject: Callable[[str, str], None] | None = None,
     maps: dict[str, str] | None = None,
+    previews: int = 16,
 ) -> IngestReport:
     """Ingest every unit under ``sources`` into the corpus at ``out`` (created when absent). ``maps`` names
-    the annotation maps of eyepy ``.eye`` files to keep as labels ({map name: ga|rpd})."""
+    the annotation maps of eyepy ``.eye`` files to keep as labels ({map name: ga|rpd}). The first
+    ``previews`` volumes ingested get a picture in ``out/previews/<id>.png`` (B-scans, and the localizer with
+    the scan positions drawn) for a person to check the registration."""
     start = time.perf_counter()
     key, ephemeral = load_key(ephemeral_key)  # refuse before touching anything
     if ephemeral:
@@ -98,8 +102,12 @@ def ingest(
     if batch_size < 1:
         raise IngestError(f"--batch-size {batch_size}: must be at least 1")
     units, unusable = find_units([Path(s) for s in sources])
+    if not units:
+        raise IngestError(_nothing_to_ingest(sources, unusable))
     out = Path(out)
-    corpus = sink.open_corpus(out)
+    fingerprint = key_fingerprint(key)
+    corpus = sink.open_corpus(out, fingerprint)
+    check_key(corpus.settings.get(FINGERPRINT_SETTING), key, out, "ingest")  # before anything is appended
     known = sink.ingested_sources(corpus)
     report = IngestReport(corpus=str(out), units=len(units) + len(unusable), ephemeral_key=ephemeral)
     batch: list[Record] = []
@@ -113,7 +121,10 @@ def ingest(
             on_reject(path, reason)
 
     def flush() -> None:
-        report.ingested.extend(_append_batch(corpus, batch, reject))
+        appended = _append_batch(corpus, batch, reject, fingerprint)
+        report.ingested.extend(appended)
+        report.previews += write_previews(out, [r for r in batch if r.sample["id"] in set(appended)],
+                                          previews - len(report.previews))
         batch.clear()
         sink.record_rejects(out, rejects)
 
@@ -162,18 +173,44 @@ def ingest(
     return report
 
 
-def _append_batch(corpus, batch: list[Record], reject: Callable[[str, str, str], None]) -> list[str]:
+PREVIEWS_DIR = "previews"
+
+
+def write_previews(out: Path, records: list[Record], limit: int) -> list[str]:
+    """``out/previews/<id>.png`` for up to ``limit`` of ``records``; returns the paths written."""
+    from octssl.ingest.pictures import png, volume_preview
+    from octssl.storage.files import atomic_write
+
+    written = []
+    for record in records[: max(0, limit)]:
+        path = out / PREVIEWS_DIR / f"{record.sample['id']}.png"
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, png(volume_preview(record.sample, record.localizer, record.localizer_spacing_mm,
+                                              record.positions_mm)))
+        written.append(str(path))
+    return written
+
+
+def _nothing_to_ingest(sources: Sequence[str | Path], unusable: list[tuple[str, str]]) -> str:
+    """The refusal when the sources hold no scan: no corpus is created for nothing."""
+    named = ", ".join(str(s) for s in sources)
+    why = f"; {len(unusable)} unusable: {unusable[0][0]}: {unusable[0][1]}" if unusable else ""
+    return (f"{named}: no scans found (looked for .vol, .e2e, .fds/.fda, DICOM, HEYEX XML, .eye files and image "
+            f"stacks){why}; nothing ingested and no corpus written")
+
+
+def _append_batch(corpus, batch: list[Record], reject: Callable[[str, str, str], None], fingerprint: str) -> list[str]:
     """Append ``batch`` atomically; when the corpus refuses a sample, retry one by one and reject it."""
     if not batch:
         return []
     try:
-        return sink.append_records(corpus, batch)
+        return sink.append_records(corpus, batch, fingerprint)
     except SampleError:
         pass
     ids: list[str] = []
     for record in batch:
         try:
-            ids.extend(sink.append_records(corpus, [record]))
+            ids.extend(sink.append_records(corpus, [record], fingerprint))
         except SampleError as err:
             source = record.sample["meta"]["source"]
             where = record.path or f"sample {record.sample['id']}"

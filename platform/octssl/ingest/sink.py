@@ -32,15 +32,16 @@ REJECTS_SCHEMA = pa.schema(
 )
 
 
-def open_corpus(path: Path) -> Corpus:
-    """Open the corpus at ``path``, creating an empty one when nothing is there yet."""
+def open_corpus(path: Path, key_fingerprint: str | None = None) -> Corpus:
+    """Open the corpus at ``path``, creating an empty one (recording ``key_fingerprint``) when nothing is
+    there yet."""
     from octssl.corpus.layout import ZARR_NAME
     from octssl.corpus.manifest import MANIFEST_NAME
     from octssl.corpus.store import Corpus
 
     if (path / MANIFEST_NAME).exists() or (path / ZARR_NAME).exists():
         return Corpus.open(path)
-    return Corpus.create(path)
+    return Corpus.create(path, key_fingerprint=key_fingerprint)
 
 
 def ingested_sources(corpus: Corpus) -> set[str]:
@@ -50,12 +51,15 @@ def ingested_sources(corpus: Corpus) -> set[str]:
     return {s for s in corpus.manifest.column("source").to_pylist() if s}
 
 
-def append_records(corpus: Corpus, records: list[Record]) -> list[str]:
+def append_records(corpus: Corpus, records: list[Record], key_fingerprint: str | None = None) -> list[str]:
     """The adapter to ``Corpus.append``: one atomic append of ``records``' sample dicts, each with its
-    native-resolution localizer (``localizer/<H>x<W>``) and registration (``positions_mm``) when it has one."""
+    native-resolution localizer (``localizer/<H>x<W>``) and registration (``positions_mm``) when it has one.
+    A corpus that records no key fingerprint yet gets ``key_fingerprint`` in the same commit."""
     if not records:
         return []
-    return corpus.append([_with_localizer(record) for record in records], progress=False)
+    settings = {"key_fingerprint": key_fingerprint} if key_fingerprint and not corpus.settings.get(
+        "key_fingerprint") else None
+    return corpus.append([_with_localizer(record) for record in records], progress=False, settings=settings)
 
 
 def _with_localizer(record: Record) -> dict:

@@ -2,7 +2,10 @@
 
 ``octssl pretrain|finetune|sweep --dry-run`` prints this plan. It opens the training data the way the loop
 does (``octssl.data.feed``) to count volumes and steps; when they are not there, the plan says so and
-keeps what the config alone determines. Nothing is allocated: the parameter count and FLOPs come from the meta device,
+keeps what the config alone determines. It also says where the run would be written and checks that this
+name is free (or, with ``--resume``, that the run is there). Whatever would stop the real run (data not
+available, the run folder taken, init weights missing) is listed under ``cannot_run``, and the command
+exits non-zero after printing the plan. Nothing is allocated: the parameter count and FLOPs come from the meta device,
 the activation memory from one fake-tensor step (:func:`octssl.models.profile.training_activation_bytes`),
 and the wall time from the newest benchmark result for the device in ``benchmarks/results/``.
 """
@@ -37,7 +40,7 @@ def _data_facts(config: JobConfig) -> tuple[dict[str, Any], int | None]:
     try:
         data = build_train_data(config, 0, config.scaling.workers)
     except OctsslError as err:
-        return {"data": f"not available ({err}): volume count unknown"}, None
+        return {"data": f"not available ({err}): volume count unknown", "data_problem": str(err)}, None
     return {"data": data.where, "train_volumes": data.volumes, "grids": data.grids}, data.steps_per_epoch
 
 
@@ -165,10 +168,49 @@ def wall_time(config: JobConfig, crop: tuple[int, int, int], steps: int | None, 
 
 
 # ---------------------------------------------------------------- plans
-def job_plan(config: JobConfig, results: Path = RESULTS) -> dict[str, Any]:
-    """Everything the dry run of one pretraining or fine-tuning job prints, as a dict."""
+def run_place(config: JobConfig, resume: bool) -> tuple[str, str | None]:
+    """(where the run would write, why it could not start there or None): the checks ``octssl.train.launch``
+    makes before training, without its side effects."""
+    from octssl.storage.location import Location
+
+    storage = Location.parse(config.run.storage_path)
+    storage = storage if storage.remote else Location.parse(str(storage.local.resolve()))
+    if config.run.name is None:
+        if resume:
+            return f"{storage}/<no name>", "--resume needs the run's name: --set run.name=NAME"
+        return f"{storage}/{config.kind}-<date>-<time> (a new name; set run.name to choose it)", None
+    run_dir = storage / config.run.name
+    if resume and not run_dir.exists():
+        return str(run_dir), f"{run_dir}: no such run to resume"
+    if not resume and run_dir.exists():
+        return str(run_dir), f"{run_dir} already exists: pass --resume to continue it, or choose another run.name"
+    return str(run_dir) + (" (resumed)" if resume else ""), None
+
+
+def split_problem(config: JobConfig) -> str | None:
+    """Why a segmentation job's corpus cannot train and validate its label honestly (no labelled train or val
+    volume), or None; also None when the corpus cannot be opened (the data check reports that)."""
+    from octssl.corpus.layout import split_shortfall
+    from octssl.corpus.store import Corpus
+    from octssl.errors import OctsslError
+
+    if config.objective.kind != "segmentation" or not config.data.corpus:
+        return None
+    try:
+        corpus = Corpus.open(config.data.corpus)
+    except (OctsslError, OSError):
+        return None
+    return split_shortfall(corpus.rows, config.objective.target, config.data.corpus)
+
+
+def job_plan(config: JobConfig, results: Path = RESULTS, resume: bool = False) -> dict[str, Any]:
+    """Everything the dry run of one pretraining or fine-tuning job prints, as a dict; ``cannot_run`` lists
+    what would stop the real run (empty when it could start)."""
     c = config
     facts, per_epoch = _data_facts(c)
+    blockers = [] if "train_volumes" in facts else [facts["data_problem"]]
+    writes_to, taken = run_place(c, resume)
+    blockers += [problem for problem in (taken, split_problem(c)) if problem]
     grids = facts.get("grids") or []
     if len(grids) == 1:
         depth = int(grids[0].split("x")[1])
@@ -179,6 +221,7 @@ def job_plan(config: JobConfig, results: Path = RESULTS) -> dict[str, Any]:
     crop = (c.data.crop[0], depth, c.data.crop[1])
     schedule = _schedule(c, per_epoch)
     precision = resolve_precision(c.deepspeed.precision, gpu=c.scaling.gpus_per_worker > 0)
+    facts.pop("data_problem", None)
     plan: dict[str, Any] = {
         "kind": c.kind, "objective": f"{c.objective.kind} of {c.objective.target}", **facts,
         "crop_nB_D_W": list(crop), "model": c.model.name, "width": c.model.width,
@@ -192,15 +235,26 @@ def job_plan(config: JobConfig, results: Path = RESULTS) -> dict[str, Any]:
         plan["label_fraction"] = c.objective.label_fraction
     if c.run.init != "scratch":
         plan["init"] = c.run.init + ("" if Path(c.run.init).is_file() else " (not found yet)")
+        blockers += [] if Path(c.run.init).is_file() else [f"{c.run.init}: run.init weights not found"]
     plan.update(wall_time(c, crop, schedule["steps"], results))
+    plan["writes_to"] = writes_to
+    plan["cannot_run"] = blockers
     return plan
 
 
 def sweep_plan(config: Any, results: Path = RESULTS) -> dict[str, Any]:
     """The dry run of a sweep: its grid, and one trial's plan per task and fraction at the longest step count."""
     from octssl.config.sweep import trial_job
+    from octssl.storage.location import Location
 
     steps = max(config.search.steps)
+    blockers = [] if Path(config.corpus).is_dir() else [f"{config.corpus}: no corpus directory here"]
+    blockers += [f"{path}: init '{name}' weights not found" for name, path in config.inits.items()
+                 if path != "scratch" and not Path(path).is_file()]
+    storage = Location.parse(config.storage_path)
+    sweep_dir = (storage if storage.remote else Location.parse(str(storage.local.resolve()))) / (config.name or "")
+    if config.name and sweep_dir.exists():
+        blockers.append(f"{sweep_dir} already exists: choose another name (a sweep is never resumed in place)")
     trials = len(config.groups) * config.search.num_samples
     plan: dict[str, Any] = {
         "kind": "sweep", "corpus": config.corpus + ("" if Path(config.corpus).is_dir() else " (not found)"),
@@ -219,12 +273,16 @@ def sweep_plan(config: Any, results: Path = RESULTS) -> dict[str, Any]:
         job = trial_job(config, group, {"lr": config.search.lr[0], "weight_decay": config.search.weight_decay[0],
                                         "steps": steps}, f"dry-run-{cell.key}")
         one = job_plan(job, results)
+        blockers += [b for b in one.pop("cannot_run") if b not in blockers and "already exists" not in b]
+        one.pop("writes_to")
         plan["trial_plans"].append({"cell": f"{cell.task} f{cell.fraction:g} {cell.model}", **one})
         if "seconds" in one:
             same_cell = sum(1 for g in config.groups if (g.cell.task, g.cell.fraction, g.cell.model) == (cell.task, cell.fraction, cell.model))
             total += one["seconds"] * same_cell * config.search.num_samples
     if plan["trial_plans"] and all("seconds" in p for p in plan["trial_plans"]):
         plan["all_trials_seconds"] = total
+    plan["writes_to"] = str(sweep_dir) if config.name else f"{sweep_dir}sweep-<date>-<time> (set name to choose it)"
+    plan["cannot_run"] = blockers
     return plan
 
 
@@ -252,7 +310,7 @@ def _duration(seconds: float) -> str:
     return f"{hours:.1f} h ({hours / 24:.1f} days)" if hours >= 24 else f"{hours:.2f} h" if hours >= 1 else f"{seconds / 60:.1f} min"
 
 
-LABELS = {"activations_gib": "activation memory / worker", "activations_gib_checkpointing": "  with checkpointing",
+LABELS = {"writes_to": "run written to", "activations_gib": "activation memory / worker", "activations_gib_checkpointing": "  with checkpointing",
           "seconds": "wall time / worker (train steps)", "seconds_per_1000_steps": "wall time / worker / 1000 steps", "all_trials_seconds": "all trials in a row (upper bound)",
           "volumes_per_s": "estimated volumes/s / worker", "from": "  estimated from"}
 
@@ -265,6 +323,8 @@ def render(plan: dict[str, Any], source: str) -> str:
         return f"{indent}{LABELS.get(key, key.replace('_', ' ')):{40 - len(indent)}s} {_value(key, value)}"
 
     for key, value in plan.items():
+        if key == "cannot_run":
+            continue  # said last, as the verdict
         if key != "trial_plans":
             lines.append(line(key, value))
             continue
@@ -274,4 +334,7 @@ def render(plan: dict[str, Any], source: str) -> str:
         for trial in value:
             lines.append(f"one trial of {trial['cell']}:")
             lines += [line(k, v, "  ") for k, v in trial.items() if k not in shared and k not in ("cell", "kind")]
+    blockers = plan.get("cannot_run") or []
+    lines.append("\n" + (f"this plan cannot run ({len(blockers)} problem(s)):" if blockers else "this plan can run"))
+    lines += [f"  - {b}" for b in blockers]
     return "\n".join(lines)
