@@ -310,8 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table(result)
     name = (socket.gethostname() or result["cpu"]).replace("/", "_")
     out = args.out or RESULTS / f"data-{name}{'-cold' if args.cold else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    common.write_json(out, result)
     print(f"wrote {out}")
     return result
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+import common
 from common import cpu_name  # benchmarks/ is on sys.path when a script runs
 from octssl.ingest.pipeline import ingest
 from octssl.ingest.stack import write_stack
@@ -128,8 +129,7 @@ def main() -> None:
         results["raster_stack_49x496x512"] = [measure(work / "stacks", work, w, (49, 128, 512)) for w in worker_counts]
         results["raster_stack_phases_one_stack"] = phases(work / "stacks" / "stack_000", work)
     results["load_avg_1m_after"] = round(os.getloadavg()[0], 2)  # the machine is shared: read numbers with it
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    common.write_json(args.out, results, indent=2)
     print(json.dumps(results, indent=2))
 
 

@@ -112,7 +112,7 @@ def resolve(row: Row, gpu: bool, smoke: bool) -> Any:
     """The octssl Precision of ``row`` on this device (smoke on a CPU without native bf16: fp32, since
     emulated bf16 would take minutes there and the plumbing is what a smoke run checks)."""
     import bench_step
-    from octssl.train.engine import resolve_precision
+    from octssl.models.precision import resolve_precision
 
     requested = "fp32" if smoke and not gpu and not bench_step._cpu_bf16() else row.precision
     return resolve_precision(requested, gpu=gpu)
@@ -150,7 +150,8 @@ def build(row: Row, device: Any, crop: tuple[int, int, int], smoke: bool) -> tup
         return torch.autocast(device.type, dtype=dtype, cache_enabled=not row.cuda_graph) if dtype else nullcontext()
 
     if row.engine == "deepspeed":
-        from octssl.train.engine import build_engine, resolve_precision
+        from octssl.models.precision import resolve_precision
+        from octssl.train.engine import build_engine
 
         engine_precision = precision if row.autocast == "deepspeed" else resolve_precision("fp32", gpu=gpu)
         job = bench_step.ds_job(bench_step.StepConfig(row.name, "tuned", "deepspeed", engine_precision.name,

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+import common
 from common import cpu_name  # benchmarks/ is on sys.path when a script runs
 from octssl.models import MODELS, build_model
 from octssl.models.profile import count_flops, saved_activation_bytes
@@ -132,8 +133,7 @@ def main() -> None:
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "models": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(args.out, result, indent=2)
     print(markdown(rows))
     print(f"wrote {args.out}")
 

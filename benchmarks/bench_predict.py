@@ -25,7 +25,7 @@ import torch
 from common import cpu_name, environment, finish, write_json  # benchmarks/ is on sys.path when a script runs
 from octssl.apply.bundle import export_model, load_bundle
 from octssl.apply.predict import predict
-from octssl.apply.predictor import Segmenter
+from octssl.apply.predictor import Predictor
 from octssl.config.job import dump_config, load_config
 from octssl.corpus.manifest import parse_grid
 from octssl.corpus.synth import synthesize
@@ -40,7 +40,8 @@ def make_bundle(root: Path, corpus: Path, grid: tuple[int, int, int], width: flo
                                                            f"run.storage_path={run.parent}", "run.name=bench"])
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(dump_config(job))
-    card = {"objective": job.objective.model_dump(), "grid": ["x".join(map(str, grid))]}
+    card = {"objective": job.objective.model_dump(), "grid": ["x".join(map(str, grid))],
+            "threshold": 0.5, "val": {}, "val_volumes": 0}  # a benchmark bundle: no val choice to record
     save_weights(build_model("fpn", width=width), run / "best" / "model.safetensors", {"card": card})
     return export_model(run, "ga", root / "bundle")
 
@@ -72,11 +73,11 @@ def main() -> None:
             results.append({"batch_size": batch, "volumes": args.volumes, "volumes_per_s_best": max(rates),
                             "volumes_per_s_median": statistics.median(rates)})
             print(json.dumps(results[-1]))
-        segmenter = Segmenter(load_bundle(bundle).model, depth=grid[1], batch_size=4)
-        volume = [np.zeros(grid, np.uint8)] * 4
-        segmenter.probabilities(volume)
+        predictor = Predictor.for_model(load_bundle(bundle).model, grid=grid, batch_size=4)
+        volume, spacings = [np.zeros(grid, np.uint8)] * 4, [(0.1, 0.004, 0.01)] * 4
+        predictor.probabilities(volume, spacings)
         start = time.perf_counter()
-        segmenter.probabilities(volume)
+        predictor.probabilities(volume, spacings)
         forward = (time.perf_counter() - start) / 4
     finally:
         shutil.rmtree(root, ignore_errors=True)

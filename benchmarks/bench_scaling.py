@@ -53,7 +53,8 @@ def scaling_worker(cfg: dict[str, Any]) -> None:
 
     from octssl.config.job import load_config
     from octssl.models import build_model
-    from octssl.train.engine import build_engine, resolve_precision
+    from octssl.models.precision import resolve_precision
+    from octssl.train.engine import build_engine
     from octssl.train.objectives import build_objective
 
     torch.set_num_threads(cfg["threads"])

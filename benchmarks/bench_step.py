@@ -65,7 +65,7 @@ class StepConfig:
 def plan(device: torch.device, batch: int, compile_gpu: bool) -> list[StepConfig]:
     """The configurations at the base batch, cheapest and most needed first (a time budget cuts the tail;
     the batch sweep is planned after these ran)."""
-    from octssl.train.engine import resolve_precision
+    from octssl.models.precision import resolve_precision
 
     gpu = device.type == "cuda"
     auto = resolve_precision("auto", gpu=gpu)
@@ -92,7 +92,7 @@ def plan(device: torch.device, batch: int, compile_gpu: bool) -> list[StepConfig
 
 def _cpu_bf16() -> bool:
     try:
-        from octssl.train.engine import cpu_has_native_bf16
+        from octssl.models.precision import cpu_has_native_bf16
     except ImportError:  # an older engine without the check: bf16 is refused on every CPU
         return False
     return cpu_has_native_bf16()
@@ -198,7 +198,8 @@ def build_step(cfg: StepConfig, device: torch.device, crop: tuple[int, int, int]
             optimizer.step()
 
         return step, [model, network, optimizer, batch]
-    from octssl.train.engine import build_engine, resolve_precision
+    from octssl.models.precision import resolve_precision
+    from octssl.train.engine import build_engine
 
     precision = resolve_precision(cfg.precision, gpu=device.type == "cuda")
     check_layout(model, batch["oct"], precision.channels_last)
@@ -289,7 +290,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 def policy_check(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
     """The fastest precision x layout among the plain-PyTorch rows without checkpointing at the base batch,
     against what ``resolve_precision("auto")`` picks on this device."""
-    from octssl.train.engine import resolve_precision
+    from octssl.models.precision import resolve_precision
 
     auto = resolve_precision("auto", gpu=device.type == "cuda")
     pairs = {(r["precision"], r["channels_last"]): r["volumes_per_s"] for r in rows

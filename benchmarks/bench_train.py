@@ -182,7 +182,8 @@ def profile_extras(run_dir: Path, n: int = 200) -> dict[str, float]:
 def engine_vs_plain(config: Any, depth: int, repeats: int) -> dict[str, Any]:
     """Seconds per step of the DeepSpeed engine against plain PyTorch on one fixed batch (no data loading)."""
     from octssl.models import build_model
-    from octssl.train.engine import build_engine, resolve_precision
+    from octssl.models.precision import resolve_precision
+    from octssl.train.engine import build_engine
     from octssl.train.objectives import build_objective
 
     c = config

@@ -65,10 +65,19 @@ def device_name(device: torch.device) -> str:
     return f"{cpu_name()} ({os.cpu_count()} cores)"
 
 
+#: CPU flags that change what a benchmark measures (native bf16 and AMX matmuls, AVX-512), by their slug names
+SLUG_FLAGS = {"avx512f": "avx512", "avx512_bf16": "bf16", "amx_bf16": "amx"}
+
+
 def device_slug(device: torch.device) -> str:
-    """File-name form of the device: 'cuda-nvidia-h200', 'cpu-amd-epyc'."""
+    """File-name form of the device: 'cuda-nvidia-h200', 'cpu-amd-epyc-avx512-bf16'. A CPU's slug carries its
+    distinguishing flags: one model name covers EPYCs with and without avx512_bf16, whose numbers differ."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    return f"{device.type}-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    slug = f"{device.type}-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if device.type == "cuda":
+        return slug
+    flags = cpu_flags()
+    return "-".join([slug, *(short for flag, short in SLUG_FLAGS.items() if flag in flags)])
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -104,6 +113,30 @@ def git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
+
+
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (the numbers then come from code no commit holds)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def provenance() -> dict[str, Any]:
+    """What every result file records at its top: the code (commit, uncommitted changes) and the CPU flags."""
+    return {"git_commit": git_commit(), "git_dirty": git_dirty(),
+            "cpu_flags": sorted(cpu_flags() & set(SLUG_FLAGS))}
+
+
+def file_digests(paths: list[Path]) -> list[dict[str, str]]:
+    """``{"file", "sha256"}`` of each of ``paths`` that exists (names relative to the results folder): a
+    suite file lists its outputs so that a check can tell they were committed together."""
+    import hashlib
+
+    return [{"file": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in paths if p.is_file()]
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -257,9 +290,10 @@ def result_path(kind: str, device: torch.device, suffix: str = "", out_dir: Path
     return (out_dir or RESULTS) / f"{name}.json"
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> Path:
+def write_json(path: Path, payload: dict[str, Any], indent: int = 1) -> Path:
+    """``payload`` as JSON at ``path``, :func:`provenance` first: every result names the commit and CPU."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    path.write_text(json.dumps({**provenance(), **payload}, indent=indent, default=str) + "\n")
     return path
 
 

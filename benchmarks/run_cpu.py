@@ -1,5 +1,8 @@
 """The CPU benchmark suite (`make bench`): data, models, train step, full-stack overhead, scaling in <= 10 min.
 
+``results/suite-<device>.json`` lists every output of the run with its sha256: commit them together
+(tests/benchmarks/test_provenance.py fails when a committed suite file names outputs that are not there).
+
     python benchmarks/run_cpu.py                 # run everything, write results/*-cpu-<cpu>.json + .png
     python benchmarks/run_cpu.py --only step,train
     python benchmarks/run_cpu.py --table         # print the results table (python benchmarks/table.py)
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             plot_data(common.RESULTS / f"data-{slug}.json")
         if name == "models" and runs[-1]["status"] == "ok":
             plot_models(common.RESULTS / f"models-{slug}.json")
+        out = Path(argv_[argv_.index("--out") + 1])
+        runs[-1]["outputs"] = common.file_digests([out, out.with_suffix(".png")])  # commit these with this file
     total = sum(r["seconds"] for r in runs)
     common.write_json(common.RESULTS / f"suite-{slug}.json",
                       {"env": common.finish(env), "runs": runs, "total_s": total, "limit_s": SUITE_S})

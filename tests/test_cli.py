@@ -54,5 +54,7 @@ def test_existing_export_names_the_cli_flag(tmp_path: Path, tiny_corpus: Path) -
 
 
 def test_demo_pretrain_line_without_validation() -> None:
-    assert pretrain_line({"best_metric": None}, Path("w.safetensors")) == "no validation score, weights w.safetensors"
+    from octssl.train.summary import RunSummary
+
+    assert pretrain_line(RunSummary(steps=0, best_metric_name="ssim"), Path("w.safetensors")) == "no validation score, weights w.safetensors"
     assert pretrain_line({"best_metric": 0.5}, Path("w")).startswith("val SSIM 0.500 (best)")

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
             config = load_config(args.config, args.overrides)
             resume = "auto" if args.resume_if_exists else args.resume
-            summary = run(config, resume=resume, metrics_port=args.metrics_port)
+            summary = run(config, resume=resume, metrics_port=args.metrics_port).model_dump(mode="json")
     except (OctsslError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from octssl.cli import app
 from octssl.config.job import load_config
+from octssl.config.sweep import load_sweep_config
 from octssl.errors import ConfigError, ModelError
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
@@ -34,6 +35,17 @@ def test_non_finite_numbers_are_refused(override: str) -> None:
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=key.split(".")[-1]):
         load_config(None, [*BASE, override])
+
+
+@pytest.mark.parametrize("override", [
+    "search.lr=[0.001, .inf]", "search.weight_decay=[0.00001, .inf]", "search.reduction_factor=.inf",
+    "search.lr=[.nan, 0.01]", "resources.cpus_per_trial=.inf", "fractions=[.nan]",
+    "search.points=[{lr: .inf, weight_decay: 0.0, steps: 100}]",
+])
+def test_sweep_configs_refuse_non_finite_numbers(override: str) -> None:
+    key = override.split("=")[0].split(".")[-1]
+    with pytest.raises(ConfigError, match=key):
+        load_sweep_config(JOBS / "sweep.yaml", [override])
 
 
 @pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".", "", "/abs", "x\\y", "-rf", "name with space",

@@ -9,7 +9,8 @@ import torch
 
 from octssl.config.job import apply_overrides, load_config
 from octssl.errors import ConfigError
-from octssl.train.engine import cpu_has_native_bf16, deepspeed_config, lr_factor, resolve_precision
+from octssl.models.precision import cpu_has_native_bf16, resolve_precision
+from octssl.train.engine import deepspeed_config, lr_factor
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 

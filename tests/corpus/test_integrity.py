@@ -260,3 +260,26 @@ def test_bad_meta_values_are_sample_errors(corpus: Corpus, meta: dict, message: 
     with pytest.raises(SampleError, match=message):
         corpus.append([bad], progress=False)
     assert "bad" not in Corpus.open(corpus.path)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_array_zarr_json_is_listed_by_verify_which_goes_on(corpus: Corpus, damage: str) -> None:
+    """A flipped byte (not UTF-8) or a cut in the oct array's zarr.json: verify names that metadata file, still
+    checks the other arrays, and `octssl verify` exits 1 with the list, not a traceback."""
+    grid = corpus.row("s0")["grid"]
+    meta = corpus.path / "volumes.zarr" / "oct" / grid / "zarr.json"
+    data = bytearray(meta.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        del data[len(data) // 2:]
+    meta.write_bytes(bytes(data))
+    (corpus.shard_file("faf", *corpus.slot("faf", corpus.row("s1")))).write_bytes(b"garbage")
+    problems = Corpus.open(corpus.path).verify()
+    assert any(str(meta) in p and "metadata" in p for p in problems), problems
+    assert any("faf" in p and "s1" in p for p in problems), problems  # the rest was still checked
+    with pytest.raises(CorpusError, match=f"{meta}.*metadata"):
+        Corpus.open(corpus.path).read("s0")
+    result = CliRunner().invoke(app, ["verify", str(corpus.path)])
+    assert result.exit_code == 1 and str(meta) in "".join(result.output.split()), result.output
+    assert "Traceback" not in result.output

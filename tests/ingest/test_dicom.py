@@ -10,6 +10,7 @@ import pytest
 
 from octssl.corpus.store import Corpus
 from octssl.ingest.dicom import OPT_SOP_CLASS
+from octssl.ingest.phi import shifted_day
 from octssl.ingest.pipeline import ingest
 
 NB, D, W = 5, 96, 40
@@ -57,7 +58,7 @@ def test_opt_volume_ingests_without_phi(tmp_path: Path, key: str) -> None:
     np.testing.assert_array_equal(sample["oct"], np.rint(frames * (255 / 4095)).astype(np.uint8))
     meta = sample["meta"]
     assert meta["spacing_mm"] == pytest.approx((0.12, 0.0039, 0.0117))
-    assert meta["eye"] == "OD" and meta["device"] == "Acme OCT-1" and meta["acquired"] == "2022-03-15"
+    assert meta["eye"] == "OD" and meta["device"] == "Acme OCT-1" and meta["acquired"] == shifted_day("2022-03-15", meta["patient"], key.encode())
     blob = b"".join(p.read_bytes() for p in (tmp_path / "corpus").rglob("*") if p.is_file())
     blob += str(corpus.manifest.to_pylist()).encode()
     for phi in (b"MRN-778899", b"Doe", b"Jane", b"19400102", b"1940-01-02"):

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from octssl.cli import app
 from octssl.corpus.store import Corpus
+from octssl.ingest.phi import shifted_day
 from octssl.ingest.pipeline import ingest
 
 GRID = (8, 32, 32)
@@ -48,7 +49,7 @@ def test_eye_file_ingests_with_its_maps_as_labels(tmp_path: Path, key: str) -> N
     corpus = Corpus.open(tmp_path / "corpus")
     sample = corpus.read(report.ingested[0], localizer=True)
     assert sample["meta"]["labels"] == ["ga", "rpd"]
-    assert sample["meta"]["eye"] == "OS" and sample["meta"]["acquired"] == "2021-03-04"
+    assert sample["meta"]["eye"] == "OS" and sample["meta"]["acquired"] == shifted_day("2021-03-04", sample["meta"]["patient"], key.encode())
     # GA: the left half of the localizer = the first half of every B-scan's A-scans
     assert np.array_equal(sample["ga"], np.repeat((np.arange(32) < 16)[None], 8, 0).astype(np.uint8))
     # drusen: B-scan 2 of 6, A-scans 10..19 of 50 -> resized nearest onto 8 x 32
@@ -85,7 +86,7 @@ def test_heyex_xml_export_ingests(tmp_path: Path, shared_dir: Path, key: str) ->
     corpus = Corpus.open(tmp_path / "corpus")
     (row,) = corpus.rows
     assert row["device"] == "Heidelberg Spectralis" and row["eye"] == "OD" and row["raster"]
-    assert row["localizer_grid"] == "50x50" and str(row["acquired"]) == "2000-01-01"
+    assert row["localizer_grid"] == "50x50" and str(row["acquired"]) == shifted_day("2000-01-01", row["patient"], key.encode())
     manifest = (tmp_path / "corpus" / "manifest.parquet").read_bytes()
     assert b"Study-01" not in manifest and b"Doe" not in manifest
     assert corpus.verify() == []
@@ -99,3 +100,23 @@ def test_heyex_xml_export_ingests(tmp_path: Path, shared_dir: Path, key: str) ->
                     maps={"Atrophy": "ga"})
     assert report.rejected == []
     assert Corpus.open(tmp_path / "corpus").read(report.ingested[0])["ga"].all()
+
+
+@pytest.mark.timeout(60)
+def test_heyex_xml_with_a_fifo_for_a_bscan_is_rejected_without_hanging(tmp_path: Path, shared_dir: Path,
+                                                                       key: str) -> None:
+    """eyepy opens the images an XML names with a blocking read: a FIFO named B5.tif must be refused first."""
+    import os
+    import shutil
+
+    folder = shared_dir / "data" / "heyex-xml" / "test_volume"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    export = tmp_path / "src" / "export"
+    shutil.copytree(folder, export)
+    (export / "B5.tif").unlink()
+    os.mkfifo(export / "B5.tif")
+    report = ingest([tmp_path / "src"], tmp_path / "corpus", grid=GRID, workers=1, progress=False)
+    (reject,) = report.rejected
+    assert "B5.tif is not a regular file (a FIFO)" in str(reject), report.rejected
+    assert report.ingested == []

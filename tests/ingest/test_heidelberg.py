@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from octssl.cli import app
 from octssl.corpus.store import Corpus
 from octssl.ingest.heidelberg import display_uint8, read_vol
+from octssl.ingest.phi import shifted_day
 from octssl.ingest.pipeline import ingest
 from octssl.ingest.sink import REJECTS_NAME
 
@@ -70,7 +71,7 @@ def test_real_files_ingest_with_registered_slo(tmp_path: Path, vol_dir: Path, ke
         sample, head = by_pattern[pattern], header_fields(vol_dir / name)
         assert sample["oct"].shape == (1, 496, 768) and sample["slo"].shape == (1, 768)
         assert sample["meta"]["spacing_mm"][1:] == pytest.approx((head["scale_y"], head["scale_x"]))
-        assert sample["meta"]["raster"] is False and sample["meta"]["acquired"] == "2017-01-11"
+        assert sample["meta"]["raster"] is False and sample["meta"]["acquired"] == shifted_day("2017-01-11", sample["meta"]["patient"], key.encode())
         row = corpus.row(sample["id"])
         assert pattern in row["raster_reason"] and row["source"] == report_source(vol_dir / name)
         # registration: the SLO under each A-scan matches the vessel shadows in that A-scan

@@ -4,6 +4,7 @@ hangs; acquisition dates do not leak through ``visit``."""
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import os
 import shutil
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -164,3 +167,60 @@ def test_cli_out_naming_a_file_is_one_line(tmp_path: Path, key: str) -> None:
     (tmp_path / "file").write_text("not a corpus")
     result = CliRunner().invoke(app, ["ingest", str(tmp_path / "src"), "--out", str(tmp_path / "file")])
     assert result.exit_code == 2 and "is a file" in " ".join(result.output.split()), result.output
+
+
+# ---- 11: acquisition dates shifted per patient by a keyed offset (DICOM PS3.15 Annex E) -----------------
+VISITS = {"a1": ("PAT-A", "2019-01-10"), "a2": ("PAT-A", "2019-07-20"), "a3": ("PAT-A", "2020-03-05"),
+          "b1": ("PAT-B", "2018-05-01"), "b2": ("PAT-B", "2021-05-01")}
+
+
+def test_dates_are_shifted_per_patient_and_growth_rates_do_not_change(tmp_path: Path, key: str) -> None:
+    from octssl.apply.growth import growth_report
+    from octssl.ingest.detect import content_hash
+    from octssl.ingest.phi import date_shift_days, pseudonym
+
+    src = tmp_path / "src"
+    for name, (patient, day) in VISITS.items():
+        stack(src / name, patient=patient, acquired=day)
+    ingest([src], tmp_path / "shifted", grid=GRID, workers=1, progress=False)
+    ingest([src], tmp_path / "real", grid=GRID, workers=1, progress=False, keep_real_dates=True)
+    shifted, real = Corpus.open(tmp_path / "shifted"), Corpus.open(tmp_path / "real")
+    assert shifted.settings["dates"] == "shifted" and real.settings["dates"] == "real"
+    name_of = {content_hash(src / name): name for name in VISITS}
+    stored = {name_of[r["source"]]: str(r["acquired"]) for r in shifted.rows}
+    assert {name_of[r["source"]]: str(r["acquired"]) for r in real.rows} == {n: d for n, (_, d) in VISITS.items()}
+    manifest = (tmp_path / "shifted" / "manifest.parquet").read_bytes()
+    assert not any(day.encode() in manifest for _, day in VISITS.values())  # no real date stored
+    for name, (patient, day) in VISITS.items():  # one keyed shift per patient, 1-10 years back
+        back = (dt.date.fromisoformat(day) - dt.date.fromisoformat(stored[name])).days
+        assert back == date_shift_days(pseudonym(patient, key.encode()), key.encode()) and 366 <= back <= 3653
+    assert len({(dt.date.fromisoformat(VISITS[n][1]) - dt.date.fromisoformat(d)).days
+                for n, d in stored.items()}) == 2
+    rates = []
+    for corpus, folder in ((shifted, "shifted"), (real, "real")):
+        # the same GA area per scan in both corpora, growing 1.5 mm^2/year (+ a wobble) in real time
+        rows = [{"id": r["id"], "patient": r["patient"], "eye": r["eye"], "acquired": str(r["acquired"]), "task": "ga",
+                 "area_mm2": 2.0 + 1.5 * (dt.date.fromisoformat(VISITS[name_of[r["source"]]][1])
+                                          - dt.date(2018, 1, 1)).days / 365.25 + 0.1 * len(name_of[r["source"]])}
+                for r in corpus.rows]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{folder}.parquet")
+        growth_report(tmp_path / f"{folder}.parquet", tmp_path / f"g-{folder}", plots=False)
+        fits = pq.read_table(tmp_path / f"g-{folder}" / "growth.parquet").to_pylist()
+        rates.append(sorted((f["patient"], f["eye"], f["rate_mm2_per_year"], f["span_years"]) for f in fits))
+    assert len(rates[0]) == 2 and rates[0] == rates[1]  # intervals exact: the same rates and spans
+
+
+def test_real_and_shifted_dates_never_mix_in_one_corpus(tmp_path: Path, key: str) -> None:
+    src = tmp_path / "src"
+    stack(src / "a", patient="A", acquired="2019-01-10")
+    stack(tmp_path / "more" / "b", patient="B", acquired="2019-02-10")
+    ingest([src], tmp_path / "corpus", grid=GRID, workers=1, progress=False)
+    with pytest.raises(IngestError, match="stores shifted acquisition dates.*drop --keep-real-dates"):
+        ingest([tmp_path / "more"], tmp_path / "corpus", grid=GRID, workers=1, progress=False, keep_real_dates=True)
+    result = CliRunner().invoke(app, ["ingest", str(tmp_path / "more"), "--out", str(tmp_path / "real"),
+                                      "--workers", "1", "--keep-real-dates"])
+    assert result.exit_code == 0, result.output
+    assert Corpus.open(tmp_path / "real").settings["dates"] == "real"
+    bad = CliRunner().invoke(app, ["ingest", str(src), "--out", str(tmp_path / "real"), "--workers", "1"])
+    assert bad.exit_code == 2 and "stores real acquisition dates" in " ".join(bad.output.split())
+    assert len(Corpus.open(tmp_path / "real")) == 1

@@ -228,3 +228,48 @@ def test_raster_stack_mask_on_the_localizer_lands_on_the_grid(tmp_path: Path, ke
     expected = np.zeros((8, 32), np.uint8)
     expected[:4, :16] = 1
     assert np.array_equal(ga, expected)
+
+
+def test_special_files_and_duplicates_reject_their_row_only(make_corpus, tmp_path: Path) -> None:
+    """A volume that is a symlink to /dev/zero or a FIFO rejects its row; three rows for one volume and kind
+    attach one and reject two, and the report says so."""
+    import os
+
+    corpus_dir = make_corpus(volumes=4, grid=(8, 32, 32), labelled=0.0)
+    ids = Corpus.open(corpus_dir).ids()
+    Image.fromarray(np.ones((8, 32), np.uint8)).save(tmp_path / "m.png")
+    (tmp_path / "zero.vol").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo.vol")
+    good = {"kind": "ga", "image": "m.png", "space": "enface"}
+    report = label_corpus(corpus_dir, write_pairs(tmp_path / "p.csv", [
+        {**good, "volume": "zero.vol"}, {**good, "volume": "fifo.vol"}, {**good, "volume": ids[0]},
+        {**good, "volume": ids[1]}, {**good, "volume": ids[1]}, {**good, "volume": ids[1]},
+    ]))
+    assert [(i, line) for i, _, line in report.attached] == [(ids[0], 4), (ids[1], 5)]
+    reasons = {where.rsplit(" ", 1)[1]: reason for where, reason in report.rejected}
+    assert "not a regular file (a character device)" in reasons["2"]
+    assert "not a regular file (a FIFO)" in reasons["3"]
+    assert reasons["6"].startswith("duplicate") and "from line 5" in reasons["6"] and "from line 5" in reasons["7"]
+    corpus = Corpus.open(corpus_dir)
+    assert [corpus.row(i)["labels"] for i in ids[:2]] == [["ga"], ["ga"]]
+
+
+def test_a_localizer_mask_that_misses_the_scan_is_rejected(tmp_path: Path, key: str) -> None:
+    """B-scans registered partly off their 64 x 64 localizer: a localizer-space mask would be sampled off the
+    image (an all-zero mask is 'no lesion'); the row is rejected with the reason, nothing attaches."""
+    from octssl.ingest.stack import write_stack
+
+    rng = np.random.default_rng(0)
+    positions = [[[0.1, y], [1.5, y]] for y in np.linspace(0.05, 0.75, 16)]  # x runs to 1.5 mm, localizer 0.8 mm
+    write_stack(tmp_path / "src" / "stack", rng.integers(0, 255, (16, 40, 48), dtype=np.uint8),
+                {"spacing_mm": [0.05, 0.004, 0.03], "laterality": "OD", "localizer_spacing_mm": [0.0125, 0.0125],
+                 "positions_mm": positions}, localizer=rng.integers(0, 255, (64, 64), dtype=np.uint8))
+    ingest([tmp_path / "src"], tmp_path / "corpus", grid=(8, 32, 32), workers=1, progress=False)
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "none.png")
+    report = label_corpus(tmp_path / "corpus", write_pairs(tmp_path / "p.csv", [
+        {"volume": "src/stack", "kind": "ga", "image": "none.png", "space": "localizer"}]))
+    assert report.attached == []
+    ((_, reason),) = report.rejected
+    assert "does not lie on the localizer" in reason and "A-scans fall outside its 64x64 pixels" in reason
+    (row,) = Corpus.open(tmp_path / "corpus").rows
+    assert row["labels"] == []

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from octssl.corpus.store import Corpus
-from octssl.ingest.phi import visit_pseudonym
+from octssl.ingest.phi import shifted_day, visit_pseudonym
 from octssl.ingest.pipeline import ingest
 from octssl.ingest.stack import write_stack
 
@@ -70,7 +70,7 @@ def test_raster_stack_lands_on_the_grid_with_registered_slo(tmp_path: Path, key:
     assert bright.min() == BAND[0] - 170 and bright.max() == BAND[1] - 1 - 170
     meta = sample["meta"]
     assert meta["spacing_mm"] == pytest.approx((0.12, DEPTH_UM / 1000, 0.02))
-    assert meta["eye"] == "OS" and meta["acquired"] == "2021-03-04"
+    assert meta["eye"] == "OS" and meta["acquired"] == shifted_day("2021-03-04", meta["patient"], key.encode())
     assert meta["visit"] == visit_pseudonym(meta["patient"], "2021-03-04", key.encode())  # not the date
     assert meta["raster"] is True and meta["scan_pattern"] == "raster"
     assert "PAT-STACK-7" not in str(corpus.manifest.to_pylist())

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from octssl.corpus.store import Corpus
+from octssl.ingest.phi import shifted_day
 from octssl.ingest.pipeline import ingest
 
 NB, D, W = 4, 120, 48
@@ -69,7 +70,7 @@ def test_fds_volume_spacing_registration_and_no_phi(tmp_path: Path, key: str) ->
     np.testing.assert_array_equal(sample["oct"], np.rint(bscans * (255 / 65535)).astype(np.uint8))
     meta = sample["meta"]
     assert meta["spacing_mm"] == pytest.approx((6.0 / NB, 0.0026, 6.0 / W))  # oct-converter: extent / count
-    assert meta["eye"] == "OS" and meta["acquired"] == "2019-06-07" and meta["scan_pattern"] == "raster"
+    assert meta["eye"] == "OS" and meta["acquired"] == shifted_day("2019-06-07", meta["patient"], key.encode()) and meta["scan_pattern"] == "raster"
     rows = np.linspace(BOX[1], BOX[3], NB)
     expected = (BOX[0] + 2 * np.arange(W))[None, :] + rows[:, None]  # the fundus plane x + y under each A-scan
     np.testing.assert_allclose(sample["slo"], np.rint(expected), atol=1)

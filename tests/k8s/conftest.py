@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ..conftest import skip_unless_ci
+
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 TARGETS = {"base": K8S / "base", "dev-cpu": K8S / "overlays" / "dev-cpu", "gpu": K8S / "overlays" / "gpu"}
@@ -33,7 +35,7 @@ def kustomize_command() -> list[str] | None:
 def render(target: Path) -> list[dict]:
     command = kustomize_command()
     if command is None:
-        pytest.skip("neither kustomize nor kubectl is installed: cannot render the kustomizations")
+        skip_unless_ci("neither kustomize nor kubectl is installed: cannot render the kustomizations")
     done = subprocess.run([*command, "--load-restrictor", "LoadRestrictionsNone", str(target)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"rendering {target} failed: {done.stderr}"

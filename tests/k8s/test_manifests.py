@@ -195,6 +195,19 @@ def test_ray_pods_have_shm_and_private_services(rendered, target):
             assert env["OCTSSL_METRICS_ADDR"] == "0.0.0.0", where  # PodMonitors scrape the pod IP
 
 
+def test_every_pod_phones_no_one(rendered, target):
+    """Every container of every Ray pod (head, workers, job submitters) turns off Ray usage statistics and
+    MLflow telemetry."""
+    from octssl.cluster.local import NO_TELEMETRY
+
+    for where, template in _pod_templates(rendered[target]):
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert {k: env.get(k) for k in NO_TELEMETRY} == NO_TELEMETRY, f"{where} container {container['name']}"
+    dockerfile = (Path(__file__).resolve().parents[2] / "k8s" / "image" / "Dockerfile").read_text()
+    assert all(f"{k}={v}" in dockerfile for k, v in NO_TELEMETRY.items())
+
+
 def test_rayjobs_run_octssl_jobs_and_clean_up(rendered, target):
     objects = rendered[target]
     (cluster,) = _by_kind(objects, "RayCluster")
@@ -290,3 +303,4 @@ def test_podmonitor_scrapes_declared_ports_and_octssl_only_where_it_listens(rend
                if re.fullmatch(keep["regex"], f"{node};{job}-x7k2p")}  # Prometheus anchors the regex
     assert scraped == {"worker;octssl-pretrain-x7k2p", "head;octssl-sweep-x7k2p"}
     assert not re.fullmatch(keep["regex"], "worker;octssl")  # the standing cluster
+

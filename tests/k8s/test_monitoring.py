@@ -15,6 +15,8 @@ import yaml
 
 from octssl.observe import metrics as monitor
 
+from ..conftest import skip_unless_ci
+
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "k8s" / "base"
 PROMTOOL_TESTS = Path(__file__).with_name("alerts_test.yaml")
@@ -140,7 +142,7 @@ def test_alert_rules_name_only_exported_series(exported):
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.skip("promtool is not installed (`make prometheus` installs the Debian package `prometheus`, "
+        skip_unless_ci("promtool is not installed (`make prometheus` installs the Debian package `prometheus`, "
                     "which has it): the alert rules are not unit-tested")
     return path
 

@@ -43,17 +43,17 @@ def test_pretrain_from_s3_resumes_after_killed_worker_then_finetune_from_s3_weig
     summary = run(config, progress=False)
     killer["thread"].join(timeout=1)
     assert killer.get("killed_at", 99) < 12, "the worker was never killed mid-run"
-    assert summary["steps"] == 12 and summary["weights"].startswith(f"{base}/runs/pre/")
+    assert summary.steps == 12 and summary.weights.startswith(f"{base}/runs/pre/")
     names = {loc.path[len(remote_run.path) + 1:] for loc in remote_run.files()}
     assert {"summary.json", "config.yaml", "metrics.jsonl", "samples/rank0.jsonl", "samples/rank1.jsonl"} <= names
     assert any(n.startswith("checkpoint_") for n in names), names  # Ray Train's checkpoints live on S3
     steps = [json.loads(line)["step"] for line in (remote_run / "metrics.jsonl").read_bytes().decode().splitlines()]
     assert steps == list(range(1, 13))  # resumed: no step lost or repeated
-    assert Location.parse(summary["weights"]).is_file()
+    assert Location.parse(summary.weights).is_file()
 
     finetune = load_config(JOBS / "finetune_ga.yaml", [
-        *common, "run.name=ft", f"run.init={summary['weights']}", "run.init_scope=encoder", "scaling.workers=1",
+        *common, "run.name=ft", f"run.init={summary.weights}", "run.init_scope=encoder", "scaling.workers=1",
         "run.max_steps=3", "run.ckpt_every=3", "run.eval_every=3",
     ])
     tuned = run(finetune, progress=False)
-    assert tuned["steps"] == 3 and Location.parse(f"{base}/runs/ft/summary.json").is_file()
+    assert tuned.steps == 3 and Location.parse(f"{base}/runs/ft/summary.json").is_file()

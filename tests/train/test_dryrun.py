@@ -119,7 +119,7 @@ def test_one_real_step_of_every_profile_at_a_reduced_size_on_cpu(name: str, tiny
     else:
         job = load_config(PAPER / f"{name}.yaml", _reduced(tiny_corpus, tmp_path, name))
     summary = run_single_process(job)
-    assert summary["steps"] == 1 and summary["final_loss"] is not None
+    assert summary.steps == 1 and summary.final_loss is not None
     assert Path(job.run_dir if name == "sweep" else tmp_path / name, "final", "model.safetensors").is_file()
 
 

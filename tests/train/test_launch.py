@@ -10,6 +10,7 @@ import pytest
 
 from octssl.errors import ConfigError, ModelError
 from octssl.train.launch import preflight, run
+from octssl.train.summary import read_run_summary
 
 from ..conftest import kill_after_checkpoint
 
@@ -54,8 +55,8 @@ def reference(local_ray, train_corpus: Path, tmp_path_factory):
 
 def test_two_workers_train_and_report(reference) -> None:
     uninterrupted = reference(1)
-    summary = json.loads((uninterrupted / "summary.json").read_text())
-    assert summary["steps"] == 12 and summary["world_size"] == 2
+    summary = read_run_summary((uninterrupted / "summary.json").read_text())
+    assert summary.steps == 12 and summary.world_size == 2 and summary.schema_version == 1
     losses = [r["loss"] for r in _records(uninterrupted)]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # loss decreases
     steps = [len(_records(uninterrupted, f"samples/rank{r}.jsonl")) for r in (0, 1)]
@@ -80,7 +81,7 @@ def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_sampl
     summary = run(config, progress=False)
     killer["thread"].join(timeout=1)
     assert killer.get("killed_at", 99) < 12, "the worker was never killed mid-run"
-    assert summary["steps"] == 12
+    assert summary.steps == 12
     beats = [json.loads(p.read_text()) for p in (run_dir / "workers").glob("rank*.json")]
     assert all(b["step"] == 12 for b in beats)
     for rank in (0, 1):  # after resume, the sample log is exactly the uninterrupted run's

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from octssl.apply.metrics import average
 from octssl.errors import ConfigError, SampleError
-from octssl.train.objectives import average, build_objective
+from octssl.train.objectives import build_objective
 
 EMPTY = torch.zeros(1, 1, 16, 24)
 
@@ -187,7 +188,7 @@ def test_threshold_chosen_on_pooled_dice_finds_a_faint_lesion() -> None:
     would take a threshold above 0.3 (everything empty: 0.75), the pooled Dice takes one that finds it."""
     import numpy as np
 
-    from octssl.apply.predictor import choose_threshold
+    from octssl.apply.metrics import choose_threshold
 
     truths = [np.zeros((8, 8), bool) for _ in range(4)]
     truths[0][2:6, 2:6] = True

@@ -11,7 +11,7 @@ from ray.tune.search import Searcher
 
 from octssl.config.sweep import load_sweep_config, parse_sweep_config, trial_job
 from octssl.errors import ConfigError
-from octssl.tune.search import METRIC, GroupASHA, GroupSearch, make_sampler
+from octssl.tune.search import METRIC, GroupASHA, GroupSearch, make_sampler, sampler_name
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -119,3 +119,21 @@ def test_asha_compares_trials_only_within_their_group(sweep_raw) -> None:
     # reaching its own last step is a normal end, not an early stop
     assert asha.on_trial_result(None, good, {"step": 12, METRIC: 0.9}) == TrialScheduler.CONTINUE
     assert asha.stopped == 1
+
+
+def test_the_sampler_used_is_named_and_a_missing_optuna_fails(sweep_raw, monkeypatch) -> None:
+    """No silent fallback to random search while the results say 'optuna'."""
+    import sys
+
+    from ray.tune.search.optuna import OptunaSearch
+
+    config = parse_sweep_config(sweep_raw(search={"algorithm": "optuna"}))
+    assert isinstance(make_sampler(config.search, config.groups[0]), OptunaSearch)
+    assert sampler_name(config.search).startswith("optuna ") and sampler_name(config.search).endswith("TPESampler")
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna now raises ImportError
+    with pytest.raises(ConfigError, match="search.algorithm is 'optuna' but Optuna cannot be imported"):
+        make_sampler(config.search, config.groups[0])
+    with pytest.raises(ConfigError, match="search.algorithm=random"):
+        sampler_name(config.search)
+    random = parse_sweep_config(sweep_raw(search={"algorithm": "random"}))
+    assert sampler_name(random.search) == "random"

@@ -98,6 +98,7 @@ def test_summary_matches_its_schema(finished) -> None:
     summary, sweep_dir = finished
     on_disk = json.loads((sweep_dir / "summary.json").read_text())
     jsonschema.validate(on_disk, SUMMARY_SCHEMA)
+    assert on_disk["search"] == "optuna" and on_disk["sampler"].startswith("optuna ")  # the sampler used
     assert on_disk["cells"] == summary["cells"]
     assert len(on_disk["cells"]) == 4
     manifest = Path(on_disk["corpus"]) / "manifest.parquet"  # the corpus version the sweep read, to the byte
@@ -177,3 +178,24 @@ def test_an_existing_sweep_directory_is_refused(sweep_raw) -> None:
     (Path(raw["storage_path"]) / "s").mkdir(parents=True)
     with pytest.raises(ConfigError, match="already exists"):
         run_sweep(parse_sweep_config(raw), progress=False)
+
+
+def test_the_bundle_ships_the_chosen_trials_threshold_and_its_own_test_metrics(finished) -> None:
+    """The threshold is chosen once (on val, with the checkpoint); the bundle's test metrics are the chosen
+    trial's own, at that threshold (not a mean over seeds at another)."""
+    from octssl.apply.bundle import load_bundle
+    from octssl.apply.metrics import pooled
+
+    summary, sweep_dir = finished
+    assert json.loads((sweep_dir / "summary.json").read_text())["schema_version"] == 1
+    bundle = load_bundle(sweep_dir / "bundles" / "ga")
+    cell = max((c for c in summary["cells"] if c["task"] == "ga"), key=lambda c: c["best_config"]["val_dice_pooled"])
+    trial = cell["best_config"]["trial"]
+    assert bundle.threshold == cell["best_config"]["threshold"] == cell["best_test"]["threshold"]
+    rows = [r for r in pq.read_table(sweep_dir / "results.parquet").to_pylist() if r["trial"] == trial]
+    assert rows and all(r["threshold"] == bundle.threshold for r in rows)
+    test = bundle.config.metrics.test
+    expected = pooled(rows)
+    assert test is not None and test.n == expected["n"] == len(rows)
+    assert (test.dice, test.dice_pooled, test.hd95_undefined) == (expected["dice"], expected["dice_pooled"],
+                                                                  expected["hd95_undefined"])

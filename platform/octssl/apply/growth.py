@@ -66,7 +66,7 @@ def _read_csv(path: Path) -> pa.Table:
 
 def areas_from_corpus(path: Path) -> list[dict[str, Any]]:
     """The same points from a corpus's GA labels (raster volumes labelled 'ga')."""
-    from octssl.apply.predictor import area_mm2
+    from octssl.apply.metrics import area_mm2
     from octssl.corpus.store import Corpus
 
     corpus = Corpus.open(path)

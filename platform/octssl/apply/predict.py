@@ -10,7 +10,9 @@ cluster is there (as ingest does), else read in this process; volumes are predic
 (the mask itself, one pixel per A-scan), and ``overlay.png``
 (the scanned region drawn on the native localizer, the lesion in red at each lesion A-scan's position
 there; over the OCT mean projection when the volume has no localizer); see ``octssl.ingest.pictures``.
-``OUT/predictions.parquet`` and ``.csv``: one row per volume (see ``COLUMNS``).
+``OUT/predictions.parquet`` and ``.csv``: one row per volume (see ``COLUMNS``). ``OUT/rejects.parquet``: every
+input that could not be read (path, reason, time UTC), as ingest's. An ``OUT`` holding a previous run's
+outputs is refused unless ``overwrite`` (then those outputs are removed first, so no two runs ever mix).
 """
 
 from __future__ import annotations
@@ -26,19 +28,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from octssl.apply.rows import COLUMNS, SCHEMA, PredictionRow
 from octssl.errors import OctsslError, PredictError
 from octssl.storage.files import atomic_write
 from octssl.storage.location import Location, absolute
 
-COLUMNS = ("id", "patient", "eye", "visit", "acquired", "scan_pattern", "raster", "split", "source", "task",
-           "threshold", "area_mm2", "area_reason", "lesions", "pixels", "label_area_mm2", "dice", "hd95_mm")
 _BUNDLES: dict[tuple[Any, ...], Any] = {}  # per process: a Ray worker loads a bundle once
 
 
 @dataclass
 class PredictReport:
     out: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[PredictionRow] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     executor: str = "inline"
@@ -46,41 +47,73 @@ class PredictReport:
 
 @dataclass
 class Item:
-    """One volume to predict: its sample dict (with ``localizer`` and registration when known) and source."""
+    """One volume to predict: its sample dict (with ``localizer`` and registration when known), its source
+(the device file's path, or the corpus) and the source file's sha256 when the sample's meta lacks it."""
 
     sample: dict[str, Any]
     source: str
 
 
 def _segmenter(bundle_path: str, batch_size: int) -> tuple[Any, Any]:
+    """The bundle at ``bundle_path`` and its :class:`~octssl.apply.predictor.Predictor` (inputs put on the
+    bundle's grid), loaded once per process."""
     from octssl.apply.bundle import load_bundle
-    from octssl.apply.predictor import Segmenter
+    from octssl.apply.predictor import Predictor
 
     where = Location.parse(bundle_path)
     stamps = tuple((where / name).info().mtime_ns or 0 for name in ("config.json", "model.safetensors"))
     key = (bundle_path, stamps, batch_size)  # a bundle replaced in place is loaded again
     if key not in _BUNDLES:
         bundle = load_bundle(bundle_path)
-        _BUNDLES[key] = (bundle, Segmenter(bundle.model, depth=bundle.grid[1], batch_size=batch_size))
+        _BUNDLES[key] = (bundle, Predictor.for_model(bundle.model, grid=bundle.grid, batch_size=batch_size))
     return _BUNDLES[key]
 
 
-def predict_items(bundle_path: str, items: list[Item], batch_size: int = 4) -> list[tuple[dict[str, Any], dict[str, bytes]]]:
-    """Rows and PNG files (name -> bytes) of ``items``."""
-    from octssl.apply.predictor import measure
+def outside_training(bundle: Any, meta: dict[str, Any], shape: tuple[int, ...]) -> str | None:
+    """One line when a volume lies outside what the bundle's model was trained on (a scan pattern other than
+    raster, or a spacing on the model's grid more than 10% outside the training range); else None."""
+    if not meta.get("raster", True):
+        return f"{meta.get('scan_pattern')} scan: the model was trained on raster volumes"
+    trained = bundle.config.input.spacing_mm
+    if not trained:
+        return None
+    n_b, depth, width = shape
+    g_b, g_d, g_w = bundle.grid
+    s = meta["spacing_mm"]
+    seen = (s[0] * (n_b - 1) / (g_b - 1) if g_b > 1 and n_b > 1 else s[0], s[1] * depth / g_d, s[2] * width / g_w)
+    off = [f"{axis} {value:.4g} mm not in [{low:.4g}, {high:.4g}]"
+           for axis, value, low, high in zip(("nB", "D", "W"), seen, trained["min"], trained["max"], strict=True)
+           if not 0.9 * low <= value <= 1.1 * high]
+    return f"spacing on the model grid outside training: {', '.join(off)}" if off else None
 
-    bundle, segmenter = _segmenter(bundle_path, batch_size)
+
+def predict_items(bundle_path: str, items: list[Item], batch_size: int = 4) -> list[tuple[PredictionRow, dict[str, bytes]]]:
+    """Rows and PNG files (name -> bytes) of ``items``."""
+    import logging
+
+    from octssl.apply.metrics import measure
+
+    bundle, predictor = _segmenter(bundle_path, batch_size)
     samples = [item.sample for item in items]
-    probs = segmenter.probabilities([s["oct"] for s in samples], [s["meta"]["spacing_mm"] for s in samples],
-                                    [bool(s["meta"].get("raster", True)) for s in samples])
+    rasters = [bool(s["meta"].get("raster", True)) for s in samples]
+    probs = predictor.probabilities([s["oct"] for s in samples], [s["meta"]["spacing_mm"] for s in samples], rasters)
+    weights_sha256 = bundle.config.provenance.get("weights_sha256")
     results = []
-    for item, prob in zip(items, probs, strict=True):
+    for item, prob, raster in zip(items, probs, rasters, strict=True):
         sample, meta = item.sample, item.sample["meta"]
-        row = {"id": sample["id"], "patient": meta.get("patient"), "eye": meta.get("eye"), "visit": meta.get("visit"),
-               "acquired": meta.get("acquired"), "scan_pattern": meta.get("scan_pattern"),
-               "raster": bool(meta.get("raster", True)), "split": meta.get("split"), "source": item.source,
-               "task": bundle.task, "threshold": bundle.threshold,
-               **measure(prob, bundle.threshold, meta, sample.get(bundle.task))}
+        shape = tuple(int(n) for n in np.shape(sample["oct"]))
+        seen = predictor.input_shape(shape, raster)
+        warning = outside_training(bundle, meta, shape)
+        if warning:
+            logging.getLogger("octssl.predict").warning("%s: %s", sample["id"], warning)
+        row = PredictionRow(
+            id=sample["id"], patient=meta.get("patient"), eye=meta.get("eye"), visit=meta.get("visit"),
+            acquired=meta.get("acquired"), scan_pattern=meta.get("scan_pattern"), raster=raster,
+            split=meta.get("split"), source=item.source, source_sha256=meta.get("source"), task=bundle.task,
+            threshold=bundle.threshold, **measure(prob, bundle.threshold, meta, sample.get(bundle.task)),
+            bundle=str(bundle.path), weights_sha256=weights_sha256, input_grid="x".join(map(str, seen)),
+            grid="x".join(map(str, shape)), spacing_mm=[float(v) for v in meta["spacing_mm"]],
+            native_shape=meta.get("native_shape"), warning=warning)
         results.append((row, pictures(sample, prob, bundle.threshold)))
     return results
 
@@ -122,6 +155,7 @@ def predict_file(bundle_path: str, path: str, key: bytes, batch_size: int = 4) -
     """Read one device file or stack through the ingest readers and predict its volumes; (results, reason)."""
     from octssl.ingest import detect
     from octssl.ingest.convert import ID_PREFIX, read_scans, to_record
+    from octssl.ingest.pipeline import DEFAULT_GRID
 
     bundle, _ = _segmenter(bundle_path, batch_size)
     try:
@@ -130,8 +164,10 @@ def predict_file(bundle_path: str, path: str, key: bytes, batch_size: int = 4) -
         fmt = detect.detect_format(unit)
         items = []
         for scan in read_scans(unit, fmt):
+            # exactly what `octssl ingest` stores (its default grid and depth window): a device file and its
+            # corpus entry are then the same volume, and the Predictor puts both on the bundle's grid
             record = to_record(scan, sample_id=f"{ID_PREFIX[fmt]}-{sha[:16]}-{scan.series}", source=sha, key=key,
-                               grid=bundle.grid, depth_mm=float(bundle.config["input"].get("depth_mm", 1.0)))
+                               grid=DEFAULT_GRID, depth_mm=bundle.config.input.depth_mm)
             sample = dict(record.sample)
             sample["meta"] = {**sample["meta"], "localizer_spacing_mm": record.localizer_spacing_mm,
                               "positions_mm": record.positions_mm}
@@ -148,9 +184,10 @@ def predict_file(bundle_path: str, path: str, key: bytes, batch_size: int = 4) -
 # ---------------------------------------------------------------- the command
 def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | Path, *, split: str | None = None,
             ids: list[str] | None = None, batch_size: int = 4, ephemeral_key: bool = False,
-            progress: bool = True) -> PredictReport:
+            progress: bool = True, overwrite: bool = False) -> PredictReport:
     """Run the bundle (a folder or a URL) on ``sources`` (one corpus, a folder or a published corpus's URL, or
-    device files/folders); write ``out`` (a local folder); return the report."""
+    device files/folders); write ``out`` (a local folder; a previous run's outputs there only with
+    ``overwrite``, which replaces them whole); return the report."""
     from octssl.corpus.icechunk import is_repository, split_snapshot
     from octssl.corpus.layout import ZARR_NAME
     from octssl.observe.progress import stage
@@ -169,11 +206,11 @@ def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | P
     paths = [p.local for p in places] if not corpus_mode else []
     if not corpus_mode and (split or ids):
         raise PredictError("--split/--ids select volumes of a corpus; the sources here are device files")
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out, overwrite)
 
-    def save(results: list[tuple[dict[str, Any], dict[str, bytes]]]) -> None:
+    def save(results: list[tuple[PredictionRow, dict[str, bytes]]]) -> None:
         for row, files in results:
-            folder = out / "volumes" / row["id"]
+            folder = out / "volumes" / row.id
             folder.mkdir(parents=True, exist_ok=True)
             for name, data in files.items():
                 atomic_write(folder / name, data)
@@ -196,6 +233,7 @@ def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | P
     else:
         report.executor = _device_files(bundle_file, paths, batch_size, ephemeral_key, progress, save, report)
     _write_table(out, report.rows)
+    _write_rejects(out, report.rejected)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -204,13 +242,15 @@ def _device_files(bundle_path: str, sources: list[Path], batch_size: int, epheme
                   save: Any, report: PredictReport) -> str:
     from concurrent.futures import FIRST_COMPLETED, wait
 
-    from octssl.ingest.detect import discover
+    from octssl.ingest.detect import find_units
     from octssl.ingest.phi import load_key
     from octssl.ingest.pipeline import unit_executor
     from octssl.observe.progress import stage
 
     key, _ = load_key(ephemeral_key)
-    units = [str(u) for u in discover(sources)]
+    found, unusable = find_units(sources)  # FIFOs, device files, broken links: reported, never opened
+    report.rejected.extend(unusable)
+    units = [str(u) for u in found]
     with unit_executor(1) as (submit, kind), stage("predict", len(units), progress) as advance:
         pending = {submit(predict_file, bundle_path, unit, key, batch_size): unit for unit in units}
         while pending:
@@ -225,11 +265,47 @@ def _device_files(bundle_path: str, sources: list[Path], batch_size: int, epheme
     return kind
 
 
-def _write_table(out: Path, rows: list[dict[str, Any]]) -> None:
+OUTPUTS = ("predictions.parquet", "predictions.csv", "rejects.parquet", "volumes")  # tables first: see below
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that holds a previous run's outputs (its table would list new volumes beside old
+    pictures) unless ``overwrite``; then remove them, tables first, so a half-replaced folder has no table."""
+    import shutil
+
+    if out.exists() and not out.is_dir():
+        raise PredictError(f"{out}: is a file, not a folder for predictions")
+    present = [name for name in OUTPUTS if (out / name).exists()]
+    if present and not overwrite:
+        raise PredictError(f"{out}: already holds a prediction run ({', '.join(present)}); pass --overwrite to "
+                           "replace it, or choose another --out")
+    for name in present:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_rejects(out: Path, rejected: list[tuple[str, str]]) -> None:
+    """``rejects.parquet``: every input this run could not read (path, reason, time UTC), written even when
+    empty so that the folder tells a clean run from an unfinished one."""
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    table = pa.Table.from_pylist([{"path": p, "reason": r, "time": now} for p, r in sorted(rejected)],
+                                 schema=pa.schema([("path", pa.string()), ("reason", pa.string()), ("time", pa.string())]))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    atomic_write(out / "rejects.parquet", buffer.getvalue())
+
+
+def _write_table(out: Path, rows: list[PredictionRow]) -> None:
     import csv
 
-    rows = sorted(rows, key=lambda r: r["id"])
-    table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=SCHEMA)
+    rows = sorted(rows, key=lambda r: r.id)
+    table = pa.Table.from_pylist([r.model_dump() for r in rows], schema=SCHEMA)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     atomic_write(out / "predictions.parquet", buffer.getvalue())
@@ -237,15 +313,6 @@ def _write_table(out: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(text, fieldnames=COLUMNS)
     writer.writeheader()
     for row in table.to_pylist():
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        writer.writerow({k: "" if v is None else "x".join(map(str, v)) if k == "native_shape" else
+                         " ".join(map(str, v)) if k == "spacing_mm" else v for k, v in row.items()})
     atomic_write(out / "predictions.csv", text.getvalue())
-
-
-SCHEMA = pa.schema([
-    ("id", pa.string()), ("patient", pa.string()), ("eye", pa.string()), ("visit", pa.int64()),
-    ("acquired", pa.string()), ("scan_pattern", pa.string()), ("raster", pa.bool_()), ("split", pa.string()),
-    ("source", pa.string()), ("task", pa.string()), ("threshold", pa.float64()), ("area_mm2", pa.float64()),
-    ("area_reason", pa.string()), ("lesions", pa.int64()), ("pixels", pa.int64()),
-    ("label_area_mm2", pa.float64()), ("dice", pa.float64()),
-    ("hd95_mm", pa.float64()),
-])

@@ -23,6 +23,7 @@ _PREDICT_OUT = typer.Option(..., "--out", "-o", help="output directory (PNGs per
 _PREDICT_SPLIT = typer.Option(None, "--split", help="corpus only: predict train, val or test volumes")
 _PREDICT_IDS = typer.Option([], "--ids", help="corpus only: these volume ids (repeatable)")
 _PREDICT_BATCH = typer.Option(4, "--batch-size", help="volumes per forward pass")
+_PREDICT_REPLACE = typer.Option(False, "--overwrite", help="replace a previous prediction run at --out")
 _GROWTH_SOURCE = typer.Argument(..., help="predictions.parquet/.csv (or a predict output folder), or a corpus")
 _GROWTH_OUT = typer.Option(..., "--out", "-o", help="output directory (growth.csv, plots/, summary.json)")
 
@@ -30,20 +31,22 @@ _GROWTH_OUT = typer.Option(..., "--out", "-o", help="output directory (growth.cs
 @app.command("export-model")
 def export_model_command(source: str = _EXPORT_SOURCE, task: str = _EXPORT_TASK, out: str = _EXPORT_BUNDLE,
                          overwrite: bool = _EXPORT_REPLACE) -> None:
-    """Write a model bundle for TASK: weights, threshold chosen on the val split, metrics and provenance."""
-    import json
-
-    from octssl.apply.bundle import CONFIG_NAME, export_model
+    """Write a model bundle for TASK: weights, the threshold chosen on the val split with them, metrics, provenance."""
+    from octssl.apply.bundle import CONFIG_NAME, BundleConfig, export_model
     from octssl.storage.location import Location
+    from octssl.tune.bundles import export_sweep, is_sweep_dir
 
     try:
-        _val_has_labels(source, task)
-        path = export_model(source, task, out, overwrite=overwrite)
-        config = json.loads((Location.parse(path) / CONFIG_NAME).read_bytes())
+        export = export_sweep if is_sweep_dir(source) else export_model
+        if export is export_model:
+            _val_has_labels(source, task)
+        path = export(source, task, out, overwrite=overwrite)
+        config = BundleConfig.model_validate_json((Location.parse(path) / CONFIG_NAME).read_bytes())
     except _ERRORS as err:
         _fail(err)
-    console.print(f"[green]wrote[/] {path}: {config['model']['name']} for {task}, threshold {config['threshold']}, "
-                  f"val Dice {_num(config['metrics']['val']['dice'])}")
+    val = config.metrics.val
+    console.print(f"[green]wrote[/] {path}: {config.model.name} for {task}, threshold {config.threshold}, "
+                  f"val pooled Dice {_num(val.dice_pooled if val else None)}")
 
 
 def _val_has_labels(source: str, task: str) -> None:
@@ -60,6 +63,8 @@ def _val_has_labels(source: str, task: str) -> None:
     job = load_config(saved)
     if job.objective.kind != "segmentation" or job.objective.target != task or not job.data.corpus:
         return  # export_model names the mismatch
+    if "://" not in job.data.corpus and not Path(job.data.corpus).exists():
+        return  # export needs no corpus: the weights' card says whether val chose a threshold
     problem = split_shortfall(Corpus.open(job.data.corpus).rows, task, job.data.corpus, needs=("val",))
     if problem:
         raise ModelError(f"{source}: no bundle: its threshold would be chosen on the val split, and {problem}")
@@ -68,14 +73,15 @@ def _val_has_labels(source: str, task: str) -> None:
 @app.command()
 def predict(bundle: str = _PREDICT_BUNDLE, sources: list[str] = _PREDICT_SRC, out: str = _PREDICT_OUT,
             split: str | None = _PREDICT_SPLIT, ids: list[str] = _PREDICT_IDS, batch_size: int = _PREDICT_BATCH,
-            ephemeral_key: bool = _INGEST_EPHEMERAL) -> None:
-    """Segment GA/RPD with a bundle on a corpus or device files: PNGs per volume, area, lesions, Dice/HD95."""
+            ephemeral_key: bool = _INGEST_EPHEMERAL, overwrite: bool = _PREDICT_REPLACE) -> None:
+    """Segment GA/RPD with a bundle on a corpus or device files: PNGs per volume, area, lesions, Dice/HD95.
+    Exits 1 when nothing was predicted (every input rejected, or an empty selection)."""
     from octssl.apply.predict import predict as run_predict
 
     try:
         _key_for_files(sources, ephemeral_key)
         report = run_predict(bundle, sources, out, split=split, ids=ids or None, batch_size=batch_size,
-                             ephemeral_key=ephemeral_key)
+                             ephemeral_key=ephemeral_key, overwrite=overwrite)
     except _ERRORS as err:
         _fail(err)
     for path, reason in report.rejected:
@@ -84,6 +90,10 @@ def predict(bundle: str = _PREDICT_BUNDLE, sources: list[str] = _PREDICT_SRC, ou
     console.print(f"[green]predicted[/] {len(report.rows)} volumes in {report.seconds:.1f} s ({rate:.2f} volumes/s, "
                   f"{report.executor}); {out}/predictions.csv" + (f"; rejected {len(report.rejected)} file(s)"
                                                                   if report.rejected else ""))
+    if not report.rows:
+        console.print(f"[bold red]error:[/] predicted nothing; {len(report.rejected)} input(s) rejected "
+                      f"(see {out}/rejects.parquet)")
+        raise typer.Exit(1)
 
 
 def _key_for_files(sources: list[str], ephemeral: bool) -> None:

@@ -84,6 +84,9 @@ _INGEST_STRICT = typer.Option(False, "--strict", help="exit non-zero if any file
 _INGEST_EPHEMERAL = typer.Option(
     False, "--ephemeral-key", help="no OCTSSL_PSEUDONYM_KEY: use a throw-away pseudonym key (pseudonyms then "
     "match no other ingest)")
+_INGEST_REAL_DATES = typer.Option(
+    False, "--keep-real-dates", help="store real acquisition dates (default: each patient's dates shifted by a "
+    "keyed offset, intervals exact; recorded in the corpus settings)")
 _INGEST_DEPTH = typer.Option(1.0, "--depth-mm", help="depth window kept around the retina before resizing to D")
 _INGEST_BATCH = typer.Option(16, "--batch-size", help="volumes per atomic corpus append")
 _INGEST_PAIRS = typer.Option(None, "--pairs", help="pairs table (CSV) of en-face images/masks to attach after ingest")
@@ -106,6 +109,7 @@ def ingest(
     pairs: Path | None = _INGEST_PAIRS,
     map_: list[str] = _INGEST_MAP,
     previews: int = _INGEST_PREVIEWS,
+    keep_real_dates: bool = _INGEST_REAL_DATES,
 ) -> None:
     """Ingest device exports into a corpus: PHI replaced by keyed pseudonyms, bad files to rejects.parquet."""
     import os
@@ -123,7 +127,7 @@ def ingest(
             console.print(f"[bold red]WARNING:[/] {EPHEMERAL_WARNING}")
         report = pipeline.ingest(sources, out, grid=shape, workers=workers, ephemeral_key=ephemeral_key,
                                  batch_size=batch_size, depth_mm=depth_mm, on_reject=rejected, maps=maps,
-                                 previews=previews)
+                                 previews=previews, keep_real_dates=keep_real_dates)
     except _ERRORS as err:
         _fail(err)
     mb = report.bytes_read / 2**20
@@ -260,6 +264,10 @@ def info(corpus: str = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
         first_id, first = next(iter(flagged.items()))
         table.add_row("registration flagged", f"{len(flagged)} volume(s): no SLO stored, pretraining on SLO refused; "
                       f"e.g. {first_id}: {first}")
+    upsampled = summary.get("upsampled") or {}
+    if upsampled:
+        table.add_row("upsampled", f"{sum(upsampled.values())} volumes on a grid finer than recorded ("
+                      + ", ".join(f"{k}: {v}" for k, v in upsampled.items()) + ")")
     table.add_row("size on disk", f"{summary['bytes_on_disk'] / 2**20:.1f} MiB")
     table.add_row("pseudonym key", f"fingerprint {summary['key_fingerprint']}" if summary["key_fingerprint"]
                   else "none recorded (synthetic, or ingested before fingerprints)")

@@ -66,8 +66,10 @@ def _train(config: Path, overrides: list[str], resume: bool, metrics_port: int |
     except _ERRORS as err:
         _fail(err)
     console.print(
-        f"[green]done[/] {summary['steps']} steps, loss {_num(summary['first_loss'])} -> {_num(summary['final_loss'])}, "
-        f"best {summary['best_metric_name']} {_num(summary['best_metric'])}, weights {summary['weights']}"
+        f"[green]done[/] {summary.steps} steps, loss {_num(summary.first_loss)} -> {_num(summary.final_loss)}, "
+        f"best {summary.best_metric_name} {_num(summary.best_metric)}"
+        + (f" (threshold {summary.best_threshold})" if summary.best_threshold is not None else "")
+        + f", weights {summary.weights}"
     )
 
 

@@ -14,6 +14,15 @@ from octssl.errors import ConfigError
 
 DASHBOARD_ENV = "OCTSSL_RAY_DASHBOARD"  # "1": a local Ray starts its dashboard (`--dashboard`)
 WORKER_LOGS_ENV = "OCTSSL_WORKER_LOGS"  # "1": workers' stdout/stderr are shown here (`--worker-logs`)
+#: what keeps Ray (usage statistics) and MLflow (telemetry) from phoning home; hospital networks expect it
+NO_TELEMETRY = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+
+
+def telemetry_off() -> None:
+    """Set :data:`NO_TELEMETRY` in this process's environment (inherited by the local Ray and its workers)
+    where the user has not set the variable: a deliberate opt-in (``RAY_USAGE_STATS_ENABLED=1``) stands."""
+    for name, value in NO_TELEMETRY.items():
+        os.environ.setdefault(name, value)
 
 
 def ray_up() -> dict[str, float]:
@@ -21,6 +30,7 @@ def ray_up() -> dict[str, float]:
     import ray
 
     if not ray.is_initialized():
+        telemetry_off()
         worker_logs = os.environ.get(WORKER_LOGS_ENV) == "1"
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=worker_logs)

@@ -99,7 +99,11 @@ def _check_bucket(corpus: Corpus, grid: str, referenced: set[int]) -> list[str]:
         path = corpus.zarr_path / key / grid
         if not _has_array(corpus, key, grid):
             continue
-        arr = corpus.array(key, grid)
+        try:
+            arr = corpus.array(key, grid)
+        except CorpusError as err:  # damaged metadata: reported, the other arrays still checked
+            problems.append(str(err))
+            continue
         expected = (nb, depth, width) if key == VOLUME_KEY else (nb, width)
         if tuple(arr.shape[1:]) != expected or arr.dtype.name != "uint8":
             problems.append(f"{path}: array is {arr.dtype}{arr.shape}, expected uint8[N, {expected}]")
@@ -117,7 +121,10 @@ def _check_localizer_bucket(corpus: Corpus, grid: str, referenced: set[int]) -> 
     expected = _localizer_shape(grid)
     if expected is None:
         return [f"{path}: not a localizer bucket (its name should be HxW)"]
-    arr = corpus.array(LOCALIZER, grid)
+    try:
+        arr = corpus.array(LOCALIZER, grid)
+    except CorpusError as err:
+        return [str(err)]
     problems = []
     if tuple(arr.shape[1:]) != expected or arr.dtype.name != "uint8":
         problems.append(f"{path}: array is {arr.dtype}{arr.shape}, expected uint8[N, {expected}]")
@@ -160,6 +167,9 @@ def summarize(corpus: Corpus) -> dict[str, Any]:
         },
         "raster": sum(r["raster"] for r in rows),
         "non_raster": dict(non_raster),
+        # volumes ingest put on a grid finer than the device recorded on some axis (native shape -> grid)
+        "upsampled": dict(sorted(Counter(
+            f"{r['native_shape']} -> {r['grid']}" for r in rows if r.get("upsampled")).items())),
         "devices": dict(Counter(r["device"] for r in rows)),
         "bytes_on_disk": size,
         "settings": {k: v for k, v in corpus.settings.items() if k != "append_token"},

@@ -153,6 +153,7 @@ def meta_of(row: dict[str, Any]) -> dict[str, Any]:
         "raster": row["raster"],
         "source": row["source"],
         "acquired": acquired.isoformat() if isinstance(acquired, dt.date) else None,
+        "native_shape": None if row.get("native_shape") is None else [int(n) for n in row["native_shape"].split("x")],
     }
 
 

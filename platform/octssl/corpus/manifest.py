@@ -74,11 +74,15 @@ SCHEMA = pa.schema(
         # why the registration cannot be right (B-scans off the localizer, a constant en-face image); null when
         # it passed the checks of octssl.ingest.registration. Such a volume stores no registered SLO.
         pa.field("registration_problem", pa.string()),
+        # What the device recorded before ingest put the volume on the grid (null where unknown: synthetic
+        # volumes, corpora written before these columns): its "nBxDxW", and whether any axis was upsampled.
+        pa.field("native_shape", pa.string()),
+        pa.field("upsampled", pa.bool_()),
     ]
 )
 #: Columns an older manifest lacks (format 1: all of them; format 2 before registration checks: the last); read as nulls.
 LOCALIZER_COLUMNS = ("localizer_grid", "localizer_index", "localizer_spacing_mm", "positions_mm")
-OPTIONAL_COLUMNS = (*LOCALIZER_COLUMNS, "registration_problem")
+OPTIONAL_COLUMNS = (*LOCALIZER_COLUMNS, "registration_problem", "native_shape", "upsampled")
 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "format": FORMAT_VERSION,

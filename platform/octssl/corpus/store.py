@@ -37,6 +37,10 @@ from octssl.sample import VOLUME_KEY
 from octssl.storage.location import Location, fsspec_async
 
 
+class ArrayMetadataError(CorpusError):
+    """An array's ``zarr.json`` exists but cannot be read (not UTF-8, not JSON, not Zarr metadata)."""
+
+
 class Corpus:
     """One corpus directory. Readers see committed rows only; one writer appends at a time."""
 
@@ -205,6 +209,9 @@ class Corpus:
                 self._arrays[name] = zarr.open_array(self._zarr_store(), path=name)
             except (FileNotFoundError, zarr.errors.NodeNotFoundError) as err:
                 raise CorpusError(f"{self.zarr_path / name}: array missing") from err
+            except (ValueError, TypeError, KeyError) as err:  # undecodable or invalid JSON (a flipped byte)
+                raise ArrayMetadataError(f"{self.zarr_path / name}/zarr.json: unreadable array metadata "
+                                         f"({type(err).__name__}: {err})") from err
         return self._arrays[name]
 
     def _zarr_store(self) -> Any:
@@ -239,6 +246,8 @@ class Corpus:
         where = f"{self.zarr_path}/{array_path(key, grid)}"  # a str: pathlib costs 5% of a small read
         try:
             arr = self.array(key, grid)
+        except ArrayMetadataError as err:
+            raise CorpusError(f"{err}: sample {row['id']}") from None
         except CorpusError:
             raise CorpusError(f"{where}: sample {row['id']}: array missing") from None
         if index >= arr.shape[0]:

@@ -200,6 +200,9 @@ def _row(sid: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], split: s
         "localizer_spacing_mm": meta.get("localizer_spacing_mm"),
         "positions_mm": meta.get("positions_mm"),
         "registration_problem": meta.get("registration_problem"),
+        "native_shape": None if meta.get("native_shape") is None else "x".join(map(str, meta["native_shape"])),
+        "upsampled": None if meta.get("native_shape") is None else
+        any(int(g) > int(n) for g, n in zip(arrays[VOLUME_KEY].shape, meta["native_shape"], strict=True)),
     }
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+
 from octssl.config.job import JobConfig
 from octssl.data import plan
 from octssl.data.transforms import TrainTransform, collate
@@ -71,6 +73,15 @@ class TrainData:
         return nb, depth, w
 
     where: str = "data"
+    spacings: list[list[float]] = []  # spacing_mm (nB, D, W) of each training volume, where known
+
+    def spacing_range(self) -> dict[str, list[float]] | None:
+        """Per axis (nB, D, W) the smallest and largest spacing of the training volumes (None when unknown):
+        what a bundle compares new inputs with."""
+        if not self.spacings:
+            return None
+        values = np.asarray(self.spacings, float)
+        return {"min": values.min(axis=0).tolist(), "max": values.max(axis=0).tolist()}
 
 
 class CorpusFeed(TrainData):
@@ -84,6 +95,7 @@ class CorpusFeed(TrainData):
         self.where = str(source.corpus_path)
         corpus = source.corpus
         self.grids = sorted({corpus.row(i)["grid"] for i in source.ids})
+        self.spacings = [list(corpus.row(i)["spacing_mm"]) for i in source.ids]
         self.volumes = len(source.ids)
         self.steps_per_epoch = plan.steps_per_epoch(len(source), world_size, batch_size)
 

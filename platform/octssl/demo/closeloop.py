@@ -31,10 +31,11 @@ def close_loop(sweep_dir: str | Path, corpus: str | Path, *, progress: bool = Tr
     bundle = sweep_dir / "bundles" / GA
     if not (bundle / "config.json").is_file():
         raise PredictError(f"{bundle}: the sweep wrote no GA bundle (see summary.json 'bundles')")
-    report = predict(bundle, [corpus], sweep_dir / "predict", split=TEST, progress=progress)
+    report = predict(bundle, [corpus], sweep_dir / "predict", split=TEST, progress=progress,
+                     overwrite=True)  # the demo's own folder: a re-run replaces it whole
     growth = growth_report(sweep_dir / "predict", sweep_dir / "growth")
-    pairs = [(r["label_area_mm2"], r["area_mm2"]) for r in report.rows
-             if r["label_area_mm2"] is not None and r["area_mm2"] is not None]
+    pairs = [(r.label_area_mm2, r.area_mm2) for r in report.rows
+             if r.label_area_mm2 is not None and r.area_mm2 is not None]
     truth, predicted = (np.array([p[i] for p in pairs], float) for i in (0, 1))
     r = float(np.corrcoef(truth, predicted)[0, 1]) if len(pairs) > 2 and truth.std() > 0 and predicted.std() > 0 \
         else None
@@ -45,7 +46,7 @@ def close_loop(sweep_dir: str | Path, corpus: str | Path, *, progress: bool = Tr
         shutil.copyfile(sweep_dir / "growth" / growth["plots"][0], example)
     result = {"volumes": len(report.rows), "with_labels": len(pairs), "pearson_r": r,
               "mean_abs_error_mm2": float(np.abs(predicted - truth).mean()) if pairs else None,
-              "seconds": report.seconds, "growth": growth, "threshold": report.rows[0]["threshold"] if report.rows else None}
+              "seconds": report.seconds, "growth": growth, "threshold": report.rows[0].threshold if report.rows else None}
     atomic_write(sweep_dir / "loop.json", json.dumps(result, indent=2))
     with open(sweep_dir / "report.md", "a") as handle:
         handle.write("\n".join(section(result, example is not None)) + "\n")

@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from octssl.errors import ConfigError, ShardError
+from octssl.train.summary import RunSummary
 from octssl.vocab import FAF, GA, RPD
 
 MARKER = "demo.json"  # marks a directory this command wrote (and may therefore replace)
@@ -69,9 +70,9 @@ def prepare_out(out: Path) -> None:
     (out / MARKER).write_text(json.dumps({"status": "running", "started": time.time()}))
 
 
-def pretrain_line(summary: dict[str, Any], weights: Path) -> str:
+def pretrain_line(summary: RunSummary, weights: Path) -> str:
     """What the demo says after pretraining (no validation ran when ``best_metric`` is None)."""
-    best = summary.get("best_metric")
+    best = summary.best_metric
     score = f"val SSIM {best:.3f} (best)" if best is not None else "no validation score"
     return f"{score}, weights {weights}"
 
@@ -158,7 +159,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
         console.rule(f"[bold]3/5 pretrain: OCT -> inverted FAF, 2 Ray Train workers, {s.pretrain_steps} steps")
         t0 = time.time()
         pre = run(parse_config(pretrain_job(out, s), "demo pretrain"), progress=progress)
-        weights = Path(pre["best_weights"] or pre["weights"])
+        weights = Path(pre.best_weights or pre.weights or "")
         console.print(pretrain_line(pre, weights))
         timings["pretrain"] = time.time() - t0
 
@@ -191,7 +192,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
     paths = {"corpus": str(out / "corpus"), "shards": str(out / "shards"), "pretrain": str(weights.parent.parent),
              "sweep": str(sweep_dir), "report": str(sweep_dir / "report.md")}
     result = {"settings": asdict(s), "quick": quick, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-              "paths": paths, "pretrain": {"val_ssim": pre["best_metric"], "steps": pre["steps"]}}
+              "paths": paths, "pretrain": {"val_ssim": pre.best_metric, "steps": pre.steps}}
     (out / MARKER).write_text(json.dumps({**result, "status": "done"}, indent=2))
     console.print("files: " + ", ".join(f"{k} {v}" for k, v in paths.items()))
     console.print(f"[green]demo done[/] in {timings['total']:.0f} s: " +

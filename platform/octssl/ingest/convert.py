@@ -26,7 +26,7 @@ from octssl.ingest.grid import (
     resize_mask,
     to_grid,
 )
-from octssl.ingest.phi import pseudonym, visit_pseudonym
+from octssl.ingest.phi import pseudonym, shifted_day, visit_pseudonym
 from octssl.ingest.registration import registration_problem
 from octssl.ingest.scan import NOT_RASTER_REASON, Scan
 from octssl.sample import validate_sample
@@ -95,9 +95,11 @@ def read_scans(path: Path, fmt: str, maps: dict[str, str] | None = None) -> list
 
 
 def to_record(
-    scan: Scan, *, sample_id: str, source: str, key: bytes, grid: tuple[int, int, int], depth_mm: float
+    scan: Scan, *, sample_id: str, source: str, key: bytes, grid: tuple[int, int, int], depth_mm: float,
+    keep_dates: bool = False,
 ) -> Record:
-    """Pseudonymise, register and (raster only) grid one scan. The device patient id stops here."""
+    """Pseudonymise, register and (raster only) grid one scan. The device patient id stops here, and so does
+    the real acquisition date unless ``keep_dates`` (it is shifted by the patient's keyed offset)."""
     where = f"sample {sample_id}"
     n_b, _, width = scan.bscans.shape
     if scan.raster and n_b < 2:
@@ -138,9 +140,10 @@ def to_record(
         "spacing_mm": [float(v) for v in spacing],
         "raster": scan.raster,
         "source": source,
-        "acquired": acquired,
+        "acquired": acquired if keep_dates else shifted_day(acquired, patient, key),
         "raster_reason": None if scan.raster else NOT_RASTER_REASON[scan.scan_pattern],
         "registration_problem": problem,
+        "native_shape": [int(n) for n in scan.bscans.shape],  # (nB, D, W) as the device recorded it
     }
     sample: dict[str, Any] = {"id": sample_id, "oct": np.ascontiguousarray(volume, dtype=np.uint8), "meta": meta}
     if slo is not None:
@@ -182,6 +185,7 @@ def convert_unit(
     grid: tuple[int, int, int],
     depth_mm: float = DEPTH_WINDOW_MM,
     maps: dict[str, str] | None = None,
+    keep_dates: bool = False,
 ) -> UnitResult:
     """Read and convert one unit; any failure becomes ``reason`` (the message without the path prefix)."""
     unit = Path(path)
@@ -193,7 +197,7 @@ def convert_unit(
         prefix = ID_PREFIX[fmt]
         result.records = [
             to_record(scan, sample_id=f"{prefix}-{sha256[:16]}-{scan.series}", source=sha256, key=key,
-                      grid=grid, depth_mm=depth_mm)
+                      grid=grid, depth_mm=depth_mm, keep_dates=keep_dates)
             for scan in scans
         ]
     except OctsslError as err:

@@ -67,7 +67,9 @@ def read_heyex_xml(path: Path) -> list[Scan]:
     from eyepy.io.he.xml_reader import HeXmlReader
 
     try:
-        volume = HeXmlReader(path).volume
+        reader = HeXmlReader(path)
+        _check_images(reader, path)
+        volume = reader.volume
     except ParseError as err:
         raise IngestError(f"{path}: not well-formed XML ({err})") from err
     except FileNotFoundError as err:
@@ -75,6 +77,29 @@ def read_heyex_xml(path: Path) -> list[Scan]:
     except (ValueError, AttributeError, IndexError, OSError) as err:
         raise IngestError(f"{path}: cannot read the HEYEX XML export ({type(err).__name__}: {err})") from err
     return [_scan(volume, path, HEIDELBERG)]
+
+
+def _check_images(reader: Any, path: Path) -> None:
+    """IngestError unless every image the XML names is a regular file in the XML's folder: eyepy opens them
+    with a blocking read, so a FIFO (or a device file) named like a B-scan would hang the ingest."""
+    import os
+    import stat
+
+    from octssl.ingest.detect import _kind
+
+    for url in reader.xml_root[0].iterfind(".//ImageData/ExamURL"):
+        name = (url.text or "").split("\\")[-1]
+        image = reader.path.parent / name
+        if not name or "/" in name or name in (".", ".."):
+            raise IngestError(f"{path}: image name {url.text!r} is not a file in the export's folder")
+        try:
+            mode = os.stat(image).st_mode  # stat never blocks, whatever the file is
+        except OSError as err:
+            raise IngestError(f"{path}: an image the XML names is missing or unreadable ({image}: "
+                              f"{err.strerror})") from err
+        if not stat.S_ISREG(mode):
+            raise IngestError(f"{path}: image {image} is not a regular file ({_kind(mode)}); only regular files "
+                              "are read")
 
 
 def _scan(volume: Any, path: Path, device: str) -> Scan:

@@ -12,9 +12,11 @@ matched by content hash to the manifest's ``source``, or a corpus volume id), ``
 
 ``localizer`` and ``affine`` images are sampled under every A-scan through the volume's registration
 (``positions_mm``, as ``slo`` is made at ingest; :func:`octssl.ingest.grid.enface_from_localizer`), so raster
-volumes, line and circle scans are treated alike; masks nearest-neighbour, images bilinear. Every row that
-cannot be used goes to ``rejects.parquet`` with its reason (``path`` = ``PAIRS.csv:line N``); the others are
-attached in one atomic :meth:`Corpus.attach`.
+volumes, line and circle scans are treated alike; masks nearest-neighbour, images bilinear; a scan whose
+A-scans fall off the localizer (or off an ``affine`` image) is refused, never sampled. Every row that cannot be
+used goes to ``rejects.parquet`` with its reason (``path`` = ``PAIRS.csv:line N``): a volume that is a FIFO,
+device file or link to one, or a second row for a volume and kind already attached by the table, rejects that
+row only; the others are attached in one atomic :meth:`Corpus.attach`.
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ def onto_volume(row: dict[str, Any], sample: dict[str, Any], image: np.ndarray, 
         if image.shape != localizer.shape:
             raise RowRejected(f"image is {image.shape[0]}x{image.shape[1]}, the volume's localizer is "
                               f"{localizer.shape[0]}x{localizer.shape[1]} (space 'localizer' needs the same size)")
+        _check_on_localizer(geometry, localizer.shape)
         return enface_from_localizer(image, *geometry, mask=mask)
     matrix = parse_matrix(pair.matrix)
     height, width = image.shape
@@ -167,6 +170,19 @@ def onto_volume(row: dict[str, Any], sample: dict[str, Any], image: np.ndarray, 
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
+def _check_on_localizer(geometry: tuple[Any, ...], shape: tuple[int, ...]) -> None:
+    """RowRejected when A-scans fall off the localizer: sampling there would invent values (for a mask, a
+    silent "no lesion" that becomes ground truth)."""
+    from octssl.ingest.grid import ascan_pixels
+
+    rows, cols = ascan_pixels(*geometry)
+    height, width = shape
+    outside = (rows < -EDGE_PX) | (rows > height - 1 + EDGE_PX) | (cols < -EDGE_PX) | (cols > width - 1 + EDGE_PX)
+    if outside.any():
+        raise RowRejected(f"the scan does not lie on the localizer: {int(outside.sum())} of {outside.size} A-scans "
+                          f"fall outside its {width}x{height} pixels through the volume's registration")
+
+
 class _Volumes:
     """Resolves the ``volume`` column: a corpus id, or a device file / stack folder found by content hash."""
 
@@ -186,12 +202,14 @@ class _Volumes:
         path = Path(value) if Path(value).is_absolute() else self.base / value
         if not path.exists():
             raise RowRejected(f"unknown volume {value!r}: neither a corpus volume id nor an existing file or folder")
-        path = path.resolve()
-        if path not in self.hashes:
-            try:
+        try:
+            path = path.resolve()
+            if path not in self.hashes:
                 self.hashes[path] = content_hash(path)
-            except OSError as err:
-                raise RowRejected(f"cannot read volume file {path} ({err})") from err
+        except OSError as err:
+            raise RowRejected(f"cannot read volume file {path} ({err})") from err
+        except IngestError as err:  # a FIFO, device file or symlink to one: this row only
+            raise RowRejected(f"volume {value!r}: {err}") from err
         ids = self.by_source.get(self.hashes[path], [])
         if not ids:
             raise RowRejected(f"unknown volume {value!r}: no volume in the corpus was ingested from it")
@@ -216,6 +234,7 @@ def pair_attachments(corpus: Corpus, pairs_path: Path) -> tuple[list[Attachment]
     volumes = _Volumes(corpus, pairs_path.parent)
     attachments: list[Attachment] = []
     rejects: list[tuple[str, str, str]] = []
+    first_line: dict[tuple[str, str], int] = {}  # (volume id, kind) -> the row that attaches it
     for pair in read_pairs(pairs_path):
         where, digest = f"{pairs_path}:line {pair.line}", ""
         try:
@@ -232,11 +251,22 @@ def pair_attachments(corpus: Corpus, pairs_path: Path) -> tuple[list[Attachment]
             made = [Attachment(i, pair.kind, onto_volume(corpus.row(i), volumes.sample(i), image, pair),
                                {"image_sha256": digest, "pairs": str(pairs_path), "row": pair.line,
                                 "space": pair.space}) for i in ids]
+            _check_not_duplicate(first_line, ids, pair)
         except RowRejected as err:
             rejects.append((where, digest, str(err)))
             continue
         attachments += made
+        first_line.update({(i, pair.kind): pair.line for i in ids})
     return attachments, rejects
+
+
+def _check_not_duplicate(first_line: dict[tuple[str, str], int], ids: list[str], pair: PairRow) -> None:
+    """RowRejected when an earlier row of the table already attaches this kind to one of these volumes: one
+    label per volume and kind, and the report counts what lands."""
+    for sample_id in ids:
+        if (sample_id, pair.kind) in first_line:
+            raise RowRejected(f"duplicate: volume {sample_id} already gets '{pair.kind}' from line "
+                              f"{first_line[(sample_id, pair.kind)]} of this table")
 
 
 def label_corpus(corpus_path: str | Path, pairs_path: str | Path) -> LabelReport:

@@ -9,6 +9,7 @@ patient lands under a different pseudonym (possibly in a different split).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import os
@@ -74,3 +75,38 @@ def visit_pseudonym(patient: str, day: str | None, key: bytes) -> int:
         return 0
     digest = hmac.new(key, f"visit:{patient}:{day}".encode(), hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "big") % (2**31 - 1) + 1
+
+
+#: Corpus setting saying how ``acquired`` is stored: :data:`SHIFTED` (the default) or :data:`REAL` dates.
+DATES_SETTING, SHIFTED, REAL = "dates", "shifted", "real"
+#: a patient's dates move back by 1 to 10 years (whole days), the same for all of that patient's scans
+SHIFT_DAYS = (366, 3653)
+
+
+def date_shift_days(patient: str, key: bytes) -> int:
+    """Days every acquisition date of ``patient`` (a pseudonym) moves back: keyed, so the same patient gets
+    the same shift in every ingest with this key and no one without the key can undo it. DICOM PS3.15
+    Annex E, "Retain Longitudinal Temporal Information with Modified Dates": intervals stay exact."""
+    digest = hmac.new(key, f"date-shift:{patient}".encode(), hashlib.sha256).digest()
+    low, high = SHIFT_DAYS
+    return low + int.from_bytes(digest[:8], "big") % (high - low + 1)
+
+
+def shifted_day(day: str | None, patient: str, key: bytes) -> str | None:
+    """``day`` (ISO ``YYYY-MM-DD``) moved back by the patient's keyed shift; None stays None."""
+    if day is None:
+        return None
+    return (dt.date.fromisoformat(day) - dt.timedelta(days=date_shift_days(patient, key))).isoformat()
+
+
+def check_dates(recorded: str | None, has_rows: bool, wanted: str, corpus: object) -> None:
+    """IngestError when ``wanted`` dates would mix with the corpus's: a patient's intervals are exact only
+    when all of their dates are stored the same way. A corpus with rows but no record predates date
+    shifting and holds real dates."""
+    stored = recorded or (REAL if has_rows else None)
+    if stored is None or stored == wanted:
+        return
+    hint = ("pass --keep-real-dates to add to it as it is, or ingest into a new corpus (dates shifted)"
+            if stored == REAL else "drop --keep-real-dates (this corpus stores shifted dates)")
+    raise IngestError(f"{corpus}: this corpus stores {stored} acquisition dates and this ingest would store "
+                      f"{wanted} ones; {hint}")

@@ -28,7 +28,17 @@ from octssl.ingest import sink
 from octssl.ingest.convert import Record, UnitResult, convert_unit, strip_path
 from octssl.ingest.detect import content_hash, find_units
 from octssl.ingest.grid import DEPTH_WINDOW_MM
-from octssl.ingest.phi import EPHEMERAL_WARNING, FINGERPRINT_SETTING, check_key, key_fingerprint, load_key
+from octssl.ingest.phi import (
+    DATES_SETTING,
+    EPHEMERAL_WARNING,
+    FINGERPRINT_SETTING,
+    REAL,
+    SHIFTED,
+    check_dates,
+    check_key,
+    key_fingerprint,
+    load_key,
+)
 from octssl.observe import progress as progress_display
 
 logger = logging.getLogger("octssl.ingest")
@@ -87,11 +97,14 @@ def ingest(
     on_reject: Callable[[str, str], None] | None = None,
     maps: dict[str, str] | None = None,
     previews: int = 16,
+    keep_real_dates: bool = False,
 ) -> IngestReport:
     """Ingest every unit under ``sources`` into the corpus at ``out`` (created when absent). ``maps`` names
     the annotation maps of eyepy ``.eye`` files to keep as labels ({map name: ga|rpd}). The first
     ``previews`` volumes ingested get a picture in ``out/previews/<id>.png`` (B-scans, and the localizer with
-    the scan positions drawn) for a person to check the registration."""
+    the scan positions drawn) for a person to check the registration. Acquisition dates are stored shifted
+    by a keyed offset per patient unless ``keep_real_dates`` (recorded in the corpus settings; the two never
+    mix in one corpus)."""
     start = time.perf_counter()
     key, ephemeral = load_key(ephemeral_key)  # refuse before touching anything
     if ephemeral:
@@ -108,6 +121,8 @@ def ingest(
     fingerprint = key_fingerprint(key)
     corpus = sink.open_corpus(out, fingerprint)
     check_key(corpus.settings.get(FINGERPRINT_SETTING), key, out, "ingest")  # before anything is appended
+    dates = REAL if keep_real_dates else SHIFTED
+    check_dates(corpus.settings.get(DATES_SETTING), len(corpus) > 0, dates, out)  # before anything is appended
     known = sink.ingested_sources(corpus)
     report = IngestReport(corpus=str(out), units=len(units) + len(unusable), ephemeral_key=ephemeral)
     batch: list[Record] = []
@@ -121,7 +136,7 @@ def ingest(
             on_reject(path, reason)
 
     def flush() -> None:
-        appended = _append_batch(corpus, batch, reject, fingerprint)
+        appended = _append_batch(corpus, batch, reject, {FINGERPRINT_SETTING: fingerprint, DATES_SETTING: dates})
         report.ingested.extend(appended)
         report.previews += write_previews(out, [r for r in batch if r.sample["id"] in set(appended)],
                                           previews - len(report.previews))
@@ -155,7 +170,8 @@ def ingest(
                         tick()
                         continue
                     taken.add(sha)
-                    pending[submit(convert_unit, path, sha, key, grid, depth_mm, maps or {})] = ("convert", path)
+                    pending[submit(convert_unit, path, sha, key, grid, depth_mm, maps or {},
+                                   keep_real_dates)] = ("convert", path)
                     continue
                 result: UnitResult = future.result()
                 report.bytes_read += result.nbytes
@@ -199,18 +215,20 @@ def _nothing_to_ingest(sources: Sequence[str | Path], unusable: list[tuple[str, 
             f"stacks){why}; nothing ingested and no corpus written")
 
 
-def _append_batch(corpus, batch: list[Record], reject: Callable[[str, str, str], None], fingerprint: str) -> list[str]:
-    """Append ``batch`` atomically; when the corpus refuses a sample, retry one by one and reject it."""
+def _append_batch(corpus, batch: list[Record], reject: Callable[[str, str, str], None],
+                  settings: dict[str, str]) -> list[str]:
+    """Append ``batch`` atomically (``settings`` the corpus lacks recorded in the same commit); when the
+    corpus refuses a sample, retry one by one and reject it."""
     if not batch:
         return []
     try:
-        return sink.append_records(corpus, batch, fingerprint)
+        return sink.append_records(corpus, batch, settings)
     except SampleError:
         pass
     ids: list[str] = []
     for record in batch:
         try:
-            ids.extend(sink.append_records(corpus, [record], fingerprint))
+            ids.extend(sink.append_records(corpus, [record], settings))
         except SampleError as err:
             source = record.sample["meta"]["source"]
             where = record.path or f"sample {record.sample['id']}"
@@ -232,6 +250,9 @@ def _executor(workers: int) -> Iterator[tuple[Callable[..., Future], str]]:
         import ray
 
         if not ray.is_initialized():
+            from octssl.cluster.local import telemetry_off
+
+            telemetry_off()
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
         remotes: dict[Any, Any] = {}
 

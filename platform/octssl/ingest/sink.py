@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,15 +51,14 @@ def ingested_sources(corpus: Corpus) -> set[str]:
     return {s for s in corpus.manifest.column("source").to_pylist() if s}
 
 
-def append_records(corpus: Corpus, records: list[Record], key_fingerprint: str | None = None) -> list[str]:
+def append_records(corpus: Corpus, records: list[Record], settings: dict[str, Any] | None = None) -> list[str]:
     """The adapter to ``Corpus.append``: one atomic append of ``records``' sample dicts, each with its
     native-resolution localizer (``localizer/<H>x<W>``) and registration (``positions_mm``) when it has one.
-    A corpus that records no key fingerprint yet gets ``key_fingerprint`` in the same commit."""
+    Each of ``settings`` the corpus does not record yet (key fingerprint, dates) is recorded in the same commit."""
     if not records:
         return []
-    settings = {"key_fingerprint": key_fingerprint} if key_fingerprint and not corpus.settings.get(
-        "key_fingerprint") else None
-    return corpus.append([_with_localizer(record) for record in records], progress=False, settings=settings)
+    missing = {k: v for k, v in (settings or {}).items() if corpus.settings.get(k) is None}
+    return corpus.append([_with_localizer(record) for record in records], progress=False, settings=missing or None)
 
 
 def _with_localizer(record: Record) -> dict:

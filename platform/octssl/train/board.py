@@ -70,7 +70,7 @@ def reconstructions(trainer: Any, n: int = IMAGE_VOLUMES) -> list[tuple[str, np.
     pairs = []
     for i in range(min(n, len(source))):
         batch = trainer.to_device(collate([source[i]]))
-        logits = trainer.engine(batch[VOLUME]).float()
+        logits = trainer.predictor.logits(batch[VOLUME])  # the forward of validation and `octssl predict`
         target = objective.target_tensor(logits, batch)
         pairs.append((str(batch["id"][0]), target[0, 0].cpu().numpy(), torch.sigmoid(logits)[0, 0].cpu().numpy()))
     trainer.engine.train()

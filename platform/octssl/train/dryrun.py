@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from octssl.config.job import JobConfig
-from octssl.train.engine import resolve_precision
+from octssl.models.precision import resolve_precision
 
 #: Depth assumed when no corpus is there to tell it: the paper's volumes were flattened and cut to 128.
 PAPER_DEPTH = 128

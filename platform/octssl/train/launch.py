@@ -8,7 +8,6 @@ checkpoint under the same name and storage path (``TorchTrainer.restore`` is dep
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from datetime import datetime
@@ -18,10 +17,12 @@ from typing import Any
 from octssl.cluster.local import require, root_cause
 from octssl.config.job import JobConfig, dump_config
 from octssl.errors import ConfigError, OctsslError
+from octssl.models.precision import resolve_precision
 from octssl.observe.tracking import ENV_URI, check_server, tracking_uri
 from octssl.storage.location import Location, is_url, ray_storage, staging_dir
 from octssl.train import checkpoint as ckpt
-from octssl.train.engine import init_single_process_group, resolve_precision
+from octssl.train.engine import init_single_process_group
+from octssl.train.summary import RunSummary, read_run_summary
 from octssl.vocab import VAL, VOLUME
 
 
@@ -125,8 +126,8 @@ def _worker_env(config: JobConfig) -> dict[str, str]:
 
 def run(
     config: JobConfig, *, resume: bool | str = False, progress: bool = True, metrics_port: int | None = None
-) -> dict[str, Any]:
-    """Run a pretraining or fine-tuning job under Ray Train; returns summary.json's content."""
+) -> RunSummary:
+    """Run a pretraining or fine-tuning job under Ray Train; returns its summary.json."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -173,22 +174,23 @@ def run(
         raise OctsslError(f"{run_dir}: training failed: {root_cause(result.error)}")
     if remote.remote:
         return _remote_summary(run_dir, remote)
-    return json.loads((run_dir / "summary.json").read_text())
+    return read_run_summary((run_dir / "summary.json").read_text())
 
 
-def _remote_summary(run_dir: Path, remote: Location) -> dict[str, Any]:
+def _remote_summary(run_dir: Path, remote: Location) -> RunSummary:
     """summary.json of a run on an object store, its weight paths pointing at the uploaded files."""
-    summary = json.loads((remote / "summary.json").read_bytes())
+    summary = read_run_summary((remote / "summary.json").read_bytes())
     for key in ("weights", "best_weights"):
-        if isinstance(summary.get(key), str) and summary[key].startswith(str(run_dir)):
-            summary[key] = str(remote) + summary[key][len(str(run_dir)):]
-    (remote / "summary.json").write_bytes(json.dumps(summary, indent=2).encode())
+        value = getattr(summary, key)
+        if value is not None and value.startswith(str(run_dir)):
+            setattr(summary, key, str(remote) + value[len(str(run_dir)):])
+    (remote / "summary.json").write_bytes(summary.model_dump_json(indent=2).encode())
     (remote / "config.yaml").upload(run_dir / "config.yaml")
     return summary
 
 
 def run_single_process(config: JobConfig, *, resume_from: Path | None = None,
-                       metrics_port: int | None = None) -> dict[str, Any]:
+                       metrics_port: int | None = None) -> RunSummary:
     """The same Trainer in this process (world size 1, no Ray): benchmarks, single-GPU checks, and
     (with ``metrics_port``) a run whose /metrics a test's Prometheus scrapes.
     Checkpoints are copied to ``RUN_DIR/checkpoints/stepNNNNNNNN``."""

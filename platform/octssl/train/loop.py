@@ -11,7 +11,6 @@ without Ray (benchmarks, GPU checks).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -28,19 +27,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from octssl.apply.metrics import average
+from octssl.apply.predictor import Predictor
 from octssl.config.job import JobConfig, parse_config
 from octssl.data.transforms import collate
 from octssl.errors import OctsslError
+from octssl.models.precision import resolve_precision
 from octssl.observe.recorder import StepTiming
 from octssl.storage.location import Location
 from octssl.train import checkpoint as ckpt
 from octssl.train.board import reconstructions
 from octssl.train.components import build_components
-from octssl.train.engine import build_engine, resolve_precision
-from octssl.train.objectives import average, score_batch
+from octssl.train.engine import build_engine
+from octssl.train.objectives import per_volume_at_original
 from octssl.train.recorder import build_recorder
 from octssl.train.state import Cadence, RunState
-from octssl.vocab import VAL, VOLUME
+from octssl.train.summary import RunSummary
+from octssl.vocab import THRESHOLD, VAL, VOLUME
 
 FAULT_NAN_STEPS = "OCTSSL_FAULT_NAN_STEPS"  # testing hook: comma-separated steps whose loss is made NaN
 
@@ -108,6 +111,7 @@ class Trainer:
         self.total_steps = c.run.total_steps(self.data.steps_per_epoch)
         self.cadence = Cadence(self.total_steps)
         self.engine, self.scheduler = build_engine(components.model, c, self.total_steps, self.precision)
+        self.predictor = Predictor(self.engine, precision=self.precision, device=self.device)  # as `octssl predict`
         self.recorder = build_recorder(c, self.run_dir, self.ctx.rank, total_steps=self.total_steps,
                                        device=self.device, tracked=self.tracked)
         if self.ctx.metrics_port:
@@ -146,8 +150,10 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Loss and the objective's metrics on the val split (volumes sharded over ranks), averaged by
-        :func:`octssl.train.objectives.average` like the sweep's test split, undefined HD95s counted."""
+        """Loss and the objective's metrics on the val split (volumes sharded over ranks): the forward of
+        :class:`~octssl.apply.predictor.Predictor` and the metrics of :mod:`octssl.apply.metrics` (averaged by
+        :func:`~octssl.apply.metrics.average`, which chooses the segmentation threshold by best pooled Dice),
+        as for the sweep's test split and ``octssl predict``; undefined HD95s counted."""
         if self.val_source is None or len(self.val_source) == 0:
             return {}
         self.engine.eval()
@@ -161,12 +167,14 @@ class Trainer:
         for k in range(per_rank):
             i = self.ctx.rank + k * self.ctx.world_size
             batch = self.to_device(collate([self.val_source[i if i < n else 0]]))
-            logits, volume_rows = score_batch(self.engine, self.objective, batch)
+            logits = self.predictor.logits(batch[VOLUME])
             if i >= n:
                 continue
+            volume_rows = per_volume_at_original(self.objective, logits, batch)
             loss = float(self.objective.loss(logits, batch))
             rows += [{"val_loss": loss, **row} for row in volume_rows]
         self.engine.train()
+        self.val_volumes = n
         if self.ctx.world_size > 1:
             gathered: list[Any] = [None] * self.ctx.world_size
             dist.all_gather_object(gathered, rows)
@@ -207,6 +215,8 @@ class Trainer:
             self.report(metrics, path)
 
     def export(self, name: str) -> Path | Location | None:
+        """Weights with their card; the card records the val evaluation behind them: its metrics, the
+        number of val volumes and (segmentation) the ``threshold`` chosen there, which a bundle ships."""
         c = self.config
         key = self.objective.primary_metric
         card = {
@@ -214,12 +224,15 @@ class Trainer:
             "normalisation": "z-score per B-scan (float32)",
             "crop": list(c.data.crop),
             "grid": self.data.grids,
+            "spacing_mm": self.data.spacing_range(), "corpus_version": self.corpus_version,
             "summary": {"step": self.state.step, "best_metric": self.state.best_metric, key: self.last_val.get(key)},
+            "val": self.last_val, "val_volumes": getattr(self, "val_volumes", 0),
+            THRESHOLD: self.last_val.get(THRESHOLD),
         }
         return ckpt.export_weights(self.engine, self.run_dir / name, card)
 
     # ---------------------------------------------------------------- the run
-    def train(self) -> dict[str, Any]:
+    def train(self) -> RunSummary:
         c = self.config
         self.setup()
         if self.ctx.resume_from is not None:
@@ -284,33 +297,23 @@ class Trainer:
         value = self.last_val.get(self.objective.primary_metric)
         best = self.state.best_metric
         if value is not None and not math.isnan(value) and (best is None or value > best):
-            self.state.best_metric = value
+            self.state.best_metric, self.state.best_step, self.state.best_val = value, self.state.step, self.last_val
             self.export("best")  # collective under ZeRO-3: every rank takes the same branch
         if self.last_val:
             self.recorder.validation(self.state.step, self.last_val)
         self.recorder.images(self.state.step, reconstructions(self))
         return self.last_val
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> RunSummary:
         weights = self.export("final")
-        state = self.state
-        summary = {
-            "steps": state.step,
-            "skipped_steps": state.skipped,
-            "first_loss": state.first_loss,
-            "final_loss": state.last_loss,
-            "best_metric": state.best_metric,
-            "best_metric_name": self.objective.primary_metric,
-            "val": self.last_val,
-            "weights": str(weights) if weights else None,
-            "best_weights": str(self.run_dir / "best" / "model.safetensors") if state.best_metric is not None else None,
-            "wall_s": time.time() - self.started,
-            "world_size": self.ctx.world_size,
-            "corpus_version": self.corpus_version,
-        }
+        summary = RunSummary.of_run(
+            self.state, metric=self.objective.primary_metric, val=self.last_val,
+            weights=str(weights) if weights else None,
+            best_weights=str(self.run_dir / "best" / "model.safetensors") if self.state.best_metric is not None else None,
+            wall_s=time.time() - self.started, world_size=self.ctx.world_size, corpus_version=self.corpus_version)
         if self.ctx.rank == 0:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.recorder.finish(summary)
+            summary.write(self.run_dir / "summary.json")
+        self.recorder.finish(summary.model_dump(mode="json"))
         return summary
 
 

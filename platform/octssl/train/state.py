@@ -22,6 +22,8 @@ class RunState:
     first_loss: float | None = None
     last_loss: float | None = None
     best_metric: float | None = None
+    best_step: int | None = None  # the evaluation that wrote best/
+    best_val: dict[str, float] = field(default_factory=dict)  # its val metrics (segmentation: its threshold)
     world_size: int = 1
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
+from octssl.apply.metrics import pooled
 from octssl.cluster.local import root_cause
 from octssl.config.sweep import SweepConfig
 from octssl.storage.location import Location, staging_dir
@@ -22,6 +24,68 @@ OK, STOPPED, ERROR = "ok", "stopped", "error"
 STATUSES = (OK, STOPPED, ERROR)
 RESULT_COLUMNS = ("task", "fraction", "init", "model", "seed", "trial", THRESHOLD, "id", DICE, HD95, TRUTH_PX, PRED_PX,
                   OVERLAP_PX)
+
+
+SCHEMA_VERSION = 1
+
+
+class SweepCell(BaseModel):
+    """One cell (task x fraction x init x model) of summary.json: test metrics over its seeds' chosen trials,
+    the chosen configurations, and ``best_test``: the bundled trial's own test metrics at its val threshold.
+    The corpus facts of the cell (train patients and volumes) ride along as extra fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    task: str
+    fraction: float
+    init: str
+    model: str
+    dice_mean: float | None = None
+    dice_std: float | None = None
+    dice_seed_std: float | None = None
+    dice_seeds: list[float] = []
+    hd95_mean: float | None = None
+    hd95_undefined: int = 0
+    dice_lesion_mean: float | None = None
+    healthy_predicted_empty: float | None = None
+    n_test_healthy: int = 0
+    n_test: int = 0
+    n_seeds: int = 0
+    best_config: dict[str, Any] | None = None
+    best_test: dict[str, Any] | None = None
+    seed_configs: list[dict[str, Any]] = []
+    trials: int = 0
+    trials_failed: int = 0
+    trials_stopped: int = 0
+    errors: list[str] = []
+
+
+class SweepSummary(BaseModel):
+    """A sweep's summary.json (written by :func:`octssl.tune.sweep.run_sweep`; ``schema_version`` in the file)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: int = SCHEMA_VERSION
+    name: str | None = None
+    corpus: str | None = None
+    corpus_version: dict[str, Any] | None = None
+    tasks: list[str] = []
+    fractions: list[float] = []
+    inits: dict[str, str] = {}
+    models: list[str] = []
+    seeds: list[int] = []
+    num_samples: int | None = None
+    search: str | None = None
+    trials: dict[str, int] = {}
+    cells: list[SweepCell] = []
+    sweep_dir: str | None = None
+    bundles: dict[str, str] | None = None
+    timings_s: dict[str, float] | None = None
+
+
+def read_sweep_summary(text: str | bytes) -> SweepSummary:
+    """summary.json's content as a :class:`SweepSummary` (files written before ``schema_version`` read too)."""
+    return SweepSummary.model_validate_json(text)
 
 
 def stopped_early(last_step: int, steps: int) -> bool:
@@ -75,7 +139,7 @@ def choose(trials: list[dict[str, Any]], config: SweepConfig) -> dict[str, dict[
 
 
 def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[str, dict[str, Any]],
-              rows: list[dict[str, Any]], errors: dict[str, str], facts: dict[str, Any]) -> dict[str, Any]:
+              rows: list[dict[str, Any]], errors: dict[str, str], facts: dict[str, Any]) -> SweepSummary:
     cells = []
     for cell in config.cells:
         mine = [r for r in rows if (r["task"], r["fraction"], r["init"], r["model"]) ==
@@ -87,11 +151,14 @@ def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[st
         per_seed = [float(np.mean([r[DICE] for r in mine if r["seed"] == s])) for s in seeds]
         picks = [dict(chosen[g.key]) for g in config.groups if g.cell == cell and g.key in chosen]
         best = max(picks, key=lambda t: t["val_dice_pooled"]) if picks else None
+        # the bundle's trial on its own, at the threshold it chose on val (what the bundle ships and reports)
+        best_test = {**pooled([r for r in mine if r["trial"] == best["trial"]]), THRESHOLD: best[THRESHOLD],
+                     "trial": best["trial"]} if best else None
         cell_trials = [t for t in trials if t["cell"] == cell.key]
         failed = [f"seed {g.seed}: {errors[g.key]}" for g in config.groups if g.cell == cell and g.key in errors]
         failed += [f"seed {g.seed}: every trial failed" for g in config.groups
                    if g.cell == cell and g.key not in chosen]
-        cells.append({
+        cells.append(SweepCell.model_validate({
             "task": cell.task, "fraction": cell.fraction, "init": cell.init, "model": cell.model,
             "dice_mean": float(dice.mean()) if dice.size else None,
             "dice_std": float(dice.std()) if dice.size else None,
@@ -106,21 +173,29 @@ def summarise(config: SweepConfig, trials: list[dict[str, Any]], chosen: dict[st
             "n_test": len(facts["test"][cell.task]), "n_seeds": len(seeds),
             **facts["cells"][(cell.task, cell.fraction)],
             "best_config": _config_of(best) if best else None,
+            "best_test": best_test,
             "seed_configs": [_config_of(p) for p in picks],
             "trials": len(cell_trials),
             "trials_failed": sum(t["status"] == ERROR for t in cell_trials),
             "trials_stopped": sum(t["status"] == STOPPED for t in cell_trials),
             "errors": failed,
-        })
+        }))
     statuses = [t["status"] for t in trials]
-    return {
+    return SweepSummary(**{
         "name": config.name, "corpus": config.corpus, "corpus_version": facts["corpus_version"], "tasks": config.tasks,
         "fractions": sorted({c.fraction for c in config.cells}),
         "inits": config.inits, "models": config.models, "seeds": config.seeds,
         "num_samples": config.search.num_samples, "search": config.search.algorithm,
+        "sampler": _sampler_name(config),
         "trials": {s: statuses.count(s) for s in STATUSES},
         "cells": cells,
-    }
+    })
+
+
+def _sampler_name(config: Any) -> str:
+    from octssl.tune.search import sampler_name
+
+    return sampler_name(config.search)
 
 
 def _config_of(trial: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from ray.tune.search import Searcher
 
 from octssl.config.sweep import Group, SearchSection
+from octssl.errors import ConfigError
 from octssl.vocab import PRIMARY_METRIC, SEGMENTATION
 
 METRIC, MODE, TIME_ATTR = PRIMARY_METRIC[SEGMENTATION], "max", "step"  # ASHA compares trials on it
@@ -59,15 +60,32 @@ class RandomSearch(Searcher):
         pass
 
 
+def _optuna() -> Any:
+    """The optuna module, with Tune's wrapper importable; ConfigError when not (never a silent fallback to
+    random search under the name 'optuna')."""
+    try:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch  # noqa: F401 - what make_sampler builds
+    except ImportError as err:
+        raise ConfigError(f"search.algorithm is 'optuna' but Optuna cannot be imported ({err}); install it "
+                          "(pip install optuna) or set search.algorithm=random") from err
+    return optuna
+
+
+def sampler_name(search: SearchSection) -> str:
+    """The sampler every group gets, as recorded in ``summary.json``; ConfigError when it is unavailable."""
+    if search.algorithm == "optuna":
+        return f"optuna {_optuna().__version__} TPESampler"  # Tune's OptunaSearch default sampler
+    return "random"
+
+
 def make_sampler(search: SearchSection, group: Group) -> Searcher:
     space = search_space(search)
     points = [p.model_dump() for p in search.points]
     if search.algorithm == "optuna":
-        try:
-            import optuna
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError:
-            return RandomSearch(space, sampler_seed(group), points)
+        optuna = _optuna()
+        from ray.tune.search.optuna import OptunaSearch
+
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         return OptunaSearch(OptunaSearch.convert_search_space(space), metric=METRIC, mode=MODE,
                             seed=sampler_seed(group), points_to_evaluate=points or None)

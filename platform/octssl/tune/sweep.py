@@ -18,7 +18,6 @@ SWEEP_DIR when the sweep ends (:func:`octssl.tune.results.staged_sweep_dir`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -151,23 +150,23 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     timings["figures"] = time.time() - t0
 
     summary = summarise(config, trials, chosen, rows, errors, facts)
-    summary["sweep_dir"] = str(place)
-    from octssl.apply.bundle import write_sweep_bundles  # one bundle per task: its best cell's chosen trial
+    summary.sweep_dir = str(place)
+    from octssl.tune.bundles import write_sweep_bundles  # one bundle per task: its best cell's chosen trial
 
-    summary["bundles"] = published(write_sweep_bundles(sweep_dir, summary, named=str(place)), sweep_dir, place)
+    summary.bundles = published(write_sweep_bundles(sweep_dir, summary, named=str(place)), sweep_dir, place)
     timings["total"] = time.time() - started  # the report's own build time is added after it
-    summary["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
-    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary.timings_s = {k: round(v, 2) for k, v in timings.items()}
+    (sweep_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
     t0 = time.time()
     build_report(sweep_dir)
-    summary["timings_s"]["report"] = round(time.time() - t0, 2)
-    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary.timings_s["report"] = round(time.time() - t0, 2)
+    (sweep_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
     if tracked is not None:
-        finish_sweep_run(tracked, sweep_dir, summary)
+        finish_sweep_run(tracked, sweep_dir, summary.model_dump(mode="json"))
     if place.remote:
         upload_tree(sweep_dir, place, last=("bundles/*/config.json", "summary.json"))  # whole bundles, then done
         shutil.rmtree(sweep_dir)  # the sweep's files now live on the object store
-    return summary
+    return summary.model_dump(mode="json")
 
 
 # ---------------------------------------------------------------- search
@@ -176,9 +175,10 @@ def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: i
     from ray import tune
 
     from octssl.tune.live import SweepProgress
-    from octssl.tune.search import GroupASHA, GroupSearch, make_sampler
+    from octssl.tune.search import GroupASHA, GroupSearch, make_sampler, sampler_name
     from octssl.tune.trial import FORWARDED_ENV, TrialPlan, run_trial
 
+    sampler_name(config.search)  # the configured sampler is there, or the sweep stops before any trial
     groups = config.groups
     total = len(groups) * config.search.num_samples
     plan = TrialPlan(config=config, trials_dir=str(sweep_dir / "trials"),
