@@ -52,7 +52,7 @@ def test_a_training_run_is_one_mlflow_run(client, tiny_corpus: Path, tmp_path: P
     assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["loss"])) for r in logged]
     val = [json.loads(line) for line in (run_dir / "val.jsonl").read_text().splitlines()]
     assert [m.step for m in client.get_metric_history(tracked.run_id, "val/val_loss")] == [r["step"] for r in val]
-    assert run.data.metrics["summary/steps"] == summary["steps"] == 4
+    assert run.data.metrics["summary/steps"] == summary.steps == 4
     artifacts = {a.path for a in client.list_artifacts(tracked.run_id)}
     assert {"summary.json", "config.yaml", "plots"} <= artifacts
     assert {Path(a.path).name for a in client.list_artifacts(tracked.run_id, "plots")} >= {"loss.png", "throughput.png"}
@@ -110,7 +110,7 @@ from octssl.train.launch import run_single_process
 import octssl.apply.bundle, octssl.tune.sweep
 job = load_config({str(REPO / 'jobs' / 'pretrain.yaml')!r}, {[f'data.corpus={tiny_corpus}',
                   f'run.storage_path={tmp_path}', 'run.name=plain', *TINY]!r})
-print("steps:", run_single_process(job)["steps"])
+print("steps:", run_single_process(job).steps)
 print("mlflow.json:", Path({str(tmp_path / 'plain' / RUN_FILE)!r}).exists())
 """
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
