@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from octssl import __version__
 from octssl.errors import ModelError
+from octssl.observe.tracking import register_bundle
 from octssl.storage.location import Location, absolute, download_files
 from octssl.vocab import MASKS, SEGMENTATION
 
@@ -255,6 +256,9 @@ def export_model(source: str | Path | Location, task: str, out: str | Path | Loc
         exports = Path(folder) / "exports"
         config.exports = _exports(weights, config, exports)
         _write_bundle(target, weights, config, exports)
+        files: dict[str, Any] = {WEIGHTS_NAME: weights, CONFIG_NAME: config.model_dump_json(indent=2),
+                                 **{e.file: exports / e.file for e in config.exports}}
+        register_bundle(files, config.model_dump(mode="json"), run_dir)  # the MLflow registry, when tracking is on
     return target.local if not target.remote else target
 
 

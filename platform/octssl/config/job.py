@@ -139,6 +139,13 @@ class ScalingSection(_Section):
     max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = unlimited")
 
 
+class TrackingSection(_Section):
+    """MLflow experiment tracking (docs/monitoring.md); off unless a URI is set here or in MLFLOW_TRACKING_URI."""
+
+    uri: str | None = Field(None, description="MLflow tracking server (default: $MLFLOW_TRACKING_URI; unset: off)")
+    experiment: str | None = Field(None, description="MLflow experiment (default: octssl-<kind>)")
+
+
 class JobConfig(_Section):
     """A pretraining or fine-tuning job: every section of the config."""
 
@@ -150,6 +157,7 @@ class JobConfig(_Section):
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     run: RunSection = RunSection(max_steps=100)
     scaling: ScalingSection = ScalingSection()
+    tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:

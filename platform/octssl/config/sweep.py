@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from octssl.config.job import JobConfig, apply_overrides, parse_config, read_yaml
+from octssl.config.job import JobConfig, TrackingSection, apply_overrides, parse_config, read_yaml
 from octssl.errors import ConfigError
 from octssl.vocab import GA, MASKS, RPD, SEGMENTATION, Task
 
@@ -101,6 +101,7 @@ class SweepConfig(_Section):
     test_volumes: int | None = Field(None, ge=1, description="cap on test volumes per cell (default: all)")
     figure_volumes: int = Field(3, ge=1, description="volumes shown in reconstructions/segmentations.png")
     metrics_port: int | None = Field(None, description="serve octssl_sweep_trials on this port")
+    tracking: TrackingSection = TrackingSection()
 
     @field_validator("fractions")
     @classmethod

@@ -66,12 +66,13 @@ def _schedule(config: JobConfig, per_epoch: int | None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- model cost
-def parameter_count(name: str, width: float, shape: tuple[int, ...]) -> int:
-    """Trainable parameters of the model, after checking that the input ``shape`` (B, C, nB, D, W) fits it."""
-    from octssl.models import build_model
+def parameter_count(config: JobConfig, shape: tuple[int, ...]) -> int:
+    """Trainable parameters of the job's model (built as the Trainer builds it, on the meta device), after
+    checking that the input ``shape`` (B, C, nB, D, W) fits it."""
+    from octssl.train.components import build_components
 
     with torch.device("meta"):
-        model = build_model(name, width=width)
+        model = build_components(config, load_init=False).model
     model.check_input_shape(shape)  # ModelError naming each dimension that does not fit
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -228,7 +229,7 @@ def job_plan(config: JobConfig, results: Path = RESULTS, resume: bool | str = Fa
     plan: dict[str, Any] = {
         "kind": c.kind, "objective": f"{c.objective.kind} of {c.objective.target}", **facts,
         "crop_nB_D_W": list(crop), "model": c.model.name, "width": c.model.width,
-        "parameters": parameter_count(c.model.name, c.model.width, (c.data.batch_size, 1, *crop)),
+        "parameters": parameter_count(c, (c.data.batch_size, 1, *crop)),
         "precision": f"{precision.name}{' + channels_last_3d inputs' if precision.channels_last else ''}",
         "device": f"GPU x{c.scaling.gpus_per_worker:g} per worker" if c.scaling.gpus_per_worker else "CPU",
         "checkpointing": c.model.checkpointing, **schedule,

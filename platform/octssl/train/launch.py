@@ -18,6 +18,7 @@ from octssl.cluster.local import require, root_cause
 from octssl.config.job import JobConfig, dump_config
 from octssl.errors import ConfigError, OctsslError, Preempted
 from octssl.models.precision import resolve_precision
+from octssl.observe.tracking import ENV_URI, check_server, tracking_uri
 from octssl.storage.location import Location, is_url, ray_storage, staging_dir
 from octssl.train import checkpoint as ckpt
 from octssl.train import preempt
@@ -125,11 +126,13 @@ def preflight(config: JobConfig) -> dict[str, Any]:
     Raises ConfigError/ModelError naming the problem; returns a few facts about the data."""
     from octssl.corpus.store import Corpus
     from octssl.data.feed import build_train_data
-    from octssl.models import build_model
-    from octssl.train.objectives import build_objective
+    from octssl.train.components import build_components, load_init_weights
 
     c = config
     resolve_precision(c.deepspeed.precision, gpu=c.scaling.gpus_per_worker > 0)
+    uri = tracking_uri(c.tracking.uri)
+    if uri:
+        check_server(uri)
     data = build_train_data(c)
     facts: dict[str, Any] = {"train_volumes": data.volumes}
     if c.data.corpus:
@@ -138,16 +141,10 @@ def preflight(config: JobConfig) -> dict[str, Any]:
     crop_nb, crop_w = c.data.crop
     if crop_nb > nb or crop_w > w:
         raise ConfigError(f"data.crop={tuple(c.data.crop)} is larger than the volumes (nB={nb}, W={w})")
-    build_objective(c.objective.kind, target=c.objective.target, l1_weight=c.objective.l1_weight).check_enface(
-        (crop_nb, crop_w), "data.crop")
-    model = build_model(c.model.name, width=c.model.width, out_channels=1)
-    model.check_input_shape((c.data.batch_size, 1, crop_nb, depth, crop_w))
-    if c.run.init != "scratch":
-        from octssl.models.transfer import load_weights
-
-        if not Location.parse(c.run.init).is_file():
-            raise ConfigError(f"run.init={c.run.init}: no such weights file")
-        load_weights(model, c.run.init, scope=c.run.init_scope)
+    components = build_components(c, load_init=False)  # the Trainer's objective and model
+    components.objective.check_enface((crop_nb, crop_w), "data.crop")
+    components.model.check_input_shape((c.data.batch_size, 1, crop_nb, depth, crop_w))
+    load_init_weights(components.model, c)
     return facts
 
 
@@ -161,7 +158,7 @@ def _worker_env(config: JobConfig) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": str(max(1, int(config.scaling.cpus_per_worker)))}
     if config.scaling.gpus_per_worker == 0:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("OCTSSL_FAULT_NAN_STEPS",):
+    for key in ("OCTSSL_FAULT_NAN_STEPS", ENV_URI, "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

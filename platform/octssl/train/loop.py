@@ -33,18 +33,19 @@ from octssl.config.job import JobConfig, parse_config
 from octssl.data.transforms import collate
 from octssl.errors import OctsslError
 from octssl.models.precision import resolve_precision
+from octssl.observe.recorder import StepTiming
 from octssl.storage.location import Location
 from octssl.train import checkpoint as ckpt
-from octssl.train.board import Board, reconstructions
+from octssl.train.board import reconstructions
+from octssl.train.components import build_components
 from octssl.train.engine import build_engine
 from octssl.train.objectives import per_volume_at_original
-from octssl.train.runlog import RunLog
+from octssl.train.recorder import build_recorder
 from octssl.train.state import Cadence, RunState
 from octssl.train.summary import RunSummary
 from octssl.vocab import THRESHOLD, VAL, VOLUME
 
 FAULT_NAN_STEPS = "OCTSSL_FAULT_NAN_STEPS"  # testing hook: comma-separated steps whose loss is made NaN
-_BOARD_SCALARS = ("loss", "lr", "samples_per_s", "data_wait_s", "step_s", "grad_norm")  # metrics.jsonl -> TensorBoard
 
 
 class NonFiniteLossError(OctsslError):
@@ -67,10 +68,14 @@ class WorkerContext:
 
 class Trainer:
     """One rank's training run. Hooks a variant may override: ``report`` (what a checkpoint step tells the
-    driver) and ``preemptible`` (whether a stop request, :mod:`octssl.train.preempt`, makes it checkpoint
-    and stop)."""
+    driver), ``preemptible`` (whether a stop request, :mod:`octssl.train.preempt`, makes it checkpoint
+    and stop) and ``tracked`` (whether it keeps an MLflow run of its own when tracking is on).
+
+    The loop reports what happens (steps, log steps, evaluations, checkpoints, resume, end) once, to
+    ``self.recorder``, which fans it out to Prometheus, TensorBoard, the run log and MLflow."""
 
     preemptible = True
+    tracked = True
 
     def __init__(self, config: JobConfig, ctx: WorkerContext) -> None:
         self.config, self.ctx = config, ctx
@@ -88,9 +93,7 @@ class Trainer:
         from octssl.data.feed import build_train_data
         from octssl.data.sources import ZarrSource
         from octssl.data.transforms import EvalTransform
-        from octssl.models import build_model
-        from octssl.observe.metrics import TrainMetrics, serve
-        from octssl.train.objectives import build_objective
+        from octssl.observe.metrics import serve
 
         c = self.config
         torch.manual_seed(c.run.seed + self.ctx.rank)
@@ -98,7 +101,6 @@ class Trainer:
         random.seed(c.run.seed + self.ctx.rank)
         self.precision = resolve_precision(c.deepspeed.precision)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.precision.channels_last else None
-        self.objective = build_objective(c.objective.kind, target=c.objective.target, l1_weight=c.objective.l1_weight)
         target = c.objective.target
         self.data = build_train_data(c, self.ctx.rank, self.ctx.world_size)
         self.corpus_version = self.data.version
@@ -106,18 +108,14 @@ class Trainer:
         if c.data.corpus:
             self.val_source = ZarrSource(c.data.corpus, split=VAL, require=(VOLUME, target),
                                          transform=EvalTransform(targets=(target,)))
-        model = build_model(c.model.name, width=c.model.width, checkpointing=c.model.checkpointing, out_channels=1)
-        if c.run.init != "scratch":
-            from octssl.models.transfer import load_weights
-
-            load_weights(model, c.run.init, scope=c.run.init_scope)
+        components = build_components(c)  # after the data: the model's init draws from the seeded RNG
+        self.objective = components.objective
         self.total_steps = c.run.total_steps(self.data.steps_per_epoch)
         self.cadence = Cadence(self.total_steps)
-        self.engine, self.scheduler = build_engine(model, c, self.total_steps, self.precision)
+        self.engine, self.scheduler = build_engine(components.model, c, self.total_steps, self.precision)
         self.predictor = Predictor(self.engine, precision=self.precision, device=self.device)  # as `octssl predict`
-        self.metrics = TrainMetrics(rank=self.ctx.rank, run=c.run.name or "run")
-        self.board = Board(self.run_dir, enabled=self.ctx.rank == 0)
-        self.log = RunLog(self.run_dir, self.ctx.rank)
+        self.recorder = build_recorder(c, self.run_dir, self.ctx.rank, total_steps=self.total_steps,
+                                       device=self.device, tracked=self.tracked)
         if self.ctx.metrics_port:
             serve(self.ctx.metrics_port + self.ctx.local_rank)
         if self.preemptible and self.ctx.rank == 0:  # rank 0 reads stop requests; the step's all-reduce tells the rest
@@ -197,8 +195,7 @@ class Trainer:
         self.state = ckpt.load_state(ckpt_dir, self.ctx.rank)
         self.state.world_size = self.ctx.world_size
         self.data.load_state_dict(self.state.data)
-        self.log.rewind(self.state.step)
-        self.metrics.restart(count=after_failure)
+        self.recorder.resumed(self.state.step, after_failure=after_failure)
 
     @contextmanager
     def saved_checkpoint(self) -> Iterator[Path]:
@@ -209,7 +206,7 @@ class Trainer:
             self.state.data = self.data.state_dict()
             self.engine.save_checkpoint(str(tmp), tag=ckpt.TAG)
             ckpt.save_state(tmp, self.ctx.rank, self.state)
-            self.metrics.checkpoint(time.time() - t0)
+            self.recorder.checkpoint(self.state.step, time.time() - t0)
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -253,11 +250,11 @@ class Trainer:
             batch = self.to_device(next(batches))
             wait = time.time() - t0
             loss = self.train_step(batch)
-            self.metrics.observe_step(seconds=time.time() - t0, local_s=self.local_done - t0, data_wait_s=wait,
-                                      samples=len(batch["id"]))
+            timing = StepTiming(seconds=time.time() - t0, local_s=self.local_done - t0, data_wait_s=wait,
+                                samples=len(batch["id"]))
             state = self.state
             state.step += 1
-            self.log.step(state.step, self.data.epoch, list(batch["id"]))
+            self.recorder.step(state.step, self.data.epoch, list(batch["id"]), timing)
             self._count(loss)
             window.add(len(batch["id"]), wait, time.time() - t0)  # evaluation and checkpoints are not step time
             evaluated: dict[str, float] = {}
@@ -288,7 +285,7 @@ class Trainer:
         if loss is None:
             state.skipped += 1
             self.bad_in_row += 1
-            self.metrics.skipped_step()
+            self.recorder.skipped(state.step)
             if self.bad_in_row >= self.config.run.max_bad_steps:
                 raise NonFiniteLossError(
                     f"{self.run_dir}: {self.bad_in_row} consecutive non-finite losses at step {state.step}: "
@@ -300,25 +297,19 @@ class Trainer:
         state.last_loss = loss
 
     def _log(self, window: _Window) -> None:
-        """Record the state at a log step: Prometheus gauges (per rank), rank 0's metrics.jsonl and TensorBoard."""
-        from octssl.observe.metrics import memory_now
-
+        """Record the state at a log step (metrics.jsonl's line; every sink takes what it shows)."""
         samples_per_s, step_s, wait = window.means()
         lr = float(self.scheduler.get_last_lr()[0])
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         state = self.state
-        memory, capacity = memory_now(self.device)
-        self.metrics.update(step=state.step, total_steps=self.total_steps, checkpoint_every=self.config.run.ckpt_every,
-                            loss=state.last_loss, lr=lr, grad_norm=grad_norm, memory=memory, device_capacity=capacity)
         record = {
             "step": state.step, "epoch": self.data.epoch, "loss": state.last_loss, "lr": lr,
             "samples_per_s": samples_per_s * self.ctx.world_size, "data_wait_s": wait, "step_s": step_s,
             "grad_norm": grad_norm, "skipped": state.skipped, "total_steps": self.total_steps,
             "time": time.time(),
         }
-        self.log.log(record)
-        self.board.scalars(state.step, "train", {k: record[k] for k in _BOARD_SCALARS})
+        self.recorder.log(record)
 
     def _evaluate(self) -> dict[str, float]:
         self.last_val = self.validate()
@@ -328,10 +319,8 @@ class Trainer:
             self.state.best_metric, self.state.best_step, self.state.best_val = value, self.state.step, self.last_val
             self.export("best")  # collective under ZeRO-3: every rank takes the same branch
         if self.last_val:
-            self.log.validation({"step": self.state.step, **self.last_val})
-            self.metrics.validation(self.last_val)
-            self.board.scalars(self.state.step, "val", self.last_val)
-        self.board.images(self.state.step, reconstructions(self))
+            self.recorder.validation(self.state.step, self.last_val)
+        self.recorder.images(self.state.step, reconstructions(self))
         return self.last_val
 
     def finish(self) -> RunSummary:
@@ -343,6 +332,7 @@ class Trainer:
             wall_s=time.time() - self.started, world_size=self.ctx.world_size, corpus_version=self.corpus_version)
         if self.ctx.rank == 0:
             summary.write(self.run_dir / "summary.json")
+        self.recorder.finish(summary.model_dump(mode="json"))
         return summary
 
 

@@ -37,6 +37,7 @@ import yaml
 from octssl.cluster.local import require
 from octssl.config.sweep import SCRATCH, Cell, Group, SweepConfig, load_sweep_config, trial_job
 from octssl.errors import ConfigError, CorpusError, OctsslError
+from octssl.observe.tracking import TrackedRun, finish_sweep_run, open_sweep_run, trial_callback
 from octssl.storage.location import Location, absolute, ray_storage, staging_dir, upload_tree
 from octssl.tune.results import (
     RESULT_COLUMNS,
@@ -181,8 +182,10 @@ def run_sweep(config: SweepConfig, *, resume: bool | str = False, progress: bool
     if not resuming:
         (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
+    tracked = open_sweep_run(config, sweep_dir)  # MLflow's parent run, when tracking is on
+
     t0 = time.time()
-    trials = _search(config, sweep_dir, place, concurrent, progress, resuming)
+    trials = _search(config, sweep_dir, place, concurrent, progress, resuming, tracked)
     write_parquet(sweep_dir / "trials.parquet", published(trials, sweep_dir, place))
     timings["search"] = time.time() - t0
 
@@ -208,6 +211,8 @@ def run_sweep(config: SweepConfig, *, resume: bool | str = False, progress: bool
     build_report(sweep_dir)
     summary.timings_s["report"] = round(time.time() - t0, 2)
     (sweep_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
+    if tracked is not None:
+        finish_sweep_run(tracked, sweep_dir, summary.model_dump(mode="json"))
     if place.remote:
         upload_tree(sweep_dir, place, last=("bundles/*/config.json", "summary.json"))  # whole bundles, then done
         shutil.rmtree(sweep_dir)  # the sweep's files now live on the object store
@@ -216,7 +221,7 @@ def run_sweep(config: SweepConfig, *, resume: bool | str = False, progress: bool
 
 # ---------------------------------------------------------------- search
 def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: int,
-            progress: bool, resuming: bool = False) -> list[dict[str, Any]]:
+            progress: bool, resuming: bool = False, tracked: TrackedRun | None = None) -> list[dict[str, Any]]:
     """One Tune experiment in ``SWEEP_DIR/tune``; a resumed sweep restores it (:func:`_restored_tuner`)."""
     from ray import tune
 
@@ -231,6 +236,7 @@ def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: i
                      env={k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     resources = {"CPU": config.resources.cpus_per_trial, "GPU": config.resources.gpus_per_trial}
     watcher = SweepProgress(config, run=config.name or "sweep", total=total, enabled=progress)
+    callbacks = [watcher] + ([trial_callback(tracked, config)] if tracked is not None else [])
     # Our own progress display replaces Tune's console output (its new output engine ignores verbose=0).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Tune saves its experiment state (trials' status and checkpoints, the search) at most this often: what a
@@ -242,7 +248,7 @@ def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: i
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     storage_path, storage_filesystem = ray_storage(str(place))  # Tune's state: on the object store itself
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), resources)
-    tuner = _restored_tuner(f"{storage_path}/tune", storage_filesystem, trainable, watcher) if resuming else None
+    tuner = _restored_tuner(f"{storage_path}/tune", storage_filesystem, trainable, callbacks, watcher) if resuming else None
     if tuner is None:
         tuner = tune.Tuner(
             trainable,
@@ -255,7 +261,7 @@ def _search(config: SweepConfig, sweep_dir: Path, place: Location, concurrent: i
             ),
             run_config=tune.RunConfig(
                 name="tune", storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0,
-                callbacks=[watcher], failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                callbacks=callbacks, failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # a trial resumes from its last one
             ),
         )
@@ -286,7 +292,7 @@ def _sigterm_as_sigint() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _restored_tuner(path: str, filesystem: Any, trainable: Any, watcher: Any) -> Any:
+def _restored_tuner(path: str, filesystem: Any, trainable: Any, callbacks: list[Any], watcher: Any) -> Any:
     """Ray Tune's own restore of the experiment at ``path``, or None when it never saved its state (killed
     before its first experiment checkpoint: the sweep then starts its search again).
 
@@ -294,7 +300,7 @@ def _restored_tuner(path: str, filesystem: Any, trainable: Any, watcher: Any) ->
     result), puts unfinished ones back in the queue from their last checkpoint, and restores the search
     (GroupSearch.save/restore). It does not keep the scheduler's state: GroupASHA rebuilds its rungs from
     the trials' val.jsonl as Tune re-adds them. ``Tuner.restore`` takes no callbacks, so the restored run
-    config gets this process's progress display in place of the pickled one."""
+    config gets this process's callbacks (progress display, MLflow child runs) in place of the pickled ones."""
     from ray import tune
 
     if not tune.Tuner.can_restore(path, storage_filesystem=filesystem):
@@ -302,6 +308,6 @@ def _restored_tuner(path: str, filesystem: Any, trainable: Any, watcher: Any) ->
     tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                restart_errored=False, storage_filesystem=filesystem)
     if tuner._local_tuner is not None:  # a Tuner made on the driver (not a remote one) has it
-        tuner._local_tuner.get_run_config().callbacks = [watcher]
+        tuner._local_tuner.get_run_config().callbacks = callbacks
     watcher.restored(tuner.get_results())
     return tuner

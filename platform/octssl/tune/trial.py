@@ -45,6 +45,7 @@ class TrialTrainer(Trainer):
     resumes its trials from their last evaluation's checkpoint instead."""
 
     preemptible = False
+    tracked = False  # with tracking on, the sweep's MLflowLoggerCallback records the trial as a child run
 
     def report(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         self.ctx.report({**metrics, f"best_{self.objective.primary_metric}": self.state.best_metric}, ckpt_dir)
