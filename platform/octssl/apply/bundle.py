@@ -257,7 +257,7 @@ def export_model(source: str | Path | Location, task: str, out: str | Path | Loc
         config.exports = _exports(weights, config, exports)
         _write_bundle(target, weights, config, exports)
         files: dict[str, Any] = {WEIGHTS_NAME: weights, CONFIG_NAME: config.model_dump_json(indent=2),
-                                 **{e.file: exports / e.file for e in config.exports}}
+                                 **{e.file: exports / e.file for e in config.exports.values()}}
         register_bundle(files, config.model_dump(mode="json"), run_dir)  # the MLflow registry, when tracking is on
     return target.local if not target.remote else target
 
