@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow import csv
 
 from octssl.errors import PredictError
 from octssl.storage.files import atomic_write
@@ -59,7 +60,6 @@ def areas_from_predictions(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_csv(path: Path) -> pa.Table:
-    from pyarrow import csv
 
     return csv.read_csv(path, convert_options=csv.ConvertOptions(strings_can_be_null=True))
 
@@ -274,7 +274,6 @@ def _finite(value: Any) -> float | None:
 
 
 def _write(stem: Path, table: pa.Table, parquet: bool = True) -> None:
-    from pyarrow import csv
 
     if parquet:
         buffer = io.BytesIO()

@@ -29,6 +29,8 @@ study.
 from __future__ import annotations
 
 import copy
+import gzip
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,7 +168,6 @@ def nifti_bytes(enface: np.ndarray, geometry: EnfaceGeometry, description: str) 
 
 def nifti_files(prob: np.ndarray, threshold: float, geometry: EnfaceGeometry, task: str) -> dict[str, bytes]:
     """``prob.nii.gz`` (float32) and ``mask.nii.gz`` (uint8 0/1) of one volume."""
-    import gzip
 
     def zipped(data: bytes) -> bytes:
         return gzip.compress(data, compresslevel=6, mtime=0)  # mtime 0: the same prediction gives the same bytes
@@ -280,7 +281,6 @@ def dicom_seg(source: Any, mask: np.ndarray, geometry: EnfaceGeometry, task: str
 
 def dicom_seg_bytes(source: Any, mask: np.ndarray, geometry: EnfaceGeometry, task: str, threshold: float) -> bytes:
     """:func:`dicom_seg` as the bytes of a DICOM file."""
-    import io
 
     buffer = io.BytesIO()
     dicom_seg(source, mask, geometry, task, threshold).save_as(buffer, enforce_file_format=True)

@@ -22,10 +22,16 @@ export (onnxruntime, CPU provider) on the CPU in fp32 (:mod:`octssl.apply.runtim
 
 from __future__ import annotations
 
+import csv
 import io
+import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +99,6 @@ def _segmenter(bundle_path: str, batch_size: int, runtime: str = TORCH) -> tuple
 def _export_model(bundle: Any, runtime: str) -> tuple[Any, Any]:
     """The bundle's ``runtime`` export loaded, and the temporary folder it was downloaded to when the bundle
     is a URL (None for a local bundle; the folder goes when the process lets go of it)."""
-    import tempfile
 
     from octssl.apply.runtimes import runtime_model
     from octssl.storage.location import download_files
@@ -128,7 +133,6 @@ def outside_training(bundle: Any, meta: dict[str, Any], shape: tuple[int, ...]) 
 def predict_items(bundle_path: str, items: list[Item], batch_size: int = 4, runtime: str = TORCH,
                   formats: Sequence[str] = DEFAULT_FORMATS) -> list[tuple[PredictionRow, dict[str, bytes]]]:
     """Rows and output files (name -> bytes) of ``items``."""
-    import logging
 
     from octssl.apply.metrics import measure
 
@@ -313,7 +317,6 @@ def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
 
 def _device_files(bundle_path: str, sources: list[Path], batch_size: int, ephemeral_key: bool, progress: bool,
                   save: Any, report: PredictReport, runtime: str, formats: Sequence[str]) -> str:
-    from concurrent.futures import FIRST_COMPLETED, wait
 
     from octssl.ingest.detect import find_units
     from octssl.ingest.phi import check_key, load_key
@@ -347,7 +350,6 @@ OUTPUTS = ("predictions.parquet", "predictions.csv", "rejects.parquet", "volumes
 def _prepare_out(out: Path, overwrite: bool) -> None:
     """Refuse an ``out`` that holds a previous run's outputs (its table would list new volumes beside old
     pictures) unless ``overwrite``; then remove them, tables first, so a half-replaced folder has no table."""
-    import shutil
 
     if out.exists() and not out.is_dir():
         raise PredictError(f"{out}: is a file, not a folder for predictions")
@@ -367,7 +369,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 def _write_rejects(out: Path, rejected: list[tuple[str, str]]) -> None:
     """``rejects.parquet``: every input this run could not read (path, reason, time UTC), written even when
     empty so that the folder tells a clean run from an unfinished one."""
-    from datetime import datetime, timezone
 
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     table = pa.Table.from_pylist([{"path": p, "reason": r, "time": now} for p, r in sorted(rejected)],
@@ -378,7 +379,6 @@ def _write_rejects(out: Path, rejected: list[tuple[str, str]]) -> None:
 
 
 def _write_table(out: Path, rows: list[PredictionRow]) -> None:
-    import csv
 
     rows = sorted(rows, key=lambda r: r.id)
     table = pa.Table.from_pylist([r.model_dump() for r in rows], schema=SCHEMA)

@@ -7,12 +7,14 @@ plot, sweep, report, demo), ``predict`` (export-model, predict, growth) and ``jo
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 from typing import NoReturn
 
 import typer
 import typer.core
 from rich.console import Console
+from rich.markup import escape
 
 from octssl.errors import OctsslError
 
@@ -50,7 +52,6 @@ _ERRORS = (OctsslError, OSError)
 
 
 def _fail(err: Exception) -> None:
-    from rich.markup import escape
 
     if isinstance(err, OSError) and err.filename is not None:
         text = f"{err.filename}: {err.strerror or err}"
@@ -63,7 +64,6 @@ def _fail(err: Exception) -> None:
 def _usage(text: str) -> NoReturn:
     """A wrong command line that click cannot see (a stray word, flags that exclude each other): one line,
     exit 2 like click's own usage errors."""
-    from rich.markup import escape
 
     console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)
     raise typer.Exit(EXIT_USAGE)
@@ -83,7 +83,6 @@ def config_path(config: Path | None, old: Path | None, command: str) -> tuple[Pa
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import version
 
         print(f"octssl {version('octssl')}")
         raise typer.Exit()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -103,7 +104,6 @@ def predict(bundle: str = _PREDICT_BUNDLE, sources: list[str] = _PREDICT_SRC, ou
 
 def _key_for_files(sources: list[str], ephemeral: bool) -> None:
     """Device files are pseudonymised as ingest does: without a key, refuse in predict's words."""
-    import os
 
     from octssl.corpus.icechunk import is_repository, split_snapshot
     from octssl.corpus.layout import ZARR_NAME

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import typer
@@ -55,7 +56,6 @@ def submit(
 
 def _stream_until_done(job_id: str, address: str, timeout: float | None) -> str:
     """Print the job's logs as they come (stdout) until it ends or `timeout` passes; its final state."""
-    import threading
 
     from octssl.cluster import client as jobs_client
 

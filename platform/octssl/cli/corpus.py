@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from octssl.cli import _ERRORS, _fail, app, console
 
@@ -112,7 +115,6 @@ def ingest(
     keep_real_dates: bool = _INGEST_REAL_DATES,
 ) -> None:
     """Ingest device exports into a corpus: PHI replaced by keyed pseudonyms, bad files to rejects.parquet."""
-    import os
 
     from octssl.ingest import pipeline
     from octssl.ingest.phi import EPHEMERAL_WARNING, KEY_ENV
@@ -229,7 +231,6 @@ def synth(
 @app.command()
 def info(corpus: str = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
     """Counts per grid, split, modality and label; patients; raster scans; size on disk."""
-    import json
 
     from octssl.corpus.store import Corpus
 
@@ -246,7 +247,6 @@ def info(corpus: str = _INFO_CORPUS, as_json: bool = _INFO_JSON) -> None:
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    from rich.table import Table
 
     table = Table(title=f"corpus {corpus}", show_header=False)
     table.add_row("volumes", str(summary["volumes"]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -16,7 +18,6 @@ from octssl.errors import OctsslError
 # ---------------------------------------------------------------- training
 def _local_ray(dashboard: bool, worker_logs: bool) -> None:
     """Ask the local Ray this command starts for its dashboard and for the workers' output on stderr."""
-    import os
 
     from octssl.cluster.local import DASHBOARD_ENV, WORKER_LOGS_ENV
 
@@ -195,7 +196,6 @@ def sweep(ctx: typer.Context, config: Path | None = _SWEEP_CONFIG, set_: list[st
 @app.command()
 def report(sweep_dir: str = _REPORT_DIR) -> None:
     """Rebuild report.md and the figures of a sweep directory (a folder or a URL) from its files; print the table."""
-    import json
 
     from octssl.storage.location import Location
     from octssl.tune.report import build_report

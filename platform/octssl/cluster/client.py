@@ -7,6 +7,7 @@ a py_module, so the cluster runs the code you have here even when its image hold
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shlex
@@ -163,7 +164,6 @@ def logs(job_id: str, address: str) -> str:
 def follow(job_id: str, address: str) -> Iterator[str]:
     """The job's log as the driver writes it, chunk by chunk, from the start until the job ends
     (Ray's log-tailing websocket, driven by an event loop of its own)."""
-    import asyncio
 
     client = _client(address)
     stream = client.tail_job_logs(job_id)

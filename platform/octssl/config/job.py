@@ -8,6 +8,7 @@ worker starts.
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -208,7 +209,6 @@ def known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def nearest_key(key: str, model: type[BaseModel]) -> str | None:
     """The accepted key closest in spelling to ``key`` (None when nothing is close)."""
-    import difflib
 
     matches = difflib.get_close_matches(key, known_keys(model), n=1, cutoff=0.6)
     return matches[0] if matches else None

@@ -10,6 +10,7 @@ short grace. ``python -m octssl.dev.s3local DIR`` runs one until Ctrl-C and prin
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 import signal
@@ -20,6 +21,8 @@ import sysconfig
 import time
 from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
 
 BUCKET = "octssl"
 ACCESS_KEY, SECRET_KEY = "octssl-test", "octssl-test-secret"  # this local server's own keys, not real ones
@@ -88,7 +91,6 @@ class LocalS3:
         return self
 
     def _create_bucket(self) -> None:
-        import pyarrow.fs as pafs
 
         fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{self.ports['s3.port']}", scheme="http",
                                access_key=ACCESS_KEY, secret_key=SECRET_KEY, region="us-east-1",
@@ -130,7 +132,6 @@ def _die_with_parent() -> None:
     """In the child: ask Linux to SIGKILL it when the process that started it dies (a test run or benchmark
     killed by a timeout leaves no server behind); elsewhere nothing."""
     if sys.platform.startswith("linux"):
-        import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import os
 import stat
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,7 +67,6 @@ def detect_format(path: Path) -> str:
             "'HSF-OCT-'/'CMDb', Topcon 'FOCT' or DICOM 'DICM' header, a HEYEX XML export or an eyepy .eye file)"
         )
     if found == EYE:
-        import zipfile
 
         try:
             with zipfile.ZipFile(path) as archive:

@@ -16,8 +16,12 @@ only to form the pseudonym (``device_patient_id``), never stored.
 
 from __future__ import annotations
 
+import os
+import stat
+import zipfile
 from pathlib import Path
 from typing import Any
+from xml.etree.ElementTree import ParseError
 
 import numpy as np
 
@@ -33,7 +37,6 @@ LOCALIZER_FIELD_DEG = 30.0
 
 def read_eye(path: Path, maps: dict[str, str]) -> list[Scan]:
     """An eyepy ``.eye`` file as one Scan, with the area/voxel maps named in ``maps`` as label masks."""
-    import zipfile
 
     from eyepy import EyeVolume
 
@@ -62,7 +65,6 @@ def read_eye(path: Path, maps: dict[str, str]) -> list[Scan]:
 
 def read_heyex_xml(path: Path) -> list[Scan]:
     """A HEYEX XML export (the XML file, its TIFFs beside it) as one Scan."""
-    from xml.etree.ElementTree import ParseError
 
     from eyepy.io.he.xml_reader import HeXmlReader
 
@@ -82,8 +84,6 @@ def read_heyex_xml(path: Path) -> list[Scan]:
 def _check_images(reader: Any, path: Path) -> None:
     """IngestError unless every image the XML names is a regular file in the XML's folder: eyepy opens them
     with a blocking read, so a FIFO (or a device file) named like a B-scan would hang the ingest."""
-    import os
-    import stat
 
     from octssl.ingest.detect import _kind
 

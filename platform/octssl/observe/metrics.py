@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping
 from importlib import metadata
 
+import psutil
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -231,7 +232,6 @@ def serve(port: int, addr: str | None = None) -> int:
 
 def memory_now(device: object | None) -> tuple[dict[str, float], float | None]:
     """This process's memory by kind (MEMORY_KINDS) and its accelerator's capacity (None on CPU)."""
-    import psutil
     import torch
 
     found = {"host_rss": float(psutil.Process().memory_info().rss)}

@@ -20,12 +20,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 EVERY_ENV = "OCTSSL_PROGRESS_EVERY"
 
 
 def console() -> Any:
     """The console progress is drawn on (stderr: stdout stays for results)."""
-    from rich.console import Console
 
     return Console(stderr=True)
 
@@ -113,7 +122,6 @@ def stage(what: str, total: int | None, enabled: bool = True) -> Iterator[Callab
         finally:
             ticker.stop()
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console()) as bar:
@@ -177,7 +185,6 @@ class RunWatcher:
                 f"{elapsed(time.monotonic() - self._started)}")
 
     def _run(self) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         columns = (
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),

@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -267,7 +268,6 @@ def upload_tree(source: str | Path, target: str | Path | Location, last: tuple[s
     if not target.remote:
         raise StorageError(f"{target}: upload_tree needs an object-store URL")
     if last:
-        from concurrent.futures import ThreadPoolExecutor
 
         folder = Path(source)
         late = [p for pattern in last for p in sorted(folder.glob(pattern)) if p.is_file()]

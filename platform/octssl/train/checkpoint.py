@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib
 import json
 import pickle
 import random
@@ -83,7 +84,6 @@ def prune_unregistered(run_dir: Path) -> list[Path]:
 
 
 def _resolve(name: str) -> Any:
-    import importlib
 
     module, _, attribute = name.rpartition(".")
     return getattr(importlib.import_module(module), attribute)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from typing import Any
 
 import torch
@@ -78,7 +79,6 @@ def build_engine(model: torch.nn.Module, config: JobConfig, total_steps: int, pr
 def init_single_process_group() -> None:
     """A world-size-1 process group for a run outside Ray Train (single process, sweep trial): NCCL on a GPU
     unless ``DS_ACCELERATOR=cpu`` asks for the CPU path, gloo otherwise. No-op when one exists."""
-    import socket
 
     import torch.distributed as dist
 

@@ -9,10 +9,13 @@ checkpoint under the same name and storage path (``TorchTrainer.restore`` is dep
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from octssl.cluster.local import require, root_cause
 from octssl.config.job import JobConfig, dump_config
@@ -68,7 +71,6 @@ RESUMABLE_CHANGES = ("run.max_steps", "run.epochs", "scaling.max_failures")
 def _check_same_run(config: JobConfig, run_dir: Location) -> None:
     """Refuse to continue RUN_DIR with another config than the one it started with: a re-applied manifest
     (``--resume-if-exists``) for a new experiment under an old run.name must not continue the old run."""
-    import yaml
 
     saved = next((path for path in _saved_configs(run_dir) if path.is_file()), None)
     if saved is None:
@@ -103,7 +105,6 @@ def _absolute(value: str | None) -> str | None:
 def _pinned_before(run_dir: Location, corpus: str) -> str | None:
     """The ``corpus@SNAPSHOT`` a run being resumed started on (from its config.yaml, in RUN_DIR or, for a run
     on an object store, its local staging copy), so a resumed run reads the same snapshot; None if none."""
-    import yaml
 
     for saved in _saved_configs(run_dir):
         if saved.is_file():
@@ -245,7 +246,6 @@ def run_single_process(config: JobConfig, *, resume_from: Path | None = None,
     """The same Trainer in this process (world size 1, no Ray): benchmarks, single-GPU checks, and
     (with ``metrics_port``) a run whose /metrics a test's Prometheus scrapes.
     Checkpoints are copied to ``RUN_DIR/checkpoints/stepNNNNNNNN``."""
-    import shutil
 
     from octssl.train.loop import Trainer, WorkerContext
 

@@ -8,6 +8,8 @@ from collections import Counter
 from typing import Any
 
 from ray.tune import Callback
+from rich.live import Live
+from rich.table import Table
 
 from octssl.config.sweep import SweepConfig
 from octssl.observe.metrics import SweepMetrics
@@ -36,7 +38,6 @@ class SweepProgress(Callback):
         if self.enabled and not interactive():
             self.ticker = Ticker(self.line).start()
         elif self.enabled:
-            from rich.live import Live
 
             self.live = Live(self.render(), console=console(), refresh_per_second=2, transient=False)
             self.live.start()
@@ -66,7 +67,6 @@ class SweepProgress(Callback):
         return self.title() + (f"; best pooled val Dice: {best}" if best else "")
 
     def render(self) -> Any:
-        from rich.table import Table
 
         per_cell: dict[str, Counter] = {}
         for trial_id, state in self.state.items():

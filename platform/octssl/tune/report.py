@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
+from rich.table import Table
 
 from octssl.errors import ConfigError
 from octssl.storage.location import Location, download_files
@@ -25,7 +28,6 @@ SWEEP_FILES = ("summary.json", "results.parquet", "trials.parquet")  # what a fi
 
 def load_sweep(sweep_dir: str | Path) -> dict[str, Any]:
     """summary.json + the two parquet tables as lists of rows; ConfigError naming what is missing."""
-    import pyarrow.parquet as pq
 
     sweep_dir = Path(sweep_dir)
     missing = [n for n in SWEEP_FILES if not (sweep_dir / n).is_file()]
@@ -77,7 +79,6 @@ def markdown_table(summary: dict[str, Any], task: str) -> str:
 
 def rich_tables(summary: dict[str, Any]) -> list[Any]:
     """The same tables for the terminal."""
-    from rich.table import Table
 
     out = []
     for task in summary["tasks"]:
@@ -177,7 +178,6 @@ def build_report(sweep_dir: str | Path | Location) -> Path | Location:
 
 
 def _build_remote(where: Location) -> Location:
-    import tempfile
 
     with tempfile.TemporaryDirectory(prefix="octssl-report-") as folder:
         got = download_files(where, folder, [*SWEEP_FILES, "figures/reconstructions.npz", "figures/segmentations.npz"])

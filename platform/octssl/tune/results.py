@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from octssl.apply.metrics import pooled
@@ -203,8 +206,6 @@ def _config_of(trial: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_parquet(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...] | None = None) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if not rows and columns:
         table = pa.table({c: pa.array([], pa.string() if c in ("task", "init", "model", "trial", "id")
@@ -218,7 +219,6 @@ def staged_sweep_dir(place: Location, *, keep: bool = False) -> Path:
     """The local folder the sweep writes into: SWEEP_DIR itself, or for a SWEEP_DIR on an object store
     a staging folder (``OCTSSL_STAGING``) uploaded there when the sweep ends. A new sweep starts it
     empty; a resumed one (``keep``) continues in what its interrupted attempt wrote."""
-    import shutil
 
     if not place.remote:
         place.local.mkdir(parents=True, exist_ok=keep)
