@@ -51,7 +51,7 @@ demo: venv
 
 # The quick loop while coding: everything but the tests marked slow (over ~1 minute each).
 test: venv
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=10
 
 # The whole suite, slow fault tests included (what CI runs), with the ten slowest tests listed at the end.
 # pytest's exit status 5 ("no tests collected") is a failure here: a suite that collects nothing passed nothing.
