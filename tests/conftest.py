@@ -100,7 +100,8 @@ def finetuned_run(growth_corpus: Path, tmp_path_factory: pytest.TempPathFactory)
     (run_dir / "config.yaml").write_text(dump_config(job))
     torch_model = build_model("fpn", width=0.25)
     card = {"objective": job.objective.model_dump(), "grid": ["16x64x64"], "crop": [16, 64],
-            "corpus_version": corpus_version(str(growth_corpus)), **_val_choice(torch_model, growth_corpus)}
+            "corpus_version": corpus_version(str(growth_corpus)), **_val_choice(torch_model, growth_corpus),
+            "training_data": {"volumes": 6, "patients": 3, "devices": {"synthetic": 6}}}  # as the loop writes it
     save_weights(torch_model, run_dir / "best" / "model.safetensors", {"card": card})
     return run_dir
 

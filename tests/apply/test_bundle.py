@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from octssl import __version__
 from octssl.apply.bundle import FORMAT_VERSION, export_model, load_bundle
@@ -142,3 +143,16 @@ def test_sweep_directory_bundles_its_best_cell(finetuned_run: Path, tmp_path: Pa
     (sweep / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(ModelError, match="the sweep recorded threshold"):
         export_sweep(sweep, "ga", tmp_path / "cli-bundle", overwrite=True)
+
+
+def test_the_bundle_has_a_model_card(bundle: Path, finetuned_run: Path) -> None:
+    card = load_bundle(bundle).config.card
+    assert card is not None and "geographic atrophy" in card.intended_use and "Not a medical device" in card.intended_use
+    data = card.training_data
+    job_fraction = yaml.safe_load((finetuned_run / "config.yaml").read_text())["objective"]["label_fraction"]
+    assert data.task == "ga" and data.grids == ["16x64x64"] and data.label_fraction == job_fraction
+    assert (data.volumes, data.patients, data.devices) == (6, 3, {"synthetic": 6})  # from the weights' card
+    assert data.spacing_mm is None or set(data.spacing_mm) == {"min", "max"}
+    threshold = load_bundle(bundle).threshold
+    assert f"threshold {threshold}" in card.metrics and "val (" in card.metrics
+    assert len(card.limitations) >= 3 and any("raster" in line for line in card.limitations)

@@ -97,6 +97,8 @@ def test_finetune_from_pretrained_beats_frozen_random(job, train_corpus: Path) -
     card = read_metadata(summary.best_weights)["card"]
     assert summary.best_threshold is not None and card["threshold"] == summary.best_threshold
     assert card["val"]["dice_pooled"] == tuned and card["val_volumes"] > 0 and summary.best_step == 30
+    data = card["training_data"]  # what a bundle's model card reports
+    assert data["volumes"] > 0 and 0 < data["patients"] <= data["volumes"] and sum(data["devices"].values()) == data["volumes"]
 
     torch.manual_seed(0)
     random_model = build_model("fpn", width=0.25).eval()

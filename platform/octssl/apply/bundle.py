@@ -43,7 +43,7 @@ from octssl.observe.tracking import register_bundle
 from octssl.storage.location import Location, absolute, download_files
 from octssl.vocab import MASKS, SEGMENTATION
 
-FORMAT, FORMAT_VERSION = "octssl-bundle", "1.2"  # 1.2: TorchScript and ONNX exports (``exports``)
+FORMAT, FORMAT_VERSION = "octssl-bundle", "1.3"  # 1.2: TorchScript and ONNX exports; 1.3: the model card
 LEGACY_FORMAT = "octssl-bundle/1"  # bundles written before format_version: read as 1.0
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 MULTIPLE = 16
@@ -82,6 +82,62 @@ class BundleMetrics(BaseModel):
     test: SplitMetrics | None = None
 
 
+class TrainingData(BaseModel):
+    """What the model was trained on (from the weights' card, written by the training loop)."""
+
+    task: str
+    label_fraction: float | None = None
+    volumes: int | None = None  # training volumes (before crops, ranks and batching)
+    patients: int | None = None
+    devices: dict[str, int] = {}
+    grids: list[str] = []
+    spacing_mm: dict[str, list[float]] | None = None
+    corpus_version: str | None = None
+
+
+class ModelCard(BaseModel):
+    """The bundle's model card: what it is for, what it learned from, how well, and where it must not be trusted."""
+
+    intended_use: str
+    training_data: TrainingData
+    metrics: str  # in words, each with the threshold it was measured at
+    limitations: list[str]
+
+
+def model_card(task: str, threshold: float, card: dict[str, Any], label_fraction: float | None,
+               metrics: BundleMetrics) -> ModelCard:
+    """The model card of a bundle for ``task`` from its weights' ``card`` and metrics."""
+    data = card.get("training_data") or {}
+    name = {"ga": "geographic atrophy (GA)", "rpd": "reticular pseudodrusen (RPD)"}.get(task, task)
+
+    def said(split: str, m: SplitMetrics | None) -> str:
+        if m is None or m.n == 0:
+            return f"{split}: not measured"
+        parts = [f"pooled Dice {m.dice_pooled:.3f}" if m.dice_pooled is not None else None,
+                 f"mean Dice {m.dice:.3f}" if m.dice is not None else None,
+                 f"HD95 {m.hd95_mm:.2f} mm" if m.hd95_mm is not None else None]
+        return f"{split} ({m.n} volumes, threshold {m.threshold}): " + ", ".join(p for p in parts if p)
+
+    return ModelCard(
+        intended_use=(f"Research use: en-face segmentation of {name} from 3D OCT volumes, for measuring lesion "
+                      "area and its growth across visits in studies. Not a medical device; not for diagnosis or "
+                      "treatment decisions without a clinician's review."),
+        training_data=TrainingData(
+            task=task, label_fraction=label_fraction, volumes=data.get("volumes"), patients=data.get("patients"),
+            devices=data.get("devices") or {}, grids=list(card.get("grid") or []), spacing_mm=card.get("spacing_mm"),
+            corpus_version=(card.get("corpus_version") or {}).get("manifest_sha256")),
+        metrics=f"probability threshold {threshold} chosen on val; " + "; ".join(
+            [said("val", metrics.val), said("test", metrics.test)]),
+        limitations=[
+            "Trained on the grids, devices and spacings listed under training_data: inputs outside them are "
+            "resampled onto the training grid and flagged per prediction, and may be wrong.",
+            "Areas are measured on raster scans only; line, circle and radial scans get masks but no area.",
+            "Validation and test metrics come from the training corpus's own splits, not from an external site.",
+            "Synthetic training corpora (octssl synth) make demonstration models only.",
+        ],
+    )
+
+
 class ExportFile(BaseModel):
     """One portable export of the model in the bundle (:mod:`octssl.apply.runtimes`)."""
 
@@ -105,6 +161,7 @@ class BundleConfig(BaseModel):
     threshold_source: str
     metrics: BundleMetrics
     provenance: dict[str, Any]
+    card: ModelCard | None = None  # format 1.3; older bundles have none
     exports: dict[str, ExportFile] = {}  # runtime -> file (format 1.2; older bundles run on torch only)
 
 
@@ -316,6 +373,7 @@ def bundle_config(run_dir: Path, task: str, shown: str, origin: SweepOrigin | No
             test=origin.test if origin is not None else None),
         provenance=provenance,
     )
+    config.card = model_card(task, float(threshold), card, job.objective.label_fraction, config.metrics)
     return config, weights
 
 

@@ -12,6 +12,7 @@ any worker starts.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -75,6 +76,12 @@ class TrainData:
     where: str = "data"
     spacings: list[list[float]] = []  # spacing_mm (nB, D, W) of each training volume, where known
     key_fingerprint: str | None = None  # the pseudonym key's fingerprint the corpus records, where known
+    patients: int | None = None  # training patients, where known
+    devices: dict[str, int] = {}  # training volumes per device, where known
+
+    def training_data(self) -> dict[str, Any]:
+        """What the model learns from, for its card (and a bundle's model card)."""
+        return {"volumes": self.volumes, "patients": self.patients, "devices": self.devices}
 
     def spacing_range(self) -> dict[str, list[float]] | None:
         """Per axis (nB, D, W) the smallest and largest spacing of the training volumes (None when unknown):
@@ -98,6 +105,8 @@ class CorpusFeed(TrainData):
         self.grids = sorted(set(corpus.column("grid", source.ids)))
         self.spacings = [list(s) for s in corpus.column("spacing_mm", source.ids)]
         self.key_fingerprint = corpus.settings.get("key_fingerprint")
+        self.patients = len(set(corpus.column("patient", source.ids)))
+        self.devices = dict(Counter(corpus.column("device", source.ids)))
         self.volumes = len(source.ids)
         self.steps_per_epoch = plan.steps_per_epoch(len(source), world_size, batch_size)
 

@@ -231,6 +231,7 @@ class Trainer:
             "grid": self.data.grids,
             "spacing_mm": self.data.spacing_range(), "corpus_version": self.corpus_version,
             "key_fingerprint": self.data.key_fingerprint,  # device files predicted later must use this key
+            "training_data": self.data.training_data(),
             "summary": {"step": self.state.step, "best_metric": self.state.best_metric, key: self.last_val.get(key)},
             "val": self.last_val, "val_volumes": getattr(self, "val_volumes", 0),
             THRESHOLD: self.last_val.get(THRESHOLD),
