@@ -68,11 +68,11 @@ def test_sweep_with_storage_on_s3(published_corpus: str, tmp_path: Path, monkeyp
 
     assert summary["bundles"] == {"ga": f"{url}/bundles/ga"}
     bundle = load_bundle(summary["bundles"]["ga"])
-    assert bundle.config["provenance"]["sweep"] == url and bundle.config["provenance"]["trial"] == trial
+    assert bundle.config.provenance["sweep"] == url and bundle.config.provenance["trial"] == trial
     result = CliRunner().invoke(app, ["export-model", url, "--task", "ga", "--out", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
-    assert load_bundle(tmp_path / "b").config["provenance"]["weights_sha256"] == \
-        bundle.config["provenance"]["weights_sha256"]
+    assert load_bundle(tmp_path / "b").config.provenance["weights_sha256"] == \
+        bundle.config.provenance["weights_sha256"]
     result = CliRunner().invoke(app, ["report", url])
     assert result.exit_code == 0 and f"wrote {url}/report.md" in result.output, result.output
 
