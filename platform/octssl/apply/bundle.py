@@ -26,7 +26,6 @@ does not fit.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import shutil
 import tempfile
@@ -40,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from octssl import __version__
 from octssl.errors import ModelError
 from octssl.observe.tracking import register_bundle
+from octssl.storage.files import sha256_of as _sha256
 from octssl.storage.location import Location, absolute, download_files
 from octssl.vocab import MASKS, SEGMENTATION
 
@@ -195,13 +195,6 @@ class Bundle:
     def grid(self) -> tuple[int, int, int]:
         return self.config.input.grid
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_bundle(path: str | Path | Location) -> Bundle:

@@ -17,7 +17,6 @@ session on its CPU provider (``onnx``) behind the same ``(B, 1, nB, D, W) -> log
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from octssl.errors import ModelError
+from octssl.storage.files import sha256_of as sha256
 
 TORCH, TORCHSCRIPT, ONNX = "torch", "torchscript", "onnx"
 RUNTIMES = (TORCH, TORCHSCRIPT, ONNX)
@@ -63,13 +63,6 @@ def export_metadata(config: dict[str, Any]) -> dict[str, Any]:
         "weights_sha256": (config.get("provenance") or {}).get("weights_sha256"),
     }
 
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_exports(model: torch.nn.Module, grid: tuple[int, int, int], multiple: int, folder: Path,

@@ -6,6 +6,7 @@ platform (corpus manifest, journal, tar shards, shard index, rejects table) goes
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -44,3 +45,12 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` atomically and durably."""
     with atomic_file(path, "wb" if isinstance(data, bytes) else "w") as handle:
         handle.write(data)
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
