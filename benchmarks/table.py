@@ -164,6 +164,9 @@ def _growth(result: dict[str, Any]) -> tuple[str, str]:
     if trials:
         last = max(trials, key=lambda r: r["size"])
         parts.append(f"sweep {last['per_trial_s']:.2f} s/trial at {last['size']} trials")
+    if not any(r["operation"] != "sweep overhead per trial" for r in result["rows"]):  # a sweep-only run
+        sizes = sorted(r["size"] for r in trials)
+        return f"growth: sweeps of {', '.join(map(str, sizes))} trials", "; ".join(parts)
     return f"growth: up to {n:,} volumes", "; ".join(parts) + " (k = growth exponent)"
 def _paper(result: dict[str, Any]) -> tuple[str, str]:
     rows = {(r["place"], r["mode"]): r for r in result["rows"]}
