@@ -159,7 +159,9 @@ def _growth(result: dict[str, Any]) -> tuple[str, str]:
     for op, label in (("corpus open", "open"), ("append one batch", "append"), ("ids() filtering", "ids()")):
         row = rows.get((op, n))
         if row:
-            parts.append(f"{label} {row['seconds']:.3g} s, {row['peak_MB']:.0f} MB (k={exponents[op]:.2f})")
+            k = exponents.get(op)
+            fitted = f" (k={k:.2f})" if k is not None else ""  # one size: no exponent
+            parts.append(f"{label} {row['seconds']:.3g} s, {row['peak_MB']:.0f} MB{fitted}")
     trials = [r for r in result["rows"] if r["operation"] == "sweep overhead per trial" and r["status"] == "ok"]
     if trials:
         last = max(trials, key=lambda r: r["size"])
