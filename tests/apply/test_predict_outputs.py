@@ -44,7 +44,8 @@ def test_bundle_carries_its_exports(bundle: Path) -> None:
         assert hashlib.sha256((bundle / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
         described = read_export_metadata(bundle / entry["file"])
         assert described["threshold"] == config["threshold"] and described["input"]["grid"] == config["input"]["grid"]
-        assert described["card"]["grid"] == ["16x64x64"]  # the weights' card travels with each export
+        assert described["weights_card"]["grid"] == ["16x64x64"]  # the weights' card travels with each export
+        assert described["card"] == config["card"]  # and so does the bundle's model card
 
 
 def test_three_runtimes_agree_on_the_test_split(bundle: Path, growth_corpus: Path, tmp_path: Path) -> None:

@@ -377,7 +377,7 @@ def _exports(weights: Path, config: BundleConfig, folder: Path) -> dict[str, Exp
     from octssl.models.transfer import model_from_weights, read_metadata
 
     folder.mkdir(parents=True, exist_ok=True)
-    described = {"card": read_metadata(weights).get("card"), **config.model_dump(mode="json")}
+    described = {**config.model_dump(mode="json"), "weights_card": read_metadata(weights).get("card")}
     written = write_exports(model_from_weights(weights), config.input.grid, config.input.multiple, folder,
                             export_metadata(described))
     return {kind: ExportFile(**entry) for kind, entry in written.items()}

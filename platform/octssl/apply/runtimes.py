@@ -50,7 +50,8 @@ def example_input(grid: tuple[int, int, int], multiple: int, batch: int = 1, gro
 
 
 def export_metadata(config: dict[str, Any]) -> dict[str, Any]:
-    """What an exported file says about itself: the model, task, threshold, input contract, card and origin."""
+    """What an exported file says about itself: the model, task, threshold, input contract, the model card,
+    the weights' card and origin."""
     return {
         "format": config.get("format"), "format_version": config.get("format_version"),
         "octssl_version": config.get("octssl_version"), "task": config.get("task"), "model": config.get("model"),
@@ -59,7 +60,7 @@ def export_metadata(config: dict[str, Any]) -> dict[str, Any]:
                   "multiples of `multiple`, each B-scan z-scored over its (D, W) plane"},
         "output": "logits (B, K, nB, W) float32; probability = sigmoid(channel 0); lesion where probability >= "
                   "threshold",
-        "card": config.get("card"), "metrics": config.get("metrics"),
+        "card": config.get("card"), "weights_card": config.get("weights_card"), "metrics": config.get("metrics"),
         "weights_sha256": (config.get("provenance") or {}).get("weights_sha256"),
     }
 
