@@ -118,7 +118,7 @@ def trainer_arm(config: Any) -> dict[str, Any]:
     start = time.time()
     summary = run_single_process(config)
     return {"times": _log_times(Path(config.run_dir)), "wall_s": time.time() - start, "start": start,
-            "first_loss": summary["first_loss"], "final_loss": summary["final_loss"]}
+            "first_loss": summary.first_loss, "final_loss": summary.final_loss}
 
 
 def ray_arm(config: Any) -> dict[str, Any]:
@@ -134,7 +134,7 @@ def ray_arm(config: Any) -> dict[str, Any]:
     wall = time.time() - start
     ray.shutdown()
     return {"times": _log_times(Path(config.run.storage_path) / config.run.name), "wall_s": wall, "start": start, "ray_init_s": ray_init_s,
-            "first_loss": summary["first_loss"], "final_loss": summary["final_loss"]}
+            "first_loss": summary.first_loss, "final_loss": summary.final_loss}
 
 
 def describe(name: str, arm: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:

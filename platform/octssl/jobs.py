@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from octssl.errors import OctsslError
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the job a config names; exit status 1 with one line on an error, 2 on a wrong command line."""
@@ -35,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address  # what ray_up() joins; the flag wins over the environment
 
-    from octssl.errors import OctsslError
 
     try:
         kind = (yaml.safe_load(args.config.read_text()) or {}).get("kind", "pretrain")

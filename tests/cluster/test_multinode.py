@@ -140,7 +140,7 @@ def test_pretraining_runs_one_worker_per_node_and_survives_a_lost_node(cluster, 
     nodes = _watch_nodes(cluster, tmp_path / "four-nodes", stop)
     reference = run(_job(corpus, tmp_path, "four-nodes"), progress=False)
     stop.set()
-    assert reference["steps"] == 8 and reference["world_size"] == NODES
+    assert reference.steps == 8 and reference.world_size == NODES
     assert len(nodes) == NODES and len(set(nodes.values())) == NODES, f"workers by node: {nodes}"
 
     run_dir = tmp_path / "node-lost"
@@ -148,7 +148,7 @@ def test_pretraining_runs_one_worker_per_node_and_survives_a_lost_node(cluster, 
     summary = run(_job(corpus, tmp_path, "node-lost", "scaling.max_failures=2"), progress=False)
     remover["thread"].join(timeout=1)
     assert "removed_at" in remover, "no node was removed mid-run"
-    assert remover["removed_at"] < 8 and summary["steps"] == 8
+    assert remover["removed_at"] < 8 and summary.steps == 8
     got, want = _records(run_dir), _records(tmp_path / "four-nodes")
     assert [r["step"] for r in got] == list(range(1, 9))  # every step once, none lost, none repeated
     for a, b in zip(got, want, strict=True):  # the trajectory of the run that lost no node

@@ -37,6 +37,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from octssl import __version__
+from octssl.config.job import load_config
+from octssl.corpus.manifest import parse_grid
 from octssl.errors import ModelError
 from octssl.observe.tracking import register_bundle
 from octssl.storage.files import sha256_of as _sha256
@@ -316,8 +318,6 @@ def bundle_config(run_dir: Path, task: str, shown: str, origin: SweepOrigin | No
     """The bundle config of ``run_dir`` (a local folder, called ``shown``) and the weights file it describes:
     the threshold, grid and val metrics come from the weights' card (written where the checkpoint was
     chosen), test metrics from ``origin``."""
-    from octssl.config.job import load_config
-    from octssl.corpus.manifest import parse_grid
     from octssl.models.transfer import read_metadata
 
     weights = _weights_of(run_dir, shown)

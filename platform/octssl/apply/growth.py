@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import csv
 
+from octssl.corpus.layout import ZARR_NAME
+from octssl.corpus.store import Corpus
 from octssl.errors import PredictError
 from octssl.storage.files import atomic_write
 from octssl.vocab import GA
@@ -67,7 +69,6 @@ def _read_csv(path: Path) -> pa.Table:
 def areas_from_corpus(path: Path) -> list[dict[str, Any]]:
     """The same points from a corpus's GA labels (raster volumes labelled 'ga')."""
     from octssl.apply.metrics import area_mm2
-    from octssl.corpus.store import Corpus
 
     corpus = Corpus.open(path)
     points = []
@@ -217,7 +218,6 @@ def plot(row: dict[str, Any], path: Path) -> None:
 
 def growth_report(source: str | Path, out: str | Path, *, plots: bool = True) -> dict[str, Any]:
     """Growth per eye from a predictions table/folder or a corpus; writes ``out``; returns summary.json's content."""
-    from octssl.corpus.layout import ZARR_NAME
 
     source, out = Path(source), Path(out)
     points = areas_from_corpus(source) if (source / ZARR_NAME).is_dir() else areas_from_predictions(source)

@@ -39,6 +39,7 @@ import numpy as np
 
 from octssl import __version__
 from octssl.errors import PredictError
+from octssl.ingest.dicom import _first
 
 INSTALL_HINT = "pip install 'octssl[interop]'"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -124,7 +125,6 @@ def _centres(native: int, target: int) -> tuple[float, float]:
 def dicom_geometry(ds: Any, shape: tuple[int, int]) -> EnfaceGeometry | None:
     """The device geometry of an en-face ``shape`` (nB, W) map of the OPT dataset ``ds`` (its header is
     enough), or None when ``ds`` has no frame of reference with per-frame positions and an orientation."""
-    from octssl.ingest.dicom import _first
 
     frames = list(getattr(ds, "PerFrameFunctionalGroupsSequence", []) or [])
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)

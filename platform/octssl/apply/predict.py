@@ -39,11 +39,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from octssl.apply.bundle import load_bundle
+from octssl.apply.outputs import (
+    dicom_seg_bytes,
+    enface_geometry,
+    nifti_files,
+    read_dicom_header,
+    require_highdicom,
+)
 from octssl.apply.rows import COLUMNS, SCHEMA, PredictionRow
 from octssl.apply.runtimes import TORCH
+from octssl.corpus.icechunk import is_repository, split_snapshot
+from octssl.corpus.layout import ZARR_NAME
+from octssl.corpus.store import Corpus
 from octssl.errors import OctsslError, PredictError
+from octssl.ingest import detect
+from octssl.ingest.convert import ID_PREFIX, read_scans, to_record
+from octssl.ingest.detect import find_units
+from octssl.ingest.phi import check_key, load_key
+from octssl.ingest.pictures import LESION_COLOUR, enface_image, png, scan_on_localizer
+from octssl.ingest.pipeline import DEFAULT_GRID, unit_executor
+from octssl.observe.progress import stage
 from octssl.storage.files import atomic_write
-from octssl.storage.location import Location, absolute
+from octssl.storage.location import Location, absolute, download_files
 
 _BUNDLES: dict[tuple[Any, ...], Any] = {}  # per process: a Ray worker loads a bundle once
 PNG, NIFTI, DICOM_SEG = "png", "nifti", "dicom-seg"
@@ -73,7 +91,6 @@ class Item:
 def _segmenter(bundle_path: str, batch_size: int, runtime: str = TORCH) -> tuple[Any, Any]:
     """The bundle at ``bundle_path`` and its :class:`~octssl.apply.predictor.Predictor` (inputs put on the
     bundle's grid) for ``runtime``, loaded once per process."""
-    from octssl.apply.bundle import load_bundle
     from octssl.apply.predictor import Predictor
 
     where = Location.parse(bundle_path)
@@ -101,7 +118,6 @@ def _export_model(bundle: Any, runtime: str) -> tuple[Any, Any]:
     is a URL (None for a local bundle; the folder goes when the process lets go of it)."""
 
     from octssl.apply.runtimes import runtime_model
-    from octssl.storage.location import download_files
 
     exports = {kind: entry.model_dump() for kind, entry in bundle.config.exports.items()}
     folder, download = bundle.path, None
@@ -163,7 +179,6 @@ def predict_items(bundle_path: str, items: list[Item], batch_size: int = 4, runt
 
 def volume_files(item: Item, prob: np.ndarray, task: str, threshold: float, formats: Sequence[str]) -> dict[str, bytes]:
     """The files of one predicted volume in ``formats`` (a DICOM-SEG only for a volume read from DICOM)."""
-    from octssl.apply.outputs import dicom_seg_bytes, enface_geometry, nifti_files
 
     files = pictures(item.sample, prob, threshold) if PNG in formats else {}
     if NIFTI in formats or (DICOM_SEG in formats and item.dicom is not None):
@@ -179,7 +194,6 @@ def pictures(sample: dict[str, Any], prob: np.ndarray, threshold: float) -> dict
     """prob.png, mask.png and overlay.png of one volume, pictures at the physical aspect ratio of its spacing
     (a line or circle scan's single row drawn as a band, not one pixel high); and mask_grid.png, the mask
     itself, one pixel per A-scan of the ``(nB, W)`` grid (the data, for programs)."""
-    from octssl.ingest.pictures import enface_image, png
 
     mask = prob >= threshold
     spacing = sample["meta"]["spacing_mm"]
@@ -192,7 +206,6 @@ def pictures(sample: dict[str, Any], prob: np.ndarray, threshold: float) -> dict
 def overlay(sample: dict[str, Any], mask: np.ndarray) -> np.ndarray:
     """RGB: the localizer with the scanned region drawn and the lesion A-scans in red at their places (or,
     without a localizer, the lesion over the OCT mean projection), at the physical aspect ratio."""
-    from octssl.ingest.pictures import LESION_COLOUR, enface_image, scan_on_localizer
 
     meta = sample["meta"]
     localizer, positions = sample.get("localizer"), meta.get("positions_mm")
@@ -211,10 +224,6 @@ def overlay(sample: dict[str, Any], mask: np.ndarray) -> np.ndarray:
 def predict_file(bundle_path: str, path: str, key: bytes, batch_size: int = 4, runtime: str = TORCH,
                  formats: Sequence[str] = DEFAULT_FORMATS) -> tuple[list[Any], str | None]:
     """Read one device file or stack through the ingest readers and predict its volumes; (results, reason)."""
-    from octssl.apply.outputs import read_dicom_header
-    from octssl.ingest import detect
-    from octssl.ingest.convert import ID_PREFIX, read_scans, to_record
-    from octssl.ingest.pipeline import DEFAULT_GRID
 
     bundle, _ = _segmenter(bundle_path, batch_size, runtime)
     try:
@@ -249,9 +258,6 @@ def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | P
     """Run the bundle (a folder or a URL) on ``sources`` (one corpus, a folder or a published corpus's URL, or
     device files/folders) in ``runtime``; write ``out`` (a local folder; a previous run's outputs there only
     with ``overwrite``, which replaces them whole) in ``formats``; return the report."""
-    from octssl.corpus.icechunk import is_repository, split_snapshot
-    from octssl.corpus.layout import ZARR_NAME
-    from octssl.observe.progress import stage
 
     start = time.perf_counter()
     bundle_file = absolute(bundle_path)
@@ -279,7 +285,6 @@ def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | P
             report.rows.append(row)
 
     if corpus_mode:
-        from octssl.corpus.store import Corpus
 
         corpus = Corpus.open(places[0])
         chosen = ids if ids else corpus.ids(split=split, raster_only=False)
@@ -309,7 +314,6 @@ def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     if unknown or not chosen:
         raise PredictError(f"--format {', '.join(unknown) or '(none)'}: choose from {', '.join(FORMATS)}")
     if DICOM_SEG in chosen:
-        from octssl.apply.outputs import require_highdicom
 
         require_highdicom()
     return chosen
@@ -318,10 +322,6 @@ def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
 def _device_files(bundle_path: str, sources: list[Path], batch_size: int, ephemeral_key: bool, progress: bool,
                   save: Any, report: PredictReport, runtime: str, formats: Sequence[str]) -> str:
 
-    from octssl.ingest.detect import find_units
-    from octssl.ingest.phi import check_key, load_key
-    from octssl.ingest.pipeline import unit_executor
-    from octssl.observe.progress import stage
 
     key, _ = load_key(ephemeral_key, command="predict")
     bundle, _ = _segmenter(bundle_path, batch_size)

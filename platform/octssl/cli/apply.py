@@ -9,6 +9,8 @@ import typer
 
 from octssl.cli import _ERRORS, _fail, _num, app, console
 from octssl.cli.corpus import _INGEST_EPHEMERAL
+from octssl.errors import ModelError, PredictError
+from octssl.ingest.phi import KEY_ENV, missing_key
 
 # ---------------------------------------------------------------- bundles, predict, growth
 _EXPORT_SOURCE = typer.Argument(..., help="a fine-tuning run directory, or a sweep directory (its best cell); "
@@ -60,7 +62,6 @@ def _val_has_labels(source: str, task: str) -> None:
     from octssl.config.job import load_config
     from octssl.corpus.layout import split_shortfall
     from octssl.corpus.store import Corpus
-    from octssl.errors import ModelError
 
     saved = Path(source) / "config.yaml"
     if "://" in source or not saved.is_file():
@@ -107,8 +108,6 @@ def _key_for_files(sources: list[str], ephemeral: bool) -> None:
 
     from octssl.corpus.icechunk import is_repository, split_snapshot
     from octssl.corpus.layout import ZARR_NAME
-    from octssl.errors import PredictError
-    from octssl.ingest.phi import KEY_ENV, missing_key
     from octssl.storage.location import Location
 
     place = Location.parse(sources[0]) if len(sources) == 1 else None

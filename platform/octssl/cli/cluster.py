@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from octssl.cli import _ERRORS, EXIT_FAILED, _fail, app, console
+from octssl.cluster import client as jobs_client
 
 # ---------------------------------------------------------------- Ray jobs (submit, status, logs, stop)
 jobs_app = typer.Typer(no_args_is_help=True, help="Follow jobs on a Ray cluster: status, logs, stop.")
@@ -37,7 +38,6 @@ def submit(
     timeout: float | None = _SUBMIT_TIMEOUT,
 ) -> None:
     """Submit `python -m octssl.jobs CONFIG` to a Ray cluster, uploading this checkout as the working dir."""
-    from octssl.cluster import client as jobs_client
 
     extra = ["--metrics-port", str(metrics_port)] if metrics_port is not None else []
     try:
@@ -57,7 +57,6 @@ def submit(
 def _stream_until_done(job_id: str, address: str, timeout: float | None) -> str:
     """Print the job's logs as they come (stdout) until it ends or `timeout` passes; its final state."""
 
-    from octssl.cluster import client as jobs_client
 
     def stream() -> None:
         for chunk in jobs_client.follow(job_id, address):
@@ -73,7 +72,6 @@ def _stream_until_done(job_id: str, address: str, timeout: float | None) -> str:
 @jobs_app.command("status")
 def jobs_status(job_id: str, address: str = _ADDRESS) -> None:
     """Print a job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and the cluster's message."""
-    from octssl.cluster import client as jobs_client
 
     try:
         details = jobs_client.info(job_id, address)
@@ -90,7 +88,6 @@ _FOLLOW = typer.Option(False, "--follow", "-f", help="keep printing new output u
 @jobs_app.command("logs")
 def jobs_logs(job_id: str, address: str = _ADDRESS, follow: bool = _FOLLOW) -> None:
     """Print everything the job's driver has written so far (with --follow: and what it writes next)."""
-    from octssl.cluster import client as jobs_client
 
     try:
         if follow:
@@ -106,7 +103,6 @@ def jobs_logs(job_id: str, address: str = _ADDRESS, follow: bool = _FOLLOW) -> N
 @jobs_app.command("stop")
 def jobs_stop(job_id: str, address: str = _ADDRESS) -> None:
     """Ask the cluster to stop a job."""
-    from octssl.cluster import client as jobs_client
 
     try:
         stopped = jobs_client.stop(job_id, address)

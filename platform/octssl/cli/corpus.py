@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from octssl.cli import _ERRORS, _fail, app, console
+from octssl.errors import StorageError
+from octssl.ingest.phi import EPHEMERAL_WARNING, KEY_ENV
 
 # ---------------------------------------------------------------- shards
 _EXPORT_CORPUS = typer.Argument(..., help="corpus directory (manifest.parquet + volumes.zarr)")
@@ -117,7 +119,6 @@ def ingest(
     """Ingest device exports into a corpus: PHI replaced by keyed pseudonyms, bad files to rejects.parquet."""
 
     from octssl.ingest import pipeline
-    from octssl.ingest.phi import EPHEMERAL_WARNING, KEY_ENV
 
     def rejected(path: str, reason: str) -> None:
         console.print(f"[yellow]rejected[/] {path}: {reason}")
@@ -284,7 +285,6 @@ def verify(path: str = _VERIFY_PATH) -> None:
     """Recompute every checksum of a corpus (or shard directory); print every problem; exit 1 if any."""
     from octssl.corpus.icechunk import is_repository, split_snapshot
     from octssl.corpus.manifest import MANIFEST_NAME
-    from octssl.errors import StorageError
     from octssl.storage.location import Location
     from octssl.webds.index import INDEX_NAME, is_shard_dir
     from octssl.webds.verify import verify_shards

@@ -24,6 +24,7 @@ from octssl.data.transforms import TrainTransform, collate
 from octssl.data.version import corpus_version
 from octssl.errors import ConfigError, ShardError
 from octssl.vocab import SEGMENTATION, TRAIN, VOLUME
+from octssl.webds.index import is_shard_dir
 
 Batch = dict[str, Any]
 
@@ -162,7 +163,6 @@ class ShardFeed(TrainData):
     @classmethod
     def from_config(cls, c: JobConfig, rank: int, world_size: int) -> ShardFeed:
         from octssl.data.sources import StreamSource
-        from octssl.webds.index import is_shard_dir
 
         if c.data.shards is None or not is_shard_dir(c.data.shards):
             raise ConfigError(f"data.shards={c.data.shards}: no index.json (run `octssl export-shards` first)")

@@ -39,6 +39,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from octssl.corpus.region import read_crop
+from octssl.corpus.store import Corpus
 from octssl.data.transforms import collate
 from octssl.errors import ShardError, StorageError
 from octssl.sample import VOLUME_KEY
@@ -80,7 +81,6 @@ class ZarrSource(Dataset):
         epoch: int = 0,
         verify: bool = False,
     ) -> None:
-        from octssl.corpus.store import Corpus
 
         self._corpus = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
         self.corpus_path = self._corpus.path  # a Path, or a Location for a published corpus
@@ -91,7 +91,6 @@ class ZarrSource(Dataset):
     @property
     def corpus(self) -> Any:
         if self._corpus is None:
-            from octssl.corpus.store import Corpus
 
             self._corpus = Corpus.open(self.corpus_path)
         return self._corpus

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from octssl.apply.growth import growth_report
 from octssl.errors import PredictError
 from octssl.storage.files import atomic_write
 from octssl.vocab import GA, TEST
@@ -24,7 +25,6 @@ from octssl.vocab import GA, TEST
 
 def close_loop(sweep_dir: str | Path, corpus: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Predict the test split with ``SWEEP_DIR/bundles/ga``, run growth, append the report section."""
-    from octssl.apply.growth import growth_report
     from octssl.apply.predict import predict
 
     sweep_dir = Path(sweep_dir)

@@ -18,9 +18,15 @@ from typing import Any
 
 from rich.console import Console
 
+from octssl.config.job import parse_config
+from octssl.config.sweep import parse_sweep_config
+from octssl.demo.closeloop import close_loop as predict_and_grow
 from octssl.errors import ConfigError, ShardError
 from octssl.train.summary import RunSummary
+from octssl.tune.report import rich_tables
 from octssl.vocab import FAF, GA, RPD
+from octssl.webds.export import export_shards
+from octssl.webds.verify import verify_shards
 
 MARKER = "demo.json"  # marks a directory this command wrote (and may therefore replace)
 
@@ -121,14 +127,9 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
     growth and adds both to report.md (:mod:`octssl.demo.closeloop`)."""
     import ray
 
-    from octssl.config.job import parse_config
-    from octssl.config.sweep import parse_sweep_config
     from octssl.corpus.synth import synthesize
     from octssl.train.launch import run
-    from octssl.tune.report import rich_tables
     from octssl.tune.sweep import run_sweep
-    from octssl.webds.export import export_shards
-    from octssl.webds.verify import verify_shards
 
     console = console or Console(stderr=True)
     s = QUICK if quick else FULL
@@ -175,7 +176,6 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
         for table in rich_tables(summary):
             console.print(table)
         if close_loop:
-            from octssl.demo.closeloop import close_loop as predict_and_grow
 
             console.rule("[bold]+ the GA bundle predicts the test split; GA growth on the predictions")
             t0 = time.time()

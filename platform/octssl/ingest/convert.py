@@ -18,6 +18,8 @@ import numpy as np
 
 from octssl.errors import IngestError, OctsslError
 from octssl.ingest import detect
+from octssl.ingest.dicom import read_dicom
+from octssl.ingest.eyepy_files import read_eye, read_heyex_xml
 from octssl.ingest.grid import (
     DEPTH_WINDOW_MM,
     enface_from_localizer,
@@ -26,9 +28,12 @@ from octssl.ingest.grid import (
     resize_mask,
     to_grid,
 )
+from octssl.ingest.heidelberg import read_e2e, read_vol
 from octssl.ingest.phi import pseudonym, shifted_day, visit_pseudonym
 from octssl.ingest.registration import registration_problem
 from octssl.ingest.scan import NOT_RASTER_REASON, Scan
+from octssl.ingest.stack import read_stack
+from octssl.ingest.topcon import read_topcon
 from octssl.sample import validate_sample
 
 ID_PREFIX = {
@@ -64,31 +69,24 @@ def read_scans(path: Path, fmt: str, maps: dict[str, str] | None = None) -> list
     """Dispatch to the reader of ``fmt`` (imports lazily: workers load only what they use); ``maps`` names
     the annotation maps an eyepy ``.eye`` file's labels come from."""
     if fmt == detect.VOL:
-        from octssl.ingest.heidelberg import read_vol
 
         return read_vol(path)
     if fmt == detect.E2E:
-        from octssl.ingest.heidelberg import read_e2e
 
         return read_e2e(path)
     if fmt in (detect.FDS, detect.FDA):
-        from octssl.ingest.topcon import read_topcon
 
         return read_topcon(path)
     if fmt == detect.DICOM:
-        from octssl.ingest.dicom import read_dicom
 
         return read_dicom(path)
     if fmt == detect.STACK:
-        from octssl.ingest.stack import read_stack
 
         return read_stack(path)
     if fmt == detect.EYE:
-        from octssl.ingest.eyepy_files import read_eye
 
         return read_eye(path, maps or {})
     if fmt == detect.HEYEX_XML:
-        from octssl.ingest.eyepy_files import read_heyex_xml
 
         return read_heyex_xml(path)
     raise IngestError(f"{path}: no reader for format {fmt!r}")

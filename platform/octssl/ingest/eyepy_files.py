@@ -26,6 +26,7 @@ from xml.etree.ElementTree import ParseError
 import numpy as np
 
 from octssl.errors import IngestError
+from octssl.ingest.detect import _kind
 from octssl.ingest.heidelberg import DEVICE as HEIDELBERG
 from octssl.ingest.heidelberg import UM_PER_DEG, display_uint8
 from octssl.ingest.scan import LINE, RASTER, Scan, day, normalise_laterality
@@ -85,7 +86,6 @@ def _check_images(reader: Any, path: Path) -> None:
     """IngestError unless every image the XML names is a regular file in the XML's folder: eyepy opens them
     with a blocking read, so a FIFO (or a device file) named like a B-scan would hang the ingest."""
 
-    from octssl.ingest.detect import _kind
 
     for url in reader.xml_root[0].iterfind(".//ImageData/ExamURL"):
         name = (url.text or "").split("\\")[-1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import construct
 import numpy as np
 
 from octssl.errors import IngestError
@@ -58,7 +59,6 @@ def _pattern(code: int, n_bscans: int, where: str) -> str:
 
 def read_vol(path: Path) -> list[Scan]:
     """Read a ``.vol`` raw export (every scan pattern) with eyepy's ``HeVolReader``."""
-    import construct
     from eyepy.io.he.vol_reader import HeVolReader
 
     where = str(path)
@@ -101,7 +101,6 @@ def read_vol(path: Path) -> list[Scan]:
 
 def read_e2e(path: Path) -> list[Scan]:
     """Read every B-scan series of a ``.e2e`` container with eyepy's ``HeE2eReader`` (one Scan each)."""
-    import construct
     from eyepy.io.he.e2e_reader import HeE2eReader
 
     where = str(path)

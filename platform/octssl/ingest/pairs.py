@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from octssl.corpus.attach import Attachment
 from octssl.corpus.store import Corpus
 from octssl.errors import IngestError
 from octssl.ingest import sink
 from octssl.ingest.detect import content_hash
-from octssl.ingest.grid import enface_from_localizer, sample_at
+from octssl.ingest.grid import ascan_pixels, enface_from_localizer, sample_at
 from octssl.vocab import ENFACE_KEYS, MASKS
 
 LOCALIZER, ENFACE, AFFINE = "localizer", "enface", "affine"
@@ -91,7 +92,6 @@ def read_pairs(path: Path) -> list[PairRow]:
 
 def read_image(path: Path, mask: bool) -> np.ndarray:
     """A greyscale image as uint8 (16-bit scaled to 8); masks as 0/1 (any two values 0 and v > 0)."""
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
@@ -154,7 +154,6 @@ def onto_volume(row: dict[str, Any], sample: dict[str, Any], image: np.ndarray, 
         raise RowRejected(f"matrix maps the image off the localizer (corners x {corners[0].min():.0f}.."
                           f"{corners[0].max():.0f}, y {corners[1].min():.0f}..{corners[1].max():.0f}; localizer "
                           f"{lw}x{lh})")
-    from octssl.ingest.grid import ascan_pixels
 
     rows_cols = ascan_pixels(*geometry)  # (2, nB, W) localizer (row, col)
     points = np.linalg.inv(matrix) @ np.stack([rows_cols[1].ravel(), rows_cols[0].ravel(), np.ones(rows_cols[0].size)])
@@ -173,7 +172,6 @@ def onto_volume(row: dict[str, Any], sample: dict[str, Any], image: np.ndarray, 
 def _check_on_localizer(geometry: tuple[Any, ...], shape: tuple[int, ...]) -> None:
     """RowRejected when A-scans fall off the localizer: sampling there would invent values (for a mask, a
     silent "no lesion" that becomes ground truth)."""
-    from octssl.ingest.grid import ascan_pixels
 
     rows, cols = ascan_pixels(*geometry)
     height, width = shape

@@ -11,6 +11,9 @@ import io
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
+
+from octssl.ingest.grid import ascan_pixels
 
 #: Width in pixels that en-face maps, B-scans and localizers are drawn at (a 768 x 1 line map was unreadable).
 PANEL_WIDTH = 512
@@ -23,7 +26,6 @@ LESION_COLOUR = (255, 0, 0)
 
 def png(array: np.ndarray) -> bytes:
     """PNG bytes of a uint8 grey (H, W) or RGB (H, W, 3) array."""
-    from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=3)  # ~3x faster than 6, no larger
@@ -43,7 +45,6 @@ def enface_image(array: np.ndarray, spacing_mm: tuple[float, float], *, mask: bo
                  width: int = PANEL_WIDTH) -> np.ndarray:
     """A (nB, W) en-face map (uint8, or 0/1 when ``mask``) resized to :func:`enface_size`; nearest neighbour
     so that each B-scan stays a visible band."""
-    from PIL import Image
 
     values = np.asarray(array)
     grey = (values > 0).astype(np.uint8) * 255 if mask else np.clip(values, 0, 255).astype(np.uint8)
@@ -54,7 +55,6 @@ def enface_image(array: np.ndarray, spacing_mm: tuple[float, float], *, mask: bo
 def localizer_rgb(localizer: np.ndarray, spacing_mm: tuple[float, float]) -> tuple[Any, tuple[float, float]]:
     """The localizer as an RGB PIL image at its physical aspect ratio, and the (row, column) scale from
     localizer pixels to image pixels."""
-    from PIL import Image
 
     image = Image.fromarray(np.asarray(localizer, np.uint8)).convert("RGB")
     height, width = localizer.shape[:2]
@@ -66,7 +66,6 @@ def localizer_rgb(localizer: np.ndarray, spacing_mm: tuple[float, float]) -> tup
 def draw_scan(image: Any, coords: np.ndarray, scale: tuple[float, float], pattern: str) -> None:
     """Draw the scanned region on ``image`` (PIL RGB, drawn on in place): every B-scan's path for up to 64
     B-scans (else the outline), the first B-scan in another colour. ``coords``: (2, nB, W) localizer pixels."""
-    from PIL import ImageDraw
 
     draw = ImageDraw.Draw(image)
     line = max(1, image.size[0] // 256)
@@ -89,9 +88,7 @@ def scan_on_localizer(localizer: np.ndarray, spacing_mm: tuple[float, float], po
                       pattern: str, eye: str, lesion: np.ndarray | None = None) -> np.ndarray:
     """RGB: the localizer at its physical aspect with the scanned region drawn, and (``lesion``, (nB, W)
     booleans) each lesion A-scan as a red mark at its place."""
-    from PIL import Image, ImageDraw
 
-    from octssl.ingest.grid import ascan_pixels
 
     coords = ascan_pixels(spacing_mm, positions_mm, width, pattern, eye)
     image, scale = localizer_rgb(localizer, spacing_mm)
@@ -110,7 +107,6 @@ def scan_on_localizer(localizer: np.ndarray, spacing_mm: tuple[float, float], po
 
 
 def _fit_width(image: np.ndarray, width: int) -> np.ndarray:
-    from PIL import Image
 
     height = max(1, int(round(image.shape[0] * width / image.shape[1])))
     return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
@@ -118,7 +114,6 @@ def _fit_width(image: np.ndarray, width: int) -> np.ndarray:
 
 def _labelled(image: np.ndarray, text: str) -> np.ndarray:
     """``image`` (RGB) with a caption strip above it."""
-    from PIL import Image, ImageDraw
 
     caption = Image.new("RGB", (image.shape[1], 14), (0, 0, 0))
     ImageDraw.Draw(caption).text((3, 1), text, fill=(255, 255, 255))

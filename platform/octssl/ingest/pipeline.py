@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from octssl.cluster.local import telemetry_off
+from octssl.corpus.manifest import parse_grid as parse
 from octssl.errors import IngestError, OctsslError, SampleError
 from octssl.ingest import sink
 from octssl.ingest.convert import Record, UnitResult, convert_unit, strip_path
@@ -39,7 +41,10 @@ from octssl.ingest.phi import (
     key_fingerprint,
     load_key,
 )
+from octssl.ingest.pictures import png, volume_preview
 from octssl.observe import progress as progress_display
+from octssl.storage.files import atomic_write
+from octssl.vocab import MASKS
 
 logger = logging.getLogger("octssl.ingest")
 DEFAULT_GRID = (49, 128, 512)
@@ -63,7 +68,6 @@ class IngestReport:
 
 def parse_grid(text: str) -> tuple[int, int, int]:
     """``--grid`` for ingest: :func:`octssl.corpus.manifest.parse_grid`, failing as an IngestError."""
-    from octssl.corpus.manifest import parse_grid as parse
 
     try:
         return parse(text)
@@ -73,7 +77,6 @@ def parse_grid(text: str) -> tuple[int, int, int]:
 
 def parse_maps(items: list[str]) -> dict[str, str]:
     """``--map NAME=KIND`` options -> {map name in the file: label kind}; IngestError naming a bad one."""
-    from octssl.vocab import MASKS
 
     maps: dict[str, str] = {}
     for item in items:
@@ -194,8 +197,6 @@ PREVIEWS_DIR = "previews"
 
 def write_previews(out: Path, records: list[Record], limit: int) -> list[str]:
     """``out/previews/<id>.png`` for up to ``limit`` of ``records``; returns the paths written."""
-    from octssl.ingest.pictures import png, volume_preview
-    from octssl.storage.files import atomic_write
 
     written = []
     for record in records[: max(0, limit)]:
@@ -250,7 +251,6 @@ def _executor(workers: int) -> Iterator[tuple[Callable[..., Future], str]]:
         import ray
 
         if not ray.is_initialized():
-            from octssl.cluster.local import telemetry_off
 
             telemetry_off()
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)

@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from octssl.corpus.layout import ZARR_NAME
+from octssl.corpus.manifest import MANIFEST_NAME
+from octssl.corpus.store import Corpus
 from octssl.errors import CorpusError, IngestError
 from octssl.storage.files import atomic_file
 
@@ -35,9 +38,6 @@ REJECTS_SCHEMA = pa.schema(
 def open_corpus(path: Path, key_fingerprint: str | None = None) -> Corpus:
     """Open the corpus at ``path``, creating an empty one (recording ``key_fingerprint``) when nothing is
     there yet."""
-    from octssl.corpus.layout import ZARR_NAME
-    from octssl.corpus.manifest import MANIFEST_NAME
-    from octssl.corpus.store import Corpus
 
     if (path / MANIFEST_NAME).exists() or (path / ZARR_NAME).exists():
         return Corpus.open(path)

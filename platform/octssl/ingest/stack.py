@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from octssl.errors import IngestError
 from octssl.ingest.detect import IMAGE_SUFFIXES, open_regular, stack_sidecar
@@ -38,7 +39,6 @@ def _natural(name: str) -> list:
 
 
 def _image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with open_regular(path) as (handle, _), Image.open(handle) as image:
@@ -134,7 +134,6 @@ def write_stack(
     ``localizer`` (uint8 image) is saved as ``localizer.png`` and named in the sidecar. Used by tests and
     benchmarks, and handy for exporting volumes from other tools.
     """
-    from PIL import Image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

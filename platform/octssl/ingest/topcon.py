@@ -21,6 +21,8 @@ import io
 from pathlib import Path
 
 import numpy as np
+from construct import ConstructError
+from PIL import Image
 
 from octssl.errors import IngestError
 from octssl.ingest.scan import LINE, RADIAL, RASTER, Scan, normalise_laterality
@@ -66,7 +68,6 @@ def _uint16_volume(data: bytes, start: int, header, where: str) -> tuple[np.ndar
 
 def _bscans(data: bytes, chunks: dict, fds: bool, where: str) -> tuple[np.ndarray, dict]:
     from oct_converter.readers.binary_structs import fda_binary, fds_binary
-    from PIL import Image
 
     if fds and b"@IMG_SCAN_03" in chunks:
         start, _ = chunks[b"@IMG_SCAN_03"]
@@ -122,7 +123,6 @@ def _info(reader, chunks: dict, *names: str) -> dict:
 
 def read_topcon(path: Path) -> list[Scan]:
     """Read a Topcon ``.fds`` or ``.fda`` file (chosen by its 'FOCT' header type)."""
-    from construct import ConstructError
     from oct_converter.readers import FDA, FDS
 
     where = str(path)

@@ -32,6 +32,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from octssl import __version__
 from octssl.errors import ConfigError
 
 disable_created_metrics()  # no `*_created` gauge beside every counter and histogram: series nobody queries
@@ -99,7 +100,6 @@ _SERVER: dict[str, object] = {}
 
 def publish_build_info() -> None:
     """Set `octssl_build_info` for this process (idempotent)."""
-    from octssl import __version__
 
     def version(name: str) -> str:
         try:

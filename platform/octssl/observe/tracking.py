@@ -30,7 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from octssl import __version__
 from octssl.errors import OctsslError
+from octssl.observe.plots import plot_run
 from octssl.observe.recorder import Sink
 
 ENV_URI = "MLFLOW_TRACKING_URI"
@@ -168,7 +170,6 @@ def _create_run(client: Any, uri: str, experiment: str, name: str, params: Mappi
 
 
 def _tags(kind: str, folder: Path) -> dict[str, str]:
-    from octssl import __version__
 
     return {"octssl.kind": kind, "octssl.version": __version__, "octssl.dir": str(folder)}
 
@@ -204,7 +205,6 @@ class MlflowSink(Sink):
         self._send(f"evaluation at step {step}", lambda: self.run.log_metrics(self.client, _numbers(values, "val"), step))
 
     def finish(self, summary: Mapping[str, Any]) -> None:
-        from octssl.observe.plots import plot_run
 
         step = int(summary.get("steps") or 0)
         self._send("summary", lambda: self.run.log_metrics(self.client, _numbers(summary, "summary"), step))

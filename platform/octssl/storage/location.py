@@ -27,6 +27,8 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+from fsspec.implementations.arrow import ArrowFSWrapper
+from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
 from octssl.errors import StorageError
 from octssl.storage.files import atomic_file
@@ -336,8 +338,6 @@ def _s3(pid: int, endpoint: str | None, key: str | None, secret: str | None, reg
 
 def fsspec_async(where: Location) -> Any:
     """An asynchronous fsspec view of ``where``'s filesystem (what ``zarr.storage.FsspecStore`` needs)."""
-    from fsspec.implementations.arrow import ArrowFSWrapper
-    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
     class ArrowFS(ArrowFSWrapper):
         fsid = f"octssl-{where.scheme or 'local'}"  # fsspec's own fsid assumes HDFS (host, port)

@@ -22,7 +22,12 @@ from typing import Any
 import torch
 
 from octssl.config.job import JobConfig
+from octssl.config.sweep import trial_job
+from octssl.corpus.layout import split_shortfall
+from octssl.corpus.store import Corpus
+from octssl.errors import OctsslError
 from octssl.models.precision import resolve_precision
+from octssl.storage.location import Location
 
 #: Depth assumed when no corpus is there to tell it: the paper's volumes were flattened and cut to 128.
 PAPER_DEPTH = 128
@@ -35,7 +40,6 @@ def _data_facts(config: JobConfig) -> tuple[dict[str, Any], int | None]:
     """What the training data say (through the loop's own data interface, so the counts are the loop's),
     or why they are not available; and the steps per epoch per worker (None when unknown)."""
     from octssl.data.feed import build_train_data
-    from octssl.errors import OctsslError
 
     try:
         data = build_train_data(config, 0, config.scaling.workers)
@@ -171,7 +175,6 @@ def wall_time(config: JobConfig, crop: tuple[int, int, int], steps: int | None, 
 def run_place(config: JobConfig, resume: bool | str) -> tuple[str, str | None]:
     """(where the run would write, why it could not start there or None): the checks ``octssl.train.launch``
     makes before training, without its side effects (``resume="auto"``: --resume-if-exists)."""
-    from octssl.storage.location import Location
 
     storage = Location.parse(config.run.storage_path)
     storage = storage if storage.remote else Location.parse(str(storage.local.resolve()))
@@ -194,9 +197,6 @@ def run_place(config: JobConfig, resume: bool | str) -> tuple[str, str | None]:
 def split_problem(config: JobConfig) -> str | None:
     """Why a segmentation job's corpus cannot train and validate its label honestly (no labelled train or val
     volume), or None; also None when the corpus cannot be opened (the data check reports that)."""
-    from octssl.corpus.layout import split_shortfall
-    from octssl.corpus.store import Corpus
-    from octssl.errors import OctsslError
 
     if config.objective.kind != "segmentation" or not config.data.corpus:
         return None
@@ -248,8 +248,6 @@ def job_plan(config: JobConfig, results: Path = RESULTS, resume: bool | str = Fa
 
 def sweep_plan(config: Any, results: Path = RESULTS) -> dict[str, Any]:
     """The dry run of a sweep: its grid, and one trial's plan per task and fraction at the longest step count."""
-    from octssl.config.sweep import trial_job
-    from octssl.storage.location import Location
 
     steps = max(config.search.steps)
     blockers = [] if Path(config.corpus).is_dir() else [f"{config.corpus}: no corpus directory here"]

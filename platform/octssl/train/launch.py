@@ -19,8 +19,11 @@ import yaml
 
 from octssl.cluster.local import require, root_cause
 from octssl.config.job import JobConfig, dump_config
+from octssl.corpus.icechunk import pinned
+from octssl.corpus.store import Corpus
 from octssl.errors import ConfigError, OctsslError, Preempted
 from octssl.models.precision import resolve_precision
+from octssl.observe.progress import RunWatcher
 from octssl.observe.tracking import ENV_URI, check_server, tracking_uri
 from octssl.storage.location import Location, is_url, ray_storage, staging_dir
 from octssl.train import checkpoint as ckpt
@@ -51,7 +54,6 @@ def name_run(config: JobConfig, resume: bool | str) -> JobConfig:
         config.run.name = f"{config.kind}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Location.parse(config.run_dir)
     if config.data.corpus:  # an icechunk corpus: every worker reads the snapshot the run starts on
-        from octssl.corpus.icechunk import pinned
 
         earlier = _pinned_before(run_dir, config.data.corpus) if resume else None
         config.data.corpus = earlier or pinned(config.data.corpus)
@@ -125,7 +127,6 @@ def _saved_configs(run_dir: Location) -> list[Location]:
 def preflight(config: JobConfig) -> dict[str, Any]:
     """Everything that can be checked without workers: data, labels, model shapes, init weights, precision.
     Raises ConfigError/ModelError naming the problem; returns a few facts about the data."""
-    from octssl.corpus.store import Corpus
     from octssl.data.feed import build_train_data
     from octssl.train.components import build_components, load_init_weights
 
@@ -202,7 +203,6 @@ def run(
             worker_runtime_env={"env_vars": _worker_env(config)},
         ),
     )
-    from octssl.observe.progress import RunWatcher
 
     watcher = RunWatcher(run_dir, enabled=progress)
     watcher.start()

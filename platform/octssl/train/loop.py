@@ -33,13 +33,16 @@ from octssl.config.job import JobConfig, parse_config
 from octssl.data.transforms import collate
 from octssl.errors import OctsslError
 from octssl.models.precision import resolve_precision
+from octssl.observe.metrics import serve
 from octssl.observe.recorder import StepTiming
-from octssl.storage.location import Location
+from octssl.storage.location import Location, upload_tree
 from octssl.train import checkpoint as ckpt
+from octssl.train import preempt
 from octssl.train.board import reconstructions
 from octssl.train.components import build_components
 from octssl.train.engine import build_engine
 from octssl.train.objectives import per_volume_at_original
+from octssl.train.preempt import Poll
 from octssl.train.recorder import build_recorder
 from octssl.train.state import Cadence, RunState
 from octssl.train.summary import RunSummary
@@ -93,7 +96,6 @@ class Trainer:
         from octssl.data.feed import build_train_data
         from octssl.data.sources import ZarrSource
         from octssl.data.transforms import EvalTransform
-        from octssl.observe.metrics import serve
 
         c = self.config
         torch.manual_seed(c.run.seed + self.ctx.rank)
@@ -119,7 +121,6 @@ class Trainer:
         if self.ctx.metrics_port:
             serve(self.ctx.metrics_port + self.ctx.local_rank)
         if self.preemptible and self.ctx.rank == 0:  # rank 0 reads stop requests; the step's all-reduce tells the rest
-            from octssl.train.preempt import Poll
 
             self._stop_poll = Poll(c.run.name or "run", since=self.started)
 
@@ -274,7 +275,6 @@ class Trainer:
     def stop_preempted(self, checkpointed: bool) -> None:
         """Checkpoint this step (unless the cadence just did) and stop without a summary (rank 0 writes
         ``preempted.json`` instead): a resumed run loses no step."""
-        from octssl.train import preempt
 
         if not checkpointed:
             self.checkpoint({"step": self.state.step, "loss": self.state.last_loss})
@@ -404,6 +404,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             trainer.train()
     finally:
         if config.get("remote_run_dir"):
-            from octssl.storage.location import upload_tree
 
             upload_tree(ctx.run_dir, config["remote_run_dir"])

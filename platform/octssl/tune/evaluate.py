@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from octssl.corpus.store import Corpus
 from octssl.errors import ModelError
 from octssl.vocab import DICE, FAF, HD95, OVERLAP_PX, PRED_PX, RECONSTRUCTION, TRUTH_PX, VOLUME
 
@@ -32,7 +33,6 @@ def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[s
     ``ids`` and en-face arrays ``enface`` (mean projection), ``truth`` and ``prob`` (sigmoid), ``(n, nB, W)``."""
     from octssl.apply.metrics import volume_rows
     from octssl.apply.predictor import Predictor
-    from octssl.corpus.store import Corpus
     from octssl.models.transfer import model_from_weights
 
     torch.set_num_threads(max(1, threads))
@@ -61,7 +61,6 @@ def evaluate_segmentation(corpus_path: str, weights: str, task: str, ids: list[s
 
 def figure_ids(corpus_path: str, task: str, ids: list[str], count: int) -> list[str]:
     """Up to ``count`` of ``ids`` to draw: volumes showing the lesion first, one per patient while possible."""
-    from octssl.corpus.store import Corpus
 
     corpus = Corpus.open(corpus_path)
     area = {i: int(np.count_nonzero(corpus.read_array(task, corpus.row(i)))) for i in ids}
@@ -81,7 +80,6 @@ def reconstruct(corpus_path: str, weights: str, ids: list[str], *, threads: int 
     """What a pretrained (reconstruction) checkpoint makes of ``ids``: ``enface`` (mean projection),
     ``target`` (the modality as the objective sees it: FAF inverted) and ``output``, each ``(n, nB, W)``."""
     from octssl.apply.predictor import Predictor, on_grid
-    from octssl.corpus.store import Corpus
     from octssl.data.transforms import EvalTransform, collate
     from octssl.models.transfer import model_from_weights, read_metadata
 

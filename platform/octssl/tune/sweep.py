@@ -36,9 +36,13 @@ import yaml
 
 from octssl.cluster.local import require
 from octssl.config.sweep import SCRATCH, Cell, Group, SweepConfig, load_sweep_config, trial_job
+from octssl.corpus.store import Corpus
+from octssl.data.version import corpus_version
 from octssl.errors import ConfigError, CorpusError, OctsslError
+from octssl.observe.metrics import serve
 from octssl.observe.tracking import TrackedRun, finish_sweep_run, open_sweep_run, trial_callback
 from octssl.storage.location import Location, absolute, ray_storage, staging_dir, upload_tree
+from octssl.tune.report import build_report
 from octssl.tune.results import (
     RESULT_COLUMNS,
     choose,
@@ -108,8 +112,6 @@ def _finished(place: Location) -> dict[str, Any] | None:
 
 def preflight_sweep(config: SweepConfig) -> dict[str, Any]:
     """Fail with the reason before any trial starts; returns per-cell facts (labelled patients, volumes)."""
-    from octssl.corpus.store import Corpus
-    from octssl.data.version import corpus_version
     from octssl.train.launch import preflight
     from octssl.tune.evaluate import figure_ids
 
@@ -164,7 +166,6 @@ def _ray_up(config: SweepConfig) -> int:
 def run_sweep(config: SweepConfig, *, resume: bool | str = False, progress: bool = True) -> dict[str, Any]:
     """Run the whole sweep (or, with ``resume``, continue it in its own SWEEP_DIR, see :func:`sweep_dir_of`);
     returns summary.json's content. A sweep that already ended is returned as it is."""
-    from octssl.tune.report import build_report
 
     started = time.time()
     timings: dict[str, float] = {}
@@ -174,7 +175,6 @@ def run_sweep(config: SweepConfig, *, resume: bool | str = False, progress: bool
     facts = preflight_sweep(config)
     timings["preflight"] = time.time() - started
     if config.metrics_port is not None:
-        from octssl.observe.metrics import serve
 
         serve(config.metrics_port)
     concurrent = _ray_up(config)

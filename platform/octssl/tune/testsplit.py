@@ -10,6 +10,7 @@ import numpy as np
 
 from octssl.cluster.local import root_cause
 from octssl.config.sweep import SCRATCH, SweepConfig
+from octssl.corpus.store import Corpus
 from octssl.observe.progress import stage
 from octssl.vocab import ENFACE_IMAGES, THRESHOLD, VOLUME
 
@@ -70,7 +71,6 @@ def figure_data(config: SweepConfig, sweep_dir: Path, previews: dict[str, Any], 
                         **{f"{cell}|{k}": v for cell, arrays in previews.items() for k, v in arrays.items()})
     res = config.resources
     task_fn = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)(reconstruct)
-    from octssl.corpus.store import Corpus
 
     corpus = Corpus.open(config.corpus)
     refs = {}

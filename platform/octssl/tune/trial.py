@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from octssl.config.job import dump_config
 from octssl.config.sweep import Group, SweepConfig, trial_job
 from octssl.train.loop import Trainer
 
@@ -61,7 +62,6 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     from ray import tune
     from ray.tune import Checkpoint
 
-    from octssl.config.job import dump_config
     from octssl.train.loop import WorkerContext
 
     group = plan.group(params["group"])

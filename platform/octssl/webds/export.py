@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from octssl.corpus.store import Corpus
 from octssl.errors import ShardError
 from octssl.observe.progress import stage
 from octssl.sample import ENFACE_KEYS, VOLUME_KEY
@@ -96,7 +97,6 @@ def export_shards(
     object store: written to a local temporary file, then uploaded as one object); ``index.json`` is
     written last, so a folder or prefix with an index is a finished export.
     """
-    from octssl.corpus.store import Corpus
 
     corpus = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
     out = Location.parse(out_dir)
@@ -185,7 +185,6 @@ def _shard(corpus: Any, path: Path, ids: list[str], rows: dict[str, dict], visit
 def _shard_in_process(corpus_path: str, path: Path, ids: list[str], rows: dict[str, dict],
                       visits: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A worker process's job: open the corpus, write one shard."""
-    from octssl.corpus.store import Corpus
 
     return _shard(Corpus.open(corpus_path), path, ids, rows, visits, lambda n=1: None)
 
