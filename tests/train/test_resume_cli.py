@@ -1,6 +1,6 @@
 """`octssl pretrain --resume` continues a run whose driver died, together with the whole local Ray cluster it
 started (head and workers gone, as when a KubeRay head pod is replaced), on a new cluster (slow: two Ray
-start-ups)."""
+start-ups); the resumed run takes the loss trajectory of an uninterrupted Ray run of the same job."""
 
 from __future__ import annotations
 
@@ -18,18 +18,27 @@ import pytest
 from .conftest import JOBS
 
 
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # two Ray start-ups: minutes on a loaded 2-core machine
+@pytest.mark.timeout(1200)  # three Ray start-ups: minutes on a loaded 2-core machine
 def test_resume_after_the_driver_died(train_corpus: Path, tmp_path: Path) -> None:
     storage = tmp_path / "runs"
-    args = [
+    common = [
         sys.executable, "-m", "octssl", "pretrain", str(JOBS / "pretrain.yaml"),
-        "--set", f"data.corpus={train_corpus}", "--set", f"run.storage_path={storage}", "--set", "run.name=driver",
+        "--set", f"data.corpus={train_corpus}", "--set", f"run.storage_path={storage}",
         "--set", "data.crop=[16, 64]", "--set", "data.batch_size=2", "--set", "model.width=0.25",
         "--set", "run.max_steps=24", "--set", "run.ckpt_every=4", "--set", "run.log_every=1",
         "--set", "run.eval_every=100", "--set", "scaling.workers=1",
     ]
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    # the reference: the same job on its own Ray cluster, never interrupted
+    reference = subprocess.run([*common, "--set", "run.name=reference"], env=env, capture_output=True, text=True,
+                               timeout=600)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    args = [*common, "--set", "run.name=driver"]
     driver = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     snapshot = storage / "driver" / "checkpoint_manager_snapshot.json"
@@ -55,4 +64,8 @@ def test_resume_after_the_driver_died(train_corpus: Path, tmp_path: Path) -> Non
     assert summary["steps"] == 24
     steps = [json.loads(line)["step"] for line in (storage / "driver" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 25))  # replayed steps replaced, none missing, none twice
+    got, want = _losses(storage / "driver"), _losses(storage / "reference")
+    assert got.keys() == want.keys()
+    for step in want:  # after the lost cluster, the uninterrupted run's trajectory
+        assert got[step] == pytest.approx(want[step], rel=1e-3, abs=1e-4), step
     assert not stray.exists()  # pruned at resume; Ray's own num_to_keep handles the registered ones

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -27,6 +28,28 @@ def _fingerprint(folder: Path) -> dict[str, tuple[str, int]]:
 
 def _finished(trials: Path) -> list[Path]:
     return [d for d in sorted(trials.iterdir()) if (d / "summary.json").is_file()] if trials.is_dir() else []
+
+
+def _has_unfinished_checkpoint(sweep: Path) -> bool:
+    """Some trial has a Tune checkpoint on disk and no summary yet (whether or not the state records it)."""
+    for trial_dir in (sweep / "tune").glob("*/"):
+        if any(trial_dir.glob("checkpoint_*")) and (trial_dir / "params.json").is_file():
+            name = json.loads((trial_dir / "params.json").read_text())["trial"]
+            if not (sweep / "trials" / name / "summary.json").exists():
+                return True
+    return False
+
+
+def _trial_actors(session: int) -> list[psutil.Process]:
+    """The Tune actors (trials run in their own process) of the driver's process session."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getsid(proc.pid) == session and (proc.info["cmdline"] or [""])[0].startswith("ray::ImplicitFunc"):
+                found.append(proc)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return found
 
 
 def _checkpointed_unfinished(sweep: Path) -> Path | None:
@@ -48,8 +71,9 @@ def _checkpointed_unfinished(sweep: Path) -> Path | None:
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_without_running_a_finished_trial_twice(sweep_raw, tmp_path: Path) -> None:
     # two cells of one trial each, run in turn: the first finishes, the second is killed after a checkpoint
+    # (12 steps, a checkpoint every 3)
     raw = sweep_raw(fractions=[0.5, 1.0], resources={"cpus_per_trial": 1, "max_concurrent_trials": 1},
-                    search={"num_samples": 1, "steps": [9], "grace_steps": 9, "lr": [0.003, 0.01],
+                    search={"num_samples": 1, "steps": [12], "grace_steps": 12, "lr": [0.003, 0.01],
                             "algorithm": "random"})
     raw["job"]["run"] = {"eval_every": 3, "log_every": 1}
     config = tmp_path / "sweep.yaml"
@@ -61,11 +85,24 @@ def test_a_killed_sweep_resumes_without_running_a_finished_trial_twice(sweep_raw
     with log.open("w") as out:
         driver = subprocess.Popen([*args, "--resume-if-exists"], env=env, start_new_session=True,
                                   stdout=out, stderr=subprocess.STDOUT)
+    # Kill once the first trial finished and the second's checkpoint is in the saved experiment state. The
+    # trial can outrun the state's save on a fast machine, so its actor is paused (SIGSTOP) as soon as a
+    # checkpoint is on disk, while the driver goes on saving its state; if the state does not record that
+    # checkpoint within a few seconds, the trial continues (SIGCONT) until its next one.
     deadline, unfinished = time.time() + 400, None
-    while time.time() < deadline and driver.poll() is None:
-        if _finished(sweep / "trials") and (unfinished := _checkpointed_unfinished(sweep)) is not None:
-            break
-        time.sleep(0.1)
+    while time.time() < deadline and driver.poll() is None and unfinished is None:
+        if _finished(sweep / "trials") and _has_unfinished_checkpoint(sweep):
+            paused = _trial_actors(driver.pid)
+            assert paused, "no Tune trial actor (ray::ImplicitFunc) found in the driver's session"
+            for proc in paused:
+                proc.suspend()
+            wait_until = time.time() + 8
+            while time.time() < wait_until and (unfinished := _checkpointed_unfinished(sweep)) is None:
+                time.sleep(0.2)
+            if unfinished is None:
+                for proc in paused:
+                    proc.resume()
+        time.sleep(0.05)
     assert driver.poll() is None and unfinished is not None, log.read_text()[-3000:]
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
@@ -85,7 +122,7 @@ def test_a_killed_sweep_resumes_without_running_a_finished_trial_twice(sweep_raw
     assert sum(summary["trials"].values()) == 2
     # the unfinished trial continued from its checkpoint: its records up to it are the ones written before
     steps = [json.loads(line)["step"] for line in (unfinished / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 10))
+    assert steps == list(range(1, 13))
     val_now = (unfinished / "val.jsonl").read_text().splitlines()
     kept = [line for line in resumed_val if json.loads(line)["step"] <= json.loads(val_now[0])["step"]]
     assert kept and val_now[: len(kept)] == kept

@@ -119,9 +119,12 @@ class TrainMetrics:
         self.run = str(run)
         self._labels = {RUN_LABEL: self.run, RANK_LABEL: str(self.rank)}
         publish_build_info()
-        # Counters start at 0 so that increase()/rate() in the alert rules see their first increment.
-        for counter in (SAMPLES, STEPS, SKIPPED_STEPS, WORKER_RESTARTS):
-            counter.labels(**self._labels)
+        # Counters and histograms start at 0 so that increase()/rate() in the alert rules and the dashboard
+        # see their first increment (a series born at 1 shows no increase: a short run's one checkpoint
+        # between two scrapes would read as none).
+        for series in (SAMPLES, STEPS, SKIPPED_STEPS, WORKER_RESTARTS, STEP_DURATION, STEP_LOCAL, DATA_WAIT,
+                       CHECKPOINT_DURATION):
+            series.labels(**self._labels)
         LAST_CHECKPOINT.labels(**self._labels).set(time.time())  # the checkpoint-age alert counts from here
 
     def observe_step(self, *, seconds: float, local_s: float, data_wait_s: float, samples: int) -> None:
