@@ -42,7 +42,7 @@ def export_sweep(sweep_dir: str | Path | Location, task: str, out: str | Path | 
     where = Location.parse(sweep_dir)
     shown = named or str(where if where.remote else where.local.resolve())
     if summary is None:
-        summary = read_sweep_summary((where / "summary.json").read_bytes())
+        summary = read_sweep_summary((where / "summary.json").read_bytes(), f"{shown}/summary.json")
     origin = sweep_origin(summary, task, shown)
     return export_model(where / "trials" / origin.trial, task, out, overwrite=overwrite, origin=origin,
                         named=f"{shown}/trials/{origin.trial}")

@@ -108,7 +108,7 @@ def _check_same_config(config: SweepConfig, place: Location) -> None:
 def _finished(place: Location) -> SweepSummary | None:
     """summary.json of a sweep that already ended (a retried RayJob after its last step), else None."""
     done = place / "summary.json"
-    return read_sweep_summary(done.read_bytes()) if done.is_file() else None
+    return read_sweep_summary(done.read_bytes(), str(done)) if done.is_file() else None
 
 
 def preflight_sweep(config: SweepConfig) -> dict[str, Any]:
