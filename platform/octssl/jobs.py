@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             from octssl.tune.sweep import load_sweep_config, run_sweep
 
             # plain progress lines in the job's log
-            summary = run_sweep(load_sweep_config(args.config, args.overrides), resume=resume)
+            summary = run_sweep(load_sweep_config(args.config, args.overrides), resume=resume).model_dump(mode="json")
         else:
             from octssl.config.job import load_config
             from octssl.train.launch import run

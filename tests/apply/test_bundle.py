@@ -121,12 +121,14 @@ def test_sweep_directory_bundles_its_best_cell(finetuned_run: Path, tmp_path: Pa
     shutil.copytree(finetuned_run, sweep / "trials" / "t-best")
     threshold = read_metadata(finetuned_run / "best" / "model.safetensors")["card"]["threshold"]
     cell = {"task": "ga", "fraction": 1.0, "init": "scratch", "model": "fpn", "dice_mean": 0.4, "hd95_mean": 1.0,
-            "n_test": 4, "n_seeds": 1}
+            "n_test": 4, "n_seeds": 1, "n_train_patients": 3, "n_train_volumes": 6}
+    chosen = {"seed": 0, "lr": 0.01, "weight_decay": 0.0, "steps": 6}
     best_test = {"trial": "t-best", "threshold": threshold, "dice": 0.45, "dice_pooled": 0.5, "hd95_mm": 1.0,
                  "hd95_undefined": 0, "n": 4}
     summary = {"cells": [
-        {**cell, "fraction": 0.1, "best_config": {"trial": "t-worse", "val_dice_pooled": 0.1}},
-        {**cell, "best_config": {"trial": "t-best", "val_dice_pooled": 0.3, "threshold": threshold},
+        {**cell, "fraction": 0.1, "best_config": {**chosen, "trial": "t-worse", "val_dice_pooled": 0.1,
+                                                  "threshold": 0.5}},
+        {**cell, "best_config": {**chosen, "trial": "t-best", "val_dice_pooled": 0.3, "threshold": threshold},
          "best_test": best_test},
         {**cell, "task": "rpd", "best_config": None},
     ]}

@@ -182,6 +182,6 @@ def test_a_sweep_spreads_its_trials_over_the_nodes(cluster, corpus: Path, tmp_pa
     nodes = _watch_nodes(cluster, tmp_path / "sweeps", stop)
     summary = run_sweep(parse_sweep_config(raw), progress=False)
     stop.set()
-    assert sum(summary["trials"].values()) == 4 and summary["trials"][ERROR] == 0, summary["trials"]
-    assert all(not cell["errors"] for cell in summary["cells"])
+    assert sum(summary.trials.values()) == 4 and summary.trials[ERROR] == 0, summary.trials
+    assert all(not cell.errors for cell in summary.cells)
     assert len(nodes) >= 3 and len(set(nodes.values())) >= 3, f"trials by node: {nodes}"

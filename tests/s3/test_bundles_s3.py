@@ -115,7 +115,8 @@ def _fake_sweep(finetuned_run: Path, root: Path) -> Path:
             "trials_stopped": 0, "errors": [], "dice_lesion_mean": None, "healthy_predicted_empty": None,
             "n_test_healthy": 0,
             "best_config": {"trial": "t-best", "seed": 0, "lr": 0.01, "weight_decay": 0.0, "steps": 6, "val_dice_pooled": 0.3, "threshold": threshold},
-            "best_test": {"threshold": threshold, "dice": 0.4, "dice_pooled": 0.45, "hd95_mm": 1.0, "n": 4}}
+            "best_test": {"trial": "t-best", "threshold": threshold, "dice": 0.4, "dice_pooled": 0.45, "hd95_mm": 1.0,
+                          "n": 4}}
     summary = {"name": "sweep", "corpus": "c", "tasks": ["ga"], "fractions": [1.0], "inits": {"scratch": "scratch"},
                "models": ["fpn"], "seeds": [0], "num_samples": 1, "search": "random", "cells": [cell],
                "trials": {"ok": 1, "stopped": 0, "error": 0}, "timings_s": {"total": 1.0}}

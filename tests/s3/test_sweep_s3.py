@@ -4,7 +4,6 @@ a sweep init pass its preflight; missing ones are named."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from octssl.config.sweep import parse_sweep_config
 from octssl.corpus.publish import publish
 from octssl.errors import ConfigError
 from octssl.storage.location import Location, staging_dir
+from octssl.tune.results import read_sweep_summary
 from octssl.tune.sweep import preflight_sweep, run_sweep, sweep_dir_of
 
 GRID = (16, 64, 64)  # the smallest grid the fpn accepts
@@ -54,10 +54,11 @@ def test_sweep_with_storage_on_s3(published_corpus: str, tmp_path: Path, monkeyp
     summary = run_sweep(parse_sweep_config(_raw(published_corpus, storage)), progress=False)
     url = f"{storage}/s"
     place = Location.parse(url)
-    assert summary["sweep_dir"] == url and summary["trials"]["ok"] == 1 and summary["corpus"] == published_corpus
-    assert json.loads((place / "summary.json").read_bytes()) == summary
+    assert summary.sweep_dir == url and summary.trials["ok"] == 1 and summary.corpus == published_corpus
+    assert read_sweep_summary((place / "summary.json").read_bytes()) == summary
     names = {f.path[len(place.path) + 1:] for f in place.files()}
-    trial = summary["cells"][0]["best_config"]["trial"]
+    assert summary.cells[0].best_config is not None
+    trial = summary.cells[0].best_config.trial
     assert {"sweep.yaml", "trials.parquet", "results.parquet", "report.md", "dice_vs_fraction.png",
             "figures/segmentations.npz", "bundles/ga/config.json", "bundles/ga/model.safetensors",
             f"trials/{trial}/val.jsonl", f"trials/{trial}/best/model.safetensors"} <= names, sorted(names)
@@ -66,8 +67,8 @@ def test_sweep_with_storage_on_s3(published_corpus: str, tmp_path: Path, monkeyp
     trials = pq.read_table((place / "trials.parquet").download(tmp_path / "trials.parquet")).to_pylist()
     assert trials[0]["best_weights"] == f"{url}/trials/{trial}/best/model.safetensors"
 
-    assert summary["bundles"] == {"ga": f"{url}/bundles/ga"}
-    bundle = load_bundle(summary["bundles"]["ga"])
+    assert summary.bundles == {"ga": f"{url}/bundles/ga"}
+    bundle = load_bundle(summary.bundles["ga"])
     assert bundle.config.provenance["sweep"] == url and bundle.config.provenance["trial"] == trial
     result = CliRunner().invoke(app, ["export-model", url, "--task", "ga", "--out", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output

@@ -12,6 +12,7 @@ import pytest
 
 from octssl.config.sweep import parse_sweep_config
 from octssl.errors import ConfigError
+from octssl.tune.results import SweepSummary, read_sweep_summary
 from octssl.tune.sweep import run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -81,16 +82,16 @@ def test_sweep_runs_end_to_end_and_records_the_failed_task(finished) -> None:
         rpd = by_cell[f"rpd-f1-{init}-fpn"]
         assert rpd["status"] == "error" and "non-finite" in rpd["error"], rpd
     results = pq.read_table(sweep_dir / "results.parquet").to_pylist()
-    n_test = summary["cells"][0]["n_test"]
+    n_test = summary.cells[0].n_test
     assert {(r["task"], r["init"]) for r in results} == {("ga", "scratch"), ("ga", "ssl")}
     assert len(results) == 2 * n_test
     assert all(0 <= r["dice"] <= 1 for r in results)
-    cells = {(c["task"], c["init"]): c for c in summary["cells"]}
+    cells = {(c.task, c.init): c for c in summary.cells}
     for init in ("scratch", "ssl"):
         mine = [r["dice"] for r in results if r["init"] == init]
-        assert cells[("ga", init)]["dice_mean"] == pytest.approx(sum(mine) / len(mine))
-        assert cells[("rpd", init)]["dice_mean"] is None and cells[("rpd", init)]["errors"]
-    assert summary["trials"] == {"ok": 2, "stopped": 0, "error": 2}
+        assert cells[("ga", init)].dice_mean == pytest.approx(sum(mine) / len(mine))
+        assert cells[("rpd", init)].dice_mean is None and cells[("rpd", init)].errors
+    assert summary.trials == {"ok": 2, "stopped": 0, "error": 2}
     assert (sweep_dir / "trials" / by_cell["ga-f1-ssl-fpn"]["trial"] / "best" / "model.safetensors").is_file()
 
 
@@ -99,10 +100,28 @@ def test_summary_matches_its_schema(finished) -> None:
     on_disk = json.loads((sweep_dir / "summary.json").read_text())
     jsonschema.validate(on_disk, SUMMARY_SCHEMA)
     assert on_disk["search"] == "optuna" and on_disk["sampler"].startswith("optuna ")  # the sampler used
-    assert on_disk["cells"] == summary["cells"]
+    assert on_disk["cells"] == summary.model_dump(mode="json")["cells"]
     assert len(on_disk["cells"]) == 4
+    assert {"n_train_patients", "n_train_volumes"} <= set(on_disk["cells"][0])  # the cell's training data
     manifest = Path(on_disk["corpus"]) / "manifest.parquet"  # the corpus version the sweep read, to the byte
     assert on_disk["corpus_version"]["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+
+
+def test_run_sweep_returns_the_typed_summary_it_wrote(finished) -> None:
+    summary, sweep_dir = finished
+    assert isinstance(summary, SweepSummary)
+    assert read_sweep_summary((sweep_dir / "summary.json").read_bytes()) == summary
+    assert summary.sweep_dir == str(sweep_dir) and summary.sampler is not None
+
+
+def test_a_summary_json_that_is_not_one_fails_naming_the_file(tmp_path: Path) -> None:
+    from octssl.tune.report import build_report
+
+    for name in ("summary.json", "results.parquet", "trials.parquet"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "summary.json").write_text('{"cells": [{"task": "ga"}]}')
+    with pytest.raises(ConfigError, match=r"summary\.json: not a sweep summary \(cells\.0\.fraction: Field required"):
+        build_report(tmp_path)
 
 
 def test_report_renders_and_rebuilds_from_files(finished) -> None:
@@ -189,9 +208,12 @@ def test_the_bundle_ships_the_chosen_trials_threshold_and_its_own_test_metrics(f
     summary, sweep_dir = finished
     assert json.loads((sweep_dir / "summary.json").read_text())["schema_version"] == 1
     bundle = load_bundle(sweep_dir / "bundles" / "ga")
-    cell = max((c for c in summary["cells"] if c["task"] == "ga"), key=lambda c: c["best_config"]["val_dice_pooled"])
-    trial = cell["best_config"]["trial"]
-    assert bundle.threshold == cell["best_config"]["threshold"] == cell["best_test"]["threshold"]
+    chosen = [c for c in summary.cells if c.task == "ga" and c.best_config is not None]
+    cell = max(chosen, key=lambda c: c.best_config.val_dice_pooled if c.best_config else 0.0)
+    assert cell.best_config is not None and cell.best_test is not None
+    trial = cell.best_config.trial
+    assert bundle.threshold == cell.best_config.threshold == cell.best_test.threshold
+    assert cell.best_test.trial == trial
     rows = [r for r in pq.read_table(sweep_dir / "results.parquet").to_pylist() if r["trial"] == trial]
     assert rows and all(r["threshold"] == bundle.threshold for r in rows)
     test = bundle.config.metrics.test

@@ -24,15 +24,15 @@ def test_a_sweep_is_a_parent_run_with_its_trials_as_children(local_ray, sweep_ra
     raw["job"]["run"] = {"eval_every": 2, "log_every": 1}
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the config key alone turns tracking on
     summary = run_sweep(parse_sweep_config(raw), progress=False)
-    sweep_dir = summary["sweep_dir"]
-    parent = TrackedRun.load(Path(sweep_dir))
+    assert summary.sweep_dir is not None
+    parent = TrackedRun.load(Path(summary.sweep_dir))
     assert parent is not None
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(parent.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "s"
     assert json.loads(run.data.params["tasks"]) == ["ga"]
-    cell = summary["cells"][0]
-    assert run.data.metrics["test/ga-1.0-scratch-fpn/dice_mean"] == pytest.approx(cell["dice_mean"])
+    cell = summary.cells[0]
+    assert run.data.metrics["test/ga-1.0-scratch-fpn/dice_mean"] == pytest.approx(cell.dice_mean)
     assert {"summary.json", "report.md", "bundle"} <= {a.path for a in client.list_artifacts(parent.run_id)}
 
     children = client.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")

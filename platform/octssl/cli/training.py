@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
 
 from octssl.cli import _ERRORS, _fail, _num, _usage, app, config_path, console
 from octssl.errors import OctsslError
+
+if TYPE_CHECKING:  # the sweep's modules load when a sweep command runs (`octssl --help` loads none)
+    from octssl.tune.results import SweepSummary
 
 
 # ---------------------------------------------------------------- training
@@ -163,7 +165,7 @@ _DEMO_OUT = typer.Option(Path("runs/demo"), "--out", "-o", help="demo directory 
 _DEMO_QUICK = typer.Option(False, "--quick", help="smoke-sized demo (about a minute; numbers mean nothing)")
 
 
-def _print_tables(summary: dict) -> None:
+def _print_tables(summary: SweepSummary) -> None:
     from octssl.tune.report import rich_tables
 
     for table in rich_tables(summary):
@@ -188,8 +190,8 @@ def sweep(ctx: typer.Context, config: Path | None = _SWEEP_CONFIG, set_: list[st
     except _ERRORS as err:
         _fail(err)
     _print_tables(summary)
-    counts = summary["trials"]
-    console.print(f"[green]done[/] {summary['sweep_dir']}/report.md ({sum(counts.values())} trials: "
+    counts = summary.trials
+    console.print(f"[green]done[/] {summary.sweep_dir}/report.md ({sum(counts.values())} trials: "
                   + ", ".join(f"{n} {status}" for status, n in counts.items()) + ")")
 
 
@@ -199,10 +201,12 @@ def report(sweep_dir: str = _REPORT_DIR) -> None:
 
     from octssl.storage.location import Location
     from octssl.tune.report import build_report
+    from octssl.tune.results import read_sweep_summary
 
     try:
         path = build_report(sweep_dir)
-        summary = json.loads((Location.parse(sweep_dir) / "summary.json").read_bytes())
+        summary_json = Location.parse(sweep_dir) / "summary.json"
+        summary = read_sweep_summary(summary_json.read_bytes(), str(summary_json))
     except _ERRORS as err:
         _fail(err)
     _print_tables(summary)

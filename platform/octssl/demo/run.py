@@ -122,7 +122,8 @@ def sweep_config(out: Path, s: DemoSettings, inits: dict[str, str]) -> dict[str,
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bool = True,
              console: Console | None = None, close_loop: bool = True) -> dict[str, Any]:
-    """Run every stage into ``out``; returns {settings, timings_s, paths, summary}. ``close_loop``: the corpus
+    """Run every stage into ``out``; returns {settings, timings_s, paths, summary} (summary: the sweep's
+    :class:`~octssl.tune.results.SweepSummary`; demo.json holds the rest). ``close_loop``: the corpus
     grows GA at known rates, and a last stage predicts the test split with the sweep's GA bundle, measures
     growth and adds both to report.md (:mod:`octssl.demo.closeloop`)."""
     import ray
@@ -170,6 +171,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
         config = parse_sweep_config(sweep_config(out, s, {"scratch": "scratch", "ssl-faf": str(weights)}),
                                     "demo sweep")
         summary = run_sweep(config, progress=progress)
+        sweep_dir = Path(summary.sweep_dir or out / "sweep")
         timings["sweep"] = time.time() - t0
 
         console.rule("[bold]5/5 report")
@@ -179,7 +181,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
 
             console.rule("[bold]+ the GA bundle predicts the test split; GA growth on the predictions")
             t0 = time.time()
-            loop = predict_and_grow(summary["sweep_dir"], out / "corpus", progress=progress)
+            loop = predict_and_grow(sweep_dir, out / "corpus", progress=progress)
             r = loop["pearson_r"]
             console.print(f"{loop['volumes']} test volumes, GA area Pearson r {'n/a' if r is None else f'{r:.3f}'}, "
                           f"{loop['growth']['eyes_fitted']} eyes with a growth rate")
@@ -188,7 +190,6 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
         if started_ray and ray.is_initialized():
             ray.shutdown()
     timings["total"] = time.time() - t_all
-    sweep_dir = Path(summary["sweep_dir"])
     paths = {"corpus": str(out / "corpus"), "shards": str(out / "shards"), "pretrain": str(weights.parent.parent),
              "sweep": str(sweep_dir), "report": str(sweep_dir / "report.md")}
     result = {"settings": asdict(s), "quick": quick, "timings_s": {k: round(v, 1) for k, v in timings.items()},

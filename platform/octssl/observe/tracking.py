@@ -242,21 +242,18 @@ def trial_callback(run: TrackedRun, config: Any) -> Any:
                                 tags={"mlflow.parentRunId": run.run_id, "octssl.kind": "trial"})
 
 
-def finish_sweep_run(run: TrackedRun, sweep_dir: Path, summary: Mapping[str, Any]) -> None:
-    """The sweep's results on its parent run: per-cell test metrics, summary.json, report.md and its figures.
-    A server failing now costs the record (a warning), not the finished sweep's upload."""
+def finish_sweep_run(run: TrackedRun, sweep_dir: Path, metrics: Mapping[str, float]) -> None:
+    """The sweep's results on its parent run: its test ``metrics`` (per cell, named by the sweep:
+    ``SweepSummary.test_metrics``), summary.json, report.md and its figures. A server failing now costs the
+    record (a warning), not the finished sweep's upload."""
     try:
-        _finish_sweep_run(run, sweep_dir, summary)
+        _finish_sweep_run(run, sweep_dir, metrics)
     except Exception as err:  # noqa: BLE001 - mlflow's, requests' and OSError alike
         log.warning("MLflow %s: the results of sweep %s were not recorded (%s)", run.tracking_uri, sweep_dir, err)
 
 
-def _finish_sweep_run(run: TrackedRun, sweep_dir: Path, summary: Mapping[str, Any]) -> None:
+def _finish_sweep_run(run: TrackedRun, sweep_dir: Path, metrics: Mapping[str, float]) -> None:
     client = _client(run.tracking_uri)
-    metrics: dict[str, float] = {}
-    for cell in summary.get("cells", []):
-        key = "-".join(str(cell.get(k)) for k in ("task", "fraction", "init", "model"))
-        metrics.update(_numbers({k: v for k, v in cell.items() if k.endswith(("_mean", "_std"))}, f"test/{key}"))
     run.log_metrics(client, metrics, 0)
     for path in [sweep_dir / "summary.json", sweep_dir / "report.md", *sorted(sweep_dir.glob("*.png"))]:
         if path.is_file():

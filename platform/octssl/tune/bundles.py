@@ -23,14 +23,15 @@ def is_sweep_dir(source: str | Path | Location) -> bool:
 
 def sweep_origin(summary: SweepSummary, task: str, shown: str) -> SweepOrigin:
     """The cell of ``task`` whose chosen trial has the best pooled val Dice, as a :class:`SweepOrigin`."""
-    cells = [c for c in summary.cells if c.task == task and c.best_config]
-    if not cells:
+    chosen = [(c, c.best_config) for c in summary.cells if c.task == task and c.best_config is not None]
+    if not chosen:
         raise ModelError(f"{shown}: the sweep has no finished cell for task {task!r}")
-    cell = max(cells, key=lambda c: c.best_config["val_dice_pooled"] if c.best_config else 0.0)
-    best = cell.best_config or {}
-    return SweepOrigin(sweep=shown, trial=best["trial"], threshold=best.get("threshold"),
+    cell, best = max(chosen, key=lambda pair: pair[1].val_dice_pooled)
+    # the bundle's metrics.test is the trial's own test split (its ``trial`` kept beside the numbers)
+    test = SplitMetrics.model_validate(cell.best_test.model_dump()) if cell.best_test else None
+    return SweepOrigin(sweep=shown, trial=best.trial, threshold=best.threshold,
                        cell={"task": cell.task, "fraction": cell.fraction, "init": cell.init, "model": cell.model},
-                       test=SplitMetrics.model_validate(cell.best_test) if cell.best_test else None)
+                       test=test)
 
 
 def export_sweep(sweep_dir: str | Path | Location, task: str, out: str | Path | Location, *, overwrite: bool = False,
@@ -41,7 +42,7 @@ def export_sweep(sweep_dir: str | Path | Location, task: str, out: str | Path | 
     where = Location.parse(sweep_dir)
     shown = named or str(where if where.remote else where.local.resolve())
     if summary is None:
-        summary = read_sweep_summary((where / "summary.json").read_bytes())
+        summary = read_sweep_summary((where / "summary.json").read_bytes(), f"{shown}/summary.json")
     origin = sweep_origin(summary, task, shown)
     return export_model(where / "trials" / origin.trial, task, out, overwrite=overwrite, origin=origin,
                         named=f"{shown}/trials/{origin.trial}")

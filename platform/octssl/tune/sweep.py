@@ -19,7 +19,6 @@ SWEEP_DIR when the sweep ends (:func:`octssl.tune.results.staged_sweep_dir`).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import shutil
@@ -45,8 +44,10 @@ from octssl.storage.location import Location, absolute, ray_storage, staging_dir
 from octssl.tune.report import build_report
 from octssl.tune.results import (
     RESULT_COLUMNS,
+    SweepSummary,
     choose,
     published,
+    read_sweep_summary,
     staged_sweep_dir,
     summarise,
     trial_row,
@@ -104,10 +105,10 @@ def _check_same_config(config: SweepConfig, place: Location) -> None:
                           f"{', '.join(changed)}): resume it with its own config, or choose another name")
 
 
-def _finished(place: Location) -> dict[str, Any] | None:
+def _finished(place: Location) -> SweepSummary | None:
     """summary.json of a sweep that already ended (a retried RayJob after its last step), else None."""
     done = place / "summary.json"
-    return json.loads(done.read_bytes()) if done.is_file() else None
+    return read_sweep_summary(done.read_bytes(), str(done)) if done.is_file() else None
 
 
 def preflight_sweep(config: SweepConfig) -> dict[str, Any]:
@@ -163,9 +164,10 @@ def _ray_up(config: SweepConfig) -> int:
     return want.max_concurrent_trials or max(1, fits)
 
 
-def run_sweep(config: SweepConfig, *, resume: bool | str = False, progress: bool = True) -> dict[str, Any]:
+def run_sweep(config: SweepConfig, *, resume: bool | str = False, progress: bool = True) -> SweepSummary:
     """Run the whole sweep (or, with ``resume``, continue it in its own SWEEP_DIR, see :func:`sweep_dir_of`);
-    returns summary.json's content. A sweep that already ended is returned as it is."""
+    returns what it wrote to summary.json, typed. A sweep that already ended is read back from its
+    summary.json (:func:`octssl.tune.results.read_sweep_summary`) and returned as it is."""
 
     started = time.time()
     timings: dict[str, float] = {}
@@ -212,11 +214,11 @@ def run_sweep(config: SweepConfig, *, resume: bool | str = False, progress: bool
     summary.timings_s["report"] = round(time.time() - t0, 2)
     (sweep_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
     if tracked is not None:
-        finish_sweep_run(tracked, sweep_dir, summary.model_dump(mode="json"))
+        finish_sweep_run(tracked, sweep_dir, summary.test_metrics())
     if place.remote:
         upload_tree(sweep_dir, place, last=("bundles/*/config.json", "summary.json"))  # whole bundles, then done
         shutil.rmtree(sweep_dir)  # the sweep's files now live on the object store
-    return summary.model_dump(mode="json")
+    return summary
 
 
 # ---------------------------------------------------------------- search
