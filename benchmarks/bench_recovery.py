@@ -99,7 +99,7 @@ def _pretrain_args(corpus: Path, storage: Path, name: str, steps: int, ckpt_ever
     sets = [f"data.corpus={corpus}", f"run.storage_path={storage}", f"run.name={name}", "data.crop=[16, 64]",
             "data.batch_size=2", "model.width=0.25", f"run.max_steps={steps}", f"run.ckpt_every={ckpt_every}",
             "run.log_every=1", "run.eval_every=1000", "scaling.workers=1"]
-    return [sys.executable, "-m", "octssl", "pretrain", "--config", str(JOBS / "pretrain.yaml"),
+    return [sys.executable, "-m", "octssl", "pretrain", str(JOBS / "pretrain.yaml"),
             *[a for s in sets for a in ("--set", s)]]
 
 

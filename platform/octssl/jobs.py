@@ -3,7 +3,8 @@
 Dispatches on the config's ``kind``: ``pretrain``/``finetune`` run the training launcher, ``sweep``
 runs the fine-tuning fan-out. The cluster: ``--address``, else ``RAY_ADDRESS`` (set inside a Ray job,
 so the job's cluster is used), else a local Ray sized to this machine. Exit status: 0 done, 1 failed
-(one line on stderr), 2 a wrong command line (argparse's usage error).
+(one line on stderr), 2 a wrong command line (argparse's usage error), 143 stopped cleanly on SIGTERM after a
+checkpoint (continue with ``--resume``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from octssl.errors import OctsslError
+from octssl.errors import OctsslError, Preempted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = run(config, resume=resume, metrics_port=args.metrics_port).model_dump(mode="json")
     except (OctsslError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 128 + 15 if isinstance(err, Preempted) else 1  # SIGTERM's status: a clean preemption, resumable
     print(yaml.safe_dump(summary, sort_keys=False))
     return 0
 

@@ -42,7 +42,7 @@ def test_sigterm_to_the_driver_checkpoints_and_the_resumed_run_loses_no_step(tra
     storage, grace = tmp_path / "runs", 60.0  # generous for a loaded 2-core machine; measured below
     run_dir = storage / "preempted"
     args = [
-        sys.executable, "-m", "octssl", "pretrain", "--config", str(JOBS / "pretrain.yaml"),
+        sys.executable, "-m", "octssl", "pretrain", str(JOBS / "pretrain.yaml"),
         "--set", f"data.corpus={train_corpus}", "--set", f"run.storage_path={storage}", "--set", "run.name=preempted",
         "--set", "data.crop=[16, 64]", "--set", "data.batch_size=2", "--set", "model.width=0.25",
         "--set", f"run.max_steps={STEPS}", "--set", "run.ckpt_every=1000", "--set", "run.log_every=1",
@@ -71,7 +71,8 @@ def test_sigterm_to_the_driver_checkpoints_and_the_resumed_run_loses_no_step(tra
             os.killpg(driver.pid, signal.SIGKILL)
     stopped_s = time.monotonic() - signalled
     text = log.read_text()
-    assert code != 0 and "preempted (SIGTERM): stopped cleanly after the checkpoint at step" in text, text[-3000:]
+    assert code == 128 + signal.SIGTERM and "preempted (SIGTERM): stopped cleanly after the checkpoint at step" in text, \
+        text[-3000:]
     marker = json.loads((run_dir / preempt.MARKER).read_text())
     assert beat["step"] <= marker["step"] < STEPS  # every step done before the signal is in the checkpoint
     snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())

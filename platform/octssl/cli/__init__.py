@@ -16,7 +16,7 @@ import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-from octssl.errors import OctsslError
+from octssl.errors import OctsslError, Preempted
 
 #: ``octssl --help`` lists commands in the order of the workflow (commands not named here come last)
 WORKFLOW = ("synth", "ingest", "label", "info", "verify", "export-shards", "publish", "pretrain", "finetune",
@@ -46,6 +46,9 @@ console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whate
 #: see, :func:`_usage`). docs/operations.md has the table ("Exit codes").
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: A run that stopped cleanly on SIGTERM after its checkpoint (:class:`~octssl.errors.Preempted`): 128 + 15, as
+#: shells and Kubernetes report a process ended by SIGTERM; ``--resume`` continues it.
+EXIT_PREEMPTED = 128 + 15
 
 #: What a command turns into one line naming the file and the problem (exit code 1), never a traceback.
 _ERRORS = (OctsslError, OSError)
@@ -58,7 +61,7 @@ def _fail(err: Exception) -> None:
     else:
         text = str(err)
     console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)  # one line, brackets kept as typed
-    raise typer.Exit(EXIT_FAILED)
+    raise typer.Exit(EXIT_PREEMPTED if isinstance(err, Preempted) else EXIT_FAILED)
 
 
 def _usage(text: str) -> NoReturn:
@@ -105,7 +108,7 @@ def main() -> None:
         raise SystemExit(EXIT_FAILED) from None
     except OctsslError as err:
         console.print(f"[bold red]error:[/] {err}")
-        raise SystemExit(EXIT_FAILED) from None
+        raise SystemExit(EXIT_PREEMPTED if isinstance(err, Preempted) else EXIT_FAILED) from None
 
 
 # Commands are added below, one block per area; each imports its library lazily so that
