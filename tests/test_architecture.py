@@ -174,11 +174,13 @@ def test_imports_inside_functions_only_defer_heavy_dependencies() -> None:
 
 def test_commands_import_inside_functions_only_what_the_cli_does_not_load() -> None:
     """An import inside a command of the CLI or the job entry point is there to keep start-up light: it must load
-    a module that importing the CLI does not (else it belongs at the top of the module)."""
+    a module that importing the CLI does not (else it belongs at the top of the module); and importing the CLI
+    loads no heavy dependency."""
     loaded = set(subprocess.run(
         [sys.executable, "-c", "import sys, octssl.cli, octssl.jobs; print(*sorted(sys.modules))"],
         check=True, capture_output=True, text=True,
     ).stdout.split())
+    assert not {m.split(".")[0] for m in loaded} & DEFERRED, "`import octssl.cli` loads a heavy dependency"
     modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
     needless = []
     for line in _deferring_nothing(sorted(PACKAGE.rglob("*.py"))):

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from octssl import jobs as entrypoint
 from octssl.cli import EXIT_FAILED, app
+from octssl.errors import EXIT_PREEMPTED, Preempted
 from octssl.observe.metrics import PORT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,12 +47,28 @@ def test_the_entry_point_exits_1_on_a_failure_and_2_on_a_wrong_command_line(tmp_
     assert usage.value.code == 2
 
 
+def test_a_run_stopped_on_sigterm_exits_143_from_both_entry_points(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The exit status of a clean preemption (the real SIGTERM is tests/train/test_preempt.py, slow): the
+    launcher raising Preempted, as after the checkpoint a SIGTERM asked for, ends both entry points with 143."""
+    from octssl.train import launch
+
+    def preempted(*args, **kwargs):
+        raise Preempted(f"{tmp_path}: preempted (SIGTERM): stopped cleanly after the checkpoint at step 3")
+
+    monkeypatch.setattr(launch, "run", preempted)
+    assert entrypoint.main([str(JOBS / "pretrain.yaml")]) == EXIT_PREEMPTED == 143
+    assert "stopped cleanly" in capsys.readouterr().err
+    result = CliRunner().invoke(app, ["pretrain", str(JOBS / "pretrain.yaml")])
+    assert result.exit_code == EXIT_PREEMPTED, result.output
+
+
 def test_the_exit_codes_are_documented() -> None:
     text = (REPO / "docs" / "operations.md").read_text()
     section = text.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
     rows = dict(re.findall(r"^\| `(\d+)` \| (.+?) \|", section, flags=re.M))
-    assert set(rows) == {"0", "1", "2", "130"}, rows
+    assert set(rows) == {"0", "1", "2", "130", "143"}, rows
     assert "usage" in rows["2"].lower() and "fail" in rows["1"].lower()
+    assert "SIGTERM" in rows["143"] and "--resume" in rows["143"]
     assert "docs/operations.md#exit-codes" in (REPO / "README.md").read_text()
 
 

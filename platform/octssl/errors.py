@@ -40,5 +40,10 @@ class Preempted(OctsslError):
     """A run stopped cleanly on SIGTERM after saving a checkpoint; ``--resume`` continues it."""
 
 
+#: Exit status of an entry point whose run stopped on SIGTERM (:class:`Preempted`): 128 + 15, as shells and
+#: Kubernetes report a process ended by SIGTERM.
+EXIT_PREEMPTED = 128 + 15
+
+
 class PredictError(OctsslError):
     """Predictions or growth cannot be made from the given sources (the message names them)."""

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import yaml
 
-from octssl.errors import OctsslError, Preempted
+from octssl.errors import EXIT_PREEMPTED, OctsslError, Preempted
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the job a config names; exit status 1 with one line on an error, 2 on a wrong command line."""
+    """Run the job a config names; exit status 1 with one line on an error, 2 on a wrong command line, 143 when
+    the run stopped cleanly on SIGTERM (continue with ``--resume``)."""
     parser = argparse.ArgumentParser(prog="python -m octssl.jobs", description=__doc__)
     parser.add_argument("config", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = run(config, resume=resume, metrics_port=args.metrics_port).model_dump(mode="json")
     except (OctsslError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 128 + 15 if isinstance(err, Preempted) else 1  # SIGTERM's status: a clean preemption, resumable
+        return EXIT_PREEMPTED if isinstance(err, Preempted) else 1  # a clean preemption: resumable
     print(yaml.safe_dump(summary, sort_keys=False))
     return 0
 

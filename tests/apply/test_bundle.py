@@ -15,7 +15,7 @@ from octssl.apply.bundle import FORMAT_VERSION, export_model, load_bundle
 from octssl.errors import ModelError
 from octssl.models.transfer import model_from_weights, read_metadata
 from octssl.tune.bundles import export_sweep, write_sweep_bundles
-from octssl.tune.results import SweepSummary
+from octssl.tune.summary import SweepSummary
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from octssl.config.sweep import parse_sweep_config
 from octssl.corpus.publish import publish
 from octssl.errors import ConfigError
 from octssl.storage.location import Location, staging_dir
-from octssl.tune.results import read_sweep_summary
+from octssl.tune.summary import read_sweep_summary
 from octssl.tune.sweep import preflight_sweep, run_sweep, sweep_dir_of
 
 GRID = (16, 64, 64)  # the smallest grid the fpn accepts

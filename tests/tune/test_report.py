@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from octssl.tune.report import markdown_table, table_rows
-from octssl.tune.results import SweepCell, SweepSummary
+from octssl.tune.summary import SweepCell, SweepSummary
 
 
 def _cell(task: str, fraction: float, init: str, mean: float | None, std: float = 0.1,

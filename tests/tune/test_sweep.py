@@ -12,7 +12,7 @@ import pytest
 
 from octssl.config.sweep import parse_sweep_config
 from octssl.errors import ConfigError
-from octssl.tune.results import SweepSummary, read_sweep_summary
+from octssl.tune.summary import SweepSummary, read_sweep_summary
 from octssl.tune.sweep import run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

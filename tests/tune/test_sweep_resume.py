@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -30,14 +32,15 @@ def _finished(trials: Path) -> list[Path]:
     return [d for d in sorted(trials.iterdir()) if (d / "summary.json").is_file()] if trials.is_dir() else []
 
 
-def _has_unfinished_checkpoint(sweep: Path) -> bool:
-    """Some trial has a Tune checkpoint on disk and no summary yet (whether or not the state records it)."""
+def _newest_checkpoint_on_disk(sweep: Path) -> Path | None:
+    """The newest Tune checkpoint of a trial without a summary yet, whether or not the saved state records it."""
     for trial_dir in (sweep / "tune").glob("*/"):
-        if any(trial_dir.glob("checkpoint_*")) and (trial_dir / "params.json").is_file():
+        ckpts = sorted(trial_dir.glob("checkpoint_*"))
+        if ckpts and (trial_dir / "params.json").is_file():
             name = json.loads((trial_dir / "params.json").read_text())["trial"]
             if not (sweep / "trials" / name / "summary.json").exists():
-                return True
-    return False
+                return ckpts[-1]
+    return None
 
 
 def _trial_actors(session: int) -> list[psutil.Process]:
@@ -52,7 +55,13 @@ def _trial_actors(session: int) -> list[psutil.Process]:
     return found
 
 
-def _checkpointed_unfinished(sweep: Path) -> Path | None:
+def _signal_all(procs: list[psutil.Process], action: Callable[[psutil.Process], None]) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            action(proc)
+
+
+def _recorded_unfinished(sweep: Path) -> Path | None:
     """A trial that has not finished and whose latest Tune checkpoint the experiment state already records
     (the state file was saved after the checkpoint was written)."""
     states = list((sweep / "tune").glob("experiment_state-*.json"))
@@ -88,20 +97,20 @@ def test_a_killed_sweep_resumes_without_running_a_finished_trial_twice(sweep_raw
     # Kill once the first trial finished and the second's checkpoint is in the saved experiment state. The
     # trial can outrun the state's save on a fast machine, so its actor is paused (SIGSTOP) as soon as a
     # checkpoint is on disk, while the driver goes on saving its state; if the state does not record that
-    # checkpoint within a few seconds, the trial continues (SIGCONT) until its next one.
-    deadline, unfinished = time.time() + 400, None
+    # checkpoint within a few seconds, the trial continues (SIGCONT) and is paused again at its next one.
+    deadline, unfinished, tried = time.time() + 400, None, set()
     while time.time() < deadline and driver.poll() is None and unfinished is None:
-        if _finished(sweep / "trials") and _has_unfinished_checkpoint(sweep):
+        ckpt = _newest_checkpoint_on_disk(sweep) if _finished(sweep / "trials") else None
+        if ckpt is not None and ckpt not in tried:
+            tried.add(ckpt)
             paused = _trial_actors(driver.pid)
             assert paused, "no Tune trial actor (ray::ImplicitFunc) found in the driver's session"
-            for proc in paused:
-                proc.suspend()
+            _signal_all(paused, psutil.Process.suspend)
             wait_until = time.time() + 8
-            while time.time() < wait_until and (unfinished := _checkpointed_unfinished(sweep)) is None:
+            while time.time() < wait_until and (unfinished := _recorded_unfinished(sweep)) is None:
                 time.sleep(0.2)
             if unfinished is None:
-                for proc in paused:
-                    proc.resume()
+                _signal_all(paused, psutil.Process.resume)
         time.sleep(0.05)
     assert driver.poll() is None and unfinished is not None, log.read_text()[-3000:]
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started

@@ -62,7 +62,6 @@ def areas_from_predictions(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_csv(path: Path) -> pa.Table:
-
     return csv.read_csv(path, convert_options=csv.ConvertOptions(strings_can_be_null=True))
 
 
@@ -274,7 +273,6 @@ def _finite(value: Any) -> float | None:
 
 
 def _write(stem: Path, table: pa.Table, parquet: bool = True) -> None:
-
     if parquet:
         buffer = io.BytesIO()
         pq.write_table(table, buffer)

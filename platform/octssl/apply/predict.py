@@ -285,7 +285,6 @@ def predict(bundle_path: str | Path, sources: Sequence[str | Path], out: str | P
             report.rows.append(row)
 
     if corpus_mode:
-
         corpus = Corpus.open(places[0])
         chosen = ids if ids else corpus.ids(split=split, raster_only=False)
         unknown = [i for i in chosen if i not in corpus]
@@ -314,7 +313,6 @@ def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     if unknown or not chosen:
         raise PredictError(f"--format {', '.join(unknown) or '(none)'}: choose from {', '.join(FORMATS)}")
     if DICOM_SEG in chosen:
-
         require_highdicom()
     return chosen
 
@@ -379,7 +377,6 @@ def _write_rejects(out: Path, rejected: list[tuple[str, str]]) -> None:
 
 
 def _write_table(out: Path, rows: list[PredictionRow]) -> None:
-
     rows = sorted(rows, key=lambda r: r.id)
     table = pa.Table.from_pylist([r.model_dump() for r in rows], schema=SCHEMA)
     buffer = io.BytesIO()

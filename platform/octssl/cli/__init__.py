@@ -16,7 +16,7 @@ import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-from octssl.errors import OctsslError, Preempted
+from octssl.errors import EXIT_PREEMPTED, OctsslError, Preempted
 
 #: ``octssl --help`` lists commands in the order of the workflow (commands not named here come last)
 WORKFLOW = ("synth", "ingest", "label", "info", "verify", "export-shards", "publish", "pretrain", "finetune",
@@ -46,16 +46,12 @@ console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whate
 #: see, :func:`_usage`). docs/operations.md has the table ("Exit codes").
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-#: A run that stopped cleanly on SIGTERM after its checkpoint (:class:`~octssl.errors.Preempted`): 128 + 15, as
-#: shells and Kubernetes report a process ended by SIGTERM; ``--resume`` continues it.
-EXIT_PREEMPTED = 128 + 15
 
 #: What a command turns into one line naming the file and the problem (exit code 1), never a traceback.
 _ERRORS = (OctsslError, OSError)
 
 
 def _fail(err: Exception) -> None:
-
     if isinstance(err, OSError) and err.filename is not None:
         text = f"{err.filename}: {err.strerror or err}"
     else:
@@ -86,7 +82,6 @@ def config_path(config: Path | None, old: Path | None, command: str) -> tuple[Pa
 
 def _version(value: bool) -> None:
     if value:
-
         print(f"octssl {version('octssl')}")
         raise typer.Exit()
 

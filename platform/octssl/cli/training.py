@@ -14,7 +14,7 @@ from octssl.cli import _ERRORS, _fail, _num, _usage, app, config_path, console
 from octssl.errors import OctsslError
 
 if TYPE_CHECKING:  # the sweep's modules load when a sweep command runs (`octssl --help` loads none)
-    from octssl.tune.results import SweepSummary
+    from octssl.tune.summary import SweepSummary
 
 
 # ---------------------------------------------------------------- training
@@ -201,12 +201,12 @@ def report(sweep_dir: str = _REPORT_DIR) -> None:
 
     from octssl.storage.location import Location
     from octssl.tune.report import build_report
-    from octssl.tune.results import read_sweep_summary
+    from octssl.tune.summary import read_sweep_summary
 
     try:
         path = build_report(sweep_dir)
-        summary_json = Location.parse(sweep_dir) / "summary.json"
-        summary = read_sweep_summary(summary_json.read_bytes(), str(summary_json))
+        summary_file = Location.parse(sweep_dir) / "summary.json"
+        summary = read_sweep_summary(summary_file.read_bytes(), str(summary_file))
     except _ERRORS as err:
         _fail(err)
     _print_tables(summary)

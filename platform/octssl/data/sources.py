@@ -91,7 +91,6 @@ class ZarrSource(Dataset):
     @property
     def corpus(self) -> Any:
         if self._corpus is None:
-
             self._corpus = Corpus.open(self.corpus_path)
         return self._corpus
 

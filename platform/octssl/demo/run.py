@@ -178,7 +178,6 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
         for table in rich_tables(summary):
             console.print(table)
         if close_loop:
-
             console.rule("[bold]+ the GA bundle predicts the test split; GA growth on the predictions")
             t0 = time.time()
             loop = predict_and_grow(sweep_dir, out / "corpus", progress=progress)

@@ -66,28 +66,21 @@ class UnitResult:
 
 
 def read_scans(path: Path, fmt: str, maps: dict[str, str] | None = None) -> list[Scan]:
-    """Dispatch to the reader of ``fmt`` (imports lazily: workers load only what they use); ``maps`` names
+    """Dispatch to the reader of ``fmt``; ``maps`` names
     the annotation maps an eyepy ``.eye`` file's labels come from."""
     if fmt == detect.VOL:
-
         return read_vol(path)
     if fmt == detect.E2E:
-
         return read_e2e(path)
     if fmt in (detect.FDS, detect.FDA):
-
         return read_topcon(path)
     if fmt == detect.DICOM:
-
         return read_dicom(path)
     if fmt == detect.STACK:
-
         return read_stack(path)
     if fmt == detect.EYE:
-
         return read_eye(path, maps or {})
     if fmt == detect.HEYEX_XML:
-
         return read_heyex_xml(path)
     raise IngestError(f"{path}: no reader for format {fmt!r}")
 

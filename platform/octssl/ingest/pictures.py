@@ -107,7 +107,6 @@ def scan_on_localizer(localizer: np.ndarray, spacing_mm: tuple[float, float], po
 
 
 def _fit_width(image: np.ndarray, width: int) -> np.ndarray:
-
     height = max(1, int(round(image.shape[0] * width / image.shape[1])))
     return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
 

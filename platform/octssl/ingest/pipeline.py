@@ -251,7 +251,6 @@ def _executor(workers: int) -> Iterator[tuple[Callable[..., Future], str]]:
         import ray
 
         if not ray.is_initialized():
-
             telemetry_off()
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
         remotes: dict[Any, Any] = {}

@@ -39,7 +39,6 @@ def _natural(name: str) -> list:
 
 
 def _image(path: Path) -> np.ndarray:
-
     try:
         with open_regular(path) as (handle, _), Image.open(handle) as image:
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -170,7 +170,6 @@ def _create_run(client: Any, uri: str, experiment: str, name: str, params: Mappi
 
 
 def _tags(kind: str, folder: Path) -> dict[str, str]:
-
     return {"octssl.kind": kind, "octssl.version": __version__, "octssl.dir": str(folder)}
 
 
@@ -205,7 +204,6 @@ class MlflowSink(Sink):
         self._send(f"evaluation at step {step}", lambda: self.run.log_metrics(self.client, _numbers(values, "val"), step))
 
     def finish(self, summary: Mapping[str, Any]) -> None:
-
         step = int(summary.get("steps") or 0)
         self._send("summary", lambda: self.run.log_metrics(self.client, _numbers(summary, "summary"), step))
         for name in ("summary.json", "config.yaml"):

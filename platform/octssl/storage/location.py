@@ -270,7 +270,6 @@ def upload_tree(source: str | Path, target: str | Path | Location, last: tuple[s
     if not target.remote:
         raise StorageError(f"{target}: upload_tree needs an object-store URL")
     if last:
-
         folder = Path(source)
         late = [p for pattern in last for p in sorted(folder.glob(pattern)) if p.is_file()]
         early = [p for p in sorted(folder.rglob("*")) if p.is_file() and p not in late]

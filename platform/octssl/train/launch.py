@@ -54,7 +54,6 @@ def name_run(config: JobConfig, resume: bool | str) -> JobConfig:
         config.run.name = f"{config.kind}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Location.parse(config.run_dir)
     if config.data.corpus:  # an icechunk corpus: every worker reads the snapshot the run starts on
-
         earlier = _pinned_before(run_dir, config.data.corpus) if resume else None
         config.data.corpus = earlier or pinned(config.data.corpus)
     if resume and not run_dir.exists():

@@ -121,7 +121,6 @@ class Trainer:
         if self.ctx.metrics_port:
             serve(self.ctx.metrics_port + self.ctx.local_rank)
         if self.preemptible and self.ctx.rank == 0:  # rank 0 reads stop requests; the step's all-reduce tells the rest
-
             self._stop_poll = Poll(c.run.name or "run", since=self.started)
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -404,5 +403,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             trainer.train()
     finally:
         if config.get("remote_run_dir"):
-
             upload_tree(ctx.run_dir, config["remote_run_dir"])

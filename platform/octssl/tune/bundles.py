@@ -12,7 +12,7 @@ from pathlib import Path
 from octssl.apply.bundle import SplitMetrics, SweepOrigin, export_model
 from octssl.errors import ModelError
 from octssl.storage.location import Location
-from octssl.tune.results import SweepSummary, read_sweep_summary
+from octssl.tune.summary import SweepSummary, read_sweep_summary
 
 
 def is_sweep_dir(source: str | Path | Location) -> bool:

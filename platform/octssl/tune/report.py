@@ -20,7 +20,7 @@ from rich.table import Table
 
 from octssl.errors import ConfigError
 from octssl.storage.location import Location, download_files
-from octssl.tune.results import SweepCell, SweepSummary, read_sweep_summary
+from octssl.tune.summary import SweepCell, SweepSummary, read_sweep_summary
 from octssl.vocab import DICE, FAF
 
 FIGURES = ("dice_vs_fraction.png", "reconstructions.png", "segmentations.png")
@@ -187,7 +187,6 @@ def build_report(sweep_dir: str | Path | Location) -> Path | Location:
 
 
 def _build_remote(where: Location) -> Location:
-
     with tempfile.TemporaryDirectory(prefix="octssl-report-") as folder:
         got = download_files(where, folder, [*SWEEP_FILES, "figures/reconstructions.npz", "figures/segmentations.npz"])
         missing = [n for n in SWEEP_FILES if n not in got]

@@ -41,18 +41,18 @@ from octssl.errors import ConfigError, CorpusError, OctsslError
 from octssl.observe.metrics import serve
 from octssl.observe.tracking import TrackedRun, finish_sweep_run, open_sweep_run, trial_callback
 from octssl.storage.location import Location, absolute, ray_storage, staging_dir, upload_tree
+from octssl.tune.bundles import write_sweep_bundles
 from octssl.tune.report import build_report
 from octssl.tune.results import (
     RESULT_COLUMNS,
-    SweepSummary,
     choose,
     published,
-    read_sweep_summary,
     staged_sweep_dir,
     summarise,
     trial_row,
     write_parquet,
 )
+from octssl.tune.summary import SweepSummary, read_sweep_summary
 from octssl.tune.testsplit import evaluate_chosen, figure_data
 
 __all__ = ["load_sweep_config", "preflight_sweep", "run_sweep", "sweep_dir_of"]
@@ -177,7 +177,6 @@ def run_sweep(config: SweepConfig, *, resume: bool | str = False, progress: bool
     facts = preflight_sweep(config)
     timings["preflight"] = time.time() - started
     if config.metrics_port is not None:
-
         serve(config.metrics_port)
     concurrent = _ray_up(config)
     sweep_dir = staged_sweep_dir(place, keep=resuming)
@@ -203,8 +202,7 @@ def run_sweep(config: SweepConfig, *, resume: bool | str = False, progress: bool
 
     summary = summarise(config, trials, chosen, rows, errors, facts)
     summary.sweep_dir = str(place)
-    from octssl.tune.bundles import write_sweep_bundles  # one bundle per task: its best cell's chosen trial
-
+    # one bundle per task: its best cell's chosen trial
     summary.bundles = published(write_sweep_bundles(sweep_dir, summary, named=str(place)), sweep_dir, place)
     timings["total"] = time.time() - started  # the report's own build time is added after it
     summary.timings_s = {k: round(v, 2) for k, v in timings.items()}
