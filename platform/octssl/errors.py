@@ -2,7 +2,10 @@
 
 
 class OctsslError(Exception):
-    """Base class for errors a user can act on (the CLI prints them without a traceback)."""
+    """Base class for errors a user can act on (the CLI prints them without a traceback); ``exit_status`` is
+    what the entry points exit with."""
+
+    exit_status = 1
 
 
 class CorpusError(OctsslError):
@@ -36,13 +39,15 @@ class CheckpointError(OctsslError):
     """A training checkpoint is unreadable or holds more than tensors and DeepSpeed's own state."""
 
 
-class Preempted(OctsslError):
-    """A run stopped cleanly on SIGTERM after saving a checkpoint; ``--resume`` continues it."""
-
-
 #: Exit status of an entry point whose run stopped on SIGTERM (:class:`Preempted`): 128 + 15, as shells and
 #: Kubernetes report a process ended by SIGTERM.
 EXIT_PREEMPTED = 128 + 15
+
+
+class Preempted(OctsslError):
+    """A run stopped cleanly on SIGTERM after saving a checkpoint; ``--resume`` continues it."""
+
+    exit_status = EXIT_PREEMPTED
 
 
 class PredictError(OctsslError):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from octssl.errors import EXIT_PREEMPTED, OctsslError, Preempted
+from octssl.errors import OctsslError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = run(config, resume=resume, metrics_port=args.metrics_port).model_dump(mode="json")
     except (OctsslError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_PREEMPTED if isinstance(err, Preempted) else 1  # a clean preemption: resumable
+        return err.exit_status if isinstance(err, OctsslError) else 1  # 143: preempted, resumable
     print(yaml.safe_dump(summary, sort_keys=False))
     return 0
 

@@ -32,15 +32,21 @@ def _finished(trials: Path) -> list[Path]:
     return [d for d in sorted(trials.iterdir()) if (d / "summary.json").is_file()] if trials.is_dir() else []
 
 
-def _newest_checkpoint_on_disk(sweep: Path) -> Path | None:
-    """The newest Tune checkpoint of a trial without a summary yet, whether or not the saved state records it."""
+def _unfinished_checkpoints(sweep: Path) -> list[tuple[Path, Path]]:
+    """(newest Tune checkpoint on disk, octssl trial directory) of each trial without a summary yet, whether
+    or not the saved experiment state records that checkpoint."""
+    found = []
     for trial_dir in (sweep / "tune").glob("*/"):
         ckpts = sorted(trial_dir.glob("checkpoint_*"))
         if ckpts and (trial_dir / "params.json").is_file():
-            name = json.loads((trial_dir / "params.json").read_text())["trial"]
-            if not (sweep / "trials" / name / "summary.json").exists():
-                return ckpts[-1]
-    return None
+            trial = sweep / "trials" / json.loads((trial_dir / "params.json").read_text())["trial"]
+            if not (trial / "summary.json").exists():
+                found.append((ckpts[-1], trial))
+    return found
+
+
+def _newest_checkpoint_on_disk(sweep: Path) -> Path | None:
+    return next((ckpt for ckpt, _ in _unfinished_checkpoints(sweep)), None)
 
 
 def _trial_actors(session: int) -> list[psutil.Process]:
@@ -68,13 +74,7 @@ def _recorded_unfinished(sweep: Path) -> Path | None:
     if not states:
         return None
     saved = max(p.stat().st_mtime for p in states)
-    for trial_dir in (sweep / "tune").iterdir():
-        ckpts = sorted(trial_dir.glob("checkpoint_*")) if trial_dir.is_dir() else []
-        if ckpts and ckpts[-1].stat().st_mtime < saved - 0.5:
-            name = json.loads((trial_dir / "params.json").read_text())["trial"]
-            if not (sweep / "trials" / name / "summary.json").exists():
-                return sweep / "trials" / name
-    return None
+    return next((trial for ckpt, trial in _unfinished_checkpoints(sweep) if ckpt.stat().st_mtime < saved - 0.5), None)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-from octssl.errors import EXIT_PREEMPTED, OctsslError, Preempted
+from octssl.errors import OctsslError
 
 #: ``octssl --help`` lists commands in the order of the workflow (commands not named here come last)
 WORKFLOW = ("synth", "ingest", "label", "info", "verify", "export-shards", "publish", "pretrain", "finetune",
@@ -57,7 +57,7 @@ def _fail(err: Exception) -> None:
     else:
         text = str(err)
     console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)  # one line, brackets kept as typed
-    raise typer.Exit(EXIT_PREEMPTED if isinstance(err, Preempted) else EXIT_FAILED)
+    raise typer.Exit(err.exit_status if isinstance(err, OctsslError) else EXIT_FAILED)
 
 
 def _usage(text: str) -> NoReturn:
@@ -103,7 +103,7 @@ def main() -> None:
         raise SystemExit(EXIT_FAILED) from None
     except OctsslError as err:
         console.print(f"[bold red]error:[/] {err}")
-        raise SystemExit(EXIT_PREEMPTED if isinstance(err, Preempted) else EXIT_FAILED) from None
+        raise SystemExit(err.exit_status) from None
 
 
 # Commands are added below, one block per area; each imports its library lazily so that
